@@ -1,0 +1,1 @@
+//! Spawner api: built in its own issue; nothing here runs yet.

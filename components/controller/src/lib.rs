@@ -1,0 +1,1 @@
+//! Spawner controller: built in its own issue; nothing here runs yet.

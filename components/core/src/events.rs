@@ -1,0 +1,311 @@
+//! The sidecar's event protocol: what `/_spawner/events` streams as Server-Sent Events.
+//!
+//! Each SSE message has an event name (`state` on every change, `heartbeat` every few seconds)
+//! and a JSON body, [`SidecarState`]. Compatibility rules, so a sweeper and a sidecar of
+//! different releases interoperate:
+//! - `v` is the protocol version. Version 1 is this one. A reader accepts any version whose
+//!   fields it understands: new fields are added with defaults and old readers ignore them.
+//! - An incompatible change would use new event names, which old readers skip.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version written by this release.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// SSE event name of a state change (also sent once when a subscriber connects).
+pub const EVENT_STATE: &str = "state";
+/// SSE event name of the periodic heartbeat.
+pub const EVENT_HEARTBEAT: &str = "heartbeat";
+/// Path of the event stream on the sidecar's serve port.
+pub const EVENTS_PATH: &str = "/_spawner/events";
+/// Header carrying the events token (`Authorization: Bearer <token>` works too).
+pub const EVENTS_TOKEN_HEADER: &str = "x-spawner-token";
+
+/// What a sidecar knows about its backend at one moment.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SidecarState {
+    /// Protocol version of the writer.
+    #[serde(default = "default_version")]
+    pub v: u32,
+    /// The application accepts TCP connections on its port.
+    pub ready: bool,
+    /// Open WebSockets plus HTTP requests in flight.
+    pub live_connections: u64,
+    /// Whole seconds since the last connect, disconnect or request.
+    pub seconds_since_active: u64,
+}
+
+fn default_version() -> u32 {
+    PROTOCOL_VERSION
+}
+
+/// One message of the event stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SidecarEvent {
+    State(SidecarState),
+    Heartbeat(SidecarState),
+}
+
+impl SidecarEvent {
+    pub fn state(&self) -> &SidecarState {
+        match self {
+            SidecarEvent::State(s) | SidecarEvent::Heartbeat(s) => s,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            SidecarEvent::State(_) => EVENT_STATE,
+            SidecarEvent::Heartbeat(_) => EVENT_HEARTBEAT,
+        }
+    }
+
+    /// The message in SSE wire format, terminated by its blank line.
+    pub fn to_sse(&self) -> String {
+        // Serializing a struct of plain numbers and bools cannot fail.
+        let data = serde_json::to_string(self.state()).unwrap_or_default();
+        format!("event: {}\ndata: {}\n\n", self.name(), data)
+    }
+
+    /// Interprets one parsed SSE message. `Ok(None)` for event names this release does not know.
+    pub fn from_message(message: &SseMessage) -> Result<Option<Self>, serde_json::Error> {
+        let wrap: fn(SidecarState) -> SidecarEvent = match message.event.as_str() {
+            EVENT_STATE => SidecarEvent::State,
+            EVENT_HEARTBEAT => SidecarEvent::Heartbeat,
+            _ => return Ok(None),
+        };
+        Ok(Some(wrap(serde_json::from_str(&message.data)?)))
+    }
+}
+
+/// One Server-Sent-Events message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SseMessage {
+    /// `message` when the stream named none.
+    pub event: String,
+    pub data: String,
+    pub id: Option<String>,
+}
+
+/// Incremental SSE parser: feed it bytes as they arrive, get whole messages back.
+///
+/// Follows the HTML living standard's rules: `\n`, `\r\n` or `\r` end lines, lines starting with
+/// `:` are comments, `data` lines are joined with `\n`, a blank line dispatches.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buffer: Vec<u8>,
+    current: SseMessage,
+    has_data: bool,
+    /// Longest line accepted before the stream is considered broken.
+    max_line: usize,
+}
+
+/// The stream sent a line longer than the parser accepts.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("server-sent event line longer than {0} bytes")]
+pub struct SseLineTooLong(pub usize);
+
+impl SseParser {
+    pub fn new() -> Self {
+        Self::with_max_line(64 * 1024)
+    }
+
+    pub fn with_max_line(max_line: usize) -> Self {
+        Self {
+            max_line,
+            ..Self::default()
+        }
+    }
+
+    /// Adds bytes and returns the messages they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<SseMessage>, SseLineTooLong> {
+        self.buffer.extend_from_slice(bytes);
+        let mut messages = Vec::new();
+        let mut start = 0;
+        let mut i = 0;
+        while i < self.buffer.len() {
+            let b = self.buffer[i];
+            if b == b'\n' || b == b'\r' {
+                // A `\r` at the end of the buffer may be the first half of `\r\n`: wait for more.
+                if b == b'\r' && i + 1 == self.buffer.len() {
+                    break;
+                }
+                let line = String::from_utf8_lossy(&self.buffer[start..i]).into_owned();
+                if b == b'\r' && self.buffer.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                i += 1;
+                start = i;
+                if let Some(message) = self.line(&line) {
+                    messages.push(message);
+                }
+                continue;
+            }
+            i += 1;
+        }
+        self.buffer.drain(..start);
+        if self.buffer.len() > self.max_line {
+            return Err(SseLineTooLong(self.max_line));
+        }
+        Ok(messages)
+    }
+
+    fn line(&mut self, line: &str) -> Option<SseMessage> {
+        if line.is_empty() {
+            let mut message = std::mem::take(&mut self.current);
+            let had_data = std::mem::take(&mut self.has_data);
+            if !had_data {
+                // Keep the last event id, as the standard asks; drop everything else.
+                self.current.id = message.id;
+                return None;
+            }
+            if message.event.is_empty() {
+                message.event = "message".into();
+            }
+            self.current.id = message.id.clone();
+            return Some(message);
+        }
+        if line.starts_with(':') {
+            return None;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.current.event = value.to_string(),
+            "data" => {
+                if self.has_data {
+                    self.current.data.push('\n');
+                }
+                self.current.data.push_str(value);
+                self.has_data = true;
+            }
+            "id" if !value.contains('\0') => self.current.id = Some(value.to_string()),
+            _ => {}
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> SidecarState {
+        SidecarState {
+            v: PROTOCOL_VERSION,
+            ready: true,
+            live_connections: 2,
+            seconds_since_active: 0,
+        }
+    }
+
+    #[test]
+    fn event_round_trips_through_sse() {
+        for event in [
+            SidecarEvent::State(sample()),
+            SidecarEvent::Heartbeat(sample()),
+        ] {
+            let mut parser = SseParser::new();
+            let messages = parser.push(event.to_sse().as_bytes()).expect("parse");
+            assert_eq!(messages.len(), 1);
+            let back = SidecarEvent::from_message(&messages[0]).expect("json");
+            assert_eq!(back, Some(event));
+        }
+    }
+
+    #[test]
+    fn newer_writer_with_extra_fields_is_understood() {
+        let message = SseMessage {
+            event: EVENT_STATE.into(),
+            data:
+                r#"{"v":7,"ready":false,"live_connections":1,"seconds_since_active":4,"cpu":0.5}"#
+                    .into(),
+            id: None,
+        };
+        let event = SidecarEvent::from_message(&message)
+            .expect("json")
+            .expect("known");
+        assert_eq!(event.state().v, 7);
+        assert_eq!(event.state().live_connections, 1);
+    }
+
+    #[test]
+    fn older_writer_without_version_defaults_to_current() {
+        let state: SidecarState =
+            serde_json::from_str(r#"{"ready":true,"live_connections":0,"seconds_since_active":9}"#)
+                .expect("json");
+        assert_eq!(state.v, PROTOCOL_VERSION);
+    }
+
+    #[test]
+    fn unknown_event_names_are_skipped() {
+        let message = SseMessage {
+            event: "state-v2".into(),
+            data: "{}".into(),
+            id: None,
+        };
+        assert_eq!(SidecarEvent::from_message(&message).expect("ok"), None);
+    }
+
+    #[test]
+    fn parser_handles_comments_crlf_multiline_and_ids() {
+        let mut parser = SseParser::new();
+        let input =
+            b": keep-alive\r\nid: 7\r\nevent: phase\r\ndata: a\r\ndata: b\r\n\r\ndata: c\n\n";
+        let messages = parser.push(input).expect("parse");
+        assert_eq!(
+            messages,
+            vec![
+                SseMessage {
+                    event: "phase".into(),
+                    data: "a\nb".into(),
+                    id: Some("7".into())
+                },
+                SseMessage {
+                    event: "message".into(),
+                    data: "c".into(),
+                    id: Some("7".into())
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn parser_rejects_endless_lines() {
+        let mut parser = SseParser::with_max_line(8);
+        assert_eq!(parser.push(b"data: 0123456789"), Err(SseLineTooLong(8)));
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_the_stream_gives_the_same_messages(
+            states in proptest::collection::vec((any::<bool>(), 0u64..5000, 0u64..100_000), 1..10),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let events: Vec<_> = states
+                .iter()
+                .map(|&(ready, live, idle)| SidecarEvent::State(SidecarState {
+                    v: PROTOCOL_VERSION, ready, live_connections: live, seconds_since_active: idle,
+                }))
+                .collect();
+            let wire: String = events.iter().map(SidecarEvent::to_sse).collect();
+            let bytes = wire.as_bytes();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len())).collect();
+            points.sort();
+            let mut parser = SseParser::new();
+            let mut parsed = Vec::new();
+            let mut last = 0;
+            for p in points.into_iter().chain([bytes.len()]) {
+                parsed.extend(parser.push(&bytes[last..p]).expect("parse"));
+                last = p;
+            }
+            let back: Vec<_> = parsed
+                .iter()
+                .map(|m| SidecarEvent::from_message(m).expect("json").expect("known"))
+                .collect();
+            prop_assert_eq!(back, events);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Spawner's sans-IO core.
+//!
+//! Every decision the components make lives here as a pure function, so it can be unit- and
+//! property-tested without a runtime (DESIGN.md, rule 1): the `SessionLivedBackend` resource,
+//! the phase machine, the shape of a backend's Pod and Service, spec validation, backend ids,
+//! the sidecar's event protocol and the idle deadline the sweeper acts on.
+
+pub mod children;
+pub mod events;
+pub mod id;
+pub mod idle;
+pub mod phase;
+pub mod resource;
+pub mod token;
+pub mod validation;
+
+pub use phase::{Observation, Phase, Transition};
+pub use resource::{
+    BackendCondition, SessionLivedBackend, SessionLivedBackendSpec, SessionLivedBackendStatus,
+};

@@ -1,0 +1,1 @@
+//! Spawner localcluster: built in its own issue; nothing here runs yet.

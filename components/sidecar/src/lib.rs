@@ -1,0 +1,1 @@
+//! Spawner sidecar: built in its own issue; nothing here runs yet.

@@ -1,0 +1,1 @@
+//! Spawner sweeper: built in its own issue; nothing here runs yet.

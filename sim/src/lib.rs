@@ -1,0 +1,1 @@
+//! Spawner sim: built in its own issue; nothing here runs yet.
