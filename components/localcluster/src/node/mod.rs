@@ -16,6 +16,7 @@ pub mod process;
 pub mod registration;
 pub mod runtime;
 pub mod schedule;
+pub mod sidecar;
 pub mod status;
 mod worker;
 
@@ -33,6 +34,7 @@ pub use runtime::{
     ProbeTarget, RunningPod, RuntimeError, SandboxRequest, SidecarPlan,
 };
 pub use schedule::SchedulingPolicy;
+pub use sidecar::SpawnerSidecar;
 pub use worker::{MESSAGE_NODE_SHUTDOWN, REASON_NODE_SHUTDOWN};
 
 use registration::NodeSettings;
@@ -123,6 +125,11 @@ impl NodeAgentArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             ..NodeAgentConfig::default()
         }
+    }
+
+    /// The process runtime with the in-process Spawner sidecar.
+    pub fn process_runtime(&self) -> ProcessRuntime<SpawnerSidecar> {
+        ProcessRuntime::new(self.process_runtime_config(), SpawnerSidecar)
     }
 
     /// Settings of the process runtime.
