@@ -129,6 +129,14 @@ enum Handle {
     },
 }
 
+/// One process container to start.
+struct ProcessSpec<'a> {
+    name: &'a str,
+    argv: &'a [String],
+    env: &'a [(String, String)],
+    working_dir: Option<&'a str>,
+}
+
 /// A pod whose containers the process runtime started.
 pub struct ProcessPod {
     ip: Ipv4Addr,
@@ -231,12 +239,15 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
         &self,
         sandbox: &ProcessSandbox,
         index: usize,
-        name: &str,
-        argv: &[String],
-        env: &[(String, String)],
-        working_dir: Option<&str>,
+        process: ProcessSpec<'_>,
         exits: &mpsc::UnboundedSender<ContainerExit>,
     ) -> Result<(ContainerStart, Handle), String> {
+        let ProcessSpec {
+            name,
+            argv,
+            env,
+            working_dir,
+        } = process;
         let Some((program, args)) = argv.split_first() else {
             return Err("empty command".into());
         };
@@ -456,10 +467,12 @@ impl<S: InProcessSidecar> PodRuntime for ProcessRuntime<S> {
                 } => self.start_process(
                     &sandbox,
                     index,
-                    &container.name,
-                    &argv,
-                    &env,
-                    working_dir.as_deref(),
+                    ProcessSpec {
+                        name: &container.name,
+                        argv: &argv,
+                        env: &env,
+                        working_dir: working_dir.as_deref(),
+                    },
                     &exits_tx,
                 ),
                 ContainerRun::Sidecar(plan) => {
@@ -491,8 +504,8 @@ impl<S: InProcessSidecar> PodRuntime for ProcessRuntime<S> {
         })
     }
 
-    fn probe(&self, target: ProbeTarget) -> impl Future<Output = bool> + Send {
-        async move {
+    async fn probe(&self, target: ProbeTarget) -> bool {
+        {
             match target {
                 ProbeTarget::Http {
                     host,
@@ -596,8 +609,8 @@ impl RunningPod for ProcessPod {
         &self.starts
     }
 
-    fn next_exit(&mut self) -> impl Future<Output = Option<ContainerExit>> + Send {
-        async move {
+    async fn next_exit(&mut self) -> Option<ContainerExit> {
+        {
             if self.outstanding == 0 {
                 return None;
             }
