@@ -1,4 +1,7 @@
 //! Spawner's deterministic simulator: the production components in a turmoil world.
 
 pub mod entropy;
+pub mod invariants;
 pub mod net;
+pub mod rng;
+pub mod workload;
