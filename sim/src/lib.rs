@@ -5,4 +5,5 @@ pub mod entropy;
 pub mod invariants;
 pub mod net;
 pub mod rng;
+pub mod users;
 pub mod workload;
