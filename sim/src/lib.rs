@@ -1,5 +1,6 @@
 //! Spawner's deterministic simulator: the production components in a turmoil world.
 
+pub mod app;
 pub mod clock;
 pub mod entropy;
 pub mod invariants;
