@@ -1,7 +1,10 @@
 //! Spawner's deterministic simulator: the production components in a turmoil world.
 
+pub mod app;
+pub mod clock;
 pub mod entropy;
 pub mod invariants;
 pub mod net;
 pub mod rng;
+pub mod users;
 pub mod workload;

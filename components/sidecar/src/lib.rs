@@ -115,7 +115,9 @@ impl SidecarConfig {
         ];
         for (name, value) in nonzero {
             if value.is_zero() {
-                return Err(SidecarError::InvalidConfig(format!("{name} must not be zero")));
+                return Err(SidecarError::InvalidConfig(format!(
+                    "{name} must not be zero"
+                )));
             }
         }
         if self.probe_backoff_max < self.probe_backoff_min {
@@ -129,7 +131,9 @@ impl SidecarConfig {
             ));
         }
         if self.upstream.is_empty() {
-            return Err(SidecarError::InvalidConfig("upstream must not be empty".into()));
+            return Err(SidecarError::InvalidConfig(
+                "upstream must not be empty".into(),
+            ));
         }
         Ok(())
     }
@@ -225,7 +229,9 @@ pub struct SidecarHandle {
 impl SidecarHandle {
     /// The state now, as `/_spawner/events` would report it.
     pub fn state(&self) -> SidecarState {
-        self.monitor.activity().state_at(tokio::time::Instant::now())
+        self.monitor
+            .activity()
+            .state_at(tokio::time::Instant::now())
     }
 
     /// Every published change (coalesced by `SidecarConfig::publish_coalesce`).
@@ -264,7 +270,10 @@ pub fn run_with_handle<L: Listener, C: Connect>(
     let handle = SidecarHandle {
         monitor: Arc::clone(&monitor),
     };
-    Ok((handle, serve(listener, connector, config, monitor, shutdown)))
+    Ok((
+        handle,
+        serve(listener, connector, config, monitor, shutdown),
+    ))
 }
 
 /// State shared by every connection of one sidecar.
