@@ -5,6 +5,7 @@ pub mod clock;
 pub mod entropy;
 pub mod invariants;
 pub mod net;
+pub mod pods;
 pub mod rng;
 pub mod users;
 pub mod workload;
