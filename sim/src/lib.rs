@@ -1,1 +1,4 @@
-//! Spawner sim: built in its own issue; nothing here runs yet.
+//! Spawner's deterministic simulator: the production components in a turmoil world.
+
+pub mod entropy;
+pub mod net;

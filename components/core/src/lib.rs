@@ -13,6 +13,7 @@ pub mod phase;
 pub mod resource;
 pub mod status;
 pub mod token;
+pub mod trace;
 pub mod validation;
 
 pub use phase::{Observation, Phase, Transition};
