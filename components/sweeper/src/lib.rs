@@ -33,7 +33,6 @@ use kube::{Api, Client, ResourceExt};
 use spawner_core::phase::Phase;
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use metrics::Metrics;
@@ -146,7 +145,8 @@ pub struct Shared<C> {
 
 struct Subscription {
     url: String,
-    handle: JoinHandle<()>,
+    /// Dropping it ends the task at its next wait.
+    _cancel: watch::Sender<()>,
 }
 
 /// The set of subscriptions, kept in step with the watched backends.
@@ -193,20 +193,26 @@ where
                 }
                 self.remove(&uid);
                 let url = target.url.clone();
-                let handle = tokio::spawn(subscription::follow(target, self.shared.clone()));
+                let (cancel, cancelled) = watch::channel(());
+                tokio::spawn(subscription::follow(target, self.shared.clone(), cancelled));
                 self.shared
                     .metrics
                     .subscriptions
                     .fetch_add(1, Ordering::Relaxed);
-                self.by_uid.insert(uid, Subscription { url, handle });
+                self.by_uid.insert(
+                    uid,
+                    Subscription {
+                        url,
+                        _cancel: cancel,
+                    },
+                );
             }
             None => self.remove(&uid),
         }
     }
 
     fn remove(&mut self, uid: &str) {
-        if let Some(sub) = self.by_uid.remove(uid) {
-            sub.handle.abort();
+        if self.by_uid.remove(uid).is_some() {
             self.shared
                 .metrics
                 .subscriptions

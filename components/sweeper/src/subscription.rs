@@ -19,6 +19,7 @@ use kube::Api;
 use spawner_core::events::{EVENTS_PATH, EVENTS_TOKEN_HEADER, SidecarEvent, SseParser};
 use spawner_core::phase::Observation;
 use spawner_core::resource::SessionLivedBackend;
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::Shared;
@@ -66,7 +67,11 @@ pub fn reconnect_delay(failures: u32, min: Duration, max: Duration, uid: &str) -
 }
 
 /// Follows `target` until it is finished.
-pub async fn follow<C>(target: Target, shared: Arc<Shared<C>>)
+///
+/// `cancel` ends the task when its sender is dropped (the backend left this node's watch). It is
+/// only looked at while waiting, never in the middle of a status write, so a write that started
+/// is completed and counted.
+pub async fn follow<C>(target: Target, shared: Arc<Shared<C>>, mut cancel: watch::Receiver<()>)
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
@@ -84,7 +89,16 @@ where
     let mut tracker = Tracker::new(target.grace, config.freshness(), target.ready);
     let mut failures = 0u32;
     loop {
-        let end = stream_once(&uri, &token, &target, &api, &mut tracker, &shared).await;
+        let end = stream_once(
+            &uri,
+            &token,
+            &target,
+            &api,
+            &mut tracker,
+            &shared,
+            &mut cancel,
+        )
+        .await;
         tracker.on_disconnect();
         match end {
             End::Done => return,
@@ -100,7 +114,10 @@ where
                     &target.uid,
                 );
                 tracing::debug!(backend = %target.name, ?delay, failures, "event stream lost; reconnecting");
-                sleep(delay).await;
+                tokio::select! {
+                    _ = sleep(delay) => {}
+                    _ = cancel.changed() => return,
+                }
             }
         }
     }
@@ -122,6 +139,7 @@ async fn stream_once<C>(
     api: &Api<SessionLivedBackend>,
     tracker: &mut Tracker,
     shared: &Shared<C>,
+    cancel: &mut watch::Receiver<()>,
 ) -> End
 where
     C: Connect + Clone + Send + Sync + 'static,
@@ -139,7 +157,11 @@ where
             return End::Lost { heard: false };
         }
     };
-    let response = match timeout(read_timeout, shared.http.request(request)).await {
+    let response = tokio::select! {
+        r = timeout(read_timeout, shared.http.request(request)) => r,
+        _ = cancel.changed() => return End::Done,
+    };
+    let response = match response {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             metrics.connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -223,6 +245,7 @@ where
             _ = sleep_until(wake_at.unwrap_or(read_deadline)), if wake_at.is_some() => {
                 tracker.on_wake(Instant::now())
             }
+            _ = cancel.changed() => return End::Done,
         };
         match act(step, target, api, tracker, shared).await {
             Some(end) => return end,
