@@ -251,8 +251,18 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             None => {
                 let token = events_token(&config.events_secret, &uid);
                 create_if_absent(&services, &build_service(backend, &config.children)?).await?;
-                create_if_absent(&pods, &build_pod(backend, &config.children, &token)?).await?;
-                plan.observations.push(Observation::ChildrenCreated);
+                match create_if_absent(&pods, &build_pod(backend, &config.children, &token)?).await
+                {
+                    Ok(()) => plan.observations.push(Observation::ChildrenCreated),
+                    // The API server will never accept this pod: retrying cannot help.
+                    Err(kube::Error::Api(s)) if s.is_invalid() => {
+                        plan.observations.push(Observation::PodUnstartable {
+                            reason: "PodRejected".into(),
+                            message: s.message.clone(),
+                        })
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
     }
