@@ -62,8 +62,8 @@ pub struct SweeperArgs {
     /// Secret the events tokens are derived from (shared with the controller).
     #[arg(long, env = "SPAWNER_EVENTS_SECRET", hide_env_values = true)]
     pub events_secret: String,
-    /// The sidecars' heartbeat interval.
-    #[arg(long, env = "SPAWNER_HEARTBEAT_SECONDS", default_value_t = 2)]
+    /// The sidecars' heartbeat interval (the sidecar's default is 5 s; lower both together).
+    #[arg(long, env = "SPAWNER_HEARTBEAT_SECONDS", default_value_t = 5)]
     pub heartbeat_seconds: u64,
     /// A stream silent for this many heartbeat intervals is dropped and reconnected.
     #[arg(long, env = "SPAWNER_READ_TIMEOUT_HEARTBEATS", default_value_t = 3)]
