@@ -22,6 +22,14 @@ pub const UNSTARTABLE_WAITING_REASONS: [&str; 3] = [
     "ProcessModeNeedsCommand",
 ];
 
+/// Termination reasons of a container that never started (the runtime could not start it).
+pub const NEVER_STARTED_REASONS: [&str; 4] = [
+    "StartError",
+    "ContainerCannotRun",
+    "CreateContainerError",
+    "CreateContainerConfigError",
+];
+
 /// What one look at a backend's pod found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodReport {
@@ -72,7 +80,23 @@ pub fn observe_pod(
         .unwrap_or_default();
     if let Some(app_status) = container_status(statuses, app) {
         let state = app_status.state.as_ref();
-        if let Some(terminated) = state.and_then(|s| s.terminated.as_ref()) {
+        if let Some(terminated) = state.and_then(|s| s.terminated.as_ref())
+            && let Some(reason) = terminated.reason.as_deref().filter(|r| {
+                NEVER_STARTED_REASONS.contains(r) || UNSTARTABLE_WAITING_REASONS.contains(r)
+            })
+        {
+            // It never ran: the exit code is the runtime's, not the application's.
+            let message = terminated
+                .message
+                .clone()
+                .or_else(|| status.and_then(|s| s.message.clone()))
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| format!("application container could not start: {reason}"));
+            report.observations.push(Observation::PodUnstartable {
+                reason: reason.to_string(),
+                message,
+            });
+        } else if let Some(terminated) = state.and_then(|s| s.terminated.as_ref()) {
             report.observations.push(Observation::AppExited {
                 exit_code: terminated.exit_code,
                 reason: terminated
@@ -322,6 +346,37 @@ mod tests {
             &report.observations[1],
             Observation::PodUnstartable { reason, .. } if reason == "ProcessModeNeedsCommand"
         ));
+    }
+
+    #[test]
+    fn a_container_that_never_started_is_unstartable_not_an_app_exit() {
+        let report = observe_pod(
+            &pod(json!({
+                "status": {
+                    "phase": "Failed",
+                    "message": "pod cannot run",
+                    "containerStatuses": [{
+                        "name": "app", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 128, "reason": "ProcessModeNeedsCommand",
+                                  "message": "image but no command"}}
+                    }]
+                }
+            })),
+            "app",
+            ts("2024-01-01T00:00:00Z"),
+            TIMEOUT,
+        );
+        assert_eq!(
+            report.observations[0],
+            Observation::PodUnstartable {
+                reason: "ProcessModeNeedsCommand".into(),
+                message: "image but no command".into()
+            }
+        );
+        let (phase, transitions) = spawner_core::phase::run(Phase::Scheduled, &report.observations);
+        assert_eq!(phase, Phase::Failed);
+        assert_eq!(transitions[0].reason, "ProcessModeNeedsCommand");
+        assert_eq!(transitions[0].exit_code, None);
     }
 
     #[test]
