@@ -11,6 +11,7 @@ pub mod id;
 pub mod idle;
 pub mod phase;
 pub mod resource;
+pub mod status;
 pub mod token;
 pub mod trace;
 pub mod validation;
