@@ -168,6 +168,20 @@ impl ControlPlane {
         }
     }
 
+    /// Finds or builds the binaries without starting anything: `false` after printing one line
+    /// when they cannot exist here (same rule as `shared_or_skip`), panics on a failed build.
+    pub async fn binaries_or_skip(test: &str) -> bool {
+        match tokio::task::spawn_blocking(binaries::find_or_build).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(Error::Unavailable(why))) if !required() => {
+                eprintln!("skipping {test}: {why} (set {REQUIRE_ENV}=1 to fail instead)");
+                false
+            }
+            Ok(Err(error)) => panic!("control plane for {test}: {error}"),
+            Err(error) => panic!("control plane for {test}: {error}"),
+        }
+    }
+
     async fn start_once(binaries: &binaries::Binaries) -> Result<ControlPlane, Error> {
         let dir = run_dir()?;
         // From here on, dropping `control_plane` (on any error) cleans up.
@@ -426,6 +440,16 @@ impl ControlPlane {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Process ids of etcd, kube-apiserver and kube-controller-manager (each leads its group).
+    pub fn pids(&self) -> Vec<u32> {
+        self.lock_processes().iter().map(|p| p.pid()).collect()
+    }
+
+    /// The directory holding credentials, etcd data and the processes' logs (`<name>.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// `https://127.0.0.1:<port>`.
