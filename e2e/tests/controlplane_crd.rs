@@ -91,12 +91,25 @@ async fn crd_is_established_with_status_subresource() {
         .expect("SessionLivedBackend is discoverable");
     assert_eq!(resource.plural, "sessionlivedbackends");
     assert_eq!(capabilities.scope, kube::discovery::Scope::Namespaced);
+    // kube names a subresource by its own name (`status`), not `<plural>/status`.
     assert!(
         capabilities
             .subresources
             .iter()
-            .any(|(r, _)| r.plural == "sessionlivedbackends/status")
+            .any(|(r, _)| r.plural == "status"),
+        "{:?}",
+        capabilities.subresources
     );
+    // kubectl finds the short name with the written kubeconfig.
+    if let Ok(output) = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig_path())
+        .args(["api-resources", "--api-group=spawner.dev", "--no-headers"])
+        .output()
+    {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("slab"), "kubectl api-resources: {stdout}");
+    }
 }
 
 #[tokio::test]

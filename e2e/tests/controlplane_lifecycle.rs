@@ -101,14 +101,25 @@ fn run_child(how: &str) -> (Vec<u32>, PathBuf, std::process::Child) {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    // Read on a thread that keeps draining, so the child never writes into a closed pipe.
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
     let mut pids = Vec::new();
     let mut dir = PathBuf::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("CHILD pids ") {
-            pids = rest.split(',').map(|p| p.parse().unwrap()).collect();
-        } else if let Some(rest) = line.strip_prefix("CHILD dir ") {
-            dir = PathBuf::from(rest);
+    // libtest prints `test <name> ... ` without a newline before the test's own output.
+    for line in received {
+        if let Some((_, rest)) = line.split_once("CHILD pids ") {
+            pids = rest
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.trim().parse().unwrap())
+                .collect();
+        } else if let Some((_, rest)) = line.split_once("CHILD dir ") {
+            dir = PathBuf::from(rest.trim());
             break;
         }
     }
