@@ -126,9 +126,9 @@ impl ControlPlane {
         loop {
             match Self::start_once(&binaries).await {
                 Err(error @ Error::Exited { .. }) if attempt < START_ATTEMPTS => {
-                    eprintln!(
-                        "spawner-e2e: control plane start {attempt} failed, retrying: {error}"
-                    );
+                    progress(&format!(
+                        "control plane start {attempt} failed, retrying: {error}"
+                    ));
                     attempt += 1;
                 }
                 result => return result,
@@ -161,7 +161,7 @@ impl ControlPlane {
         match Self::shared().await {
             Ok(control_plane) => Some(control_plane),
             Err(Error::Unavailable(why)) if !required() => {
-                eprintln!("skipping {test}: {why} (set {REQUIRE_ENV}=1 to fail instead)");
+                report_skip(test, why);
                 None
             }
             Err(error) => panic!("control plane for {test}: {error}"),
@@ -174,7 +174,7 @@ impl ControlPlane {
         match tokio::task::spawn_blocking(binaries::find_or_build).await {
             Ok(Ok(_)) => true,
             Ok(Err(Error::Unavailable(why))) if !required() => {
-                eprintln!("skipping {test}: {why} (set {REQUIRE_ENV}=1 to fail instead)");
+                report_skip(test, &why);
                 false
             }
             Ok(Err(error)) => panic!("control plane for {test}: {error}"),
@@ -584,6 +584,24 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.shut_down();
     }
+}
+
+/// Writes a line to the real stderr: libtest captures `eprintln!` of passing tests, and a skip or
+/// a build in progress must be seen.
+pub(crate) fn progress(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "spawner-e2e: {line}");
+}
+
+/// One line per test binary: the first skipped test names the reason.
+fn report_skip(test: &str, why: &str) {
+    static REPORTED: std::sync::Once = std::sync::Once::new();
+    REPORTED.call_once(|| {
+        progress(&format!(
+            "skipping the real-control-plane tests of this binary (first: {test}): {why} \
+             (set {REQUIRE_ENV}=1 to fail instead)"
+        ));
+    });
 }
 
 fn required() -> bool {

@@ -87,7 +87,13 @@ async fn dropping_the_control_plane_kills_it_and_removes_its_files() {
 
 /// Runs this test binary again, filtered to this test, as a child that starts the shared control
 /// plane, prints its pids and directory, then dies as `how` says. Returns what it printed.
-fn run_child(how: &str) -> (Vec<u32>, PathBuf, std::process::Child) {
+fn run_child(how: &str) -> (Vec<u32>, PathBuf, std::process::Child, PathBuf) {
+    // Its stderr (with an expected panic message) goes to a file, shown only if something fails.
+    let stderr_log = std::env::temp_dir().join(format!(
+        "spawner-lifecycle-{}-{how}.log",
+        std::process::id()
+    ));
+    let stderr = std::fs::File::create(&stderr_log).unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -97,7 +103,7 @@ fn run_child(how: &str) -> (Vec<u32>, PathBuf, std::process::Child) {
         ])
         .env(CHILD_ENV, how)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -123,7 +129,11 @@ fn run_child(how: &str) -> (Vec<u32>, PathBuf, std::process::Child) {
             break;
         }
     }
-    (pids, dir, child)
+    (pids, dir, child, stderr_log)
+}
+
+fn child_stderr(log: &PathBuf) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
 }
 
 #[tokio::test]
@@ -150,16 +160,27 @@ async fn shared_control_plane_dies_with_its_process() {
             }
             // A panicking test: the binary exits normally (exit code 101) and the atexit hook
             // kills the control plane and removes its directory.
-            let (pids, dir, mut child) = run_child("panic");
-            assert_eq!(pids.len(), 3, "child did not report its control plane");
+            let (pids, dir, mut child, log) = run_child("panic");
+            assert_eq!(
+                pids.len(),
+                3,
+                "child did not report: {}",
+                child_stderr(&log)
+            );
             let status = child.wait().unwrap();
             assert!(!status.success());
             wait_dead(&pids).await;
             assert!(!dir.exists(), "{} was not removed", dir.display());
 
             // A killed test binary: no hook runs; the kernel kills the children (PDEATHSIG).
-            let (pids, dir, mut child) = run_child("killed");
-            assert_eq!(pids.len(), 3, "child did not report its control plane");
+            let _ = std::fs::remove_file(&log);
+            let (pids, dir, mut child, log) = run_child("killed");
+            assert_eq!(
+                pids.len(),
+                3,
+                "child did not report: {}",
+                child_stderr(&log)
+            );
             assert!(pids.iter().all(|&pid| alive(pid)));
             child.kill().unwrap();
             child.wait().unwrap();
@@ -167,6 +188,7 @@ async fn shared_control_plane_dies_with_its_process() {
             // Its directory stays (nobody ran a hook); the next control plane started on this
             // machine removes it. Tidy up here instead of waiting for that.
             let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_file(&log);
         }
     }
 }

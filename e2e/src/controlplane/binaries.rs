@@ -123,11 +123,11 @@ pub fn find_or_build() -> Result<Binaries, Error> {
             binaries.dir.display()
         )));
     }
-    eprintln!(
-        "spawner-e2e: building the Kubernetes {} control plane into {} (once; see docs/controlplane.md)",
+    super::progress(&format!(
+        "building the Kubernetes {} control plane into {} (once; see docs/controlplane.md)",
         kubernetes_version(),
         binaries.dir.display()
-    );
+    ));
     // The script's progress goes to our stderr, which the test harness does not capture.
     let status = Command::new("bash")
         .arg(build_script())
