@@ -18,6 +18,8 @@ pub const SIDECAR_CONTAINER_NAME: &str = "spawner-sidecar";
 pub const DEFAULT_SIDECAR_PORT: u16 = 9090;
 /// Port of the backend's Service.
 pub const SERVICE_PORT: u16 = 80;
+/// Environment variable telling the application its backend's name.
+pub const BACKEND_NAME_ENV: &str = "SPAWNER_BACKEND_NAME";
 /// Environment variable carrying the events token into the sidecar.
 pub const EVENTS_TOKEN_ENV: &str = "SPAWNER_EVENTS_TOKEN";
 /// Environment variable carrying the serve port into the sidecar.
@@ -100,8 +102,9 @@ pub fn build_pod(
         .first_mut()
         .ok_or(BuildError::NoContainers)?;
     let app_env = app.env.get_or_insert_with(Vec::new);
-    app_env.retain(|e| e.name != "PORT");
+    app_env.retain(|e| e.name != "PORT" && e.name != BACKEND_NAME_ENV);
     app_env.push(env("PORT", backend.spec.http_port.to_string()));
+    app_env.push(env(BACKEND_NAME_ENV, name.clone()));
 
     spec.restart_policy = Some("Never".into());
     spec.containers.push(Container {
@@ -247,7 +250,11 @@ mod tests {
                     {
                         "name": "app",
                         "image": "acme/room:1",
-                        "env": [{"name": "MODE", "value": "x"}, {"name": "PORT", "value": "3000"}]
+                        "env": [
+                            {"name": "MODE", "value": "x"},
+                            {"name": "PORT", "value": "3000"},
+                            {"name": "SPAWNER_BACKEND_NAME", "value": "slab-abc"}
+                        ]
                     },
                     {
                         "name": "spawner-sidecar",

@@ -12,6 +12,7 @@ pub mod idle;
 pub mod phase;
 pub mod resource;
 pub mod token;
+pub mod trace;
 pub mod validation;
 
 pub use phase::{Observation, Phase, Transition};
