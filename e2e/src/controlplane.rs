@@ -27,6 +27,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -44,6 +45,10 @@ pub const REQUIRE_ENV: &str = "SPAWNER_REQUIRE_CONTROLPLANE";
 
 /// The CRD the control plane installs: the committed manifest, not a regenerated one.
 pub const CRD_YAML: &str = include_str!("../../deploy/crd.yaml");
+
+/// Bootstrap ClusterRoles bound to `Identity::NodeAgent`: it registers a Node, binds pods to it
+/// and reports their status, as a kubelet and a scheduler would.
+pub const NODE_AGENT_ROLES: [&str; 2] = ["system:node", "system:kube-scheduler"];
 
 /// Field manager for everything the harness applies.
 const FIELD_MANAGER: &str = "spawner-e2e";
@@ -122,9 +127,20 @@ impl ControlPlane {
                 context: "the binary build task".into(),
                 source: std::io::Error::other(e.to_string()),
             })??;
+        let started = Instant::now();
         let mut attempt = 1;
         loop {
             match Self::start_once(&binaries).await {
+                Ok(control_plane) => {
+                    progress(&format!(
+                        "Kubernetes {} control plane ready at {} in {:.1}s ({})",
+                        kubernetes_version(),
+                        control_plane.server_url,
+                        started.elapsed().as_secs_f64(),
+                        control_plane.dir.display()
+                    ));
+                    return Ok(control_plane);
+                }
                 Err(error @ Error::Exited { .. }) if attempt < START_ATTEMPTS => {
                     progress(&format!(
                         "control plane start {attempt} failed, retrying: {error}"
@@ -404,7 +420,9 @@ impl ControlPlane {
     }
 
     /// The `spawner-system` namespace and a ServiceAccount per component identity, so bindings
-    /// in `deploy/rbac/` name objects that exist.
+    /// in `deploy/rbac/` name objects that exist; and the node agent's bindings to the bootstrap
+    /// roles of the kubelet (`system:node`) and the scheduler (`system:kube-scheduler`), whose
+    /// jobs it does.
     async fn create_system_objects(&self, admin: &Client) -> Result<(), Error> {
         let namespaces: Api<Namespace> = Api::all(admin.clone());
         let namespace = Namespace {
@@ -436,6 +454,34 @@ impl ControlPlane {
                     name,
                     &PatchParams::apply(FIELD_MANAGER).force(),
                     &Patch::Apply(&account),
+                )
+                .await?;
+        }
+        let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
+        for role in NODE_AGENT_ROLES {
+            let name = format!("spawner-e2e:node-agent:{role}");
+            let binding = ClusterRoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                },
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".to_string(),
+                    kind: "ClusterRole".to_string(),
+                    name: role.to_string(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".to_string(),
+                    name: Identity::NodeAgent.name().to_string(),
+                    namespace: Some(SYSTEM_NAMESPACE.to_string()),
+                    ..Default::default()
+                }]),
+            };
+            bindings
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&binding),
                 )
                 .await?;
         }

@@ -515,3 +515,86 @@ async fn bindings_name_the_component_service_accounts() {
         assert_eq!(account.name_any(), subjects[0].name);
     }
 }
+
+#[tokio::test]
+async fn node_agent_can_register_bind_and_report() {
+    let Some(cp) = control_plane("node_agent_can_register_bind_and_report").await else {
+        return;
+    };
+    let admin = cp.admin_client().await.unwrap();
+    let agent = cp.client_for(Identity::NodeAgent).await.unwrap();
+    let namespace = cp.create_namespace("rbac-node-agent").await.unwrap();
+    let node_name = format!("node-{namespace}");
+
+    // Registers its Node and reports it Ready.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(agent.clone());
+    let node = serde_json::from_value(json!({"metadata": {"name": node_name}})).unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    nodes
+        .patch_status(
+            &node_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": [{
+                "type": "Ready", "status": "True", "reason": "AgentReady",
+                "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"
+            }]}})),
+        )
+        .await
+        .unwrap();
+
+    // Binds a pending Pod (created by someone else) to itself and reports it Running.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "app", "image": "example/app:1"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(admin.clone(), &namespace)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(agent.clone(), &namespace);
+    let binding = json!({
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": "p"},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node_name}
+    });
+    let _: serde_json::Value = pods
+        .create_subresource("binding", "p", &PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let running = pods
+        .patch_status(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running", "podIP": "127.0.0.1"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        running.spec.unwrap().node_name.as_deref(),
+        Some(node_name.as_str())
+    );
+    assert_eq!(running.status.unwrap().phase.as_deref(), Some("Running"));
+
+    // It is no admin: Spawner's own resources and Secrets' writes are out of reach.
+    assert_forbidden(
+        "node agent lists backends",
+        Api::<SessionLivedBackend>::namespaced(agent.clone(), &namespace)
+            .list(&Default::default())
+            .await,
+    );
+    assert_forbidden(
+        "node agent creates a secret",
+        Api::<Secret>::namespaced(agent, &namespace)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "s"}})).unwrap(),
+            )
+            .await,
+    );
+    Api::<k8s_openapi::api::core::v1::Node>::all(admin)
+        .delete(&node_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}

@@ -18,7 +18,8 @@ pub enum Identity {
     Sweeper,
     /// ServiceAccount `spawner-system/api`.
     Api,
-    /// ServiceAccount `spawner-system/node-agent` (localcluster's node agent as a kubelet).
+    /// ServiceAccount `spawner-system/node-agent`: localcluster's node agent as kubelet and
+    /// scheduler, bound to the bootstrap roles `system:node` and `system:kube-scheduler`.
     NodeAgent,
     /// ServiceAccount `spawner-system/unprivileged`: bound to nothing, for denial tests.
     Unprivileged,
