@@ -632,6 +632,22 @@ impl Drop for ControlPlane {
     }
 }
 
+/// Runs `check` (e.g. one of the conformance checks, which take a `kube::Client`) against the
+/// shared real API server as admin. `None` when the test is skipped (see
+/// `ControlPlane::shared_or_skip`); panics when the control plane fails.
+pub async fn with_real_server<F, Fut, T>(test: &str, check: F) -> Option<T>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let control_plane = ControlPlane::shared_or_skip(test).await?;
+    let admin = control_plane
+        .admin_client()
+        .await
+        .unwrap_or_else(|error| panic!("admin client for {test}: {error}"));
+    Some(check(admin).await)
+}
+
 /// Writes a line to the real stderr: libtest captures `eprintln!` of passing tests, and a skip or
 /// a build in progress must be seen.
 pub(crate) fn progress(line: &str) {

@@ -490,3 +490,19 @@ async fn deleting_a_namespace_removes_its_backends() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `with_real_server` hands a check an admin client of the shared control plane.
+#[tokio::test]
+async fn checks_run_against_the_real_server_through_with_real_server() {
+    let version = spawner_e2e::controlplane::with_real_server(
+        "checks_run_against_the_real_server_through_with_real_server",
+        |client: Client| async move { client.apiserver_version().await.unwrap() },
+    )
+    .await;
+    if let Some(version) = version {
+        assert_eq!(
+            version.git_version,
+            spawner_e2e::controlplane::kubernetes_version()
+        );
+    }
+}
