@@ -44,8 +44,12 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 
 mkdir -p "$(dirname "$bin_dir")"
-exec 9>"$(dirname "$bin_dir")/.build.lock"
-flock 9
+# Serialise concurrent builds (parallel test binaries, several worktrees). flock is util-linux;
+# where it is missing (macOS) builds are simply not serialised.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$(dirname "$bin_dir")/.build.lock"
+    flock 9
+fi
 
 if [[ "${SPAWNER_CONTROLPLANE_REBUILD:-}" != "1" ]] && all_present; then
     echo "build.sh: control plane $kube_version (etcd $etcd_version) already built in $bin_dir"
