@@ -1,9 +1,11 @@
 //! Spawner's deterministic simulator: the production components in a turmoil world.
 
+pub mod app;
 pub mod clock;
 pub mod entropy;
 pub mod invariants;
 pub mod net;
+pub mod pods;
 pub mod rng;
 pub mod users;
 pub mod workload;

@@ -160,3 +160,23 @@ mod tests {
         sim.run()
     }
 }
+
+impl spawner_sidecar::Listener for SimListener {
+    type Io = turmoil::net::TcpStream;
+
+    async fn accept(&mut self) -> io::Result<(Self::Io, SocketAddr)> {
+        self.0.accept().await
+    }
+}
+
+/// Dials a sidecar's application over turmoil.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimSidecarConnector;
+
+impl spawner_sidecar::Connect for SimSidecarConnector {
+    type Io = turmoil::net::TcpStream;
+
+    async fn connect(&self, addr: &str) -> io::Result<Self::Io> {
+        turmoil::net::TcpStream::connect(addr).await
+    }
+}

@@ -369,6 +369,21 @@ async fn deletion_kills_the_whole_process_group_then_removes_the_pod() {
     for pgid in groups {
         wait_group_gone(pgid).await;
     }
+
+    // Force deletion removes the object at once; the agent still stops the processes.
+    pods.create(
+        &PostParams::default(),
+        &process_pod("forced", "sleep 300 & wait", 1),
+    )
+    .await
+    .unwrap();
+    let pod = wait_for(&pods, "forced", "Running", |p| phase(p) == Some("Running")).await;
+    let pgid = process_group(&pod);
+    pods.delete("forced", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_gone(&pods, "forced").await;
+    wait_group_gone(pgid).await;
     agent.stop().await;
 }
 

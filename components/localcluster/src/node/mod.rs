@@ -224,3 +224,51 @@ pub async fn run<R: PodRuntime>(
 ) -> Result<(), NodeAgentError> {
     agent::run(client, config, runtime, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: NodeAgentArgs,
+    }
+
+    #[test]
+    fn arguments_parse_into_a_config() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--node",
+            "a,b",
+            "--node-label",
+            "zone=z1",
+            "--scheduling",
+            "round-robin",
+            "--first-pod-ip",
+            "127.9.0.1",
+            "--heartbeat-seconds",
+            "3",
+        ])
+        .expect("parses");
+        let config = cli.agent.config();
+        assert_eq!(config.nodes, vec!["a", "b"]);
+        assert_eq!(
+            config.node_labels.get("zone").map(String::as_str),
+            Some("z1")
+        );
+        assert_eq!(config.scheduling, Some(SchedulingPolicy::RoundRobin));
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(3));
+        assert_eq!(
+            cli.agent.process_runtime_config().first_pod_ip,
+            Ipv4Addr::new(127, 9, 0, 1)
+        );
+
+        let defaults = Cli::try_parse_from(["agent", "--no-scheduler"]).expect("parses");
+        assert_eq!(defaults.agent.config().nodes, vec!["localnode"]);
+        assert_eq!(defaults.agent.config().scheduling, None);
+        assert!(Cli::try_parse_from(["agent", "--node-label", "novalue"]).is_err());
+    }
+}

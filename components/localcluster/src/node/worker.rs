@@ -414,11 +414,18 @@ pub(crate) async fn run_pod<R: PodRuntime>(
             },
             changed = updates.changed() => {
                 if changed.is_err() {
+                    // The agent is gone without a word: stop as on shutdown.
+                    running.stop_all(grace.min(ctx.shutdown_grace)).await;
                     break Outcome::Shutdown;
                 }
                 let update = updates.borrow_and_update().clone();
                 match update {
-                    PodUpdate::Gone => break Outcome::Gone,
+                    PodUpdate::Gone => {
+                        // Removed without graceful deletion (force delete): still stop gracefully.
+                        tracing::info!(pod = %format!("{namespace}/{name}"), "pod removed; stopping it");
+                        running.stop_all(grace).await;
+                        break Outcome::Gone;
+                    }
                     PodUpdate::Present(pod) if pod.metadata.deletion_timestamp.is_some() => {
                         let grace = pod_grace(&pod);
                         tracing::info!(pod = %format!("{namespace}/{name}"), ?grace, "pod deleted; stopping it");
