@@ -355,3 +355,40 @@ fn build_controller(client: &Client, config: &ControllerConfig) -> Controller<Se
         .owns(services, children)
         .with_config(RuntimeConfig::default().concurrency(config.concurrency))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    #[test]
+    fn args_parse_into_a_config() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "controller",
+            "--events-secret",
+            "s3cret",
+            "--url-mode",
+            "pod-ip",
+            "--retention-seconds",
+            "7",
+            "--lease-namespace",
+            "spawner",
+        ])
+        .expect("parses");
+        let config = cli.args.into_config();
+        assert_eq!(config.url_mode, UrlMode::PodIp);
+        assert_eq!(config.retention, Duration::from_secs(7));
+        assert_eq!(config.events_secret, b"s3cret");
+        assert_eq!(config.limits.reserved_ports, vec![DEFAULT_SIDECAR_PORT]);
+        let lease = config.lease.expect("leader election on by default");
+        assert_eq!(lease.namespace, "spawner");
+        assert!(lease.renew_deadline < lease.lease_duration);
+    }
+}

@@ -395,6 +395,32 @@ mod tests {
         }
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SweeperArgs,
+    }
+
+    #[test]
+    fn args_parse_into_a_config() {
+        use clap::{CommandFactory, Parser};
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "sweeper",
+            "--node-name",
+            "node-7",
+            "--events-secret",
+            "s3cret",
+            "--heartbeat-seconds",
+            "2",
+        ])
+        .expect("parses");
+        let config = cli.args.into_config();
+        assert_eq!(config.node_name, "node-7");
+        assert_eq!(config.read_timeout(), Duration::from_secs(6));
+        assert!(config.reconnect_min <= config.reconnect_max);
+    }
+
     #[test]
     fn read_timeout_and_freshness_follow_the_heartbeat() {
         let config = SweeperConfig {

@@ -31,9 +31,11 @@ async fn spawn_ready_swept_and_cleaned_up() {
     let sidecar = FakeSidecar::start(Duration::from_millis(500)).await;
 
     let (stop_controller, controller_stopped) = oneshot::channel::<()>();
+    let controller_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let controller_addr = controller_listener.local_addr().expect("addr");
     let controller = tokio::spawn(spawner_controller::run(
         client.clone(),
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        controller_listener,
         ControllerConfig {
             namespace: Some("default".into()),
             children: ChildrenConfig {
@@ -132,6 +134,12 @@ async fn spawn_ready_swept_and_cleaned_up() {
     wait_for_phase(&client, "slab-e2e", Phase::Ready, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(phase_of(&client, "slab-e2e").await, Phase::Ready);
+    // The controller saw the Ready condition and measured the spawn-to-ready time once.
+    let metrics = metrics_text(controller_addr).await;
+    assert!(
+        metrics.contains("spawner_spawn_to_ready_seconds_count 1\n"),
+        "{metrics}"
+    );
 
     // The user leaves: swept after the grace period, then the pod and service go, and after
     // the retention period the backend itself.
@@ -186,4 +194,14 @@ async fn spawn_ready_swept_and_cleaned_up() {
         .expect("sweeper stops")
         .expect("task")
         .expect("sweeper");
+}
+
+async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use http_body_util::BodyExt;
+    let response = tcp_transport()
+        .get(format!("http://{addr}/metrics").parse().expect("uri"))
+        .await
+        .expect("metrics");
+    let body = response.into_body().collect().await.expect("body");
+    String::from_utf8_lossy(&body.to_bytes()).into_owned()
 }
