@@ -26,3 +26,33 @@ impl spawner_localcluster::Clock for SimClock {
         SimClock::now(self)
     }
 }
+
+fn timestamp() -> k8s_openapi::jiff::Timestamp {
+    let now = SimClock.now();
+    k8s_openapi::jiff::Timestamp::new(now.timestamp(), now.timestamp_subsec_nanos() as i32)
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+}
+
+impl spawner_localcluster::node::Clock for SimClock {
+    fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        timestamp()
+    }
+}
+
+impl spawner_controller::Clock for SimClock {
+    fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        timestamp()
+    }
+}
+
+impl spawner_sweeper::Clock for SimClock {
+    fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        timestamp()
+    }
+}
+
+impl spawner_api::Clock for SimClock {
+    fn now(&self) -> DateTime<Utc> {
+        SimClock::now(self)
+    }
+}

@@ -2,10 +2,13 @@
 
 pub mod app;
 pub mod clock;
+pub mod components;
 pub mod entropy;
+pub mod faults;
 pub mod invariants;
 pub mod net;
 pub mod pods;
 pub mod rng;
 pub mod users;
 pub mod workload;
+pub mod world;

@@ -4,7 +4,11 @@ use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
+pub mod client;
+pub mod components;
 pub mod demo;
+pub mod dev;
+pub mod launcher;
 
 /// Session-lived backends on Kubernetes.
 #[derive(Debug, Parser)]
@@ -16,8 +20,29 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the whole system on this machine, no cluster needed: a local Kubernetes API,
+    /// a node agent running backends as processes, the controller, sweepers and the api.
+    Dev(dev::DevArgs),
+    /// Spawn a backend (prints its name).
+    Spawn(client::SpawnArgs),
+    /// Show a backend's status, or follow its phases with --watch.
+    Status(client::StatusArgs),
+    /// List backends.
+    Ls(client::LsArgs),
+    /// Terminate backends.
+    Rm(client::RmArgs),
     /// Print the SessionLivedBackend CustomResourceDefinition as YAML.
     Crd,
+    /// Run the controller (a Deployment in a cluster).
+    Controller(spawner_controller::ControllerArgs),
+    /// Run a node's sweeper (a DaemonSet in a cluster).
+    Sweeper(spawner_sweeper::SweeperArgs),
+    /// Run the api (a Deployment in a cluster).
+    Api(spawner_api::ApiArgs),
+    /// Run the sidecar (injected into every backend pod).
+    Sidecar(spawner_sidecar::SidecarArgs),
+    /// Run a node agent that runs pods as local processes, against any API server.
+    NodeAgent(spawner_localcluster::node::NodeAgentArgs),
     /// Serve the demo backend (a shared multiplayer page) on $PORT: what `spawner dev --demo`
     /// spawns.
     DemoBackend(DemoBackendArgs),
@@ -36,6 +61,16 @@ pub struct DemoBackendArgs {
 /// Runs one parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     match cli.command {
+        Command::Dev(args) => dev::run(args, out, std::future::pending()).await?,
+        Command::Spawn(args) => client::spawn(args, out).await?,
+        Command::Status(args) => client::status(args, out).await?,
+        Command::Ls(args) => client::ls(args, out).await?,
+        Command::Rm(args) => client::rm(args, out).await?,
+        Command::Controller(args) => components::controller(args).await?,
+        Command::Sweeper(args) => components::sweeper(args).await?,
+        Command::Api(args) => components::api(args).await?,
+        Command::Sidecar(args) => components::sidecar(args).await?,
+        Command::NodeAgent(args) => components::node_agent(args).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }

@@ -68,7 +68,7 @@ async fn page(State(room): State<Arc<Room>>) -> Html<String> {
     Html(PAGE.replace("{{BACKEND}}", &html_escape(&room.name)))
 }
 
-fn html_escape(s: &str) -> String {
+pub fn html_escape(s: &str) -> String {
     s.chars()
         .map(|c| match c {
             '<' => "&lt;".to_string(),
