@@ -228,6 +228,23 @@ impl InvariantChecker {
         Ok(())
     }
 
+    /// One backend has at most one pod (`pods` names every pod of each backend, from the
+    /// API server's store).
+    pub fn check_pods(
+        &self,
+        now: Duration,
+        pods: &BTreeMap<String, Vec<String>>,
+    ) -> Result<(), Violation> {
+        match pods.iter().find(|(_, names)| names.len() > 1) {
+            Some((backend, names)) => Err(Self::violation(
+                now,
+                "at most one pod per backend",
+                format!("{backend} has pods {}", names.join(", ")),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// At the end of a drained run: every backend ended Ready-then-Swept or Failed, and nothing
     /// is left in the API server (`leftovers` names what the caller still found there).
     pub fn check_drained(&self, now: Duration, leftovers: &[String]) -> Result<(), Violation> {
@@ -384,6 +401,16 @@ mod tests {
             .check_drained(S(30), &["pod/b1".to_string()])
             .expect_err("leak");
         assert_eq!(v.invariant, "no leaks when the workload drains");
+    }
+
+    #[test]
+    fn a_second_pod_for_a_backend_is_caught() {
+        let c = InvariantChecker::new();
+        let mut pods = BTreeMap::from([("b1".to_string(), vec!["b1".to_string()])]);
+        c.check_pods(S(1), &pods).expect("one pod");
+        pods.insert("b1".into(), vec!["b1".into(), "b1-retry".into()]);
+        let v = c.check_pods(S(2), &pods).expect_err("two pods");
+        assert_eq!(v.invariant, "at most one pod per backend");
     }
 
     #[test]

@@ -113,8 +113,32 @@ impl tower::Service<http::Uri> for SimConnector {
 /// over turmoil, authenticated with `token`. Build it inside the host that uses it: kube's
 /// internal buffer spawns a task on the current runtime.
 pub fn kube_client(base: http::Uri, token: &str, namespace: &str) -> kube::Client {
-    let http_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build::<_, kube::client::Body>(SimConnector);
+    kube_client_over(base, token, namespace, |http| http)
+}
+
+/// The turmoil HTTP client a `kube::Client` of this module sends through.
+pub type KubeHttp = hyper_util::client::legacy::Client<SimConnector, kube::client::Body>;
+
+/// [`kube_client`] with `wrap` around its HTTP client (the simulator's mutants sit there).
+pub fn kube_client_over<S, B>(
+    base: http::Uri,
+    token: &str,
+    namespace: &str,
+    wrap: impl FnOnce(KubeHttp) -> S,
+) -> kube::Client
+where
+    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let http_client = wrap(
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build::<_, kube::client::Body>(SimConnector),
+    );
     let bearer = format!("Bearer {token}");
     let service = ServiceBuilder::new()
         .layer(kube::client::middleware::BaseUriLayer::new(base))

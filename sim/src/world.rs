@@ -14,7 +14,8 @@ use spawner_localcluster::{Cluster, ServerConfig};
 use crate::clock::{SimClock, sim_epoch};
 use crate::faults::{Fault, FaultKind};
 use crate::invariants::{InvariantChecker, Observation, Violation};
-use crate::net::{SimConnector, SimListener, kube_client};
+use crate::mutants::{DuplicatePodCreates, Mutant};
+use crate::net::{SimConnector, SimListener, kube_client, kube_client_over};
 use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
 use crate::users::{SharedReport, UsersConfig, UsersReport};
 
@@ -43,6 +44,15 @@ pub struct WorldConfig {
     pub drain: Duration,
     /// Simulated time a finished backend stays readable before the controller deletes it.
     pub retention: Duration,
+    /// turmoil's step: the resolution of simulated time (and the main cost knob: every step
+    /// polls every host).
+    pub tick: Duration,
+    /// How users wait for Ready: the interval of their status polls.
+    pub poll_interval: Duration,
+    /// The command-line arguments of `spawner-sim` that rebuild this world, for failure
+    /// reports.
+    pub reproduce: String,    /// A deliberate bug to run with (tests of the simulator itself).
+    pub mutant: Option<crate::mutants::Mutant>,
 }
 
 impl WorldConfig {
@@ -58,6 +68,10 @@ impl WorldConfig {
             faults: Vec::new(),
             drain: Duration::from_secs(60),
             retention: Duration::from_secs(5),
+            tick: Duration::from_millis(10),
+            poll_interval: Duration::from_millis(250),
+            reproduce: format!("--seed {seed} (a custom world: rerun the test that built it)"),
+            mutant: None,
         }
     }
 }
@@ -107,6 +121,8 @@ pub struct Failure {
     pub faults: Vec<Fault>,
     /// The last observable events before the violation.
     pub last_events: Vec<String>,
+    /// `spawner-sim` arguments that rerun this world.
+    pub reproduce: String,
 }
 
 impl std::fmt::Display for Failure {
@@ -116,11 +132,7 @@ impl std::fmt::Display for Failure {
             "invariant violated with seed {}: {}",
             self.seed, self.violation
         )?;
-        writeln!(
-            f,
-            "reproduce: cargo run -p spawner-sim -- --seed {}",
-            self.seed
-        )?;
+        writeln!(f, "reproduce: cargo run -p spawner-sim -- {}", self.reproduce)?;
         writeln!(f, "faults: {:?}", self.faults)?;
         writeln!(f, "last events:")?;
         for event in &self.last_events {
@@ -142,6 +154,11 @@ fn slot_name(node: usize, slot: usize) -> String {
 pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
     let wall = Instant::now();
     crate::entropy::seed(config.seed);
+    // kube-runtime's watcher backoff (backon) draws jitter from fastrand's thread-local
+    // generator, which seeds itself from the time; every host runs on this thread.
+    fastrand::seed(config.seed);
+    crate::mutants::switch_on(config.mutant);
+    let mutant = config.mutant;
     let end_of_trace =
         Duration::from_millis(config.workload.events.last().map(|e| e.t_ms).unwrap_or(0));
     let horizon = end_of_trace + config.drain;
@@ -149,7 +166,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         .epoch(sim_epoch())
         .rng_seed(config.seed)
         .simulation_duration(horizon + Duration::from_secs(60))
-        .tick_duration(Duration::from_millis(5))
+        .tick_duration(config.tick)
         .min_message_latency(Duration::from_micros(200))
         .max_message_latency(Duration::from_millis(5))
         .build();
@@ -188,7 +205,11 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         sim.host(format!("controller-{i}"), move || {
             let kube_url = kube_url.clone();
             async move {
-                let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
+                let client = if mutant == Some(Mutant::ControllerCreatesPodTwice) {
+                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, DuplicatePodCreates)
+                } else {
+                    kube_client(kube_url, KUBE_TOKEN, NAMESPACE)
+                };
                 let config = crate::components::controller_config(i, leader_election, retention);
                 let listener = SimListener::bind(("0.0.0.0", 8080)).await?;
                 spawner_controller::run(client, listener, config, std::future::pending()).await?;
@@ -205,6 +226,10 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                 let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
                 let config = crate::components::api_config(API_TOKEN)?;
                 let listener = SimListener::bind(("0.0.0.0", 7070)).await?;
+                if mutant == Some(Mutant::RacyKeyLookup) {
+                    crate::mutants::racy_api(client, NAMESPACE, listener).await?;
+                    return Ok(());
+                }
                 spawner_api::run(client, listener, config, std::future::pending()).await?;
                 Ok(())
             }
@@ -269,7 +294,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             "gracePeriodSeconds": config.grace_seconds,
         }),
         ready_timeout: Duration::from_secs(30),
-        poll_interval: Duration::from_millis(100),
+        poll_interval: config.poll_interval,
     };
     for (k, share) in shares.into_iter().enumerate() {
         let users_config = users_config.clone();
@@ -300,6 +325,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                     },
                     faults: config.faults.clone(),
                     last_events: observer.last_events(),
+                    reproduce: config.reproduce.clone(),
                 }));
             }
         };
@@ -311,6 +337,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                 violation,
                 faults: config.faults.clone(),
                 last_events: observer.last_events(),
+                reproduce: config.reproduce.clone(),
             }));
         }
         if done {
@@ -325,6 +352,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             violation,
             faults: config.faults.clone(),
             last_events: observer.last_events(),
+            reproduce: config.reproduce.clone(),
         }));
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -446,6 +474,18 @@ impl Observer {
                 self.checker
                     .observe(now, Observation::Deleted { backend: name })?;
             }
+            let mut pods: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for pod in self.cluster.snapshot("", "pods") {
+                if let (Some(backend), Some(name)) = (
+                    pod["metadata"]["labels"][spawner_core::resource::BACKEND_LABEL].as_str(),
+                    pod["metadata"]["name"].as_str(),
+                ) {
+                    pods.entry(backend.to_string())
+                        .or_default()
+                        .push(name.to_string());
+                }
+            }
+            self.checker.check_pods(now, &pods)?;
         }
         self.checker.check_deadlines(now, healed_at)
     }

@@ -17,6 +17,8 @@ mod body;
 mod drain;
 mod frames;
 mod monitor;
+#[cfg_attr(not(feature = "sim-mutants"), allow(dead_code))]
+pub mod mutants;
 mod proxy;
 mod readiness;
 mod reserved;

@@ -147,8 +147,8 @@ async fn relay_when_upgraded<L: Listener, C: Connect>(
         .websockets
         .fetch_add(1, Ordering::Relaxed);
     let relay = Relay::new(client, upstream, &client_early, &upstream_early);
-    run_relay(&shared, relay).await;
-    drop(guard);
+    let ended_cleanly = run_relay(&shared, relay).await;
+    crate::mutants::count_down(guard, ended_cleanly);
 }
 
 /// The original connection and the bytes hyper had read past the handshake.
@@ -167,7 +167,8 @@ enum Ended {
     Aborted,
 }
 
-async fn run_relay<C: Connect, A, B>(shared: &Shared<C>, mut relay: Relay<A, B>)
+/// Relays until either side ends; `true` when it ended with a clean close or a drain.
+async fn run_relay<C: Connect, A, B>(shared: &Shared<C>, mut relay: Relay<A, B>) -> bool
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -203,6 +204,7 @@ where
         }
     };
     relay.flush_counters(&shared.monitor);
+    let clean = matches!(ended, Ended::Closed(Ok(())) | Ended::Aborted);
     match ended {
         Ended::Closed(Ok(())) => tracing::debug!("websocket closed"),
         Ended::Closed(Err(e)) => tracing::debug!(error = %e, "websocket ended with an error"),
@@ -220,6 +222,7 @@ where
         }
         Ended::Aborted => tracing::debug!("websocket closed by the drain timeout"),
     }
+    clean
 }
 
 /// One direction of the relay.

@@ -9,6 +9,8 @@
 
 pub mod clock;
 pub mod metrics;
+#[cfg(feature = "sim-mutants")]
+pub mod mutants;
 pub mod subscription;
 pub mod tracker;
 pub mod write;

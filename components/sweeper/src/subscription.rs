@@ -103,6 +103,21 @@ where
         match end {
             End::Done => return,
             End::Lost { heard } => {
+                #[cfg(feature = "sim-mutants")]
+                if crate::mutants::sweeps_on_lost_stream() {
+                    let idle = spawner_core::phase::Observation::IdlePastGrace {
+                        idle_seconds: target.grace.as_secs(),
+                    };
+                    let _ = crate::write::write_observation(
+                        &api,
+                        &target.name,
+                        &target.uid,
+                        &idle,
+                        config.clock.as_ref(),
+                        None,
+                    )
+                    .await;
+                }
                 if heard {
                     failures = 0;
                 }

@@ -1,0 +1,79 @@
+//! `spawner-sim`: runs one simulated world from a seed and prints its summary; exits 1 with the
+//! seed, the fault schedule and the last events when an invariant is violated.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use spawner_core::trace::Trace;
+use spawner_sim::scenario;
+
+spawner_sim::install_entropy_hook!();
+
+#[derive(Parser)]
+#[command(name = "spawner-sim", about = "Run one deterministic Spawner world")]
+struct Args {
+    /// Seed of the world: workload, faults, network and every random draw of the components.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Simulated users (ignored with --trace).
+    #[arg(long, default_value_t = 500)]
+    users: usize,
+    /// Random faults scheduled while users are active.
+    #[arg(long, default_value_t = 0)]
+    faults: usize,
+    /// Replay this session trace (JSON Lines) instead of a generated workload.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Write the workload that was played to this file.
+    #[arg(long)]
+    write_trace: Option<PathBuf>,
+    /// Print every observable event, not only the summary.
+    #[arg(long)]
+    events: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Seed before anything creates a thread or a hash map: see spawner_sim::entropy.
+    spawner_sim::entropy::seed(args.seed);
+    let mut config = scenario::world(args.seed, args.users, args.faults);
+    if let Some(path) = &args.trace {
+        let trace = std::fs::File::open(path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| Trace::read(std::io::BufReader::new(f)).map_err(|e| e.to_string()));
+        match trace {
+            Ok(trace) => config.workload = trace,
+            Err(e) => {
+                eprintln!("cannot read {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(path) = &args.write_trace {
+        let written =
+            std::fs::File::create(path).and_then(|f| config.workload.write(std::io::BufWriter::new(f)));
+        if let Err(e) = written {
+            eprintln!("cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if !config.faults.is_empty() {
+        println!("faults: {}", scenario::describe(&config.faults));
+    }
+    match spawner_sim::world::run(config) {
+        Ok(summary) => {
+            if args.events {
+                for event in &summary.events {
+                    println!("{event}");
+                }
+            }
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("{failure}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Deliberate bugs, to prove that the simulator catches real ones. Each mutant changes one
+//! behaviour of one component; `tests/mutants.rs` runs a world with it and expects the
+//! invariant it breaks to be reported.
+//!
+//! Two live here, around the production components' inputs and outputs (a controller whose
+//! pod creates are repeated under a new name, an api whose get-or-create races); two are
+//! switches inside the sweeper and the sidecar behind their `sim-mutants` feature, which only
+//! this crate enables, set per thread (every host of a world runs on the thread stepping it).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::{Value, json};
+use spawner_core::SessionLivedBackend;
+use tower::{Service, ServiceExt};
+
+use crate::net::SimListener;
+
+/// A deliberate bug to run a world with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutant {
+    /// The sweeper takes a broken event stream as idleness and sweeps the backend.
+    SweepOnLostStream,
+    /// The sidecar never counts down a WebSocket that ended abnormally (reset, dead client).
+    SidecarForgetsAbnormalEnds,
+    /// The controller creates a backend's pod a second time, under another name, as a retry
+    /// that does not check what exists would.
+    ControllerCreatesPodTwice,
+    /// The api's get-or-create by key looks the key up, then creates under a fresh name: two
+    /// users arriving together both miss and both create.
+    RacyKeyLookup,
+}
+
+/// Switches the per-thread mutants of the production crates for the calling thread.
+pub fn switch_on(mutant: Option<Mutant>) {
+    spawner_sweeper::mutants::sweep_on_lost_stream(mutant == Some(Mutant::SweepOnLostStream));
+    spawner_sidecar::mutants::forget_abnormal_countdown(
+        mutant == Some(Mutant::SidecarForgetsAbnormalEnds),
+    );
+}
+
+type Request = http::Request<kube::client::Body>;
+
+/// Wraps the controller's connection to the API server: every successful pod create is sent
+/// again with `-retry` appended to the pod's name.
+#[derive(Clone)]
+pub struct DuplicatePodCreates<S>(pub S);
+
+impl<S> Service<Request> for DuplicatePodCreates<S>
+where
+    S: Service<Request> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send,
+    S::Error: Send,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let is_pod_create =
+            request.method() == http::Method::POST && request.uri().path().ends_with("/pods");
+        if !is_pod_create {
+            return Box::pin(self.0.call(request));
+        }
+        let again = self.0.clone();
+        let mut first = std::mem::replace(&mut self.0, again.clone());
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let rebuild = |body: bytes::Bytes| {
+                let mut builder = http::Request::builder()
+                    .method(parts.method.clone())
+                    .uri(parts.uri.clone());
+                for (name, value) in &parts.headers {
+                    builder = builder.header(name, value);
+                }
+                builder.body(kube::client::Body::from(body))
+            };
+            let Ok(original) = rebuild(bytes.clone()) else {
+                unreachable!("the parts came from a valid request")
+            };
+            let response = first.call(original).await?;
+            if let Ok(mut pod) = serde_json::from_slice::<Value>(&bytes)
+                && let Some(name) = pod["metadata"]["name"].as_str()
+            {
+                pod["metadata"]["name"] = Value::String(format!("{name}-retry"));
+                if let Ok(body) = serde_json::to_vec(&pod)
+                    && let Ok(duplicate) = rebuild(body.into())
+                    && let Ok(service) = again.ready_oneshot().await
+                {
+                    let _ = service.oneshot(duplicate).await;
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[derive(Clone)]
+struct RacyState {
+    backends: Api<SessionLivedBackend>,
+    namespace: String,
+}
+
+/// An "api" with the two endpoints simulated users call, whose get-or-create is a lookup
+/// followed by a create under a fresh name: nothing makes the lookup and the create one step.
+pub async fn racy_api(client: kube::Client, namespace: &str, listener: SimListener) -> std::io::Result<()> {
+    let state = RacyState {
+        backends: Api::namespaced(client, namespace),
+        namespace: namespace.to_string(),
+    };
+    let app = axum::Router::new()
+        .route("/connect", post(racy_connect))
+        .route("/backend/{name}/status", get(racy_status))
+        .with_state(state);
+    axum::serve(listener, app).await
+}
+
+fn is_live(backend: &SessionLivedBackend) -> bool {
+    let phase = backend.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    !phase.is_terminal() && backend.metadata.deletion_timestamp.is_none()
+}
+
+async fn racy_connect(
+    State(state): State<RacyState>,
+    Json(request): Json<Value>,
+) -> Result<Json<Value>, http::StatusCode> {
+    let unavailable = |_| http::StatusCode::SERVICE_UNAVAILABLE;
+    let key = request["key"].as_str().unwrap_or_default().to_string();
+    let existing = state
+        .backends
+        .list(&ListParams::default())
+        .await
+        .map_err(unavailable)?
+        .items
+        .into_iter()
+        .find(|b| b.spec.key.as_deref() == Some(key.as_str()) && is_live(b));
+    if let Some(backend) = existing {
+        return Ok(Json(json!({"name": backend.metadata.name, "spawned": false})));
+    }
+    let name = spawner_core::id::new_backend_id("racy-")
+        .map_err(|_| http::StatusCode::INTERNAL_SERVER_ERROR)?;
+    let backend: SessionLivedBackend = serde_json::from_value(json!({
+        "apiVersion": "spawner.dev/v1",
+        "kind": "SessionLivedBackend",
+        "metadata": {"name": name, "namespace": state.namespace},
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "app", "command": request["command"]}]}},
+            "httpPort": request["port"],
+            "gracePeriodSeconds": request["gracePeriodSeconds"],
+            "key": key,
+        }
+    }))
+    .map_err(|_| http::StatusCode::BAD_REQUEST)?;
+    state
+        .backends
+        .create(&PostParams::default(), &backend)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(json!({"name": name, "spawned": true})))
+}
+
+async fn racy_status(
+    State(state): State<RacyState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, http::StatusCode> {
+    let backend = state
+        .backends
+        .get_opt(&name)
+        .await
+        .map_err(|_| http::StatusCode::SERVICE_UNAVAILABLE)?
+        .ok_or(http::StatusCode::NOT_FOUND)?;
+    let status = backend.status.unwrap_or_default();
+    Ok(Json(json!({"name": name, "phase": status.phase, "url": status.url})))
+}

@@ -1,0 +1,84 @@
+//! Ready-made worlds: the workload and world shapes the test suite, the soak knobs and the
+//! command line share, so a failing seed from any of them is reproduced by the same code.
+
+use std::time::Duration;
+
+use crate::faults::{Fault, random_schedule};
+use crate::rng::SimRng;
+use crate::workload::{WorkloadParams, generate};
+use crate::world::WorldConfig;
+
+/// A dense workload of `users` sessions: many users per room (shared backends), short
+/// heavy-tailed sessions, refresh storms and vanishing users, arriving fast enough that a world
+/// holds tens of backends at once.
+pub fn dense_workload(users: usize) -> WorkloadParams {
+    WorkloadParams {
+        users,
+        mean_interarrival_ms: 60.0,
+        burst_probability: 0.05,
+        burst_size: 8,
+        // About 4 users per room over a run: rooms are reused after they are swept too.
+        rooms: (users / 4).max(1),
+        session_min_ms: 2_000.0,
+        session_shape: 1.5,
+        session_cap_ms: 40_000.0,
+        mean_think_ms: 2_000.0,
+        refresh_probability: 0.03,
+        vanish_probability: 0.05,
+    }
+}
+
+/// The world the suite and `spawner-sim --seed S --users N --faults F` run: a
+/// [`dense_workload`] generated from the seed, and `faults` random faults scheduled while users
+/// are active.
+pub fn world(seed: u64, users: usize, faults: usize) -> WorldConfig {
+    let params = dense_workload(users);
+    let mut rng = SimRng::new(seed);
+    let trace = generate(&params, &mut rng.fork(1));
+    let mut config = WorldConfig::new(seed, trace);
+    config.reproduce = format!("--seed {seed} --users {} --faults {faults}", params.users);
+    let end = config
+        .workload
+        .events
+        .last()
+        .map_or(Duration::ZERO, |e| Duration::from_millis(e.t_ms));
+    config.faults = random_schedule(
+        &mut rng.fork(2),
+        faults,
+        Duration::from_secs(5),
+        end.max(Duration::from_secs(6)),
+        config.nodes,
+        config.controllers,
+    );
+    config
+}
+
+/// A fault schedule, one fault per entry, for reports.
+pub fn describe(faults: &[Fault]) -> String {
+    faults
+        .iter()
+        .map(|f| {
+            format!(
+                "{:?} at {:.1}s for {:.1}s",
+                f.kind,
+                f.at.as_secs_f64(),
+                f.duration.as_secs_f64()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `SPAWNER_SIM_SEEDS` (soaks) or `default`.
+pub fn seeds_from_env(default: u64) -> u64 {
+    env_number("SPAWNER_SIM_SEEDS").unwrap_or(default)
+}
+
+/// `SPAWNER_SIM_USERS` (soaks) or `default`.
+pub fn users_from_env(default: usize) -> usize {
+    env_number("SPAWNER_SIM_USERS").map_or(default, |n| n as usize)
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}

@@ -1,0 +1,119 @@
+//! The simulator catches real bugs: each test runs a world with one deliberate bug
+//! (`spawner_sim::mutants`) and expects the invariant that bug breaks to be reported, and runs
+//! the same world without the bug, which must pass — so the catch is the bug's doing.
+
+use std::time::Duration;
+
+use spawner_sim::faults::{Fault, FaultKind};
+use spawner_sim::mutants::Mutant;
+use spawner_sim::rng::SimRng;
+use spawner_sim::workload::{WorkloadParams, generate};
+use spawner_sim::world::{WorldConfig, run};
+
+spawner_sim::install_entropy_hook!();
+
+fn world(seed: u64, params: WorkloadParams) -> WorldConfig {
+    let trace = generate(&params, &mut SimRng::new(seed));
+    let mut config = WorldConfig::new(seed, trace);
+    config.nodes = 1;
+    config.slots_per_node = 6;
+    config
+}
+
+/// Runs `config` as is (it must pass) and with `mutant` (it must fail with `invariant`).
+fn caught(config: WorldConfig, mutant: Mutant, invariant: &str) {
+    if let Err(failure) = run(config.clone()) {
+        panic!("the world without {mutant:?} must pass:\n{failure}");
+    }
+    let mutated = WorldConfig {
+        mutant: Some(mutant),
+        ..config
+    };
+    match run(mutated) {
+        Ok(summary) => panic!("{mutant:?} went unnoticed: {summary}"),
+        Err(failure) => assert_eq!(failure.violation.invariant, invariant, "{failure}"),
+    }
+}
+
+#[test]
+fn a_sweeper_that_sweeps_when_its_event_stream_breaks_is_caught() {
+    // Users stay connected to one room's backend (on the node's first slot) while the sweeper
+    // loses its event stream to that pod: a silent partition, not idleness.
+    let params = WorkloadParams {
+        users: 3,
+        rooms: 1,
+        mean_interarrival_ms: 200.0,
+        session_min_ms: 50_000.0,
+        session_cap_ms: 50_000.0,
+        vanish_probability: 0.0,
+        refresh_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(21, params);
+    config.faults = vec![Fault {
+        at: Duration::from_secs(15),
+        duration: Duration::from_secs(20),
+        kind: FaultKind::Partition {
+            a: "node-0".into(),
+            b: "node-0-pod-0".into(),
+        },
+    }];
+    caught(
+        config,
+        Mutant::SweepOnLostStream,
+        "no backend is swept or terminated with a live connection",
+    );
+}
+
+#[test]
+fn a_sidecar_that_forgets_to_count_down_a_dead_connection_is_caught() {
+    // Every user vanishes without closing: only the sidecar's pings notice, and the mutant
+    // never counts those connections down, so their backends are never swept.
+    let params = WorkloadParams {
+        users: 6,
+        rooms: 3,
+        session_min_ms: 3_000.0,
+        session_cap_ms: 8_000.0,
+        vanish_probability: 1.0,
+        refresh_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    caught(
+        world(22, params),
+        Mutant::SidecarForgetsAbnormalEnds,
+        "no leaks when the workload drains",
+    );
+}
+
+#[test]
+fn a_controller_that_creates_the_pod_twice_is_caught() {
+    let params = WorkloadParams {
+        users: 4,
+        rooms: 2,
+        session_cap_ms: 6_000.0,
+        ..WorkloadParams::default()
+    };
+    caught(
+        world(23, params),
+        Mutant::ControllerCreatesPodTwice,
+        "at most one pod per backend",
+    );
+}
+
+#[test]
+fn a_key_lookup_that_races_is_caught() {
+    // A burst of users of one room arrives at once: every get-or-create overlaps.
+    let params = WorkloadParams {
+        users: 8,
+        rooms: 1,
+        burst_probability: 1.0,
+        burst_size: 8,
+        session_cap_ms: 6_000.0,
+        ..WorkloadParams::default()
+    };
+    caught(
+        world(24, params),
+        Mutant::RacyKeyLookup,
+        "at most one live backend per key",
+    );
+}
