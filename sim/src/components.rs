@@ -72,9 +72,17 @@ pub fn api_config(token: &str) -> Result<spawner_api::ApiConfig, spawner_api::Co
     Ok(config)
 }
 
-pub fn node_agent_config(node: &str) -> spawner_localcluster::node::NodeAgentConfig {
-    let mut config =
-        args_of::<spawner_localcluster::node::NodeAgentArgs>(&["--node", node]).config();
+/// A node agent for `node`, whose capacity is its `slots` pod slots: its scheduler binds no
+/// more pods to it than the simulated node can run.
+pub fn node_agent_config(node: &str, slots: usize) -> spawner_localcluster::node::NodeAgentConfig {
+    let slots = slots.to_string();
+    let mut config = args_of::<spawner_localcluster::node::NodeAgentArgs>(&[
+        "--node",
+        node,
+        "--max-pods",
+        &slots,
+    ])
+    .config();
     config.clock = Arc::new(SimClock);
     config.host_ip = turmoil::lookup(node);
     config

@@ -28,6 +28,12 @@ struct Args {
     /// Write the workload that was played to this file.
     #[arg(long)]
     write_trace: Option<PathBuf>,
+    /// Override the world's step (simulated milliseconds per turmoil tick).
+    #[arg(long)]
+    tick_ms: Option<u64>,
+    /// Override the number of pod slots (turmoil hosts) per node.
+    #[arg(long)]
+    slots: Option<usize>,
     /// Print every observable event, not only the summary.
     #[arg(long)]
     events: bool,
@@ -49,6 +55,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    if let Some(ms) = args.tick_ms {
+        config.tick = std::time::Duration::from_millis(ms.max(1));
+        config.reproduce += &format!(" --tick-ms {ms}");
+    }
+    if let Some(slots) = args.slots {
+        config.slots_per_node = slots.max(1);
+        config.reproduce += &format!(" --slots {slots}");
     }
     if let Some(path) = &args.write_trace {
         let written =
@@ -72,6 +86,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(failure) => {
+            if args.events {
+                for event in &failure.events {
+                    println!("{event}");
+                }
+            }
             eprintln!("{failure}");
             ExitCode::FAILURE
         }

@@ -44,6 +44,12 @@ impl SidecarRegistry {
             .insert(pod, handle);
     }
 
+    /// Forgets the sidecar of `pod` (its backend is gone), so observing stays proportional to
+    /// the backends alive.
+    pub fn remove(&self, pod: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(pod);
+    }
+
     /// Live connections reported by each pod's sidecar.
     pub fn live(&self) -> BTreeMap<String, u64> {
         self.0

@@ -14,14 +14,17 @@ use crate::world::WorldConfig;
 pub fn dense_workload(users: usize) -> WorkloadParams {
     WorkloadParams {
         users,
-        mean_interarrival_ms: 60.0,
+        mean_interarrival_ms: 200.0,
         burst_probability: 0.05,
         burst_size: 8,
-        // About 4 users per room over a run: rooms are reused after they are swept too.
-        rooms: (users / 4).max(1),
+        // A fixed number of open rooms, renewed every 60 arrivals: more users make a longer
+        // run, not a wider one, so the world's pod slots always suffice; each room's backend
+        // is swept once its users have left for the grace period.
+        rooms: 8,
+        rotate_rooms_every: 60,
         session_min_ms: 2_000.0,
         session_shape: 1.5,
-        session_cap_ms: 40_000.0,
+        session_cap_ms: 30_000.0,
         mean_think_ms: 2_000.0,
         refresh_probability: 0.03,
         vanish_probability: 0.05,
@@ -36,6 +39,16 @@ pub fn world(seed: u64, users: usize, faults: usize) -> WorldConfig {
     let mut rng = SimRng::new(seed);
     let trace = generate(&params, &mut rng.fork(1));
     let mut config = WorldConfig::new(seed, trace);
+    config.grace_seconds = 5;
+    // turmoil links every pair of hosts and visits every link for every host at every step:
+    // the cost of a step grows with the cube of the host count, so the world is as small as
+    // the workload allows (about 16 backends at once).
+    config.nodes = 2;
+    config.slots_per_node = 10;
+    config.user_hosts = 2;
+    // A user who vanished is noticed by the sidecar's pings within 60 s of its last byte
+    // (15 s interval, 2 missed pongs, checked on the ticks); then grace, sweep and retention.
+    config.drain = Duration::from_secs(90);
     config.reproduce = format!("--seed {seed} --users {} --faults {faults}", params.users);
     let end = config
         .workload

@@ -19,6 +19,10 @@ pub struct WorkloadParams {
     pub burst_size: usize,
     /// Users join one of `rooms` rooms (backend keys); several users share a room.
     pub rooms: usize,
+    /// When non-zero, the open rooms are replaced by new ones after every this many arrivals
+    /// (new documents, new meetings): old rooms empty out and are swept, so a long run keeps
+    /// creating backends instead of keeping `rooms` busy forever.
+    pub rotate_rooms_every: usize,
     /// Session length: Pareto with this minimum and tail index, capped.
     pub session_min_ms: f64,
     pub session_shape: f64,
@@ -40,6 +44,7 @@ impl Default for WorkloadParams {
             burst_probability: 0.05,
             burst_size: 10,
             rooms: 40,
+            rotate_rooms_every: 0,
             session_min_ms: 2_000.0,
             session_shape: 1.5,
             session_cap_ms: 120_000.0,
@@ -84,7 +89,9 @@ fn session(
     events: &mut Vec<TraceEvent>,
 ) {
     let session = format!("u{user}");
-    let key = format!("room-{}", rng.below(params.rooms.max(1) as u64));
+    let epoch = user.checked_div(params.rotate_rooms_every).unwrap_or(0) as u64;
+    let rooms = params.rooms.max(1) as u64;
+    let key = format!("room-{}", epoch * rooms + rng.below(rooms));
     let length = rng.pareto(
         params.session_min_ms,
         params.session_shape,

@@ -123,6 +123,8 @@ pub struct Failure {
     pub last_events: Vec<String>,
     /// `spawner-sim` arguments that rerun this world.
     pub reproduce: String,
+    /// Every observable event of the run up to the violation.
+    pub events: Vec<String>,
 }
 
 impl std::fmt::Display for Failure {
@@ -248,13 +250,14 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             });
         }
         let kube_url = kube_url.clone();
+        let slots = config.slots_per_node;
         let runtime = Arc::new(SlotRuntime::new(pool));
         sim.host(node_name(n), move || {
             let kube_url = kube_url.clone();
             let runtime = runtime.clone();
             async move {
                 let agent_client = kube_client(kube_url.clone(), KUBE_TOKEN, NAMESPACE);
-                let agent_config = crate::components::node_agent_config(&node_name(n));
+                let agent_config = crate::components::node_agent_config(&node_name(n), slots);
                 tokio::spawn(spawner_localcluster::node::run(
                     agent_client,
                     agent_config,
@@ -326,6 +329,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                     faults: config.faults.clone(),
                     last_events: observer.last_events(),
                     reproduce: config.reproduce.clone(),
+                events: observer.events.clone(),
                 }));
             }
         };
@@ -338,6 +342,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                 faults: config.faults.clone(),
                 last_events: observer.last_events(),
                 reproduce: config.reproduce.clone(),
+                events: observer.events.clone(),
             }));
         }
         if done {
@@ -353,6 +358,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             faults: config.faults.clone(),
             last_events: observer.last_events(),
             reproduce: config.reproduce.clone(),
+                events: observer.events.clone(),
         }));
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -410,6 +416,7 @@ impl Observer {
             let backend = pod.rsplit('/').next().unwrap_or(&pod).to_string();
             if self.live.get(&backend) != Some(&live) {
                 self.live.insert(backend.clone(), live);
+                self.record(now, format!("{backend} live={live}"));
                 self.checker
                     .observe(now, Observation::Live { backend, live })?;
             }
@@ -470,6 +477,8 @@ impl Observer {
                 .collect();
             for name in gone {
                 self.known.remove(&name);
+                self.live.remove(&name);
+                self.sidecars.remove(&format!("{NAMESPACE}/{name}"));
                 self.record(now, format!("{name} deleted"));
                 self.checker
                     .observe(now, Observation::Deleted { backend: name })?;
