@@ -73,6 +73,11 @@ impl Backend {
     /// Whether a connection that is live now was already live [`RACE_WINDOW`] before the
     /// backend was stopped: one the sweeper had every chance to see.
     fn live_before_stop(&self) -> bool {
+        // A failed backend's application is gone (the controller decided from the pod's
+        // status): what is left of its connections is the sidecar draining them.
+        if self.phases_seen.contains(&Phase::Failed) {
+            return false;
+        }
         match (self.live_since, self.stopped_at) {
             (Some(since), Some(stopped)) if self.live > 0 => since + RACE_WINDOW <= stopped,
             _ => false,

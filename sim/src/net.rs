@@ -9,6 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -46,8 +47,13 @@ impl axum::serve::Listener for SimListener {
     }
 }
 
-/// A turmoil TCP stream as hyper-util's client wants it.
-pub struct SimConnection(TokioIo<turmoil::net::TcpStream>);
+/// A turmoil TCP stream as hyper-util's client wants it, optionally failing a read that
+/// waits longer than a timeout (as kube's `Config::read_timeout` does for real clients).
+pub struct SimConnection {
+    io: TokioIo<turmoil::net::TcpStream>,
+    read_timeout: Option<Duration>,
+    read_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
 impl Connection for SimConnection {
     fn connected(&self) -> Connected {
@@ -61,7 +67,31 @@ impl hyper::rt::Read for SimConnection {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                this.read_deadline = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let Some(timeout) = this.read_timeout else {
+                    return Poll::Pending;
+                };
+                let deadline = this
+                    .read_deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.read_deadline = None;
+                        Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "read timed out",
+                        )))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 }
 
@@ -71,21 +101,60 @@ impl hyper::rt::Write for SimConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
 /// Dials `host:port` of a URI over turmoil's network.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SimConnector;
+
+/// Like [`SimConnector`], with a read timeout on every connection: what the Kubernetes
+/// clients of the components use, so that a watch stalled by a silent partition fails and is
+/// retried (the API server sends bookmarks every few seconds on an idle watch).
+#[derive(Clone, Copy, Debug)]
+pub struct SimTimeoutConnector(pub Duration);
+
+/// The read timeout of the components' Kubernetes clients (the agreement: "every long-lived
+/// stream has a client-side read timeout of a few seconds plus server heartbeats"; the
+/// simulated API server sends watch bookmarks every 5 s).
+pub const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn dial(uri: http::Uri, read_timeout: Option<Duration>) -> io::Result<SimConnection> {
+    let host = uri
+        .host()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URI has no host"))?
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+    Ok(SimConnection {
+        io: TokioIo::new(stream),
+        read_timeout,
+        read_deadline: None,
+    })
+}
+
+impl tower::Service<http::Uri> for SimTimeoutConnector {
+    type Response = SimConnection;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<SimConnection>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(dial(uri, Some(self.0)))
+    }
+}
 
 impl tower::Service<http::Uri> for SimConnector {
     type Response = SimConnection;
@@ -97,15 +166,7 @@ impl tower::Service<http::Uri> for SimConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URI has no host"))?
-                .to_string();
-            let port = uri.port_u16().unwrap_or(80);
-            let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-            Ok(SimConnection(TokioIo::new(stream)))
-        })
+        Box::pin(dial(uri, None))
     }
 }
 
@@ -117,7 +178,7 @@ pub fn kube_client(base: http::Uri, token: &str, namespace: &str) -> kube::Clien
 }
 
 /// The turmoil HTTP client a `kube::Client` of this module sends through.
-pub type KubeHttp = hyper_util::client::legacy::Client<SimConnector, kube::client::Body>;
+pub type KubeHttp = hyper_util::client::legacy::Client<SimTimeoutConnector, kube::client::Body>;
 
 /// [`kube_client`] with `wrap` around its HTTP client (the simulator's mutants sit there).
 pub fn kube_client_over<S, B>(
@@ -137,7 +198,7 @@ where
 {
     let http_client = wrap(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .build::<_, kube::client::Body>(SimConnector),
+            .build::<_, kube::client::Body>(SimTimeoutConnector(KUBE_READ_TIMEOUT)),
     );
     let bearer = format!("Bearer {token}");
     let service = ServiceBuilder::new()

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use spawner_localcluster::node::{
@@ -34,14 +34,16 @@ pub const APP_PORT: u16 = 8080;
 
 /// Sidecars by pod name (`namespace/name`), for the invariant checker.
 #[derive(Clone, Default)]
-pub struct SidecarRegistry(Arc<Mutex<BTreeMap<String, SidecarHandle>>>);
+pub struct SidecarRegistry(Arc<Mutex<BTreeMap<String, (SidecarHandle, Weak<()>)>>>);
 
 impl SidecarRegistry {
-    fn insert(&self, pod: String, handle: SidecarHandle) {
+    /// `host_alive` is gone once the slot host running the sidecar crashed: its connections
+    /// died with it, whatever the handle last said.
+    fn insert(&self, pod: String, handle: SidecarHandle, host_alive: Weak<()>) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(pod, handle);
+            .insert(pod, (handle, host_alive));
     }
 
     /// Forgets the sidecar of `pod` (its backend is gone), so observing stays proportional to
@@ -56,7 +58,13 @@ impl SidecarRegistry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(pod, h)| (pod.clone(), h.subscribe().borrow().live_connections))
+            .map(|(pod, (h, alive))| {
+                let live = match alive.upgrade() {
+                    Some(_) => h.subscribe().borrow().live_connections,
+                    None => 0,
+                };
+                (pod.clone(), live)
+            })
             .collect()
     }
 }
@@ -116,9 +124,12 @@ impl SlotPool {
             slot.ip = turmoil::lookup(host.as_str());
             slot.commands = Some(tx);
         }
+        // Dropped with this future when the host crashes.
+        let alive = Arc::new(());
         while let Some(start) = rx.recv().await {
             let starts = run_pod(
                 &self.sidecars,
+                Arc::downgrade(&alive),
                 start.pod,
                 start.containers,
                 start.exits,
@@ -133,6 +144,7 @@ impl SlotPool {
 
 async fn run_pod(
     sidecars: &SidecarRegistry,
+    host_alive: Weak<()>,
     pod: String,
     containers: Vec<ContainerPlan>,
     exits: mpsc::UnboundedSender<ContainerExit>,
@@ -175,7 +187,7 @@ async fn run_pod(
                     stop.clone().cancelled_owned(),
                 ) {
                     Ok((handle, serve)) => {
-                        sidecars.insert(pod.clone(), handle);
+                        sidecars.insert(pod.clone(), handle, host_alive.clone());
                         tokio::spawn(async move {
                             let code = if serve.await.is_ok() { 0 } else { 1 };
                             report(code, None);

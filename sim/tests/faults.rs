@@ -24,6 +24,8 @@ fn with_faults(seed: u64, faults: Vec<(u64, u64, FaultKind)>) {
     let trace = generate(&params(), &mut SimRng::new(seed));
     let mut config = WorldConfig::new(seed, trace);
     config.nodes = 2;
+    // Vanished users are noticed within 60 s; then grace, sweep and retention.
+    config.drain = Duration::from_secs(90);
     config.faults = faults
         .into_iter()
         .map(|(at, duration, kind)| Fault {
@@ -38,7 +40,11 @@ fn with_faults(seed: u64, faults: Vec<(u64, u64, FaultKind)>) {
             assert!(summary.ready > 0, "{summary}");
             assert_eq!(summary.swept + summary.failed, summary.backends, "{summary}");
         }
-        Err(failure) => panic!("{failure}"),
+        Err(failure) => {
+            let path = std::env::temp_dir().join(format!("spawner-sim-faults-{seed}.events"));
+            let _ = std::fs::write(&path, failure.events.join("\n"));
+            panic!("{failure}\nall events: {}", path.display())
+        }
     }
 }
 
