@@ -159,17 +159,19 @@ impl InvariantChecker {
                     }
                     self.retired.push(old);
                 }
-                self.backends.insert(backend, Backend {
-                    key,
-                    grace,
-                    phase: Phase::Submitted,
-                    phases_seen: BTreeSet::from([Phase::Submitted]),
-                    live: 0,
-                    idle_since: at,
-                    live_since: None,
-                    stopped_at: None,
-                    deleted: false,
-                },
+                self.backends.insert(
+                    backend,
+                    Backend {
+                        key,
+                        grace,
+                        phase: Phase::Submitted,
+                        phases_seen: BTreeSet::from([Phase::Submitted]),
+                        live: 0,
+                        idle_since: at,
+                        live_since: None,
+                        stopped_at: None,
+                        deleted: false,
+                    },
                 );
                 Ok(())
             }
@@ -385,8 +387,13 @@ mod tests {
             .expect("opened within the race window");
         c.observe(S(6), phase("b1", Phase::Terminated))
             .expect("stopped since the sweep");
-        c.observe(S(9), Observation::Deleted { backend: "b1".into() })
-            .expect("the connection came after the sweep");
+        c.observe(
+            S(9),
+            Observation::Deleted {
+                backend: "b1".into(),
+            },
+        )
+        .expect("the connection came after the sweep");
     }
 
     #[test]
@@ -477,8 +484,13 @@ mod tests {
         let mut c = InvariantChecker::new();
         created(&mut c, "b1", "k");
         c.observe(S(1), phase("b1", Phase::Failed)).expect("failed");
-        c.observe(S(2), Observation::Deleted { backend: "b1".into() })
-            .expect("deleted");
+        c.observe(
+            S(2),
+            Observation::Deleted {
+                backend: "b1".into(),
+            },
+        )
+        .expect("deleted");
         created(&mut c, "b1", "k");
         c.observe(S(3), phase("b1", Phase::Constructed))
             .expect("the new b1 starts over");

@@ -65,8 +65,8 @@ fn main() -> ExitCode {
         config.reproduce += &format!(" --slots {slots}");
     }
     if let Some(path) = &args.write_trace {
-        let written =
-            std::fs::File::create(path).and_then(|f| config.workload.write(std::io::BufWriter::new(f)));
+        let written = std::fs::File::create(path)
+            .and_then(|f| config.workload.write(std::io::BufWriter::new(f)));
         if let Err(e) = written {
             eprintln!("cannot write {}: {e}", path.display());
             return ExitCode::from(2);

@@ -115,7 +115,11 @@ struct RacyState {
 
 /// An "api" with the two endpoints simulated users call, whose get-or-create is a lookup
 /// followed by a create under a fresh name: nothing makes the lookup and the create one step.
-pub async fn racy_api(client: kube::Client, namespace: &str, listener: SimListener) -> std::io::Result<()> {
+pub async fn racy_api(
+    client: kube::Client,
+    namespace: &str,
+    listener: SimListener,
+) -> std::io::Result<()> {
     let state = RacyState {
         backends: Api::namespaced(client, namespace),
         namespace: namespace.to_string(),
@@ -147,7 +151,9 @@ async fn racy_connect(
         .into_iter()
         .find(|b| b.spec.key.as_deref() == Some(key.as_str()) && is_live(b));
     if let Some(backend) = existing {
-        return Ok(Json(json!({"name": backend.metadata.name, "spawned": false})));
+        return Ok(Json(
+            json!({"name": backend.metadata.name, "spawned": false}),
+        ));
     }
     let name = spawner_core::id::new_backend_id("racy-")
         .map_err(|_| http::StatusCode::INTERNAL_SERVER_ERROR)?;
@@ -182,5 +188,7 @@ async fn racy_status(
         .map_err(|_| http::StatusCode::SERVICE_UNAVAILABLE)?
         .ok_or(http::StatusCode::NOT_FOUND)?;
     let status = backend.status.unwrap_or_default();
-    Ok(Json(json!({"name": name, "phase": status.phase, "url": status.url})))
+    Ok(Json(
+        json!({"name": name, "phase": status.phase, "url": status.url}),
+    ))
 }

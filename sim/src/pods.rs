@@ -34,7 +34,10 @@ pub const APP_PORT: u16 = 8080;
 
 /// Sidecars by pod name (`namespace/name`), for the invariant checker.
 #[derive(Clone, Default)]
-pub struct SidecarRegistry(Arc<Mutex<BTreeMap<String, (SidecarHandle, Weak<()>)>>>);
+pub struct SidecarRegistry(Arc<Mutex<BTreeMap<String, RegisteredSidecar>>>);
+
+/// A sidecar's handle, and a token that is gone once its slot host crashed.
+type RegisteredSidecar = (SidecarHandle, Weak<()>);
 
 impl SidecarRegistry {
     /// `host_alive` is gone once the slot host running the sidecar crashed: its connections

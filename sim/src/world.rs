@@ -51,7 +51,8 @@ pub struct WorldConfig {
     pub poll_interval: Duration,
     /// The command-line arguments of `spawner-sim` that rebuild this world, for failure
     /// reports.
-    pub reproduce: String,    /// A deliberate bug to run with (tests of the simulator itself).
+    pub reproduce: String,
+    /// A deliberate bug to run with (tests of the simulator itself).
     pub mutant: Option<crate::mutants::Mutant>,
 }
 
@@ -134,7 +135,11 @@ impl std::fmt::Display for Failure {
             "invariant violated with seed {}: {}",
             self.seed, self.violation
         )?;
-        writeln!(f, "reproduce: cargo run -p spawner-sim -- {}", self.reproduce)?;
+        writeln!(
+            f,
+            "reproduce: cargo run -p spawner-sim -- {}",
+            self.reproduce
+        )?;
         writeln!(f, "faults: {:?}", self.faults)?;
         writeln!(f, "last events:")?;
         for event in &self.last_events {
@@ -329,7 +334,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                     faults: config.faults.clone(),
                     last_events: observer.last_events(),
                     reproduce: config.reproduce.clone(),
-                events: observer.events.clone(),
+                    events: observer.events.clone(),
                 }));
             }
         };
@@ -358,7 +363,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             faults: config.faults.clone(),
             last_events: observer.last_events(),
             reproduce: config.reproduce.clone(),
-                events: observer.events.clone(),
+            events: observer.events.clone(),
         }));
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();

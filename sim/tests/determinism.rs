@@ -15,7 +15,12 @@ const WORLDS: [(u64, usize, usize); 2] = [(11, 120, 0), (12, 120, 3)];
 
 fn run_child(world: usize) -> (String, Vec<String>) {
     let output = Command::new(std::env::current_exe().expect("test binary path"))
-        .args(["--exact", "child_runs_one_world", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_runs_one_world",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, world.to_string())
         .output()
         .expect("child runs");
@@ -47,11 +52,10 @@ fn child_runs_one_world() {
     let (seed, users, faults) = WORLDS[world.parse::<usize>().expect("world index")];
     spawner_sim::entropy::seed(seed);
     // A fresh thread: std draws its hash keys per thread, from the seeded stream.
-    let summary = std::thread::spawn(move || {
-        spawner_sim::world::run(scenario::world(seed, users, faults))
-    })
-    .join()
-    .expect("world thread");
+    let summary =
+        std::thread::spawn(move || spawner_sim::world::run(scenario::world(seed, users, faults)))
+            .join()
+            .expect("world thread");
     match summary {
         Ok(summary) => {
             for event in &summary.events {
@@ -66,7 +70,7 @@ fn child_runs_one_world() {
 
 #[test]
 fn same_seed_same_trace() {
-    for world in 0..WORLDS.len() {
+    for (world, shape) in WORLDS.iter().enumerate() {
         let (hash_a, events_a) = run_child(world);
         let (hash_b, events_b) = run_child(world);
         if hash_a != hash_b {
@@ -76,8 +80,7 @@ fn same_seed_same_trace() {
                 .position(|(a, b)| a != b)
                 .unwrap_or(events_a.len().min(events_b.len()));
             panic!(
-                "world {:?}: the same seed gave different traces; first difference at event {first}:\n  {:?}\n  {:?}",
-                WORLDS[world],
+                "world {shape:?}: the same seed gave different traces; first difference at event {first}:\n  {:?}\n  {:?}",
                 events_a.get(first),
                 events_b.get(first)
             );

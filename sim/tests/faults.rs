@@ -38,7 +38,11 @@ fn with_faults(seed: u64, faults: Vec<(u64, u64, FaultKind)>) {
         Ok(summary) => {
             println!("{summary}");
             assert!(summary.ready > 0, "{summary}");
-            assert_eq!(summary.swept + summary.failed, summary.backends, "{summary}");
+            assert_eq!(
+                summary.swept + summary.failed,
+                summary.backends,
+                "{summary}"
+            );
         }
         Err(failure) => {
             let path = std::env::temp_dir().join(format!("spawner-sim-faults-{seed}.events"));

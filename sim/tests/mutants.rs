@@ -17,6 +17,8 @@ fn world(seed: u64, params: WorkloadParams) -> WorldConfig {
     let mut config = WorldConfig::new(seed, trace);
     config.nodes = 1;
     config.slots_per_node = 6;
+    // Vanished users are noticed within 60 s; then grace, sweep and retention.
+    config.drain = Duration::from_secs(90);
     config
 }
 

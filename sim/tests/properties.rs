@@ -34,19 +34,21 @@ fn cases() -> impl Strategy<Value = Case> {
         100.0f64..1000.0,
         0usize..4,
     )
-        .prop_map(|(seed, users, rooms, vanish, refresh, interarrival, faults)| Case {
-            seed,
-            params: WorkloadParams {
-                users,
-                rooms,
-                vanish_probability: vanish,
-                refresh_probability: refresh,
-                mean_interarrival_ms: interarrival,
-                session_cap_ms: 30_000.0,
-                ..WorkloadParams::default()
+        .prop_map(
+            |(seed, users, rooms, vanish, refresh, interarrival, faults)| Case {
+                seed,
+                params: WorkloadParams {
+                    users,
+                    rooms,
+                    vanish_probability: vanish,
+                    refresh_probability: refresh,
+                    mean_interarrival_ms: interarrival,
+                    session_cap_ms: 30_000.0,
+                    ..WorkloadParams::default()
+                },
+                faults,
             },
-            faults,
-        })
+        )
 }
 
 #[test]

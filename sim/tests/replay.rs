@@ -41,8 +41,17 @@ fn every_fixture_replays_completely() {
         println!("{}", path.display());
         let summary = common::run_world(config);
         assert_eq!(summary.users.sessions, sessions.len() as u64, "{summary}");
-        assert_eq!(summary.users.connected, connects, "every connection opened: {summary}");
-        assert_eq!(summary.users.messages_echoed, messages, "every message echoed: {summary}");
-        assert!(summary.backends > 0 && summary.swept == summary.backends, "{summary}");
+        assert_eq!(
+            summary.users.connected, connects,
+            "every connection opened: {summary}"
+        );
+        assert_eq!(
+            summary.users.messages_echoed, messages,
+            "every message echoed: {summary}"
+        );
+        assert!(
+            summary.backends > 0 && summary.swept == summary.backends,
+            "{summary}"
+        );
     }
 }

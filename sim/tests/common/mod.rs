@@ -21,11 +21,18 @@ pub fn scale_world(seed: u64, users: usize) {
     for seed in seed..seed + spawner_sim::scenario::seeds_from_env(1) {
         let summary = run_world(spawner_sim::scenario::world(seed, users, 0));
         assert_eq!(summary.users.sessions, users as u64, "{summary}");
-        assert!(summary.ready * 2 > summary.backends, "most backends became Ready: {summary}");
+        assert!(
+            summary.ready * 2 > summary.backends,
+            "most backends became Ready: {summary}"
+        );
         assert!(
             summary.backends * 10 >= users,
             "at least one backend per 10 users: {summary}"
         );
-        assert_eq!(summary.swept + summary.failed, summary.backends, "{summary}");
+        assert_eq!(
+            summary.swept + summary.failed,
+            summary.backends,
+            "{summary}"
+        );
     }
 }
