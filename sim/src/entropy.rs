@@ -13,8 +13,9 @@ use std::sync::Mutex;
 
 static STATE: Mutex<u64> = Mutex::new(0x5eed_5eed_5eed_5eed);
 
-/// Restarts the entropy stream from `seed`, and seeds `fastrand`'s thread-local generator of
-/// the calling thread too (kube-runtime's watcher draws backoff jitter from it).
+/// Restarts the entropy stream from `seed`. (`fastrand`, which kube-runtime's watcher backoff
+/// draws jitter from, seeds itself from the time instead: `world::run` seeds it on the world's
+/// thread.)
 pub fn seed(seed: u64) {
     if let Ok(mut state) = STATE.lock() {
         *state = seed;

@@ -14,7 +14,7 @@ use crate::world::WorldConfig;
 pub fn dense_workload(users: usize) -> WorkloadParams {
     WorkloadParams {
         users,
-        mean_interarrival_ms: 200.0,
+        mean_interarrival_ms: 250.0,
         burst_probability: 0.05,
         burst_size: 8,
         // A fixed number of open rooms, renewed every 60 arrivals: more users make a longer
@@ -27,7 +27,7 @@ pub fn dense_workload(users: usize) -> WorkloadParams {
         session_cap_ms: 30_000.0,
         mean_think_ms: 2_000.0,
         refresh_probability: 0.03,
-        vanish_probability: 0.05,
+        vanish_probability: 0.02,
     }
 }
 

@@ -98,10 +98,12 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {}: {} sessions, {} connections, {} messages echoed; {} backends ({} ready, {} swept, {} failed); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
+            "seed {}: {} sessions, {} connections ({} failed, {} gave up waiting for Ready), {} messages echoed; {} backends ({} ready, {} swept, {} failed); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
             self.seed,
             self.users.sessions,
             self.users.connected,
+            self.users.connect_failures,
+            self.users.ready_timeouts,
             self.users.messages_echoed,
             self.backends,
             self.ready,
