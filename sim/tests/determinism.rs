@@ -10,10 +10,19 @@ spawner_sim::install_entropy_hook!();
 
 const CHILD_ENV: &str = "SPAWNER_SIM_DETERMINISM_CHILD";
 
-/// (seed, users, faults): a fault-free world and one with crashes and partitions.
-const WORLDS: [(u64, usize, usize); 2] = [(11, 120, 0), (12, 120, 3)];
+/// (seed, users, faults): a fault-free world and one with crashes and partitions; with
+/// `SPAWNER_SIM_SEEDS=N`, N more worlds with two faults each.
+fn worlds() -> Vec<(u64, usize, usize)> {
+    let mut worlds = vec![(11, 120, 0), (12, 120, 3)];
+    let extra = std::env::var("SPAWNER_SIM_SEEDS")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    worlds.extend((0..extra).map(|i| (1_000 + i, 120, 2)));
+    worlds
+}
 
-fn run_child(world: usize) -> (String, Vec<String>) {
+fn run_child(world: (u64, usize, usize)) -> (String, Vec<String>) {
     let output = Command::new(std::env::current_exe().expect("test binary path"))
         .args([
             "--exact",
@@ -21,7 +30,7 @@ fn run_child(world: usize) -> (String, Vec<String>) {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(CHILD_ENV, world.to_string())
+        .env(CHILD_ENV, format!("{},{},{}", world.0, world.1, world.2))
         .output()
         .expect("child runs");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
@@ -49,7 +58,11 @@ fn child_runs_one_world() {
     let Ok(world) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let (seed, users, faults) = WORLDS[world.parse::<usize>().expect("world index")];
+    let parts: Vec<u64> = world
+        .split(',')
+        .map(|p| p.parse().expect("seed,users,faults"))
+        .collect();
+    let (seed, users, faults) = (parts[0], parts[1] as usize, parts[2] as usize);
     spawner_sim::entropy::seed(seed);
     // A fresh thread: std draws its hash keys per thread, from the seeded stream.
     let summary =
@@ -70,7 +83,7 @@ fn child_runs_one_world() {
 
 #[test]
 fn same_seed_same_trace() {
-    for (world, shape) in WORLDS.iter().enumerate() {
+    for world in worlds() {
         let (hash_a, events_a) = run_child(world);
         let (hash_b, events_b) = run_child(world);
         if hash_a != hash_b {
@@ -80,7 +93,7 @@ fn same_seed_same_trace() {
                 .position(|(a, b)| a != b)
                 .unwrap_or(events_a.len().min(events_b.len()));
             panic!(
-                "world {shape:?}: the same seed gave different traces; first difference at event {first}:\n  {:?}\n  {:?}",
+                "world {world:?}: the same seed gave different traces; first difference at event {first}:\n  {:?}\n  {:?}",
                 events_a.get(first),
                 events_b.get(first)
             );
