@@ -16,3 +16,7 @@ crd-write:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# Spawn-to-ready latency of `spawner dev` (release): writes target/bench/spawn.md and spawn.json.
+bench-spawn:
+    cargo bench -p spawner --bench spawn
