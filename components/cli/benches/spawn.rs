@@ -280,6 +280,11 @@ fn main() {
             .expect("target directory")
             .join("bench");
         std::fs::create_dir_all(&dir).expect("create target/bench");
+        // The machine may be shared: say how busy it was.
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "?".into());
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         let table = table(&summaries);
         let verdict = |s: &Summary| {
@@ -289,15 +294,23 @@ fn main() {
                 "missed"
             }
         };
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
         let report = format!(
-            "# spawn-to-ready, `spawner dev` (release), backend `spawner demo-backend`\n\n{table}\n\
-             Target p99 < {TARGET_P99_MS} ms: sequential {}, concurrent {}. {cores} cores.\n",
+            "# spawn-to-ready, `spawner dev` ({profile}), backend `spawner demo-backend`\n\n{table}\n\
+             Target p99 < {TARGET_P99_MS} ms: sequential {}, concurrent {}. {cores} cores, \
+             load average {load} at the end.\n",
             verdict(&summaries[0]),
             verdict(&summaries[1]),
         );
         let json = json!({
             "backend": "spawner demo-backend",
+            "profile": profile,
             "cores": cores,
+            "load_average_1m": load,
             "target_p99_ms": TARGET_P99_MS,
             "sequential": summaries[0].json(),
             "concurrent": summaries[1].json(),
