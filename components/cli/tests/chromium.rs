@@ -87,7 +87,15 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        for process in descendants(self.child.id()) {
+        // Chromium closes its helper processes itself on SIGTERM; whatever is left is killed.
+        let helpers = descendants(self.child.id());
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for process in helpers.iter().filter(|p| common::is_alive(p)) {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(process.pid, libc::SIGKILL) };
         }
