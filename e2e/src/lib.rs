@@ -1,1 +1,7 @@
-//! Spawner e2e: built in its own issue; nothing here runs yet.
+//! Spawner's end-to-end suites and their harnesses.
+//!
+//! - [`controlplane`]: a real Kubernetes control plane (etcd, kube-apiserver,
+//!   kube-controller-manager) built from pinned Go modules, for tests that must hold against the
+//!   real API server.
+
+pub mod controlplane;

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod kubeconfig;
+pub mod node;
 pub mod patch;
 pub mod resources;
 pub mod selector;
