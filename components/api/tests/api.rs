@@ -299,6 +299,31 @@ async fn status_stream_sends_heartbeats_while_nothing_changes() {
 }
 
 #[tokio::test]
+async fn status_stream_survives_a_silent_partition_of_its_watch() {
+    let (h, proxy) = support::Harness::start_behind_proxy(|c| {
+        c.watch_idle_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let name = spawn(&h, json!({"image": "x"})).await;
+    let mut stream = h.stream(&name, None).await;
+    assert_eq!(
+        stream.next().await.expect("history").id.as_deref(),
+        Some("Submitted")
+    );
+    // The api's watch (and every pooled connection) now leads nowhere, without an error or
+    // a close; the API server sends no bookmark for a minute.
+    proxy.partition_open_connections();
+    h.patch_status(&name, json!({"phase": "Running"})).await;
+    // Noticed by the idle timeout, caught up by a fresh read over a new connection.
+    assert_eq!(
+        stream.next().await.expect("live").id.as_deref(),
+        Some("Running")
+    );
+    h.patch_status(&name, json!({"phase": "Terminated"})).await;
+    assert_eq!(stream.rest().await, ["Terminated"]);
+}
+
+#[tokio::test]
 async fn connect_gets_or_creates_exactly_one_backend_under_50_concurrent_calls() {
     let h = std::sync::Arc::new(Harness::start().await);
     let mut calls = tokio::task::JoinSet::new();

@@ -1,6 +1,7 @@
 //! A localcluster API server and the api on loopback ports, and a small HTTP client.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -17,6 +18,7 @@ use spawner_api::{ApiConfig, Clock};
 use spawner_core::SessionLivedBackend;
 use spawner_core::events::{SseMessage, SseParser};
 use spawner_core::resource::BackendCondition;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -78,6 +80,29 @@ impl Harness {
         let cluster_task = tokio::spawn(spawner_localcluster::serve(k8s_listener, cluster));
         let client = kube_client(&k8s_url);
         Self::start_api(client, cluster_task, configure).await
+    }
+
+    /// Like `start_with`, but the api reaches the API server through `proxy` (and its client
+    /// has no read timeout, as `kube::Config` defaults); the test's own client goes direct.
+    pub async fn start_behind_proxy(configure: impl FnOnce(&mut ApiConfig)) -> (Self, Proxy) {
+        let server_config = spawner_localcluster::ServerConfig {
+            bookmark_interval: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let cluster = spawner_localcluster::Cluster::new(
+            server_config,
+            Arc::new(spawner_localcluster::SystemClock),
+        );
+        let k8s_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let k8s_addr = k8s_listener.local_addr().expect("addr");
+        let cluster_task = tokio::spawn(spawner_localcluster::serve(k8s_listener, cluster));
+        let proxy = Proxy::start(k8s_addr).await;
+        let mut config = kube::Config::new(format!("http://{}", proxy.addr).parse().expect("url"));
+        config.default_namespace = NAMESPACE.to_string();
+        let api_client = kube::Client::try_from(config).expect("client");
+        let mut harness = Self::start_api(api_client, cluster_task, configure).await;
+        harness.backends = Api::namespaced(kube_client(&format!("http://{k8s_addr}")), NAMESPACE);
+        (harness, proxy)
     }
 
     /// The api against a Kubernetes API server that refuses connections.
@@ -260,23 +285,22 @@ pub struct EventStream {
 }
 
 impl EventStream {
-    /// The next message, or `None` when the stream ended.
+    /// The next message, or `None` when the stream ended; heartbeats do not count, so a
+    /// message that does not come within `WAIT` fails the test.
     pub async fn next(&mut self) -> Option<SseMessage> {
+        tokio::time::timeout(WAIT, self.next_unbounded())
+            .await
+            .expect("an event or the end in time")
+    }
+
+    async fn next_unbounded(&mut self) -> Option<SseMessage> {
         loop {
             if !self.pending.is_empty() {
                 return Some(self.pending.remove(0));
             }
-            let frame = tokio::time::timeout(WAIT, self.body.frame())
-                .await
-                .expect("an event or the end in time");
-            match frame {
-                None => return None,
-                Some(frame) => {
-                    let frame = frame.expect("stream frame");
-                    if let Ok(data) = frame.into_data() {
-                        self.pending = self.parser.push(&data).expect("sse");
-                    }
-                }
+            let frame = self.body.frame().await?.expect("stream frame");
+            if let Ok(data) = frame.into_data() {
+                self.pending = self.parser.push(&data).expect("sse");
             }
         }
     }
@@ -307,4 +331,78 @@ pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code
     assert_eq!(body["error"]["code"], code, "{body}");
     assert!(body["error"]["message"].is_string(), "{body}");
     assert!(body["error"]["fields"].is_array(), "{body}");
+}
+
+/// A TCP proxy that can silently black-hole every connection open at some instant (bytes are
+/// read and dropped, nothing is closed), as a network partition does; later connections work.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    accepted: Arc<AtomicU64>,
+    frozen_before: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+impl Proxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let frozen_before = Arc::new(AtomicU64::new(0));
+        let (counter, frozen) = (accepted.clone(), frozen_before.clone());
+        let task = tokio::spawn(async move {
+            // Dropped with this task, which aborts every forwarding task.
+            let mut forwarders = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let id = counter.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let directions: [(Reader, Writer); 2] = [
+                    (Box::new(client_read), Box::new(server_write)),
+                    (Box::new(server_read), Box::new(client_write)),
+                ];
+                for (mut from, mut to) in directions {
+                    let frozen = frozen.clone();
+                    forwarders.spawn(async move {
+                        let mut buffer = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if id < frozen.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            if to.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            frozen_before,
+            task,
+        }
+    }
+
+    /// Black-holes every connection accepted so far; new ones are forwarded.
+    pub fn partition_open_connections(&self) {
+        self.frozen_before
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
