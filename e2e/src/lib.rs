@@ -1,1 +1,3 @@
-//! Spawner e2e: built in its own issue; nothing here runs yet.
+//! Spawner e2e: end-to-end suites run against localcluster or a real cluster.
+
+pub mod conformance;

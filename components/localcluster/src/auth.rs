@@ -81,8 +81,7 @@ impl PolicyRule {
             r == "*"
                 || *r == a.resource
                 || (r.ends_with("/*")
-                    && a.resource.split_once('/').map(|(base, _)| base)
-                        == Some(&r[..r.len() - 2]))
+                    && a.resource.split_once('/').map(|(base, _)| base) == Some(&r[..r.len() - 2]))
                 || (r.starts_with("*/")
                     && a.resource.split_once('/').map(|(_, sub)| sub) == Some(&r[2..]))
         });
@@ -90,7 +89,8 @@ impl PolicyRule {
             && any(&self.api_groups, a.api_group)
             && resource_ok
             && (self.resource_names.is_empty()
-                || a.name.is_some_and(|n| self.resource_names.iter().any(|x| x == n)))
+                || a.name
+                    .is_some_and(|n| self.resource_names.iter().any(|x| x == n)))
     }
 }
 
@@ -243,7 +243,11 @@ impl Rbac {
             {
                 return false;
             }
-            if !b.subjects.iter().any(|s| s.matches(who, b.namespace.as_deref())) {
+            if !b
+                .subjects
+                .iter()
+                .any(|s| s.matches(who, b.namespace.as_deref()))
+            {
                 return false;
             }
             let rules = match (b.role.kind.as_str(), &b.namespace) {
@@ -282,7 +286,12 @@ impl Auth {
     }
 
     /// 403 with the real server's wording when RBAC denies the request.
-    pub fn authorize(&self, who: &Identity, a: &Attributes<'_>, plural_group: (&str, &str)) -> Result<(), ApiError> {
+    pub fn authorize(
+        &self,
+        who: &Identity,
+        a: &Attributes<'_>,
+        plural_group: (&str, &str),
+    ) -> Result<(), ApiError> {
         let Some(rbac) = &self.rbac else {
             return Ok(());
         };
@@ -364,7 +373,13 @@ kind: ServiceAccount
 metadata: {name: ignored}
 "#;
 
-    fn attrs<'a>(verb: &'a str, group: &'a str, resource: &str, ns: Option<&'a str>, name: Option<&'a str>) -> Attributes<'a> {
+    fn attrs<'a>(
+        verb: &'a str,
+        group: &'a str,
+        resource: &str,
+        ns: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> Attributes<'a> {
         Attributes {
             verb,
             api_group: group,
@@ -380,14 +395,71 @@ metadata: {name: ignored}
         rbac.load_yaml(POLICY).unwrap();
         let sweeper = Identity::service_account("spawner", "sweeper");
         let controller = Identity::service_account("spawner", "controller");
-        assert!(rbac.allows(&sweeper, &attrs("watch", "spawner.dev", "sessionlivedbackends", Some("x"), None)));
-        assert!(rbac.allows(&sweeper, &attrs("patch", "spawner.dev", "sessionlivedbackends/status", Some("x"), Some("b"))));
-        assert!(!rbac.allows(&sweeper, &attrs("patch", "spawner.dev", "sessionlivedbackends", Some("x"), Some("b"))));
+        assert!(rbac.allows(
+            &sweeper,
+            &attrs(
+                "watch",
+                "spawner.dev",
+                "sessionlivedbackends",
+                Some("x"),
+                None
+            )
+        ));
+        assert!(rbac.allows(
+            &sweeper,
+            &attrs(
+                "patch",
+                "spawner.dev",
+                "sessionlivedbackends/status",
+                Some("x"),
+                Some("b")
+            )
+        ));
+        assert!(!rbac.allows(
+            &sweeper,
+            &attrs(
+                "patch",
+                "spawner.dev",
+                "sessionlivedbackends",
+                Some("x"),
+                Some("b")
+            )
+        ));
         assert!(!rbac.allows(&sweeper, &attrs("list", "", "pods", Some("x"), None)));
-        assert!(rbac.allows(&controller, &attrs("update", "coordination.k8s.io", "leases", Some("spawner"), Some("controller"))));
-        assert!(!rbac.allows(&controller, &attrs("update", "coordination.k8s.io", "leases", Some("spawner"), Some("other"))));
-        assert!(!rbac.allows(&controller, &attrs("update", "coordination.k8s.io", "leases", Some("default"), Some("controller"))));
-        assert!(rbac.allows(&Identity::admin(), &attrs("delete", "", "nodes", None, Some("n"))));
+        assert!(rbac.allows(
+            &controller,
+            &attrs(
+                "update",
+                "coordination.k8s.io",
+                "leases",
+                Some("spawner"),
+                Some("controller")
+            )
+        ));
+        assert!(!rbac.allows(
+            &controller,
+            &attrs(
+                "update",
+                "coordination.k8s.io",
+                "leases",
+                Some("spawner"),
+                Some("other")
+            )
+        ));
+        assert!(!rbac.allows(
+            &controller,
+            &attrs(
+                "update",
+                "coordination.k8s.io",
+                "leases",
+                Some("default"),
+                Some("controller")
+            )
+        ));
+        assert!(rbac.allows(
+            &Identity::admin(),
+            &attrs("delete", "", "nodes", None, Some("n"))
+        ));
     }
 
     #[test]
@@ -400,7 +472,11 @@ metadata: {name: ignored}
         };
         let who = Identity::service_account("spawner", "sweeper");
         let err = auth
-            .authorize(&who, &attrs("list", "", "pods", Some("x"), None), ("pods", ""))
+            .authorize(
+                &who,
+                &attrs("list", "", "pods", Some("x"), None),
+                ("pods", ""),
+            )
             .unwrap_err();
         assert_eq!(err.code, 403);
         assert_eq!(

@@ -58,6 +58,9 @@ mod tests {
             Some("http://127.0.0.1:6443")
         );
         assert_eq!(v["users"][0]["user"]["token"].as_str(), Some("t0k"));
-        assert_eq!(v["contexts"][0]["context"]["namespace"].as_str(), Some("demo"));
+        assert_eq!(
+            v["contexts"][0]["context"]["namespace"].as_str(),
+            Some("demo")
+        );
     }
 }

@@ -212,7 +212,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(doc, json!({"a": {"b": [0, 2, 3]}, "c": "y", "e/f": "y"}));
-        let err = json_patch(&mut doc, &json!([{"op": "test", "path": "/c", "value": "n"}]));
+        let err = json_patch(
+            &mut doc,
+            &json!([{"op": "test", "path": "/c", "value": "n"}]),
+        );
         assert!(matches!(err, Err(JsonPatchError::TestFailed { .. })));
         let err = json_patch(&mut doc, &json!([{"op": "remove", "path": "/nope"}]));
         assert!(matches!(err, Err(JsonPatchError::MissingPath { .. })));

@@ -224,6 +224,7 @@ pub fn all() -> Vec<ResourceType> {
             status_subresource: true,
             status_on_create: StatusOnCreate::Drop,
             name_rule: NameRule::Dns1035Label,
+            field_labels: &["spec.clusterIP", "spec.type"],
             ..base.clone()
         },
         ResourceType {

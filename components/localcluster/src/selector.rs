@@ -135,9 +135,16 @@ impl FieldSelector {
             };
             let field = field.trim();
             if !rt.supports_field(field) {
-                return Err(ApiError::bad_request(format!(
-                    "field label not supported: {field}"
-                )));
+                // Built-in types have their own conversion functions; others (custom
+                // resources, Leases) use the default one, which words the error differently.
+                let message = if rt.group.is_empty() || rt.group == "events.k8s.io" {
+                    format!("field label not supported: {field}")
+                } else {
+                    format!(
+                        "\"{field}\" is not a known field selector: only \"metadata.name\", \"metadata.namespace\""
+                    )
+                };
+                return Err(ApiError::bad_request(message));
             }
             reqs.push((field.to_string(), equal, value.trim().to_string()));
         }

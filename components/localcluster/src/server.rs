@@ -238,7 +238,10 @@ struct ResourcePath {
     watch_prefix: bool,
 }
 
-fn parse_resource_path(types: &[ResourceType], path: &str) -> Option<Result<ResourcePath, ApiError>> {
+fn parse_resource_path(
+    types: &[ResourceType],
+    path: &str,
+) -> Option<Result<ResourcePath, ApiError>> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["api", "v1", rest @ ..] if !rest.is_empty() => ("", "v1", rest),
@@ -311,7 +314,17 @@ async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
         Some(Err(e)) => return e.into_response(),
         Some(Ok(rp)) => rp,
     };
-    match handle_resource(&cluster, &who, &parts.method, &parts.headers, &query, rp, body).await {
+    match handle_resource(
+        &cluster,
+        &who,
+        &parts.method,
+        &parts.headers,
+        &query,
+        rp,
+        body,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -357,7 +370,9 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
                 ["apis", g] => {
                     let (_, v) = resources::groups(types).into_iter().find(|(x, _)| x == g)?;
                     let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
-                    return ok(json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": [gv.clone()], "preferredVersion": gv}));
+                    return ok(
+                        json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": [gv.clone()], "preferredVersion": gv}),
+                    );
                 }
                 _ => return None,
             };
@@ -374,16 +389,16 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
             } else {
                 format!("{group}/{version}")
             };
-            ok(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}))
+            ok(
+                json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}),
+            )
         }
     }
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "couldn't get version/kind; json parse error: {e}"
-        ))
+        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
     })
 }
 
@@ -418,7 +433,8 @@ async fn handle_resource(
     let types = cluster.shared.types.clone();
     let rt = &types[rp.kind];
     let watch = rp.watch_prefix || q.flag("watch");
-    let verb = verb_of(method, rp.name.is_some(), watch).ok_or_else(ApiError::method_not_allowed)?;
+    let verb =
+        verb_of(method, rp.name.is_some(), watch).ok_or_else(ApiError::method_not_allowed)?;
     let resource = match &rp.subresource {
         Some(s) => format!("{}/{s}", rt.plural),
         None => rt.plural.to_string(),
@@ -461,9 +477,12 @@ async fn handle_resource(
                 .get("limit")
                 .and_then(|l| l.parse::<usize>().ok())
                 .filter(|l| *l > 0);
-            let result = cluster
-                .store()
-                .list(rp.kind, &filter, limit, q.get("continue").filter(|c| !c.is_empty()))?;
+            let result = cluster.store().list(
+                rp.kind,
+                &filter,
+                limit,
+                q.get("continue").filter(|c| !c.is_empty()),
+            )?;
             Ok(list_response(cluster, rt, result, repr))
         }
         ("watch", _) => watch_response(cluster, rp, q, repr),
@@ -489,13 +508,10 @@ async fn handle_resource(
         }
         ("create", None) => {
             let obj = parse_json(&body)?;
-            let created = cluster.store().create(
-                rp.kind,
-                rp.namespace.as_deref(),
-                obj,
-                &now,
-                dry_run(q),
-            )?;
+            let created =
+                cluster
+                    .store()
+                    .create(rp.kind, rp.namespace.as_deref(), obj, &now, dry_run(q))?;
             Ok(object_response(cluster, rt, 201, &created, repr))
         }
         ("update", Some(name)) => {
@@ -527,13 +543,11 @@ async fn handle_resource(
                         "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
                     ));
                 }
-                serde_yaml::from_slice::<Value>(&body).map_err(|e| {
-                    ApiError::bad_request(format!("error decoding YAML: {e}"))
-                })?
+                serde_yaml::from_slice::<Value>(&body)
+                    .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?
             } else {
-                serde_json::from_slice::<Value>(&body).map_err(|e| {
-                    ApiError::bad_request(format!("error decoding patch: {e}"))
-                })?
+                serde_json::from_slice::<Value>(&body)
+                    .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
             };
             let patched = cluster.store().patch(
                 rp.kind,
@@ -550,12 +564,12 @@ async fn handle_resource(
         ("delete", Some(name)) => {
             let opts = delete_options(q, &body)?;
             let clock = cluster.shared.clock.clone();
-            let deleted = cluster.store().delete(rp.kind, &ns, name, &opts, &now, |secs| {
-                format_time(clock.now() + chrono::Duration::seconds(secs))
-            })?;
-            let still_there = deleted
-                .pointer("/metadata/deletionTimestamp")
-                .is_some()
+            let deleted = cluster
+                .store()
+                .delete(rp.kind, &ns, name, &opts, &now, |secs| {
+                    format_time(clock.now() + chrono::Duration::seconds(secs))
+                })?;
+            let still_there = deleted.pointer("/metadata/deletionTimestamp").is_some()
                 && cluster.store().get(rp.kind, &ns, name).is_ok();
             Ok(object_response(
                 cluster,
@@ -610,8 +624,9 @@ fn delete_options(q: &Query, body: &Bytes) -> Result<DeleteOptions, ApiError> {
     let parsed: Value = if body.is_empty() {
         json!({})
     } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}")))?
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+        })?
     };
     let policy = parsed
         .get("propagationPolicy")
@@ -625,7 +640,9 @@ fn delete_options(q: &Query, body: &Bytes) -> Result<DeleteOptions, ApiError> {
             return Err(ApiError::new(
                 422,
                 "Invalid",
-                format!("DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: \"{other}\": supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""),
+                format!(
+                    "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: \"{other}\": supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""
+                ),
             ));
         }
     };
@@ -654,7 +671,13 @@ fn delete_options(q: &Query, body: &Bytes) -> Result<DeleteOptions, ApiError> {
     Ok(opts)
 }
 
-fn object_response(cluster: &Cluster, rt: &ResourceType, code: u16, obj: &Obj, repr: Repr) -> Response {
+fn object_response(
+    cluster: &Cluster,
+    rt: &ResourceType,
+    code: u16,
+    obj: &Obj,
+    repr: Repr,
+) -> Response {
     match repr {
         Repr::Full => json_response(code, serde_json::to_vec(&**obj).unwrap_or_default()),
         Repr::Metadata => value_response(code, &table::partial_metadata(obj)),
@@ -672,7 +695,12 @@ fn object_response(cluster: &Cluster, rt: &ResourceType, code: u16, obj: &Obj, r
     }
 }
 
-fn list_response(cluster: &Cluster, rt: &ResourceType, result: crate::store::ListResult, repr: Repr) -> Response {
+fn list_response(
+    cluster: &Cluster,
+    rt: &ResourceType,
+    result: crate::store::ListResult,
+    repr: Repr,
+) -> Response {
     let mut meta = json!({"resourceVersion": result.resource_version.to_string()});
     if let Some(c) = &result.continue_token {
         meta["continue"] = json!(c);
@@ -689,7 +717,11 @@ fn list_response(cluster: &Cluster, rt: &ResourceType, result: crate::store::Lis
             )
         }
         Repr::Metadata => {
-            let items: Vec<Value> = result.items.iter().map(|o| table::partial_metadata(o)).collect();
+            let items: Vec<Value> = result
+                .items
+                .iter()
+                .map(|o| table::partial_metadata(o))
+                .collect();
             value_response(
                 200,
                 &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}),
@@ -851,7 +883,12 @@ impl WatchState {
     }
 }
 
-fn watch_response(cluster: &Cluster, rp: ResourcePath, q: &Query, repr: Repr) -> Result<Response, ApiError> {
+fn watch_response(
+    cluster: &Cluster,
+    rp: ResourcePath,
+    q: &Query,
+    repr: Repr,
+) -> Result<Response, ApiError> {
     let types = cluster.shared.types.clone();
     let rt = &types[rp.kind];
     let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
@@ -862,9 +899,10 @@ fn watch_response(cluster: &Cluster, rp: ResourcePath, q: &Query, repr: Repr) ->
     }
     let from = match q.get("resourceVersion") {
         None | Some("") | Some("0") => None,
-        Some(v) => Some(v.parse::<u64>().map_err(|_| {
-            ApiError::bad_request(format!("invalid resource version: {v}"))
-        })?),
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {v}")))?,
+        ),
     };
     let send_initial = q.flag("sendInitialEvents");
     let timeout = q
@@ -881,7 +919,10 @@ fn watch_response(cluster: &Cluster, rp: ResourcePath, q: &Query, repr: Repr) ->
             .map(|(b, rx)| (b, rx, store.resource_version()))
     };
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     let (backlog, rx, start_rv) = match started {
         Ok(x) => x,
         Err(e) => {
@@ -892,7 +933,14 @@ fn watch_response(cluster: &Cluster, rp: ResourcePath, q: &Query, repr: Repr) ->
     };
     let interval = cluster.shared.config.bookmark_interval;
     let bookmarks = bookmarks_wanted.then(|| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        // Like the real watch cache, a watch with a deadline gets a bookmark shortly before
+        // it ends, so that the client resumes from a recent version.
+        let first = if timeout > Duration::from_secs(3) {
+            interval.min(timeout - Duration::from_secs(2))
+        } else {
+            interval
+        };
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + first, interval);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });

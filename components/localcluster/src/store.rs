@@ -485,20 +485,23 @@ impl Store {
                 let (rv, ns, name) = decode_continue(tok)
                     .ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
                 if rv < ks.compacted_rv {
-                    return Err(ApiError::expired("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list."));
+                    return Err(ApiError::expired(
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.",
+                    ));
                 }
                 (rv, Some((ns, name)))
             }
             None => (self.rv, None),
         };
-        let range: Box<dyn Iterator<Item = (&(String, String), &Obj)>> = match (&start, filter.namespace) {
-            (Some(s), _) => Box::new(
-                ks.objects
-                    .range((std::ops::Bound::Excluded(s.clone()), std::ops::Bound::Unbounded)),
-            ),
-            (None, Some(ns)) => Box::new(ks.objects.range((ns.to_string(), String::new())..)),
-            (None, None) => Box::new(ks.objects.iter()),
-        };
+        let range: Box<dyn Iterator<Item = (&(String, String), &Obj)>> =
+            match (&start, filter.namespace) {
+                (Some(s), _) => Box::new(ks.objects.range((
+                    std::ops::Bound::Excluded(s.clone()),
+                    std::ops::Bound::Unbounded,
+                ))),
+                (None, Some(ns)) => Box::new(ks.objects.range((ns.to_string(), String::new())..)),
+                (None, None) => Box::new(ks.objects.iter()),
+            };
         let mut items = Vec::new();
         let mut last_key = None;
         let mut more = false;
@@ -666,8 +669,12 @@ impl Store {
         {
             None => Err(ApiError::not_found(&types[resources::NAMESPACES], ns)),
             Some(n) if is_deleting(n) => Err(ApiError::forbidden(
-                format!("unable to create new content in namespace {ns} because it is being terminated"),
-                Some(json!({"causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]})),
+                format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                ),
+                Some(
+                    json!({"causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}),
+                ),
             )),
             Some(_) => Ok(()),
         }
@@ -726,11 +733,19 @@ impl Store {
                 }
                 Some(cs) => {
                     for (i, c) in cs.iter().enumerate() {
-                        if c.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
-                            causes
-                                .push(FieldCause::required(&format!("spec.containers[{i}].name"), ""));
+                        if c.get("name")
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                        {
+                            causes.push(FieldCause::required(
+                                &format!("spec.containers[{i}].name"),
+                                "",
+                            ));
                         }
-                        if c.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+                        if c.get("image")
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                        {
                             causes.push(FieldCause::required(
                                 &format!("spec.containers[{i}].image"),
                                 "",
@@ -791,7 +806,11 @@ impl Store {
             if spec.get("sessionAffinity").is_none() {
                 spec["sessionAffinity"] = json!("None");
             }
-            if spec.get("clusterIP").and_then(Value::as_str).is_none_or(str::is_empty) {
+            if spec
+                .get("clusterIP")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
                 let n = self.next_service_ip;
                 self.next_service_ip += 1;
                 let ip = format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff);
@@ -816,9 +835,7 @@ impl Store {
             }
         } else if kind == resources::NAMESPACES {
             let name = name_of(obj).to_string();
-            let labels = meta_mut(obj)
-                .entry("labels")
-                .or_insert_with(|| json!({}));
+            let labels = meta_mut(obj).entry("labels").or_insert_with(|| json!({}));
             labels["kubernetes.io/metadata.name"] = json!(name);
             obj["spec"] = json!({"finalizers": [NAMESPACE_FINALIZER]});
         }
@@ -994,12 +1011,14 @@ impl Store {
                 return Err(ApiError::invalid(
                     &rt,
                     name,
-                    vec![FieldCause::invalid_value(
-                        "metadata.resourceVersion",
-                        "0x0",
-                        "must be specified for an update",
-                    )
-                    .without_quotes()],
+                    vec![
+                        FieldCause::invalid_value(
+                            "metadata.resourceVersion",
+                            "0x0",
+                            "must be specified for an update",
+                        )
+                        .without_quotes(),
+                    ],
                 ));
             }
         } else if new_rv != rv_of(&old) {
@@ -1079,7 +1098,9 @@ impl Store {
                     name,
                     vec![FieldCause::forbidden(
                         "metadata.finalizers",
-                        &format!("no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"),
+                        &format!(
+                            "no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"
+                        ),
                     )],
                 ));
             }
@@ -1113,7 +1134,9 @@ impl Store {
             ns: ns.to_string(),
             name: name.to_string(),
         };
-        if is_deleting(&merged) && finalizers_of(&merged).is_empty() && kind != resources::NAMESPACES
+        if is_deleting(&merged)
+            && finalizers_of(&merged).is_empty()
+            && kind != resources::NAMESPACES
         {
             // The last finalizer is gone: the object goes away (one DELETED event).
             self.kinds[kind]
@@ -1149,7 +1172,9 @@ impl Store {
                 if patch_kind == PatchKind::Apply && target == Target::Main {
                     let mut obj = body.clone();
                     if !obj.is_object() {
-                        return Err(ApiError::bad_request("the applied configuration is not an object"));
+                        return Err(ApiError::bad_request(
+                            "the applied configuration is not an object",
+                        ));
                     }
                     let body_name = name_of(&obj);
                     if !body_name.is_empty() && body_name != name {
@@ -1167,9 +1192,7 @@ impl Store {
         match patch_kind {
             PatchKind::Merge | PatchKind::StrategicMerge | PatchKind::Apply => {
                 if !body.is_object() {
-                    return Err(ApiError::bad_request(
-                        "the patch is not a JSON object",
-                    ));
+                    return Err(ApiError::bad_request("the patch is not a JSON object"));
                 }
                 if patch_kind == PatchKind::Apply {
                     self.check_type(kind, body)?;
@@ -1257,7 +1280,10 @@ impl Store {
                 .pointer("/spec/nodeName")
                 .and_then(Value::as_str)
                 .is_some_and(|n| !n.is_empty());
-            let phase = old.pointer("/status/phase").and_then(Value::as_str).unwrap_or("");
+            let phase = old
+                .pointer("/status/phase")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             let terminal = phase == "Succeeded" || phase == "Failed";
             if bound && !terminal {
                 grace = opts.grace_period_seconds.unwrap_or_else(|| {
@@ -1326,11 +1352,21 @@ impl Store {
     }
 
     /// POST pods/{name}/binding: assigns a pending pod to a node.
-    pub fn bind_pod(&mut self, ns: &str, name: &str, node: &str, now: &str) -> Result<Obj, ApiError> {
+    pub fn bind_pod(
+        &mut self,
+        ns: &str,
+        name: &str,
+        node: &str,
+        now: &str,
+    ) -> Result<Obj, ApiError> {
         let rt = self.types[resources::PODS].clone();
         let old = self.get(resources::PODS, ns, name)?;
         if is_deleting(&old) {
-            return Err(ApiError::conflict_because(&rt, name, "pod is being deleted, cannot be assigned to a host"));
+            return Err(ApiError::conflict_because(
+                &rt,
+                name,
+                "pod is being deleted, cannot be assigned to a host",
+            ));
         }
         if let Some(cur) = old.pointer("/spec/nodeName").and_then(Value::as_str)
             && !cur.is_empty()
@@ -1453,7 +1489,14 @@ impl Store {
                             owners.into_iter().partition(|u| self.uids.contains_key(u));
                         if alive.is_empty() {
                             if !is_deleting(&obj) {
-                                let _ = self.delete(dep.kind, &dep.ns, &dep.name, &background, now, |_| now.to_string());
+                                let _ = self.delete(
+                                    dep.kind,
+                                    &dep.ns,
+                                    &dep.name,
+                                    &background,
+                                    now,
+                                    |_| now.to_string(),
+                                );
                             }
                         } else {
                             self.strip_owner(&dep, &dead);
@@ -1489,7 +1532,10 @@ impl Store {
                                     propagation: Propagation::Foreground,
                                     ..Default::default()
                                 };
-                                let _ = self.delete(dep.kind, &dep.ns, &dep.name, &opts, now, |_| now.to_string());
+                                let _ =
+                                    self.delete(dep.kind, &dep.ns, &dep.name, &opts, now, |_| {
+                                        now.to_string()
+                                    });
                             }
                         }
                         if self.dependents.get(&uid).is_none_or(|s| s.is_empty()) {
@@ -1523,7 +1569,9 @@ impl Store {
                             .collect();
                         for (name, o) in keys {
                             if !is_deleting(&o) {
-                                let _ = self.delete(kind, &ns, &name, &background, now, |_| now.to_string());
+                                let _ = self.delete(kind, &ns, &name, &background, now, |_| {
+                                    now.to_string()
+                                });
                             }
                         }
                         left += self.kinds[kind]

@@ -218,11 +218,9 @@ fn cells(rt: &ResourceType, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> 
                 json!(s(obj, "/status/nodeInfo/kubeletVersion")),
             ]
         }
-        ("coordination.k8s.io", "Lease") => vec![
-            name,
-            json!(s(obj, "/spec/holderIdentity")),
-            json!(created),
-        ],
+        ("coordination.k8s.io", "Lease") => {
+            vec![name, json!(s(obj, "/spec/holderIdentity")), json!(created)]
+        }
         (group, "Event") => {
             let (regarding, message) = if group.is_empty() {
                 ("/involvedObject", "/message")

@@ -1,0 +1,241 @@
+//! Bad input answered with the real server's status codes and reasons.
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use spawner_core::resource::SessionLivedBackend;
+
+use super::{CheckError, CheckResult, api_error, backend, pod};
+use crate::ensure;
+
+pub async fn malformed_json_is_bad_request(client: Client, ns: String) -> CheckResult {
+    for body in [&b"{not json"[..], &b"[1, 2"[..]] {
+        let req = http::Request::post(format!("/api/v1/namespaces/{ns}/pods"))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .map_err(|e| CheckError::Failed(e.to_string()))?;
+        let err = api_error(
+            client.request::<serde_json::Value>(req).await,
+            "malformed JSON",
+        )?;
+        ensure!(
+            err.code == 400 && err.reason == "BadRequest",
+            "malformed JSON: {err:?}"
+        );
+    }
+    // A body of the wrong kind is refused too.
+    let req = http::Request::post(format!("/api/v1/namespaces/{ns}/pods"))
+        .header("content-type", "application/json")
+        .body(
+            serde_json::to_vec(
+                &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}}),
+            )
+            .unwrap_or_default(),
+        )
+        .map_err(|e| CheckError::Failed(e.to_string()))?;
+    let err = api_error(client.request::<serde_json::Value>(req).await, "wrong kind")?;
+    ensure!(
+        err.code == 400 && err.reason == "BadRequest",
+        "wrong kind: {err:?}"
+    );
+    Ok(())
+}
+
+pub async fn unknown_resource_is_not_found(client: Client, ns: String) -> CheckResult {
+    for (group, version, kind, plural) in [
+        ("spawner.dev", "v1", "Nonexistent", "nonexistents"),
+        ("nonexistent.example.com", "v1", "Thing", "things"),
+        ("", "v1", "Gadget", "gadgets"),
+    ] {
+        let ar =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+        let err = api_error(api.list(&ListParams::default()).await, "unknown resource")?;
+        ensure!(
+            err.code == 404 && err.reason == "NotFound",
+            "{group}/{plural}: {err:?}"
+        );
+    }
+    Ok(())
+}
+
+pub async fn invalid_names_are_invalid(client: Client, ns: String) -> CheckResult {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let err = api_error(
+        pods.create(&PostParams::default(), &pod("Bad_Name", json!({})))
+            .await,
+        "invalid pod name",
+    )?;
+    ensure!(
+        err.code == 422 && err.reason == "Invalid",
+        "invalid pod name: {err:?}"
+    );
+    ensure!(
+        err.message.starts_with("Pod \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 subdomain must consist of"),
+        "message {:?}",
+        err.message
+    );
+    let causes = err
+        .details
+        .as_ref()
+        .map(|d| d.causes.clone())
+        .unwrap_or_default();
+    ensure!(
+        causes.iter().any(|c| c.field == "metadata.name"),
+        "causes {causes:?}"
+    );
+
+    let backends: Api<SessionLivedBackend> = Api::namespaced(client.clone(), &ns);
+    let err = api_error(
+        backends
+            .create(&PostParams::default(), &backend("UPPER"))
+            .await,
+        "invalid backend name",
+    )?;
+    ensure!(
+        err.code == 422 && err.reason == "Invalid",
+        "invalid backend name: {err:?}"
+    );
+    ensure!(
+        err.message.starts_with("SessionLivedBackend.spawner.dev \"UPPER\" is invalid: metadata.name: Invalid value: \"UPPER\""),
+        "message {:?}",
+        err.message
+    );
+
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let svc: Service = serde_json::from_value(
+        json!({"metadata": {"name": "1svc"}, "spec": {"ports": [{"port": 80}]}}),
+    )
+    .map_err(|e| CheckError::Failed(e.to_string()))?;
+    let err = api_error(
+        services.create(&PostParams::default(), &svc).await,
+        "invalid service name",
+    )?;
+    ensure!(
+        err.code == 422 && err.message.contains("a DNS-1035 label must consist of"),
+        "invalid service name: {err:?}"
+    );
+
+    let mut long = pod(&"a".repeat(254), json!({}));
+    long.metadata.name = Some("a".repeat(254));
+    let err = api_error(
+        pods.create(&PostParams::default(), &long).await,
+        "long name",
+    )?;
+    ensure!(
+        err.code == 422 && err.message.contains("must be no more than 253 characters"),
+        "long name: {err:?}"
+    );
+
+    let mut nameless = pod("", json!({}));
+    nameless.metadata.name = None;
+    let err = api_error(
+        pods.create(&PostParams::default(), &nameless).await,
+        "no name",
+    )?;
+    ensure!(
+        err.code == 422 && err.message.contains("name or generateName is required"),
+        "no name: {err:?}"
+    );
+
+    let mut no_image = pod("noimage", json!({}));
+    if let Some(spec) = no_image.spec.as_mut() {
+        spec.containers[0].image = None;
+    }
+    let err = api_error(
+        pods.create(&PostParams::default(), &no_image).await,
+        "no image",
+    )?;
+    ensure!(
+        err.code == 422
+            && err
+                .message
+                .contains("spec.containers[0].image: Required value"),
+        "no image: {err:?}"
+    );
+    Ok(())
+}
+
+pub async fn oversized_objects_are_too_large(client: Client, ns: String) -> CheckResult {
+    let backends: Api<SessionLivedBackend> = Api::namespaced(client, &ns);
+    let mut big = backend("big");
+    big.metadata.annotations = Some([("blob".to_string(), "x".repeat(4 * 1024 * 1024))].into());
+    let err = api_error(
+        backends.create(&PostParams::default(), &big).await,
+        "4 MiB object",
+    )?;
+    ensure!(
+        err.code == 413 && err.reason == "RequestEntityTooLarge",
+        "4 MiB object: {err:?}"
+    );
+    ensure!(
+        backends.get_opt("big").await?.is_none(),
+        "oversized object was stored"
+    );
+    Ok(())
+}
+
+pub async fn bad_selectors_are_bad_requests(client: Client, ns: String) -> CheckResult {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let err = api_error(
+        pods.list(&ListParams::default().fields("spec.bogus=x"))
+            .await,
+        "unknown pod field",
+    )?;
+    ensure!(
+        err.code == 400 && err.reason == "BadRequest",
+        "unknown pod field: {err:?}"
+    );
+    ensure!(
+        err.message
+            .contains("field label not supported: spec.bogus"),
+        "message {:?}",
+        err.message
+    );
+    let backends: Api<SessionLivedBackend> = Api::namespaced(client, &ns);
+    let err = api_error(
+        backends
+            .list(&ListParams::default().fields("status.phase=Ready"))
+            .await,
+        "backend field",
+    )?;
+    ensure!(
+        err.code == 400,
+        "unsupported backend field selector: {err:?}"
+    );
+    ensure!(
+        err.message.contains("\"status.phase\" is not a known field selector: only \"metadata.name\", \"metadata.namespace\""),
+        "message {:?}",
+        err.message
+    );
+    let err = api_error(
+        pods.list(&ListParams::default().labels("app in web")).await,
+        "bad label selector",
+    )?;
+    ensure!(
+        err.code == 400 && err.reason == "BadRequest",
+        "bad label selector: {err:?}"
+    );
+    Ok(())
+}
+
+pub async fn missing_namespace_is_not_found(client: Client, ns: String) -> CheckResult {
+    let ghost = format!("{ns}-ghost");
+    let pods: Api<Pod> = Api::namespaced(client, &ghost);
+    let err = api_error(
+        pods.create(&PostParams::default(), &pod("p", json!({})))
+            .await,
+        "create in a missing namespace",
+    )?;
+    ensure!(
+        err.code == 404 && err.reason == "NotFound",
+        "missing namespace: {err:?}"
+    );
+    ensure!(
+        err.message == format!("namespaces \"{ghost}\" not found"),
+        "message {:?}",
+        err.message
+    );
+    Ok(())
+}
