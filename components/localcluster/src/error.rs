@@ -4,6 +4,9 @@ use serde_json::{Value, json};
 
 use crate::resources::ResourceType;
 
+/// Marks [`ApiError::page_not_found`], rendered as plain text.
+pub const PAGE_NOT_FOUND: &str = "PageNotFound";
+
 /// An API error, rendered as a `meta/v1 Status` with the HTTP code it carries.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{code} {reason}: {message}")]
@@ -127,6 +130,11 @@ impl ApiError {
             "the server could not find the requested resource",
         )
         .with_details(json!({"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]}))
+    }
+
+    /// A path no handler serves: answered in plain text, not as a `Status`.
+    pub fn page_not_found() -> Self {
+        Self::new(404, PAGE_NOT_FOUND, "404 page not found")
     }
 
     pub fn method_not_allowed() -> Self {

@@ -135,9 +135,9 @@ impl FieldSelector {
             };
             let field = field.trim();
             if !rt.supports_field(field) {
-                // Built-in types have their own conversion functions; others (custom
-                // resources, Leases) use the default one, which words the error differently.
-                let message = if rt.group.is_empty() || rt.group == "events.k8s.io" {
+                // Core types and custom resources word this error one way; groups using the
+                // default conversion function (Leases) another.
+                let message = if rt.group != "coordination.k8s.io" {
                     format!("field label not supported: {field}")
                 } else {
                     format!(

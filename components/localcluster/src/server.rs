@@ -149,6 +149,15 @@ fn value_response(code: u16, v: &Value) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.reason == crate::error::PAGE_NOT_FOUND {
+            let mut r = Response::new(Body::from("404 page not found\n"));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            return r;
+        }
         value_response(self.code, &self.to_status())
     }
 }
@@ -228,6 +237,16 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Unknown resources of built-in groups get a `Status`; paths under custom-resource or
+/// unknown groups fall through to the plain-text `404 page not found` of the real server.
+fn not_found_for_group(group: &str) -> ApiError {
+    if matches!(group, "" | "coordination.k8s.io" | "events.k8s.io") {
+        ApiError::resource_not_found()
+    } else {
+        ApiError::page_not_found()
+    }
+}
+
 /// A parsed resource path.
 #[derive(Debug)]
 struct ResourcePath {
@@ -271,10 +290,10 @@ fn parse_resource_path(
         [p] => (*p, None, None),
         [p, n] => (*p, Some(percent_decode(n)), None),
         [p, n, s] => (*p, Some(percent_decode(n)), Some(s.to_string())),
-        _ => return Some(Err(ApiError::resource_not_found())),
+        _ => return Some(Err(not_found_for_group(group))),
     };
     let Some(kind) = find(plural) else {
-        return Some(Err(ApiError::resource_not_found()));
+        return Some(Err(not_found_for_group(group)));
     };
     if types[kind].namespaced != ns.is_some() && !(types[kind].namespaced && name.is_none()) {
         return Some(Err(ApiError::resource_not_found()));
@@ -310,7 +329,7 @@ async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
         return r;
     }
     let rp = match parse_resource_path(&cluster.shared.types, &path) {
-        None => return ApiError::resource_not_found().into_response(),
+        None => return ApiError::page_not_found().into_response(),
         Some(Err(e)) => return e.into_response(),
         Some(Ok(rp)) => rp,
     };

@@ -164,6 +164,9 @@ struct KindStore {
     tx: broadcast::Sender<Arc<Event>>,
 }
 
+/// The start of a watch: events to replay first, then the live feed.
+pub type WatchStart = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+
 /// Tunables of the store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -434,7 +437,9 @@ impl Store {
             .map(|_| KindStore {
                 objects: BTreeMap::new(),
                 history: VecDeque::new(),
-                compacted_rv: config.initial_resource_version,
+                // Nothing is compacted until history overflows or `compact` is called: like a
+                // fresh etcd, a watch from any earlier version replays everything.
+                compacted_rv: 0,
                 tx: broadcast::channel(config.watch_buffer.max(16)).0,
             })
             .collect();
@@ -543,11 +548,7 @@ impl Store {
 
     /// Subscribes to a type's changes. Without a version, the current objects come back as
     /// synthetic ADDED events; with one, the retained events after it (or 410 Expired).
-    pub fn watch(
-        &self,
-        kind: usize,
-        from: Option<u64>,
-    ) -> Result<(Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>), ApiError> {
+    pub fn watch(&self, kind: usize, from: Option<u64>) -> Result<WatchStart, ApiError> {
         let ks = &self.kinds[kind];
         let backlog = match from {
             None => ks
@@ -1301,6 +1302,16 @@ impl Store {
             if opts.dry_run {
                 return Ok(old);
             }
+            if kind == resources::PODS && !is_deleting(&old) {
+                // Pods support graceful deletion: even a zero grace period is first written
+                // (deletionTimestamp set, one MODIFIED event) and then removed, as the real
+                // registry does.
+                let mut marked = (*old).clone();
+                let meta = meta_mut(&mut marked);
+                meta.insert("deletionTimestamp".into(), json!(now_plus(0)));
+                meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+                self.put(&key, marked, EventType::Modified);
+            }
             let last = self.remove(&key).unwrap_or(old);
             self.run_pending(now);
             return Ok(last);
@@ -1394,6 +1405,20 @@ impl Store {
         let stored = self.put(&key, obj, EventType::Modified);
         self.run_pending(now);
         Ok(stored)
+    }
+
+    fn blocks_owner(&self, dep: &ObjKey, owner_uid: &str) -> bool {
+        self.kinds[dep.kind]
+            .objects
+            .get(&(dep.ns.clone(), dep.name.clone()))
+            .and_then(|o| o.pointer("/metadata/ownerReferences"))
+            .and_then(Value::as_array)
+            .is_some_and(|refs| {
+                refs.iter().any(|r| {
+                    r.get("uid").and_then(Value::as_str) == Some(owner_uid)
+                        && r.get("blockOwnerDeletion").and_then(Value::as_bool) == Some(true)
+                })
+            })
     }
 
     fn lookup_uid(&self, uid: &str) -> Option<(ObjKey, Obj)> {
@@ -1538,10 +1563,13 @@ impl Store {
                                     });
                             }
                         }
-                        if self.dependents.get(&uid).is_none_or(|s| s.is_empty()) {
-                            if let Some((key, obj)) = self.lookup_uid(&uid) {
-                                self.remove_finalizer(&key, &obj, FOREGROUND, now);
-                            }
+                        // Only dependents whose reference has `blockOwnerDeletion` hold the owner.
+                        let blocking = self
+                            .dependents
+                            .get(&uid)
+                            .is_some_and(|deps| deps.iter().any(|d| self.blocks_owner(d, &uid)));
+                        if !blocking && let Some((key, obj)) = self.lookup_uid(&uid) {
+                            self.remove_finalizer(&key, &obj, FOREGROUND, now);
                         }
                     }
                 }
@@ -1620,7 +1648,7 @@ fn hex(s: &str) -> String {
 }
 
 fn unhex(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..s.len())

@@ -164,12 +164,14 @@ pub async fn foreground_and_orphan_propagation(client: Client, ns: String) -> Ch
     // Foreground: the owner stays (with the foregroundDeletion finalizer) until its
     // dependents are gone; a finalizer on a dependent keeps the owner waiting.
     backend_with_children(&client, &ns, "fg").await?;
-    pods.patch(
-        "fg",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": ["spawner.dev/hold"]}})),
-    )
-    .await?;
+    // Only dependents whose reference has blockOwnerDeletion hold a foreground owner.
+    let block: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "add", "path": "/metadata/ownerReferences/0/blockOwnerDeletion", "value": true},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["spawner.dev/hold"]},
+    ]))
+    .map_err(|e| CheckError::Failed(e.to_string()))?;
+    pods.patch("fg", &PatchParams::default(), &Patch::Json::<()>(block))
+        .await?;
     backends.delete("fg", &DeleteParams::foreground()).await?;
     let waiting = backends.get("fg").await?;
     ensure!(
