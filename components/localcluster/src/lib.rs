@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod clock;
 pub mod error;
+pub mod events;
 pub mod kubeconfig;
 pub mod patch;
 pub mod resources;

@@ -273,6 +273,10 @@ pub const NAMESPACES: usize = 0;
 pub const PODS: usize = 2;
 /// Index of the Service type in [`all`].
 pub const SERVICES: usize = 3;
+/// Index of the core/v1 Event type in [`all`].
+pub const CORE_EVENTS: usize = 4;
+/// Index of the events.k8s.io/v1 Event type in [`all`]: stored as core Events.
+pub const NEW_EVENTS: usize = 5;
 
 /// `(group, version)` pairs served under `/apis`, in discovery order.
 pub fn groups(types: &[ResourceType]) -> Vec<(&'static str, &'static str)> {
@@ -295,6 +299,11 @@ mod tests {
         assert_eq!(types[NAMESPACES].kind, "Namespace");
         assert_eq!(types[PODS].kind, "Pod");
         assert_eq!(types[SERVICES].kind, "Service");
+        assert_eq!(
+            (types[CORE_EVENTS].group, types[CORE_EVENTS].kind),
+            ("", "Event")
+        );
+        assert_eq!(types[NEW_EVENTS].group, "events.k8s.io");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::resources::{self, ResourceType};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{
     DeleteOptions, Event, EventType, Filter, Obj, PatchKind, Propagation, Store, StoreConfig,
-    Target, encode_watch_line,
+    Target, View, encode_watch_line,
 };
 use crate::table::{self, IncludeObject};
 
@@ -470,6 +470,81 @@ async fn handle_resource(
         .config
         .auth
         .authorize(who, &attrs, (rt.plural, rt.group))?;
+    if rp.kind == resources::NEW_EVENTS {
+        let new_rt = types[rp.kind].clone();
+        let mut rp = rp;
+        rp.kind = resources::CORE_EVENTS;
+        let result = Box::pin(serve_resource(
+            cluster,
+            method,
+            headers,
+            q,
+            rp,
+            body,
+            verb,
+            Some(&new_rt),
+        ))
+        .await;
+        return result.map_err(|mut e| {
+            // Errors name the resource the client asked for.
+            e.message = e
+                .message
+                .replacen("events \"", "events.events.k8s.io \"", 1);
+            e.message = e.message.replacen("Event \"", "Event.events.k8s.io \"", 1);
+            if let Some(d) = e.details.as_mut()
+                && d.get("kind").is_some()
+            {
+                d["group"] = json!("events.k8s.io");
+            }
+            e
+        });
+    }
+    serve_resource(cluster, method, headers, q, rp, body, verb, None).await
+}
+
+fn new_events_view() -> View {
+    View {
+        to_view: crate::events::to_new,
+        from_view: crate::events::to_core,
+    }
+}
+
+/// Serves a resource request; `view` is set when the client sees the stored type through
+/// another representation (events.k8s.io Events).
+#[allow(clippy::too_many_arguments)]
+async fn serve_resource(
+    cluster: &Cluster,
+    method: &Method,
+    headers: &HeaderMap,
+    q: &Query,
+    rp: ResourcePath,
+    body: Bytes,
+    verb: &'static str,
+    view: Option<&ResourceType>,
+) -> Result<Response, ApiError> {
+    let _ = method;
+    let types = cluster.shared.types.clone();
+    let stored_rt = &types[rp.kind];
+    // The type the client sees (for list kinds, tables and bookmarks).
+    let rt = view.unwrap_or(stored_rt);
+    let convert_in = |v: Value| {
+        if view.is_some() {
+            crate::events::to_core(&v)
+        } else {
+            v
+        }
+    };
+    let convert_out = |o: Obj| -> Obj {
+        if view.is_some() {
+            Arc::new(crate::events::to_new(&o))
+        } else {
+            o
+        }
+    };
+    let field_selector = match (view, q.get("fieldSelector")) {
+        (Some(_), Some(f)) => crate::events::field_selector_to_core(f),
+        (_, f) => f.unwrap_or("").to_string(),
+    };
     let ns = rp.namespace.clone().unwrap_or_default();
     let now = cluster.now();
     let target = match rp.subresource.as_deref() {
@@ -481,12 +556,12 @@ async fn handle_resource(
     let repr = repr(headers, q.get("includeObject"));
     match (verb, rp.name.as_deref()) {
         ("get", Some(name)) => {
-            let obj = cluster.store().get(rp.kind, &ns, name)?;
+            let obj = convert_out(cluster.store().get(rp.kind, &ns, name)?);
             Ok(object_response(cluster, rt, 200, &obj, repr))
         }
         ("list", None) => {
             let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
-            let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""), rt)?;
+            let fields = FieldSelector::parse(&field_selector, stored_rt)?;
             let filter = Filter {
                 namespace: rp.namespace.as_deref(),
                 labels: &labels,
@@ -502,9 +577,13 @@ async fn handle_resource(
                 limit,
                 q.get("continue").filter(|c| !c.is_empty()),
             )?;
+            let mut result = result;
+            if view.is_some() {
+                result.items = result.items.into_iter().map(convert_out).collect();
+            }
             Ok(list_response(cluster, rt, result, repr))
         }
-        ("watch", _) => watch_response(cluster, rp, q, repr),
+        ("watch", _) => watch_response(cluster, rp, q, repr, &field_selector, view.is_some()),
         ("create", Some(name)) if rp.subresource.as_deref() == Some("binding") => {
             let binding = parse_json(&body)?;
             let node = binding
@@ -526,19 +605,21 @@ async fn handle_resource(
             ))
         }
         ("create", None) => {
-            let obj = parse_json(&body)?;
+            let obj = convert_in(parse_json(&body)?);
             let created =
                 cluster
                     .store()
                     .create(rp.kind, rp.namespace.as_deref(), obj, &now, dry_run(q))?;
+            let created = convert_out(created);
             Ok(object_response(cluster, rt, 201, &created, repr))
         }
         ("update", Some(name)) => {
-            let obj = parse_json(&body)?;
+            let obj = convert_in(parse_json(&body)?);
             let updated =
                 cluster
                     .store()
                     .update(rp.kind, &ns, name, obj, target, &now, dry_run(q))?;
+            let updated = convert_out(updated);
             Ok(object_response(cluster, rt, 200, &updated, repr))
         }
         ("patch", Some(name)) => {
@@ -577,7 +658,9 @@ async fn handle_resource(
                 target,
                 &now,
                 dry_run(q),
+                view.map(|_| new_events_view()).as_ref(),
             )?;
+            let patched = convert_out(patched);
             Ok(object_response(cluster, rt, 200, &patched, repr))
         }
         ("delete", Some(name)) => {
@@ -590,6 +673,7 @@ async fn handle_resource(
                 })?;
             let still_there = deleted.pointer("/metadata/deletionTimestamp").is_some()
                 && cluster.store().get(rp.kind, &ns, name).is_ok();
+            let deleted = convert_out(deleted);
             Ok(object_response(
                 cluster,
                 rt,
@@ -601,7 +685,7 @@ async fn handle_resource(
         ("deletecollection", None) => {
             let opts = delete_options(q, &body)?;
             let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
-            let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""), rt)?;
+            let fields = FieldSelector::parse(&field_selector, stored_rt)?;
             let filter = Filter {
                 namespace: rp.namespace.as_deref(),
                 labels: &labels,
@@ -617,7 +701,7 @@ async fn handle_resource(
                 if let Ok(d) = store.delete(rp.kind, &ns, &name, &opts, &now, |secs| {
                     format_time(clock.now() + chrono::Duration::seconds(secs))
                 }) {
-                    items.push(d);
+                    items.push(convert_out(d));
                 }
             }
             let rv = store.resource_version();
@@ -770,7 +854,6 @@ fn list_response(
 
 struct WatchState {
     cluster: Cluster,
-    kind: usize,
     backlog: VecDeque<Arc<Event>>,
     rx: broadcast::Receiver<Arc<Event>>,
     namespace: Option<String>,
@@ -781,6 +864,10 @@ struct WatchState {
     initial_events_end: Option<u64>,
     last_rv: u64,
     repr: Repr,
+    /// Objects are shown in another representation (events.k8s.io Events).
+    convert: bool,
+    /// The type the client watches (for bookmarks and tables).
+    view_kind: usize,
     first: bool,
     done: bool,
 }
@@ -808,8 +895,12 @@ impl WatchState {
             EventType::Deleted if was_matching || now_matches => EventType::Deleted,
             _ => return None,
         };
-        if etype == ev.etype && self.repr == Repr::Full {
+        if etype == ev.etype && self.repr == Repr::Full && !self.convert {
             return Some(ev.encoded().clone());
+        }
+        if self.convert {
+            let shown = crate::events::to_new(&ev.object);
+            return Some(self.encode(etype.as_str(), &shown));
         }
         Some(self.encode(etype.as_str(), &ev.object))
     }
@@ -819,7 +910,7 @@ impl WatchState {
             Repr::Full => encode_watch_line(etype, obj),
             Repr::Metadata => encode_watch_line(etype, &table::partial_metadata(obj)),
             Repr::Table(include) => {
-                let rt = &self.cluster.shared.types[self.kind];
+                let rt = &self.cluster.shared.types[self.view_kind];
                 let t = table::table(
                     rt,
                     &[obj],
@@ -835,7 +926,7 @@ impl WatchState {
     }
 
     fn bookmark(&mut self, rv: u64, initial_end: bool) -> Bytes {
-        let rt = &self.cluster.shared.types[self.kind];
+        let rt = &self.cluster.shared.types[self.view_kind];
         let mut obj = json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
         if initial_end {
             obj["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
@@ -907,11 +998,13 @@ fn watch_response(
     rp: ResourcePath,
     q: &Query,
     repr: Repr,
+    field_selector: &str,
+    convert: bool,
 ) -> Result<Response, ApiError> {
     let types = cluster.shared.types.clone();
     let rt = &types[rp.kind];
     let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
-    let mut fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""), rt)?;
+    let mut fields = FieldSelector::parse(field_selector, rt)?;
     if let Some(name) = &rp.name {
         // GET .../watch/pods/name watches one object.
         fields = FieldSelector::parse(&format!("metadata.name={name}"), rt)?;
@@ -965,7 +1058,6 @@ fn watch_response(
     });
     let state = WatchState {
         cluster: cluster.clone(),
-        kind: rp.kind,
         backlog: backlog.into(),
         rx,
         namespace: rp.namespace.clone(),
@@ -976,6 +1068,12 @@ fn watch_response(
         initial_events_end: (send_initial && bookmarks_wanted).then_some(start_rv),
         last_rv: from.unwrap_or(0),
         repr,
+        convert,
+        view_kind: if convert {
+            resources::NEW_EVENTS
+        } else {
+            rp.kind
+        },
         first: true,
         done: false,
     };

@@ -225,6 +225,13 @@ pub enum PatchKind {
     Apply,
 }
 
+/// Another representation of a stored type (events.k8s.io Events over core Events): patches
+/// apply to the representation the client sees.
+pub struct View {
+    pub to_view: fn(&Value) -> Value,
+    pub from_view: fn(&Value) -> Value,
+}
+
 /// The result of a list.
 #[derive(Debug)]
 pub struct ListResult {
@@ -1165,8 +1172,17 @@ impl Store {
         target: Target,
         now: &str,
         dry_run: bool,
+        view: Option<&View>,
     ) -> Result<Obj, ApiError> {
         let rt = self.types[kind].clone();
+        let converted;
+        let body = match view {
+            Some(v) if patch_kind == PatchKind::Apply => {
+                converted = (v.from_view)(body);
+                &converted
+            }
+            _ => body,
+        };
         let old = match self.get(kind, ns, name) {
             Ok(o) => o,
             Err(e) => {
@@ -1189,7 +1205,10 @@ impl Store {
                 return Err(e);
             }
         };
-        let mut doc = (*old).clone();
+        let mut doc = match view {
+            Some(v) => (v.to_view)(&old),
+            None => (*old).clone(),
+        };
         match patch_kind {
             PatchKind::Merge | PatchKind::StrategicMerge | PatchKind::Apply => {
                 if !body.is_object() {
@@ -1208,6 +1227,9 @@ impl Store {
                     });
                 }
             }
+        }
+        if let Some(v) = view {
+            doc = (v.from_view)(&doc);
         }
         let patched_rv = rv_of(&doc).to_string();
         if patched_rv != rv_of(&old) {

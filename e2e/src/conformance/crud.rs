@@ -616,6 +616,27 @@ pub async fn leases_and_events(client: Client, ns: String) -> CheckResult {
     }))
     .map_err(|e| CheckError::Failed(e.to_string()))?;
     core.create(&PostParams::default(), &ev).await?;
+    // Both APIs show the same stored events, each in its own representation.
+    let as_core = core.get("ev1").await?;
+    ensure!(
+        as_core.message.as_deref() == Some("an events.k8s.io event")
+            && as_core.involved_object.name.as_deref() == Some("x"),
+        "events.k8s.io event seen through core/v1: {as_core:?}"
+    );
+    let as_new = events.get("ev2").await?;
+    ensure!(
+        as_new.note.as_deref() == Some("a core event")
+            && as_new.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("x"),
+        "core event seen through events.k8s.io/v1: {as_new:?}"
+    );
+    let regarding = events
+        .list(&ListParams::default().fields("regarding.name=x"))
+        .await?;
+    ensure!(
+        regarding.items.len() == 2,
+        "events.k8s.io field selector found {}",
+        regarding.items.len()
+    );
     let list = core
         .list(&ListParams::default().fields("involvedObject.name=x,reason=Checked"))
         .await?;
