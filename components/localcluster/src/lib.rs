@@ -15,6 +15,7 @@ pub mod events;
 pub mod kubeconfig;
 pub mod patch;
 pub mod resources;
+pub mod schema;
 pub mod selector;
 pub mod server;
 pub mod store;

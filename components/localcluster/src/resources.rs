@@ -1,5 +1,7 @@
 //! The resource types localcluster serves, with what discovery, validation and printing need.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 
 /// How the `status` of a new object is treated on create, as each real registry strategy does.
@@ -44,6 +46,8 @@ pub struct ResourceType {
     pub name_rule: NameRule,
     /// Field selector labels this type supports besides `metadata.name`/`metadata.namespace`.
     pub field_labels: &'static [&'static str],
+    /// The structural schema of a custom resource (its CRD's `openAPIV3Schema`).
+    pub schema: Option<Arc<Value>>,
 }
 
 impl ResourceType {
@@ -179,6 +183,7 @@ pub fn all() -> Vec<ResourceType> {
         unconditional_update: true,
         name_rule: NameRule::Dns1123Subdomain,
         field_labels: &[],
+        schema: None,
     };
     vec![
         ResourceType {
@@ -262,9 +267,19 @@ pub fn all() -> Vec<ResourceType> {
             status_on_create: StatusOnCreate::Drop,
             has_generation: true,
             unconditional_update: false,
+            schema: backend_schema(),
             ..base
         },
     ]
+}
+
+/// The SessionLivedBackend CRD's schema, from the CRD core generates (`deploy/crd.yaml`).
+fn backend_schema() -> Option<Arc<Value>> {
+    let yaml = spawner_core::resource::crd_yaml().ok()?;
+    let crd: Value = serde_yaml::from_str(&yaml).ok()?;
+    crd.pointer("/spec/versions/0/schema/openAPIV3Schema")
+        .cloned()
+        .map(Arc::new)
 }
 
 /// Index of the Namespace type in [`all`].
@@ -304,6 +319,8 @@ mod tests {
             ("", "Event")
         );
         assert_eq!(types[NEW_EVENTS].group, "events.k8s.io");
+        let slab = types.iter().find(|t| t.group == "spawner.dev").unwrap();
+        assert!(slab.schema.is_some(), "the backend CRD schema loads");
     }
 
     #[test]

@@ -712,10 +712,17 @@ impl Store {
         Ok(())
     }
 
-    fn validate(&self, kind: usize, obj: &Value) -> Result<(), ApiError> {
+    /// Prunes, defaults and validates a custom resource against its schema, then validates
+    /// names and the rest as the built-in registries do.
+    fn validate(&self, kind: usize, obj: &mut Value) -> Result<(), ApiError> {
         let rt = &self.types[kind];
+        let schema_causes = match &rt.schema {
+            Some(schema) => crate::schema::apply(schema, obj),
+            None => Vec::new(),
+        };
         let name = name_of(obj);
         let mut causes = name_causes(rt.name_rule, name);
+        causes.extend(schema_causes);
         if let Some(refs) = obj
             .pointer("/metadata/ownerReferences")
             .and_then(Value::as_array)
@@ -911,7 +918,12 @@ impl Store {
             meta_mut(&mut obj).insert("name".into(), json!(generated));
         }
         let name = name_of(&obj).to_string();
-        self.validate(kind, &obj)?;
+        if rt.status_on_create == StatusOnCreate::Drop
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
+        }
+        self.validate(kind, &mut obj)?;
         if rt.namespaced {
             self.check_namespace(&ns)?;
         }
@@ -1123,7 +1135,7 @@ impl Store {
                 vec![FieldCause::forbidden("spec", POD_MUTABLE_SPEC)],
             ));
         }
-        self.validate(kind, &merged)?;
+        self.validate(kind, &mut merged)?;
         if rt.has_generation && spec_part(&merged) != spec_part(&old) {
             let g = old
                 .pointer("/metadata/generation")

@@ -246,3 +246,108 @@ pub async fn missing_namespace_is_not_found(client: Client, ns: String) -> Check
     );
     Ok(())
 }
+
+pub async fn custom_resource_schema_prunes_defaults_and_validates(
+    client: Client,
+    ns: String,
+) -> CheckResult {
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("spawner.dev", "v1", "SessionLivedBackend"),
+        "sessionlivedbackends",
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &ar);
+    let obj = |name: &str, spec: serde_json::Value| -> Result<DynamicObject, CheckError> {
+        serde_json::from_value(json!({
+            "apiVersion": "spawner.dev/v1", "kind": "SessionLivedBackend",
+            "metadata": {"name": name}, "spec": spec, "unknownTopLevel": 1,
+        }))
+        .map_err(|e| CheckError::Failed(e.to_string()))
+    };
+    let created = api
+        .create(
+            &PostParams::default(),
+            &obj("minimal", json!({"template": {"spec": {"containers": [{"name": "app", "image": "x", "custom": 1}]}}, "unknownField": true}))?,
+        )
+        .await?;
+    let spec = created.data.get("spec").cloned().unwrap_or_default();
+    ensure!(
+        spec.get("httpPort") == Some(&json!(8080)),
+        "httpPort not defaulted: {spec}"
+    );
+    ensure!(
+        spec.get("gracePeriodSeconds") == Some(&json!(300)),
+        "gracePeriodSeconds not defaulted: {spec}"
+    );
+    ensure!(
+        spec.get("unknownField").is_none(),
+        "unknown field not pruned: {spec}"
+    );
+    ensure!(
+        created.data.get("unknownTopLevel").is_none(),
+        "unknown top-level field not pruned"
+    );
+    ensure!(
+        spec.pointer("/template/spec/containers/0/custom") == Some(&json!(1)),
+        "preserved field pruned: {spec}"
+    );
+    let err = api_error(
+        api.create(
+            &PostParams::default(),
+            &obj(
+                "bad",
+                json!({"httpPort": 70000, "key": "", "template": {"spec": {"containers": []}}}),
+            )?,
+        )
+        .await,
+        "invalid spec",
+    )?;
+    ensure!(
+        err.code == 422 && err.reason == "Invalid",
+        "invalid spec: {err:?}"
+    );
+    for want in [
+        "spec.httpPort: Invalid value: 70000: spec.httpPort in body should be less than or equal to 65535",
+        "spec.key: Invalid value: \"\": spec.key in body should be at least 1 chars long",
+        "spec.template.spec.containers: Invalid value: 0: spec.template.spec.containers in body should have at least 1 items",
+    ] {
+        ensure!(
+            err.message.contains(want),
+            "message lacks {want:?}: {:?}",
+            err.message
+        );
+    }
+    let err = api_error(
+        api.create(
+            &PostParams::default(),
+            &obj("missing", json!({"httpPort": "x"}))?,
+        )
+        .await,
+        "missing template",
+    )?;
+    ensure!(
+        err.message.contains("spec.template: Required value"),
+        "message {:?}",
+        err.message
+    );
+    ensure!(
+        err.message.contains("spec.httpPort: Invalid value: \"string\": spec.httpPort in body must be of type integer: \"string\""),
+        "message {:?}",
+        err.message
+    );
+    let status = api
+        .patch_status(
+            "minimal",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {"phase": "Bogus"}})),
+        )
+        .await;
+    let err = api_error(status, "invalid phase")?;
+    ensure!(
+        err.code == 422
+            && err
+                .message
+                .contains("status.phase: Unsupported value: \"Bogus\""),
+        "invalid phase: {err:?}"
+    );
+    Ok(())
+}

@@ -93,6 +93,7 @@ pub fn all() -> Vec<Check> {
         bad_input::oversized_objects_are_too_large,
         bad_input::bad_selectors_are_bad_requests,
         bad_input::missing_namespace_is_not_found,
+        bad_input::custom_resource_schema_prunes_defaults_and_validates,
         runtime::watcher_and_reflector,
         runtime::controller_reconciles_and_requeues,
     ]
