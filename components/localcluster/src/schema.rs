@@ -83,10 +83,8 @@ pub fn prune_and_default(schema: &Value, value: &mut Value) {
 
 /// Validates `value` at `path` against `schema`, appending 422 causes.
 pub fn validate(schema: &Value, value: &Value, path: &str, causes: &mut Vec<FieldCause>) {
-    if value.is_null() {
-        if schema.get("nullable").and_then(Value::as_bool) == Some(true) {
-            return;
-        }
+    if value.is_null() && schema.get("nullable").and_then(Value::as_bool) == Some(true) {
+        return;
     }
     if let Some(want) = schema.get("type").and_then(Value::as_str) {
         let got = type_name(value);
