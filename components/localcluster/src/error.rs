@@ -111,6 +111,22 @@ impl ApiError {
         .with_details(details)
     }
 
+    /// 422 for an update without `metadata.resourceVersion` where one is required; worded
+    /// with the resource (not the kind), as the real server does.
+    pub fn resource_version_required(rt: &ResourceType, name: &str) -> Self {
+        let mut details = rt.details(name);
+        details["causes"] = json!([{"reason": "FieldValueInvalid", "message": "Invalid value: 0: must be specified for an update", "field": "metadata.resourceVersion"}]);
+        Self::new(
+            422,
+            "Invalid",
+            format!(
+                "{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0: must be specified for an update",
+                rt.qualified_plural()
+            ),
+        )
+        .with_details(details)
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }
@@ -143,16 +159,12 @@ impl ApiError {
             "MethodNotAllowed",
             "the server does not allow this method on the requested resource",
         )
+        .with_details(json!({}))
     }
 
-    pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self::new(
-            415,
-            "UnsupportedMediaType",
-            format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"
-            ),
-        )
+    pub fn unsupported_media_type(_content_type: &str) -> Self {
+        Self::new(415, "UnsupportedMediaType", "415: Unsupported Media Type")
+            .with_details(json!({}))
     }
 
     pub fn too_large(limit: usize) -> Self {

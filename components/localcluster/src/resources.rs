@@ -48,6 +48,9 @@ pub struct ResourceType {
     pub field_labels: &'static [&'static str],
     /// The structural schema of a custom resource (its CRD's `openAPIV3Schema`).
     pub schema: Option<Arc<Value>>,
+    /// A completed DELETE answers with the deleted object (Pods, Services, Namespaces);
+    /// otherwise with a `Status` of `Success` (the registry's `ReturnDeletedObject`).
+    pub return_deleted_object: bool,
 }
 
 impl ResourceType {
@@ -184,10 +187,12 @@ pub fn all() -> Vec<ResourceType> {
         name_rule: NameRule::Dns1123Subdomain,
         field_labels: &[],
         schema: None,
+        return_deleted_object: false,
     };
     vec![
         ResourceType {
             kind: "Namespace",
+            return_deleted_object: true,
             plural: "namespaces",
             singular: "namespace",
             short_names: &["ns"],
@@ -210,6 +215,7 @@ pub fn all() -> Vec<ResourceType> {
         },
         ResourceType {
             kind: "Pod",
+            return_deleted_object: true,
             plural: "pods",
             singular: "pod",
             short_names: &["po"],
@@ -222,6 +228,7 @@ pub fn all() -> Vec<ResourceType> {
         },
         ResourceType {
             kind: "Service",
+            return_deleted_object: true,
             plural: "services",
             singular: "service",
             short_names: &["svc"],

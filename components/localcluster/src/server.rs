@@ -415,9 +415,13 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
     }
 }
 
-fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+fn parse_json(body: &Bytes, rt: &ResourceType) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+        ApiError::bad_request(format!(
+            "the object provided is unrecognized (must be of type {}): couldn't get version/kind; json parse error: {e} ({})",
+            rt.kind,
+            String::from_utf8_lossy(&body[..body.len().min(64)])
+        ))
     })
 }
 
@@ -585,7 +589,7 @@ async fn serve_resource(
         }
         ("watch", _) => watch_response(cluster, rp, q, repr, &field_selector, view.is_some()),
         ("create", Some(name)) if rp.subresource.as_deref() == Some("binding") => {
-            let binding = parse_json(&body)?;
+            let binding = parse_json(&body, rt)?;
             let node = binding
                 .pointer("/target/name")
                 .and_then(Value::as_str)
@@ -605,7 +609,7 @@ async fn serve_resource(
             ))
         }
         ("create", None) => {
-            let obj = convert_in(parse_json(&body)?);
+            let obj = convert_in(parse_json(&body, rt)?);
             let created =
                 cluster
                     .store()
@@ -614,7 +618,7 @@ async fn serve_resource(
             Ok(object_response(cluster, rt, 201, &created, repr))
         }
         ("update", Some(name)) => {
-            let obj = convert_in(parse_json(&body)?);
+            let obj = convert_in(parse_json(&body, rt)?);
             let updated =
                 cluster
                     .store()
@@ -671,16 +675,20 @@ async fn serve_resource(
                 .delete(rp.kind, &ns, name, &opts, &now, |secs| {
                     format_time(clock.now() + chrono::Duration::seconds(secs))
                 })?;
-            let still_there = deleted.pointer("/metadata/deletionTimestamp").is_some()
-                && cluster.store().get(rp.kind, &ns, name).is_ok();
+            let still_there = cluster.store().get(rp.kind, &ns, name).is_ok();
             let deleted = convert_out(deleted);
-            Ok(object_response(
-                cluster,
-                rt,
-                if still_there { 202 } else { 200 },
-                &deleted,
-                repr,
-            ))
+            if !still_there && !rt.return_deleted_object {
+                let mut details = rt.details(name);
+                details["uid"] = deleted
+                    .pointer("/metadata/uid")
+                    .cloned()
+                    .unwrap_or_default();
+                return Ok(value_response(
+                    200,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}),
+                ));
+            }
+            Ok(object_response(cluster, rt, 200, &deleted, repr))
         }
         ("deletecollection", None) => {
             let opts = delete_options(q, &body)?;

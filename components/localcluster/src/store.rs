@@ -1028,18 +1028,7 @@ impl Store {
         let new_rv = rv_of(&new);
         if new_rv.is_empty() {
             if !rt.unconditional_update {
-                return Err(ApiError::invalid(
-                    &rt,
-                    name,
-                    vec![
-                        FieldCause::invalid_value(
-                            "metadata.resourceVersion",
-                            "0x0",
-                            "must be specified for an update",
-                        )
-                        .without_quotes(),
-                    ],
-                ));
+                return Err(ApiError::resource_version_required(&rt, name));
             }
         } else if new_rv != rv_of(&old) {
             return Err(ApiError::conflict(&rt, name));
@@ -1659,14 +1648,6 @@ impl Store {
                 }
             }
         }
-    }
-}
-
-impl FieldCause {
-    /// Go prints some invalid values unquoted (`Invalid value: 0x0`).
-    fn without_quotes(mut self) -> Self {
-        self.message = self.message.replacen("\"0x0\"", "0x0", 1);
-        self
     }
 }
 

@@ -716,3 +716,66 @@ pub async fn pod_binding_and_graceful_deletion(client: Client, ns: String) -> Ch
     );
     Ok(())
 }
+
+pub async fn delete_responses(client: Client, ns: String) -> CheckResult {
+    let backends: Api<SessionLivedBackend> = Api::namespaced(client.clone(), &ns);
+    backends
+        .create(&PostParams::default(), &backend("gone"))
+        .await?;
+    let deleted = backends.delete("gone", &DeleteParams::default()).await?;
+    match deleted {
+        either::Either::Right(status) => {
+            let details = status
+                .details
+                .clone()
+                .ok_or_else(|| CheckError::Failed("delete Status without details".into()))?;
+            ensure!(
+                details.name == "gone"
+                    && details.kind == "sessionlivedbackends"
+                    && details.group == "spawner.dev",
+                "delete Status details {details:?}"
+            );
+        }
+        either::Either::Left(_) => {
+            return Err(CheckError::Failed(
+                "custom resource delete returned the object, not a Status".into(),
+            ));
+        }
+    }
+    let mut held = backend("held");
+    held.metadata.finalizers = Some(vec!["spawner.dev/hold".into()]);
+    backends.create(&PostParams::default(), &held).await?;
+    match backends.delete("held", &DeleteParams::default()).await? {
+        either::Either::Left(b) => ensure!(
+            b.metadata.deletion_timestamp.is_some(),
+            "pending delete returned no deletionTimestamp"
+        ),
+        either::Either::Right(s) => {
+            return Err(CheckError::Failed(format!(
+                "pending delete returned a Status {s:?}"
+            )));
+        }
+    }
+    backends
+        .patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(&PostParams::default(), &pod("gone", json!({})))
+        .await?;
+    ensure!(
+        pods.delete("gone", &DeleteParams::default())
+            .await?
+            .is_left(),
+        "pod delete returned a Status"
+    );
+    let missing = super::api_error(
+        pods.delete("gone", &DeleteParams::default()).await,
+        "delete missing",
+    )?;
+    ensure!(missing.code == 404, "delete of a missing pod: {missing:?}");
+    Ok(())
+}

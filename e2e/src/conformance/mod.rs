@@ -76,6 +76,7 @@ pub fn all() -> Vec<Check> {
         crud::field_selectors,
         crud::pagination,
         crud::delete_collection,
+        crud::delete_responses,
         crud::leases_and_events,
         crud::pod_binding_and_graceful_deletion,
         gc::finalizers_hold_deletion,
