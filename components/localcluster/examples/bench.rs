@@ -77,8 +77,10 @@ async fn main() {
 
     let create_starts: Starts = Arc::default();
     let patch_starts: Starts = Arc::default();
+    let paced_starts: Starts = Arc::default();
     let added: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let modified: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let paced: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let rv = pods
         .list(&ListParams::default().limit(1))
         .await
@@ -100,30 +102,43 @@ async fn main() {
             added.clone(),
             modified.clone(),
         );
+        let (qs, q) = (paced_starts.clone(), paced.clone());
         watch_tasks.push(tokio::spawn(async move {
             let mut stream = stream.boxed();
-            let (mut n_added, mut n_modified) = (0, 0);
+            // Only the first MODIFIED per object and round is the measured write.
+            let mut seen = std::collections::HashSet::new();
             while let Some(Ok(ev)) = stream.next().await {
                 let now = Instant::now();
                 match ev {
                     WatchEvent::Added(p) => {
                         let name = p.metadata.name.unwrap_or_default();
+                        if name == "bench-end" {
+                            break;
+                        }
                         if let Some(t) = cs.lock().unwrap().get(&name) {
                             a.lock().unwrap().push(now - *t);
                         }
-                        n_added += 1;
                     }
                     WatchEvent::Modified(p) => {
+                        let round = p
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get("round").cloned());
                         let name = p.metadata.name.unwrap_or_default();
-                        if let Some(t) = ps.lock().unwrap().get(&name) {
-                            m.lock().unwrap().push(now - *t);
+                        let (starts, out) = match round.as_deref() {
+                            Some("bulk") => (&ps, &m),
+                            Some("paced") => (&qs, &q),
+                            _ => continue,
+                        };
+                        if !seen.insert((name.clone(), round)) {
+                            continue;
                         }
-                        n_modified += 1;
+                        if let Some(t) = starts.lock().unwrap().get(&name) {
+                            out.lock().unwrap().push(now - *t);
+                        }
                     }
                     _ => {}
-                }
-                if n_added == objects && n_modified == objects {
-                    break;
                 }
             }
         }));
@@ -159,7 +174,7 @@ async fn main() {
             async move {
                 let name = format!("bench-{i}");
                 starts.lock().unwrap().insert(name.clone(), Instant::now());
-                let patch = json!({"metadata": {"labels": {"patched": "yes"}}});
+                let patch = json!({"metadata": {"labels": {"round": "bulk"}}});
                 pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                     .unwrap();
@@ -172,6 +187,21 @@ async fn main() {
         took.as_secs_f64(),
         objects as f64 / took.as_secs_f64()
     );
+
+    // Paced writes (200/s): the latency of one event when the server is not saturated.
+    let paced_count = objects.min(500);
+    for i in 0..paced_count {
+        let name = format!("bench-{i}");
+        paced_starts
+            .lock()
+            .unwrap()
+            .insert(name.clone(), Instant::now());
+        let patch = json!({"metadata": {"labels": {"round": "paced"}}});
+        pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let status_started = Instant::now();
     futures::stream::iter(0..objects)
@@ -191,6 +221,13 @@ async fn main() {
         .await;
     let status_took = status_started.elapsed();
 
+    pods.create(&PostParams::default(), &{
+        let mut end = pod(0);
+        end.metadata.name = Some("bench-end".into());
+        end
+    })
+    .await
+    .unwrap();
     let drained = tokio::time::timeout(
         Duration::from_secs(120),
         futures::future::join_all(watch_tasks),
@@ -204,6 +241,7 @@ async fn main() {
     );
     report("ADDED", added.lock().unwrap().clone());
     report("MODIFIED", modified.lock().unwrap().clone());
+    report("MODIFIED, paced at 200/s", paced.lock().unwrap().clone());
     println!(
         "status patches: {objects} in {:.2} s = {:.0} patches/s",
         status_took.as_secs_f64(),
@@ -219,7 +257,7 @@ async fn main() {
     );
     let started = Instant::now();
     let page = pods
-        .list(&ListParams::default().labels("patched=yes").limit(500))
+        .list(&ListParams::default().labels("round=bulk").limit(500))
         .await
         .unwrap();
     println!(
