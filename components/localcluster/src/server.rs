@@ -366,6 +366,23 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
             "gitCommit": "", "gitTreeState": "clean", "buildDate": "",
             "goVersion": "", "compiler": "rustc", "platform": "linux/amd64",
         })),
+        "/openapi/v3" => {
+            let mut paths = serde_json::Map::new();
+            let mut gvs = vec![("", "v1")];
+            gvs.extend(resources::groups(types));
+            for (g, v) in gvs {
+                let key = if g.is_empty() {
+                    format!("api/{v}")
+                } else {
+                    format!("apis/{g}/{v}")
+                };
+                paths.insert(
+                    key.clone(),
+                    json!({"serverRelativeURL": format!("/openapi/v3/{key}?hash=localcluster")}),
+                );
+            }
+            ok(json!({"paths": paths}))
+        }
         "/api" => ok(json!({
             "kind": "APIVersions",
             "versions": ["v1"],
@@ -381,6 +398,7 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
                 .collect();
             ok(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
         }
+        _ if path.starts_with("/openapi/v3/") => openapi_v3(types, &path["/openapi/v3/".len()..]),
         _ => {
             let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
             let (group, version) = match segs.as_slice() {
@@ -413,6 +431,49 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
             )
         }
     }
+}
+
+/// A minimal OpenAPI v3 document of one group/version: for each type, its PATCH operation
+/// with the `fieldValidation` parameter. That is what kubectl looks up to decide that the
+/// server validates fields itself (then it sends `fieldValidation=Strict` and needs no schema).
+fn openapi_v3(types: &[ResourceType], gv: &str) -> Option<Response> {
+    let segs: Vec<&str> = gv.trim_matches('/').split('/').collect();
+    let (group, version) = match segs.as_slice() {
+        ["api", v] => ("", *v),
+        ["apis", g, v] => (*g, *v),
+        _ => return None,
+    };
+    let mut paths = serde_json::Map::new();
+    for t in types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+    {
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        let path = if t.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", t.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", t.plural)
+        };
+        paths.insert(
+            path,
+            json!({"patch": {
+                "x-kubernetes-group-version-kind": {"group": t.group, "version": t.version, "kind": t.kind},
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}}],
+                "responses": {"200": {"description": "OK"}},
+            }}),
+        );
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(value_response(
+        200,
+        &json!({"openapi": "3.0.0", "info": {"title": "localcluster", "version": "v1.34.0"}, "paths": paths, "components": {"schemas": {}}}),
+    ))
 }
 
 fn parse_json(body: &Bytes, rt: &ResourceType) -> Result<Value, ApiError> {

@@ -122,6 +122,39 @@ async fn kubectl_get_watch_and_delete() {
         "{created}"
     );
 
+    // `apply` patches what changed (merge patch for the backend, strategic merge for the pod).
+    let changed = MANIFEST
+        .replace(
+            "        command: [\"app\"]",
+            "        command: [\"app\"]\n  gracePeriodSeconds: 60",
+        )
+        .replace(
+            "  name: demo-pod\n",
+            "  name: demo-pod\n  labels: {tier: web}\n",
+        );
+    let applied = kubectl.run(&["apply", "-f", "-"], Some(&changed)).await;
+    assert!(
+        applied.contains("sessionlivedbackend.spawner.dev/demo configured"),
+        "{applied}"
+    );
+    let grace = kubectl
+        .run(
+            &[
+                "get",
+                "slab",
+                "demo",
+                "-o",
+                "jsonpath={.spec.gracePeriodSeconds}",
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(grace.trim(), "60");
+    let labels = kubectl
+        .run(&["get", "pods", "-l", "tier=web", "-o", "name"], None)
+        .await;
+    assert_eq!(labels.trim(), "pod/demo-pod");
+
     let got = kubectl.run(&["get", "slab,pods,svc"], None).await;
     assert!(
         got.contains("sessionlivedbackend.spawner.dev/demo"),
