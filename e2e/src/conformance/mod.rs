@@ -97,6 +97,7 @@ pub fn all() -> Vec<Check> {
         bad_input::custom_resource_schema_prunes_defaults_and_validates,
         runtime::watcher_and_reflector,
         runtime::controller_reconciles_and_requeues,
+        runtime::event_recorder_publishes_and_counts,
     ]
 }
 

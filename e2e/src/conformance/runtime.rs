@@ -194,3 +194,65 @@ pub async fn controller_reconciles_and_requeues(client: Client, ns: String) -> C
     ensure!(count(&ctx, "ctl-b") >= 1, "ctl-b never reconciled");
     Ok(())
 }
+
+pub async fn event_recorder_publishes_and_counts(client: Client, ns: String) -> CheckResult {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event;
+    use kube::Resource;
+    use kube::runtime::events::{Event as RecordedEvent, EventType, Recorder};
+
+    let backends: Api<SessionLivedBackend> = Api::namespaced(client.clone(), &ns);
+    let b = backends
+        .create(&PostParams::default(), &backend("recorded"))
+        .await?;
+    let recorder = Recorder::new(client.clone(), "spawner-conformance".into());
+    let event = RecordedEvent {
+        type_: EventType::Normal,
+        reason: "Constructed".into(),
+        note: Some("pod and service created".into()),
+        action: "Construct".into(),
+        secondary: None,
+    };
+    let reference = b.object_ref(&());
+    recorder.publish(&event, &reference).await?;
+    recorder.publish(&event, &reference).await?;
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let list = events.list(&Default::default()).await?;
+    ensure!(
+        list.items.len() == 1,
+        "recorder made {} events, want 1 with a series",
+        list.items.len()
+    );
+    let ev = &list.items[0];
+    ensure!(
+        ev.reason.as_deref() == Some("Constructed"),
+        "reason {:?}",
+        ev.reason
+    );
+    ensure!(
+        ev.series.as_ref().map(|s| s.count) == Some(2),
+        "series {:?}",
+        ev.series
+    );
+    ensure!(
+        ev.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("recorded"),
+        "regarding {:?}",
+        ev.regarding
+    );
+    // `kubectl get events` reads core/v1: the same event is there.
+    let core: Api<CoreEvent> = Api::namespaced(client, &ns);
+    let core_list = core
+        .list(&kube::api::ListParams::default().fields("involvedObject.name=recorded"))
+        .await?;
+    ensure!(
+        core_list.items.len() == 1,
+        "core/v1 view has {} events",
+        core_list.items.len()
+    );
+    ensure!(
+        core_list.items[0].message.as_deref() == Some("pod and service created"),
+        "core message {:?}",
+        core_list.items[0].message
+    );
+    Ok(())
+}
