@@ -81,6 +81,37 @@ pub fn prune_and_default(schema: &Value, value: &mut Value) {
     }
 }
 
+/// The fields `prune_and_default` would drop, as paths (`bar`, `spec.foo`), depth first in key
+/// order: what `fieldValidation=Strict` reports.
+pub fn unknown_fields(schema: &Value, value: &Value, path: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Object(obj) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let preserve = schema
+                .get("x-kubernetes-preserve-unknown-fields")
+                .and_then(Value::as_bool)
+                == Some(true);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            for (k, v) in obj {
+                let child = join(path, k);
+                match (props.and_then(|p| p.get(k)), additional) {
+                    (Some(sub), _) | (None, Some(sub)) => unknown_fields(sub, v, &child, out),
+                    (None, None) if props.is_some() && !preserve => out.push(child),
+                    (None, None) => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(sub) = schema.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    unknown_fields(sub, item, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Validates `value` at `path` against `schema`, appending 422 causes.
 pub fn validate(schema: &Value, value: &Value, path: &str, causes: &mut Vec<FieldCause>) {
     if value.is_null() && schema.get("nullable").and_then(Value::as_bool) == Some(true) {
@@ -260,6 +291,16 @@ mod tests {
             obj,
             json!({"metadata": {"name": "x"}, "spec": {"port": 8080, "template": {"extra": 1, "list": ["a"]}}})
         );
+    }
+
+    #[test]
+    fn strict_validation_lists_unknown_fields() {
+        let obj = json!({"bar": 1, "spec": {"foo": 2, "template": {"kept": 3}}});
+        let mut unknown = Vec::new();
+        let mut top = schema();
+        top["properties"]["metadata"] = json!({"type": "object"});
+        unknown_fields(&top, &obj, "", &mut unknown);
+        assert_eq!(unknown, ["bar", "spec.foo"]);
     }
 
     #[test]

@@ -476,6 +476,35 @@ fn openapi_v3(types: &[ResourceType], gv: &str) -> Option<Response> {
     ))
 }
 
+/// `fieldValidation=Strict` (what kubectl sends): unknown fields of a custom resource are a
+/// 400 instead of being pruned.
+fn strict_check(q: &Query, rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    let (Some("Strict"), Some(schema)) = (q.get("fieldValidation"), &rt.schema) else {
+        return Ok(());
+    };
+    let mut unknown = Vec::new();
+    let mut body = obj.clone();
+    if let Some(m) = body.as_object_mut() {
+        for k in ["apiVersion", "kind", "metadata"] {
+            m.remove(k);
+        }
+    }
+    crate::schema::unknown_fields(schema, &body, "", &mut unknown);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let list = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ApiError::bad_request(format!(
+        "{kind} in version \"{}\" cannot be handled as a {kind}: strict decoding error: {list}",
+        rt.version,
+        kind = rt.kind
+    )))
+}
+
 fn parse_json(body: &Bytes, rt: &ResourceType) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
@@ -671,6 +700,7 @@ async fn serve_resource(
         }
         ("create", None) => {
             let obj = convert_in(parse_json(&body, rt)?);
+            strict_check(q, stored_rt, &obj)?;
             let created =
                 cluster
                     .store()
@@ -680,6 +710,7 @@ async fn serve_resource(
         }
         ("update", Some(name)) => {
             let obj = convert_in(parse_json(&body, rt)?);
+            strict_check(q, stored_rt, &obj)?;
             let updated =
                 cluster
                     .store()

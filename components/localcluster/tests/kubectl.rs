@@ -37,6 +37,12 @@ impl Kubectl {
     }
 
     async fn run(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let (ok, stdout, stderr) = self.output(args, stdin).await;
+        assert!(ok, "kubectl {args:?} failed: {stderr}\n{stdout}");
+        stdout
+    }
+
+    async fn output(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
         let mut c = self.command(args);
         c.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -54,11 +60,7 @@ impl Kubectl {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {stderr}\n{stdout}"
-        );
-        stdout
+        (out.status.success(), stdout, stderr)
     }
 }
 
@@ -120,6 +122,19 @@ async fn kubectl_get_watch_and_delete() {
     assert!(
         created.contains("sessionlivedbackend.spawner.dev/demo created"),
         "{created}"
+    );
+
+    // kubectl asks for strict field validation: a typo in a backend is refused, not pruned.
+    let typo = MANIFEST
+        .split("---")
+        .next()
+        .unwrap()
+        .replace("name: demo\n", "name: typo\n")
+        .replace("  template:", "  gracePeriod: 5\n  template:");
+    let (ok, _, stderr) = kubectl.output(&["create", "-f", "-"], Some(&typo)).await;
+    assert!(
+        !ok && stderr.contains("strict decoding error: unknown field \"spec.gracePeriod\""),
+        "{stderr}"
     );
 
     // `apply` patches what changed (merge patch for the backend, strategic merge for the pod).
