@@ -88,6 +88,23 @@ async fn install_crd(client: &Client) {
     panic!("the SessionLivedBackend CRD is not served");
 }
 
+/// The same suite against kube-apiserver + etcd + kube-controller-manager from the control-plane
+/// harness (skips with a message where the binaries cannot be built): every difference from
+/// localcluster is a localcluster bug or a documented gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_against_kube_apiserver() {
+    let Some(control_plane) = spawner_e2e::controlplane::ControlPlane::shared_or_skip(
+        "conformance_against_kube_apiserver",
+    )
+    .await
+    else {
+        return;
+    };
+    let client = control_plane.admin_client().await.expect("admin client");
+    install_crd(&client).await;
+    run_suite(client, &format!("conf-real-{}", std::process::id())).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_against_configured_cluster() {
     let Ok(path) = std::env::var("SPAWNER_CONFORMANCE_KUBECONFIG") else {

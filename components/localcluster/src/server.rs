@@ -1183,3 +1183,70 @@ fn watch_response(
     });
     Ok((headers, Body::from_stream(stream)).into_response())
 }
+
+impl Cluster {
+    /// Every stored object of the resource `plural` in API group `group` (`""` for core), in
+    /// key order. For in-process observers — the simulator's invariant checker — that must see
+    /// the store as it is at this instant, not through a watch.
+    pub fn snapshot(&self, group: &str, plural: &str) -> Vec<Arc<serde_json::Value>> {
+        let Some(kind) = self
+            .types()
+            .iter()
+            .position(|t| t.group == group && t.plural == plural)
+        else {
+            return Vec::new();
+        };
+        // events.k8s.io Events are stored as core Events and shown converted.
+        let stored = if kind == resources::NEW_EVENTS {
+            resources::CORE_EVENTS
+        } else {
+            kind
+        };
+        let labels = crate::selector::LabelSelector::default();
+        let fields = crate::selector::FieldSelector::default();
+        let filter = crate::store::Filter {
+            namespace: None,
+            labels: &labels,
+            fields: &fields,
+        };
+        let items = self
+            .store()
+            .list(stored, &filter, None, None)
+            .map(|list| list.items)
+            .unwrap_or_default();
+        if kind == resources::NEW_EVENTS {
+            items
+                .into_iter()
+                .map(|o| Arc::new(crate::events::to_new(&o)))
+                .collect()
+        } else {
+            items
+        }
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_sees_stored_objects_of_one_type() {
+        let cluster = Cluster::new(ServerConfig::default(), Arc::new(crate::SystemClock));
+        let namespaces = cluster.snapshot("", "namespaces");
+        let names: Vec<_> = namespaces
+            .iter()
+            .map(|n| {
+                n["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["default", "kube-node-lease", "kube-public", "kube-system"]
+        );
+        assert!(cluster.snapshot("", "pods").is_empty());
+        assert!(cluster.snapshot("nope", "things").is_empty());
+    }
+}

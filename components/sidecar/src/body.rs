@@ -1,0 +1,188 @@
+//! Request and response bodies of the data path: streamed frame by frame, never buffered, with
+//! byte counting and the live-connection guard riding along.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+
+use crate::monitor::{LiveGuard, Monitor};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A chunked request body grew past `SidecarConfig::max_request_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub(crate) struct BodyTooLarge(pub u64);
+
+/// The body sent to the application.
+#[derive(Debug)]
+pub(crate) enum RequestBody {
+    Empty,
+    Client {
+        inner: Incoming,
+        monitor: Arc<Monitor>,
+        seen: u64,
+        limit: Option<u64>,
+    },
+}
+
+impl RequestBody {
+    pub fn from_client(inner: Incoming, monitor: &Arc<Monitor>, limit: Option<u64>) -> Self {
+        if inner.is_end_stream() {
+            return RequestBody::Empty;
+        }
+        RequestBody::Client {
+            inner,
+            monitor: Arc::clone(monitor),
+            seen: 0,
+            limit,
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let RequestBody::Client { monitor, seen, .. } = self
+            && *seen > 0
+        {
+            monitor
+                .counters
+                .bytes_from_clients
+                .fetch_add(*seen, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Client {
+                inner, seen, limit, ..
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        *seen += data.len() as u64;
+                        if let Some(limit) = *limit
+                            && *seen > limit
+                        {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Client { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Client { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// The body sent to the client.
+#[derive(Debug)]
+pub(crate) enum ResponseBody {
+    /// A response of the sidecar itself.
+    Full(Option<Bytes>),
+    /// The application's response, streamed; the request is live until this is dropped.
+    Proxied {
+        inner: Incoming,
+        guard: LiveGuard,
+        sent: u64,
+    },
+    /// The event stream, fed by its task.
+    Events(mpsc::Receiver<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        ResponseBody::Full(Some(bytes.into()))
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody::Full(None)
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let ResponseBody::Proxied { guard, sent, .. } = self
+            && *sent > 0
+        {
+            guard
+                .monitor()
+                .counters
+                .bytes_to_clients
+                .fetch_add(*sent, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Proxied { inner, sent, .. } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        *sent += data.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            ResponseBody::Events(rx) => rx.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(bytes) => bytes.is_none(),
+            ResponseBody::Proxied { inner, .. } => inner.is_end_stream(),
+            ResponseBody::Events(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Proxied { inner, .. } => inner.size_hint(),
+            ResponseBody::Events(_) => SizeHint::default(),
+        }
+    }
+}

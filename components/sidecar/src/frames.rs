@@ -1,0 +1,296 @@
+//! Just enough of the WebSocket framing (RFC 6455 §5.2) to relay a connection byte for byte
+//! while the sidecar pings the client itself:
+//! - [`FrameCursor`] follows frame boundaries of the application → client stream, so a ping can
+//!   be slipped in between two frames;
+//! - [`ClientFilter`] follows the client → application stream and removes the pongs that answer
+//!   the sidecar's own pings (the application never sent those pings).
+//!
+//! Payloads are never decoded, unmasked or copied aside; only headers (≤ 14 bytes) and the
+//! sidecar's own pong (≤ 14 + 8 bytes) are held between reads.
+
+/// Payload of the sidecar's pings; a client's pong echoes it.
+pub(crate) const PING_PAYLOAD: [u8; 8] = *b"spawner1";
+
+const OPCODE_CLOSE: u8 = 0x8;
+const OPCODE_PONG: u8 = 0xA;
+const MAX_HEADER: usize = 14;
+
+/// Bytes that must be free in front of the data handed to [`ClientFilter::filter`].
+pub(crate) const FILTER_HEADROOM: usize = MAX_HEADER + PING_PAYLOAD.len();
+
+/// The sidecar's ping frame, server → client (unmasked).
+pub(crate) fn ping_frame() -> [u8; 2 + PING_PAYLOAD.len()] {
+    let mut frame = [0u8; 2 + PING_PAYLOAD.len()];
+    frame[0] = 0x80 | 0x9;
+    frame[1] = PING_PAYLOAD.len() as u8;
+    frame[2..].copy_from_slice(&PING_PAYLOAD);
+    frame
+}
+
+/// A close frame with status 1001 (going away), client → server (masked, as clients must).
+pub(crate) fn going_away_frame() -> [u8; 8] {
+    let mask = [0x5a, 0xc3, 0x3c, 0xa5];
+    let code = 1001u16.to_be_bytes();
+    [
+        0x80 | OPCODE_CLOSE,
+        0x80 | 2,
+        mask[0],
+        mask[1],
+        mask[2],
+        mask[3],
+        code[0] ^ mask[0],
+        code[1] ^ mask[1],
+    ]
+}
+
+/// Length of the header that starts with `b0, b1`.
+fn header_len(b1: u8) -> usize {
+    let ext = match b1 & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
+    2 + ext + mask
+}
+
+/// Payload length of a complete header.
+fn payload_len(header: &[u8]) -> u64 {
+    match header[1] & 0x7f {
+        126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
+        127 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&header[2..10]);
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    }
+}
+
+/// Follows frame boundaries in one direction of a WebSocket.
+#[derive(Debug, Default)]
+pub(crate) struct FrameCursor {
+    header: [u8; MAX_HEADER],
+    header_have: u8,
+    payload_left: u64,
+}
+
+impl FrameCursor {
+    /// Between two frames: a control frame may be inserted here.
+    pub fn at_boundary(&self) -> bool {
+        self.header_have == 0 && self.payload_left == 0
+    }
+
+    /// Advances over bytes that are passed on unchanged.
+    pub fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = usize::try_from(self.payload_left)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                self.payload_left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let have = usize::from(self.header_have);
+            self.header[have] = data[0];
+            data = &data[1..];
+            let have = have + 1;
+            if have >= 2 && have == header_len(self.header[1]) {
+                self.payload_left = payload_len(&self.header[..have]);
+                self.header_have = 0;
+            } else {
+                self.header_have = have as u8;
+            }
+        }
+    }
+}
+
+/// Follows the client → application stream and drops the pongs answering the sidecar's pings.
+#[derive(Debug, Default)]
+pub(crate) struct ClientFilter {
+    /// The frame being read: its header, plus the payload when it may be our pong.
+    held: [u8; FILTER_HEADROOM],
+    held_len: usize,
+    /// Once `held` is complete: bytes of `held` the frame has in total.
+    held_target: usize,
+    /// Payload bytes of the current frame still to pass through.
+    payload_left: u64,
+}
+
+impl ClientFilter {
+    /// Between two frames.
+    pub fn at_boundary(&self) -> bool {
+        self.held_len == 0 && self.payload_left == 0
+    }
+
+    /// Filters `buf[start..end]` in place and returns the range to forward. `start` must be at
+    /// least [`FILTER_HEADROOM`]: bytes held from an earlier read may be written before it.
+    pub fn filter(&mut self, buf: &mut [u8], start: usize, end: usize) -> (usize, usize) {
+        debug_assert!(start >= FILTER_HEADROOM);
+        // Fast path: the whole read is payload of a frame already being passed on.
+        if self.payload_left >= (end - start) as u64 {
+            self.payload_left -= (end - start) as u64;
+            return (start, end);
+        }
+        // Held bytes of a frame begun earlier go in front of this read, if they are kept.
+        let out_start = start - self.held_len;
+        let mut w = out_start;
+        let mut r = start;
+        while r < end {
+            if self.payload_left > 0 {
+                let n = usize::try_from(self.payload_left)
+                    .unwrap_or(usize::MAX)
+                    .min(end - r);
+                buf.copy_within(r..r + n, w);
+                w += n;
+                r += n;
+                self.payload_left -= n as u64;
+                continue;
+            }
+            self.held[self.held_len] = buf[r];
+            self.held_len += 1;
+            r += 1;
+            if self.held_len == 2 {
+                self.held_target = header_len(self.held[1]);
+            }
+            if self.held_len < 2 || self.held_len < self.held_target {
+                continue;
+            }
+            if self.held_len == header_len(self.held[1]) {
+                let len = payload_len(&self.held[..self.held_len]);
+                let masked = self.held[1] & 0x80 != 0;
+                let may_be_ours = self.held[0] & 0x0f == OPCODE_PONG
+                    && masked
+                    && len == PING_PAYLOAD.len() as u64;
+                if may_be_ours {
+                    self.held_target = self.held_len + PING_PAYLOAD.len();
+                    continue;
+                }
+                // Not ours: pass the header on, then the payload.
+                buf[w..w + self.held_len].copy_from_slice(&self.held[..self.held_len]);
+                w += self.held_len;
+                self.held_len = 0;
+                self.held_target = 0;
+                self.payload_left = len;
+                continue;
+            }
+            // A complete candidate pong: header (with mask) and payload.
+            let header = self.held_len - PING_PAYLOAD.len();
+            let mask = [
+                self.held[header - 4],
+                self.held[header - 3],
+                self.held[header - 2],
+                self.held[header - 1],
+            ];
+            let ours = self.held[header..self.held_len]
+                .iter()
+                .enumerate()
+                .all(|(i, b)| b ^ mask[i % 4] == PING_PAYLOAD[i]);
+            if !ours {
+                buf[w..w + self.held_len].copy_from_slice(&self.held[..self.held_len]);
+                w += self.held_len;
+            }
+            self.held_len = 0;
+            self.held_target = 0;
+        }
+        (out_start, w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame (masked).
+    fn client_frame(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        let len = payload.len();
+        if len < 126 {
+            f.push(0x80 | len as u8);
+        } else if len <= 0xffff {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    fn filter_in_pieces(filter: &mut ClientFilter, wire: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &cut in cuts.iter().chain([wire.len()].iter()) {
+            let piece = &wire[last..cut];
+            let mut buf = vec![0u8; FILTER_HEADROOM + piece.len()];
+            buf[FILTER_HEADROOM..].copy_from_slice(piece);
+            let (a, b) = filter.filter(&mut buf, FILTER_HEADROOM, FILTER_HEADROOM + piece.len());
+            out.extend_from_slice(&buf[a..b]);
+            last = cut;
+        }
+        out
+    }
+
+    #[test]
+    fn our_pongs_are_removed_and_everything_else_kept() {
+        let text = client_frame(0x1, b"hello", [1, 2, 3, 4]);
+        let our_pong = client_frame(OPCODE_PONG, &PING_PAYLOAD, [9, 8, 7, 6]);
+        let app_pong = client_frame(OPCODE_PONG, b"app-ping", [9, 8, 7, 6]);
+        let big = client_frame(0x2, &vec![7u8; 70_000], [5, 5, 5, 5]);
+        let mid = client_frame(0x2, &vec![3u8; 300], [1, 1, 1, 1]);
+        let wire: Vec<u8> = [&text[..], &our_pong, &big, &app_pong, &our_pong, &mid].concat();
+        let expected: Vec<u8> = [&text[..], &big, &app_pong, &mid].concat();
+        for cuts in [
+            vec![],
+            (1..wire.len()).collect::<Vec<_>>(),
+            vec![3, 9, 12, 20, 100, 70_020, 70_030],
+        ] {
+            let mut filter = ClientFilter::default();
+            assert_eq!(filter_in_pieces(&mut filter, &wire, &cuts), expected);
+            assert!(filter.at_boundary());
+        }
+    }
+
+    #[test]
+    fn cursor_finds_boundaries_in_any_split() {
+        let server_frame = |len: usize| {
+            let mut f = vec![0x82];
+            if len < 126 {
+                f.push(len as u8);
+            } else {
+                f.push(126);
+                f.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            f.extend(std::iter::repeat_n(0u8, len));
+            f
+        };
+        let frames = [server_frame(3), server_frame(0), server_frame(1000)];
+        let wire = frames.concat();
+        let ends: Vec<usize> = frames
+            .iter()
+            .scan(0, |acc, f| {
+                *acc += f.len();
+                Some(*acc)
+            })
+            .collect();
+        let mut cursor = FrameCursor::default();
+        for i in 0..wire.len() {
+            cursor.advance(&wire[i..i + 1]);
+            assert_eq!(cursor.at_boundary(), ends.contains(&(i + 1)), "at {i}");
+        }
+    }
+
+    #[test]
+    fn control_frames_are_well_formed() {
+        assert_eq!(ping_frame()[..2], [0x89, 8]);
+        let close = going_away_frame();
+        let mask = &close[2..6];
+        assert_eq!(
+            [close[6] ^ mask[0], close[7] ^ mask[1]],
+            1001u16.to_be_bytes()
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! The connection monitor: live connections, last activity and readiness, plus the counters
+//! behind `/_spawner/metrics`.
+//!
+//! The data path only touches atomics. A publisher task turns changes into a
+//! `watch` channel of [`Activity`] snapshots (coalesced, so a busy proxy does not flood event
+//! subscribers), which the event stream and an embedding process read.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use spawner_core::events::{PROTOCOL_VERSION, SidecarState};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+/// What changes in a sidecar's state, without the ever-growing idle time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Activity {
+    /// The application accepts TCP connections on its port.
+    pub ready: bool,
+    /// Open WebSockets plus HTTP requests in flight.
+    pub live_connections: u64,
+    /// The last connect, disconnect or request (`tokio::time`, so the simulator controls it).
+    pub last_active: Instant,
+}
+
+impl Activity {
+    /// The protocol state at `now`.
+    pub fn state_at(&self, now: Instant) -> SidecarState {
+        SidecarState {
+            v: PROTOCOL_VERSION,
+            ready: self.ready,
+            live_connections: self.live_connections,
+            seconds_since_active: now.saturating_duration_since(self.last_active).as_secs(),
+        }
+    }
+}
+
+/// Monotonic counters for `/_spawner/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub requests: AtomicU64,
+    pub websockets: AtomicU64,
+    pub dead_clients: AtomicU64,
+    pub bytes_from_clients: AtomicU64,
+    pub bytes_to_clients: AtomicU64,
+    pub upstream_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Monitor {
+    epoch: Instant,
+    live: AtomicU64,
+    ready: AtomicBool,
+    /// Milliseconds from `epoch` to the last activity.
+    last_active_ms: AtomicU64,
+    /// Set by every change, cleared by the publisher; `changed` is notified only on the
+    /// false → true edge so the hot path rarely touches the notifier.
+    dirty: AtomicBool,
+    changed: Notify,
+    /// Woken when the proxy sees the application refuse a connection.
+    pub probe_wake: Notify,
+    pub counters: Counters,
+    published: watch::Sender<Activity>,
+}
+
+impl Monitor {
+    pub fn new() -> Arc<Self> {
+        let epoch = Instant::now();
+        let (published, _) = watch::channel(Activity {
+            ready: false,
+            live_connections: 0,
+            last_active: epoch,
+        });
+        Arc::new(Self {
+            epoch,
+            live: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            last_active_ms: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+            changed: Notify::new(),
+            probe_wake: Notify::new(),
+            counters: Counters::default(),
+            published,
+        })
+    }
+
+    /// The current state, read from the atomics (not the coalesced snapshot).
+    pub fn activity(&self) -> Activity {
+        Activity {
+            ready: self.ready.load(Ordering::SeqCst),
+            live_connections: self.live.load(Ordering::SeqCst),
+            last_active: self.epoch
+                + Duration::from_millis(self.last_active_ms.load(Ordering::SeqCst)),
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Activity> {
+        self.published.subscribe()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        if self.ready.swap(ready, Ordering::SeqCst) != ready {
+            self.mark_changed();
+        }
+    }
+
+    /// The proxy could not reach the application: not ready until the probe says otherwise.
+    pub fn upstream_unreachable(&self) {
+        self.counters
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
+        self.set_ready(false);
+        self.probe_wake.notify_one();
+    }
+
+    fn touch(&self) {
+        let ms = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis();
+        self.last_active_ms
+            .fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    fn mark_changed(&self) {
+        if !self.dirty.swap(true, Ordering::SeqCst) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// A proxied request or WebSocket begins; it is live until the guard drops.
+    pub fn connection_started(self: &Arc<Self>) -> LiveGuard {
+        self.touch();
+        self.live.fetch_add(1, Ordering::SeqCst);
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.mark_changed();
+        LiveGuard {
+            monitor: Arc::clone(self),
+        }
+    }
+
+    /// Publishes changes to the watch channel, at most one snapshot per `coalesce`.
+    pub async fn publish(self: Arc<Self>, coalesce: Duration) {
+        loop {
+            self.changed.notified().await;
+            self.dirty.store(false, Ordering::SeqCst);
+            let now = self.activity();
+            self.published.send_if_modified(|current| {
+                let modified = *current != now;
+                *current = now;
+                modified
+            });
+            if !coalesce.is_zero() {
+                tokio::time::sleep(coalesce).await;
+            }
+        }
+    }
+}
+
+/// One live connection: counted from creation until drop, whatever ends it (completion, a
+/// client reset, a dead-client timeout or a drain).
+#[derive(Debug)]
+pub(crate) struct LiveGuard {
+    monitor: Arc<Monitor>,
+}
+
+impl LiveGuard {
+    pub fn monitor(&self) -> &Arc<Monitor> {
+        &self.monitor
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let m = &self.monitor;
+        m.touch();
+        m.live.fetch_sub(1, Ordering::SeqCst);
+        m.mark_changed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn guards_count_up_and_down_and_touch_activity() {
+        let monitor = Monitor::new();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let before = monitor.activity();
+        assert_eq!(before.state_at(Instant::now()).seconds_since_active, 5);
+        let a = monitor.connection_started();
+        let b = monitor.connection_started();
+        assert_eq!(monitor.activity().live_connections, 2);
+        drop(a);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        drop(b);
+        let after = monitor.activity();
+        assert_eq!(after.live_connections, 0);
+        assert_eq!(after.state_at(Instant::now()).seconds_since_active, 0);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(
+            monitor
+                .activity()
+                .state_at(Instant::now())
+                .seconds_since_active,
+            4
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publisher_coalesces_but_ends_at_the_truth() {
+        let monitor = Monitor::new();
+        let mut rx = monitor.subscribe();
+        let task = tokio::spawn(Arc::clone(&monitor).publish(Duration::from_millis(50)));
+        let guards: Vec<_> = (0..10).map(|_| monitor.connection_started()).collect();
+        rx.changed().await.expect("publisher alive");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rx.borrow_and_update().live_connections, 10);
+        drop(guards);
+        monitor.set_ready(true);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let last = *rx.borrow_and_update();
+        assert_eq!(last.live_connections, 0);
+        assert!(last.ready);
+        task.abort();
+    }
+}

@@ -1,0 +1,371 @@
+//! One client connection: hyper's HTTP/1.1 server in front, requests routed to the reserved
+//! paths, the WebSocket relay or the application.
+//!
+//! Each client connection owns at most one keep-alive connection to the application: HTTP/1.1
+//! serves one request at a time per connection, so a 1:1 pairing needs no shared pool, no lock
+//! contention, and keeps the application's view of connections close to the clients'.
+
+use std::convert::Infallible;
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1 as client_http1;
+use hyper::server::conn::http1 as server_http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::body::{BodyTooLarge, RequestBody, ResponseBody};
+use crate::drain::{self, DrainState, TaskGuard};
+use crate::reserved::{self, RESERVED_PREFIX};
+use crate::{Connect, Listener, Shared, websocket};
+
+type Sender = client_http1::SendRequest<RequestBody>;
+
+/// A client connection's state shared by its requests.
+pub(crate) struct ClientConn<C> {
+    pub shared: Arc<Shared<C>>,
+    pub peer: SocketAddr,
+    upstream: Mutex<Option<Sender>>,
+}
+
+pub(crate) async fn serve_connection<L: Listener, C: Connect>(
+    shared: Arc<Shared<C>>,
+    io: L::Io,
+    peer: SocketAddr,
+    _task: TaskGuard,
+) {
+    let mut drain = shared.drain.subscribe();
+    if *drain.borrow() != DrainState::Running {
+        return;
+    }
+    let config = &shared.config;
+    let conn_state = Arc::new(ClientConn {
+        shared: Arc::clone(&shared),
+        peer,
+        upstream: Mutex::new(None),
+    });
+    let service = service_fn(move |req| {
+        let conn_state = Arc::clone(&conn_state);
+        async move { Ok::<_, Infallible>(route::<L, C>(conn_state, req).await) }
+    });
+    let mut builder = server_http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .max_headers(config.max_headers);
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+            return;
+        }
+        () = drain::reached(&mut drain, DrainState::Draining) => {}
+    }
+    // Draining: finish the request in flight, then close instead of keeping alive.
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = drain::reached(&mut drain, DrainState::Abort) => {}
+    }
+}
+
+async fn route<L: Listener, C: Connect>(
+    conn: Arc<ClientConn<C>>,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    if req.uri().path().starts_with(RESERVED_PREFIX) {
+        return reserved::handle(&conn.shared, &req);
+    }
+    if websocket::is_upgrade(&req) {
+        return websocket::proxy::<L, C>(&conn, req).await;
+    }
+    forward(&conn, req).await
+}
+
+/// Proxies one plain HTTP request over the connection's keep-alive connection to the app.
+async fn forward<C: Connect>(
+    conn: &ClientConn<C>,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let shared = &conn.shared;
+    let guard = shared.monitor.connection_started();
+    let limit = shared.config.max_request_body_bytes;
+    if let Some(limit) = limit
+        && content_length(req.headers()).is_some_and(|len| len > limit)
+    {
+        return reserved::plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    }
+    let (mut parts, body) = req.into_parts();
+    prepare_request_headers(&mut parts.headers, conn.peer, false);
+    parts.uri = origin_form(&parts.uri);
+    let req = Request::from_parts(
+        parts,
+        RequestBody::from_client(body, &shared.monitor, limit),
+    );
+
+    match send(conn, req).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            Response::from_parts(
+                parts,
+                ResponseBody::Proxied {
+                    inner: body,
+                    guard,
+                    sent: 0,
+                },
+            )
+        }
+        Err(e) => e.into_response(shared),
+    }
+}
+
+/// Why a request could not be forwarded.
+#[derive(Debug)]
+pub(crate) enum UpstreamError {
+    /// The application does not accept connections.
+    Connect(std::io::Error),
+    /// The request body exceeded the limit.
+    TooLarge,
+    /// The application took the connection but failed the exchange.
+    Exchange(hyper::Error),
+}
+
+impl UpstreamError {
+    pub fn into_response<C: Connect>(self, shared: &Shared<C>) -> Response<ResponseBody> {
+        match self {
+            UpstreamError::Connect(e) => {
+                tracing::warn!(upstream = %shared.config.upstream, error = %e, "application refused the connection");
+                shared.monitor.upstream_unreachable();
+                bad_gateway(format!(
+                    "502 Bad Gateway: the application is not accepting connections on {} ({e})\n",
+                    shared.config.upstream
+                ))
+            }
+            UpstreamError::TooLarge => {
+                reserved::plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+            }
+            UpstreamError::Exchange(e) => {
+                shared
+                    .monitor
+                    .counters
+                    .upstream_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(error = %e, "upstream exchange failed");
+                bad_gateway(format!(
+                    "502 Bad Gateway: the application failed to answer ({e})\n"
+                ))
+            }
+        }
+    }
+}
+
+fn bad_gateway(text: String) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(text));
+    *response.status_mut() = StatusCode::BAD_GATEWAY;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn classify(e: hyper::Error) -> UpstreamError {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<BodyTooLarge>() {
+            return UpstreamError::TooLarge;
+        }
+        source = s.source();
+    }
+    UpstreamError::Exchange(e)
+}
+
+/// Sends over the connection's upstream connection, dialling a new one when there is none or
+/// the kept one was closed before the request could be written.
+async fn send<C: Connect>(
+    conn: &ClientConn<C>,
+    req: Request<RequestBody>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let kept = conn.upstream.lock().ok().and_then(|mut slot| slot.take());
+    let mut req = req;
+    if let Some(mut sender) = kept
+        && sender.ready().await.is_ok()
+    {
+        match sender.try_send_request(req).await {
+            Ok(response) => {
+                conn.keep(sender);
+                return Ok(response);
+            }
+            Err(mut e) => match e.take_message() {
+                // Never written: the app closed the idle connection; retry on a fresh one.
+                Some(unsent) => req = unsent,
+                None => return Err(classify(e.into_error())),
+            },
+        }
+    }
+    let mut sender = dial(&conn.shared, false).await?;
+    let response = sender.send_request(req).await.map_err(classify)?;
+    conn.keep(sender);
+    Ok(response)
+}
+
+impl<C> ClientConn<C> {
+    fn keep(&self, sender: Sender) {
+        if let Ok(mut slot) = self.upstream.lock() {
+            *slot = Some(sender);
+        }
+    }
+}
+
+/// Opens a connection to the application and starts its HTTP/1.1 client.
+pub(crate) async fn dial<C: Connect>(
+    shared: &Shared<C>,
+    upgrades: bool,
+) -> Result<Sender, UpstreamError> {
+    let io = shared
+        .connector
+        .connect(&shared.config.upstream)
+        .await
+        .map_err(UpstreamError::Connect)?;
+    let (sender, connection) = client_http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Exchange)?;
+    if upgrades {
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+    } else {
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    Ok(sender)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The request target as the application should see it: path and query only.
+pub(crate) fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
+    }
+    uri.path_and_query()
+        .map(|pq| Uri::from(pq.clone()))
+        .unwrap_or_else(|| Uri::from_static("/"))
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`, and
+/// `Upgrade` (re-added by the WebSocket path where it belongs).
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.is_empty() {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Hop-by-hop headers removed and `X-Forwarded-*` set. `X-Forwarded-For` gets the client's
+/// address appended; `-Proto` and `-Host` are kept when a proxy in front already set them.
+pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, websocket: bool) {
+    remove_hop_by_hop(headers);
+    let ip = peer.ip().to_canonical().to_string();
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        let proto = if websocket { "ws" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !headers.contains_key(X_FORWARDED_HOST)
+        && let Some(host) = headers.get(header::HOST).cloned()
+    {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_forwarded_headers_come() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("app.example"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        prepare_request_headers(&mut h, "[::ffff:127.0.0.2]:5000".parse().unwrap(), false);
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::TE).is_none());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn absolute_targets_become_origin_form() {
+        let uri: Uri = "http://example.com/a/b?c=d".parse().unwrap();
+        assert_eq!(origin_form(&uri), "/a/b?c=d");
+        let uri: Uri = "/x?y".parse().unwrap();
+        assert_eq!(origin_form(&uri), "/x?y");
+    }
+}

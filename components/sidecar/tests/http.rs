@@ -1,0 +1,251 @@
+//! Plain HTTP through the sidecar: real loopback sockets, a real hyper application.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::StatusCode;
+use hyper::body::Frame;
+
+#[tokio::test]
+async fn plain_requests_flow_over_keep_alive_with_forwarded_headers() {
+    let app = HttpApp::start().await;
+    let sidecar = TestSidecar::ready(app.addr).await;
+    let mut client = HttpClient::connect(sidecar.addr).await;
+    for _ in 0..3 {
+        let reply = client.get("/hello").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "hello from the app");
+    }
+    let mut req = get("/headers?x=1");
+    let h = req.headers_mut();
+    h.insert("connection", "keep-alive, x-hop".parse().unwrap());
+    h.insert("x-hop", "secret".parse().unwrap());
+    h.insert("keep-alive", "timeout=5".parse().unwrap());
+    h.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    h.insert("x-custom", "kept".parse().unwrap());
+    let reply = client.request(req).await;
+    let seen = reply.text();
+    assert!(seen.starts_with("GET /headers?x=1\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-host: app.test\n"), "{seen}");
+    assert!(seen.contains("host: app.test\n"), "{seen}");
+    assert!(seen.contains("x-custom: kept\n"), "{seen}");
+    assert!(!seen.contains("x-hop"), "{seen}");
+    assert!(!seen.contains("keep-alive"), "{seen}");
+    let reply = client.get("/nope").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    sidecar.wait_live(0).await;
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn chunked_and_large_bodies_stream_both_ways() {
+    let app = HttpApp::start().await;
+    let sidecar = TestSidecar::ready(app.addr).await;
+    let mut client = HttpClient::connect(sidecar.addr).await;
+
+    let reply = client.get("/chunked?50").await;
+    let expected: String = (0..50).map(|i| format!("chunk-{i};")).collect();
+    assert_eq!(reply.text(), expected);
+
+    let big = 8 * 1024 * 1024 + 17;
+    let reply = client.get(&format!("/big?{big}")).await;
+    assert_eq!(reply.body.len(), big);
+    assert!(reply.body[..] == pattern(big)[..]);
+
+    // A large upload with a known length, echoed back while it is being sent.
+    let upload = pattern(6 * 1024 * 1024 + 3);
+    let reply = client.request(post("/echo", upload.clone())).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body[..] == upload[..]);
+
+    // A chunked upload (no length), many pieces.
+    let pieces: Vec<Result<Frame<Bytes>, hyper::Error>> = upload
+        .chunks(64 * 1024)
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let body = BodyExt::boxed(StreamBody::new(futures::stream::iter(pieces)));
+    let req = hyper::Request::post("/echo")
+        .header("host", "app.test")
+        .body(body)
+        .unwrap();
+    let reply = client.request(req).await;
+    assert!(reply.body[..] == upload[..]);
+    sidecar.wait_live(0).await;
+}
+
+#[tokio::test]
+async fn sse_from_the_app_flows_event_by_event() {
+    let app = HttpApp::start().await;
+    let sidecar = TestSidecar::ready(app.addr).await;
+    let mut client = HttpClient::connect(sidecar.addr).await;
+    let response = client.send(get("/sse")).await;
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    // The first event must arrive while the app still holds back the second one.
+    let first = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("first event before the app continues")
+        .expect("open")
+        .expect("frame")
+        .into_data()
+        .expect("data");
+    assert_eq!(&first[..], b"data: one\n\n");
+    // While the stream is open the request is live.
+    sidecar.wait_live(1).await;
+    app.control.release.notify_one();
+    let second = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("second event")
+        .expect("open")
+        .expect("frame")
+        .into_data()
+        .expect("data");
+    assert_eq!(&second[..], b"data: two\n\n");
+    sidecar.wait_live(0).await;
+}
+
+#[tokio::test]
+async fn a_request_in_flight_is_live_until_it_ends_even_when_the_client_resets() {
+    let app = HttpApp::start().await;
+    let sidecar = TestSidecar::ready(app.addr).await;
+
+    // Completed normally.
+    let mut client = HttpClient::connect(sidecar.addr).await;
+    let pending = tokio::spawn(async move { client.get("/slow").await });
+    sidecar.wait_live(1).await;
+    app.control.release.notify_one();
+    assert_eq!(pending.await.unwrap().text(), "finally");
+    sidecar.wait_live(0).await;
+
+    // The client vanishes with a TCP reset while the app is still working.
+    let stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
+    use std::io::Write;
+    (&stream)
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: app.test\r\n\r\n")
+        .unwrap();
+    sidecar.wait_live(1).await;
+    let socket = socket2_reset(stream);
+    drop(socket);
+    sidecar.wait_live(0).await;
+    let state = sidecar.handle.state();
+    assert_eq!(state.live_connections, 0);
+}
+
+/// Closes with SO_LINGER 0, so the peer gets a TCP reset instead of a FIN.
+fn socket2_reset(stream: std::net::TcpStream) -> tokio::net::TcpStream {
+    stream.set_nonblocking(true).unwrap();
+    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+    stream.set_zero_linger().unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn app_not_accepting_gives_a_clear_502_and_not_ready() {
+    let app = HttpApp::start().await;
+    let sidecar = TestSidecar::ready(app.addr).await;
+    assert_eq!(fetch(sidecar.addr, "/hello").await.status, StatusCode::OK);
+    let addr = app.addr;
+    drop(app);
+    // The app's port is closed now: the next request cannot be forwarded.
+    let reply = fetch(sidecar.addr, "/hello").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        reply.text().contains("not accepting connections"),
+        "{}",
+        reply.text()
+    );
+    assert!(reply.text().contains(&addr.to_string()), "{}", reply.text());
+    sidecar.wait_for(|a| !a.ready).await;
+    let health = fetch(sidecar.addr, "/_spawner/health").await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    let metrics = fetch(sidecar.addr, "/_spawner/metrics").await.text();
+    assert!(
+        metrics.contains("spawner_sidecar_upstream_errors_total 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("spawner_sidecar_ready 0\n"), "{metrics}");
+    sidecar.wait_live(0).await;
+}
+
+#[tokio::test]
+async fn malformed_oversized_and_garbage_requests_get_4xx_and_disturb_nothing() {
+    let app = HttpApp::start().await;
+    let mut config = test_config(app.addr);
+    config.max_header_bytes = 16 * 1024;
+    config.max_request_body_bytes = Some(1024);
+    let sidecar = TestSidecar::ready_with(config).await;
+
+    // A healthy keep-alive client and a live request in flight throughout.
+    let mut healthy = HttpClient::connect(sidecar.addr).await;
+    assert_eq!(healthy.get("/hello").await.status, StatusCode::OK);
+    let mut waiting = HttpClient::connect(sidecar.addr).await;
+    let in_flight = tokio::spawn(async move { waiting.get("/slow").await });
+    sidecar.wait_live(1).await;
+
+    let answer = raw_exchange(sidecar.addr, b"this is not http at all\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw_exchange(sidecar.addr, b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let mut huge = b"GET /hello HTTP/1.1\r\nhost: a\r\n".to_vec();
+    for i in 0..2000 {
+        huge.extend_from_slice(format!("x-filler-{i}: {}\r\n", "y".repeat(20)).as_bytes());
+    }
+    huge.extend_from_slice(b"\r\n");
+    let answer = raw_exchange(sidecar.addr, &huge).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let answer = raw_exchange(
+        sidecar.addr,
+        b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 5000\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let garbage: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let answer = raw_exchange(sidecar.addr, &garbage).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+        "{answer}"
+    );
+
+    // Nothing above was counted, the in-flight request is still the only live one, and the
+    // healthy connection still works.
+    assert_eq!(sidecar.handle.state().live_connections, 1);
+    assert_eq!(healthy.get("/hello").await.text(), "hello from the app");
+    app.control.release.notify_one();
+    assert_eq!(in_flight.await.unwrap().text(), "finally");
+    sidecar.wait_live(0).await;
+}
+
+#[tokio::test]
+async fn reserved_paths_are_not_proxied_and_not_counted() {
+    let app = HttpApp::start().await;
+    let sidecar = TestSidecar::ready(app.addr).await;
+    let before = sidecar.handle.state();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let health = fetch(sidecar.addr, "/_spawner/health").await;
+    assert_eq!(health.status, StatusCode::OK);
+    let unknown = fetch(sidecar.addr, "/_spawner/other").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    let metrics = fetch(sidecar.addr, "/_spawner/metrics").await;
+    assert!(
+        metrics
+            .text()
+            .contains("spawner_sidecar_requests_total 0\n")
+    );
+    assert_eq!(
+        metrics.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    // Probes are not activity: the idle time kept growing.
+    let after = sidecar.handle.state();
+    assert!(after.seconds_since_active >= before.seconds_since_active + 1);
+    assert_eq!(after.live_connections, 0);
+}
