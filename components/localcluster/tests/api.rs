@@ -147,6 +147,8 @@ async fn tokens_and_rbac_are_enforced() {
         other => panic!("expected 401, got {other:?}"),
     }
     let anonymous = client(&url, None).await;
+    // Health and version need no token.
+    assert_eq!(anonymous.apiserver_version().await.unwrap().major, "1");
     let slabs: Api<SessionLivedBackend> = Api::namespaced(anonymous, "default");
     assert!(
         matches!(slabs.list(&ListParams::default()).await, Err(kube::Error::Api(s)) if s.code == 401)
