@@ -53,6 +53,9 @@ pub struct SidecarConfig {
     /// Consecutive unanswered pings after which a WebSocket client is dropped. A client that
     /// vanished is dropped within `ws_ping_interval × (ws_max_missed_pongs + 1)` of its last byte.
     pub ws_max_missed_pongs: u32,
+    /// After one side of a WebSocket closed its connection, how long the other side gets to
+    /// close too before the sidecar closes it.
+    pub ws_close_linger: Duration,
     /// Period of the event stream's heartbeat.
     pub heartbeat_interval: Duration,
     /// First and longest pause between readiness probes while the application does not accept.
@@ -85,6 +88,7 @@ impl SidecarConfig {
             events_token: None,
             ws_ping_interval: Duration::from_secs(15),
             ws_max_missed_pongs: 2,
+            ws_close_linger: Duration::from_secs(2),
             heartbeat_interval: Duration::from_secs(5),
             probe_backoff_min: Duration::from_millis(20),
             probe_backoff_max: Duration::from_secs(1),

@@ -160,6 +160,11 @@ fn into_parts<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     Some((parts.io.into_inner(), parts.read_buf))
 }
 
+enum Progress {
+    OneClosed,
+    BothClosed,
+}
+
 /// How a relay ended.
 #[derive(Debug)]
 enum Ended {
@@ -180,9 +185,23 @@ where
     let mut drain = shared.drain.subscribe();
     let mut missed = 0u32;
     let mut awaiting_pong = false;
+    // Once one side has closed, the other gets `ws_close_linger` to follow before it is closed.
+    let mut linger: Option<Instant> = None;
     let ended = loop {
+        let lingering = linger.is_some();
+        let linger_over = async {
+            match linger {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            result = std::future::poll_fn(|cx| relay.poll_relay(cx)) => break Ended::Closed(result),
+            result = std::future::poll_fn(|cx| relay.poll_relay(cx, lingering)) => match result {
+                Ok(Progress::BothClosed) => break Ended::Closed(Ok(())),
+                Ok(Progress::OneClosed) => linger = Some(Instant::now() + config.ws_close_linger),
+                Err(e) => break Ended::Closed(Err(e)),
+            },
+            () = linger_over => break Ended::Closed(Ok(())),
             _ = ticker.tick() => {
                 relay.flush_counters(&shared.monitor);
                 if relay.client_seen {
@@ -344,14 +363,15 @@ where
         relay
     }
 
-    /// Moves bytes both ways; `Ready` when both directions are finished, or on an error.
-    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Moves bytes both ways; `Ready` when both directions are finished, when the first one
+    /// finishes (unless `lingering` says that was already reported), or on an error.
+    fn poll_relay(&mut self, cx: &mut Context<'_>, lingering: bool) -> Poll<io::Result<Progress>> {
         let up = self.poll_to_upstream(cx)?;
         let down = self.poll_to_client(cx)?;
-        if up.is_ready() && down.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+        match (up.is_ready(), down.is_ready()) {
+            (true, true) => Poll::Ready(Ok(Progress::BothClosed)),
+            (true, false) | (false, true) if !lingering => Poll::Ready(Ok(Progress::OneClosed)),
+            _ => Poll::Pending,
         }
     }
 
