@@ -288,6 +288,9 @@ mod tests {
         assert_eq!(ping_frame()[..2], [0x89, 8]);
         let close = going_away_frame();
         let mask = &close[2..6];
-        assert_eq!([close[6] ^ mask[0], close[7] ^ mask[1]], 1001u16.to_be_bytes());
+        assert_eq!(
+            [close[6] ^ mask[0], close[7] ^ mask[1]],
+            1001u16.to_be_bytes()
+        );
     }
 }

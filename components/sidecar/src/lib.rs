@@ -119,7 +119,9 @@ impl SidecarConfig {
         ];
         for (name, value) in nonzero {
             if value.is_zero() {
-                return Err(SidecarError::InvalidConfig(format!("{name} must not be zero")));
+                return Err(SidecarError::InvalidConfig(format!(
+                    "{name} must not be zero"
+                )));
             }
         }
         if self.probe_backoff_max < self.probe_backoff_min {
@@ -133,7 +135,9 @@ impl SidecarConfig {
             ));
         }
         if self.upstream.is_empty() {
-            return Err(SidecarError::InvalidConfig("upstream must not be empty".into()));
+            return Err(SidecarError::InvalidConfig(
+                "upstream must not be empty".into(),
+            ));
         }
         Ok(())
     }
@@ -229,7 +233,9 @@ pub struct SidecarHandle {
 impl SidecarHandle {
     /// The state now, as `/_spawner/events` would report it.
     pub fn state(&self) -> SidecarState {
-        self.monitor.activity().state_at(tokio::time::Instant::now())
+        self.monitor
+            .activity()
+            .state_at(tokio::time::Instant::now())
     }
 
     /// Every published change (coalesced by `SidecarConfig::publish_coalesce`).
@@ -268,7 +274,10 @@ pub fn run_with_handle<L: Listener, C: Connect>(
     let handle = SidecarHandle {
         monitor: Arc::clone(&monitor),
     };
-    Ok((handle, serve(listener, connector, config, monitor, shutdown)))
+    Ok((
+        handle,
+        serve(listener, connector, config, monitor, shutdown),
+    ))
 }
 
 /// State shared by every connection of one sidecar.
@@ -388,11 +397,15 @@ mod tests {
 
     #[test]
     fn invalid_configs_are_rejected() {
-        let mut config = SidecarConfig::default();
-        config.ws_max_missed_pongs = 0;
+        let config = SidecarConfig {
+            ws_max_missed_pongs: 0,
+            ..SidecarConfig::default()
+        };
         assert!(config.validate().is_err());
-        let mut config = SidecarConfig::default();
-        config.probe_backoff_max = Duration::from_millis(1);
+        let config = SidecarConfig {
+            probe_backoff_max: Duration::from_millis(1),
+            ..SidecarConfig::default()
+        };
         assert!(config.validate().is_err());
     }
 }

@@ -111,7 +111,9 @@ impl Monitor {
 
     /// The proxy could not reach the application: not ready until the probe says otherwise.
     pub fn upstream_unreachable(&self) {
-        self.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
         self.set_ready(false);
         self.probe_wake.notify_one();
     }

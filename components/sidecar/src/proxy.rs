@@ -93,7 +93,10 @@ async fn route<L: Listener, C: Connect>(
 }
 
 /// Proxies one plain HTTP request over the connection's keep-alive connection to the app.
-async fn forward<C: Connect>(conn: &ClientConn<C>, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn forward<C: Connect>(
+    conn: &ClientConn<C>,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
     let shared = &conn.shared;
     let guard = shared.monitor.connection_started();
     let limit = shared.config.max_request_body_bytes;
@@ -105,7 +108,10 @@ async fn forward<C: Connect>(conn: &ClientConn<C>, req: Request<Incoming>) -> Re
     let (mut parts, body) = req.into_parts();
     prepare_request_headers(&mut parts.headers, conn.peer, false);
     parts.uri = origin_form(&parts.uri);
-    let req = Request::from_parts(parts, RequestBody::from_client(body, &shared.monitor, limit));
+    let req = Request::from_parts(
+        parts,
+        RequestBody::from_client(body, &shared.monitor, limit),
+    );
 
     match send(conn, req).await {
         Ok(response) => {
@@ -305,10 +311,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, websocket: bool) {
     remove_hop_by_hop(headers);
     let ip = peer.ip().to_canonical().to_string();
-    let forwarded_for = match headers
-        .get(X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
         _ => ip,
     };
@@ -338,7 +341,10 @@ mod tests {
     fn hop_by_hop_headers_go_and_forwarded_headers_come() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("app.example"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));

@@ -229,7 +229,10 @@ mod tests {
         assert!(authorized(Some("abc"), &headers));
         assert!(!authorized(Some("abd"), &headers));
         let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
         assert!(authorized(Some("abc"), &headers));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert!(!authorized(Some("abc"), &headers));

@@ -135,10 +135,9 @@ async fn relay_when_upgraded<L: Listener, C: Connect>(
         }
     };
     drop(sender);
-    let (Some((client, client_early)), Some((upstream, upstream_early))) = (
-        into_parts::<L::Io>(client),
-        into_parts::<C::Io>(upstream),
-    ) else {
+    let (Some((client, client_early)), Some((upstream, upstream_early))) =
+        (into_parts::<L::Io>(client), into_parts::<C::Io>(upstream))
+    else {
         tracing::error!("websocket upgrade returned an unexpected connection type");
         return;
     };
@@ -434,8 +433,10 @@ where
     fn flush_counters(&mut self, monitor: &Monitor) {
         let c = &monitor.counters;
         if self.to_upstream.bytes > 0 {
-            c.bytes_from_clients
-                .fetch_add(std::mem::take(&mut self.to_upstream.bytes), Ordering::Relaxed);
+            c.bytes_from_clients.fetch_add(
+                std::mem::take(&mut self.to_upstream.bytes),
+                Ordering::Relaxed,
+            );
         }
         if self.to_client.bytes > 0 {
             c.bytes_to_clients
@@ -452,7 +453,8 @@ where
             && !self.to_upstream.has_pending()
             && self.filter.at_boundary()
         {
-            let _ = tokio::time::timeout(period, self.upstream.write_all(&going_away_frame())).await;
+            let _ =
+                tokio::time::timeout(period, self.upstream.write_all(&going_away_frame())).await;
         }
         let _ = tokio::time::timeout(period, self.upstream.shutdown()).await;
     }

@@ -30,7 +30,10 @@ async fn plain_requests_flow_over_keep_alive_with_forwarded_headers() {
     let reply = client.request(req).await;
     let seen = reply.text();
     assert!(seen.starts_with("GET /headers?x=1\n"), "{seen}");
-    assert!(seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{seen}"
+    );
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
     assert!(seen.contains("x-forwarded-host: app.test\n"), "{seen}");
     assert!(seen.contains("host: app.test\n"), "{seen}");
@@ -155,13 +158,20 @@ async fn app_not_accepting_gives_a_clear_502_and_not_ready() {
     // The app's port is closed now: the next request cannot be forwarded.
     let reply = fetch(sidecar.addr, "/hello").await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
-    assert!(reply.text().contains("not accepting connections"), "{}", reply.text());
+    assert!(
+        reply.text().contains("not accepting connections"),
+        "{}",
+        reply.text()
+    );
     assert!(reply.text().contains(&addr.to_string()), "{}", reply.text());
     sidecar.wait_for(|a| !a.ready).await;
     let health = fetch(sidecar.addr, "/_spawner/health").await;
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
     let metrics = fetch(sidecar.addr, "/_spawner/metrics").await.text();
-    assert!(metrics.contains("spawner_sidecar_upstream_errors_total 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("spawner_sidecar_upstream_errors_total 1\n"),
+        "{metrics}"
+    );
     assert!(metrics.contains("spawner_sidecar_ready 0\n"), "{metrics}");
     sidecar.wait_live(0).await;
 }
@@ -225,10 +235,17 @@ async fn reserved_paths_are_not_proxied_and_not_counted() {
     let unknown = fetch(sidecar.addr, "/_spawner/other").await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     let metrics = fetch(sidecar.addr, "/_spawner/metrics").await;
-    assert!(metrics.text().contains("spawner_sidecar_requests_total 0\n"));
-    assert_eq!(metrics.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    assert!(
+        metrics
+            .text()
+            .contains("spawner_sidecar_requests_total 0\n")
+    );
+    assert_eq!(
+        metrics.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
     // Probes are not activity: the idle time kept growing.
     let after = sidecar.handle.state();
-    assert!(after.seconds_since_active >= before.seconds_since_active + 1);
+    assert!(after.seconds_since_active > before.seconds_since_active);
     assert_eq!(after.live_connections, 0);
 }

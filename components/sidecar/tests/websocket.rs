@@ -19,7 +19,10 @@ async fn echo_and_exact_counts_up_and_down() {
     ws_echo(&mut a, "hello").await;
     ws_echo(&mut b, &"x".repeat(100_000)).await;
     b.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
-    assert_eq!(b.next().await.unwrap().unwrap(), Message::binary(vec![1u8, 2, 3]));
+    assert_eq!(
+        b.next().await.unwrap().unwrap(),
+        Message::binary(vec![1u8, 2, 3])
+    );
 
     // A clean close from the client.
     a.close(None).await.unwrap();
@@ -29,7 +32,10 @@ async fn echo_and_exact_counts_up_and_down() {
     drop(b);
     sidecar.wait_live(0).await;
     let metrics = fetch(sidecar.addr, "/_spawner/metrics").await.text();
-    assert!(metrics.contains("spawner_sidecar_websockets_total 2\n"), "{metrics}");
+    assert!(
+        metrics.contains("spawner_sidecar_websockets_total 2\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -59,7 +65,10 @@ async fn an_upstream_close_reaches_the_client() {
             Err(_) => break,
         }
     }
-    assert!(saw_close, "the application's close frame reached the client");
+    assert!(
+        saw_close,
+        "the application's close frame reached the client"
+    );
     sidecar.wait_live(0).await;
 }
 
@@ -79,7 +88,10 @@ async fn a_half_open_client_is_detected_by_pings_and_counted_down() {
     let keep_reading = tokio::spawn(async move {
         // tungstenite answers pings while the stream is read.
         while let Some(Ok(message)) = quiet_but_alive.next().await {
-            assert!(!matches!(message, Message::Pong(_)), "our pongs never reach clients");
+            assert!(
+                !matches!(message, Message::Pong(_)),
+                "our pongs never reach clients"
+            );
         }
     });
     let mut pings = 0;

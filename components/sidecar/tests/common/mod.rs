@@ -50,10 +50,11 @@ impl TestSidecar {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let (handle, serve) = spawner_sidecar::run_with_handle(listener, TcpConnector, config, async {
-            let _ = rx.await;
-        })
-        .expect("config");
+        let (handle, serve) =
+            spawner_sidecar::run_with_handle(listener, TcpConnector, config, async {
+                let _ = rx.await;
+            })
+            .expect("config");
         let task = tokio::spawn(async move {
             serve.await.expect("sidecar");
         });
@@ -170,9 +171,10 @@ async fn app_handle(
         "/echo" => Response::new(req.into_body().boxed()),
         "/chunked" => {
             let n: usize = query.parse().unwrap_or(5);
-            let chunks = futures::stream::iter(
-                (0..n).map(|i| Ok::<_, hyper::Error>(Frame::data(Bytes::from(format!("chunk-{i};"))))),
-            );
+            let chunks =
+                futures::stream::iter((0..n).map(|i| {
+                    Ok::<_, hyper::Error>(Frame::data(Bytes::from(format!("chunk-{i};"))))
+                }));
             Response::new(BodyExt::boxed(StreamBody::new(chunks)))
         }
         "/big" => {
@@ -232,7 +234,8 @@ impl HttpApp {
                 };
                 let ctl = Arc::clone(&ctl);
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| app_handle(Arc::clone(&ctl), req));
+                    let service =
+                        hyper::service::service_fn(move |req| app_handle(Arc::clone(&ctl), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -266,6 +269,7 @@ impl WsApp {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                #[allow(clippy::result_large_err)] // tungstenite's callback signature
                 tokio::spawn(async move {
                     let mut path = String::new();
                     let ws = tokio_tungstenite::accept_hdr_async(
@@ -323,7 +327,10 @@ pub async fn ws_connect(addr: SocketAddr, path: &str) -> WsClient {
 pub async fn ws_echo(ws: &mut WsClient, text: &str) {
     ws.send(Message::text(text)).await.expect("send");
     loop {
-        match tokio::time::timeout(PATIENCE, ws.next()).await.expect("echo in time") {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("echo in time")
+        {
             Some(Ok(Message::Text(t))) => {
                 assert_eq!(t.as_str(), text);
                 return;
@@ -565,10 +572,11 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
                 // Responses of the sidecar itself are complete once the head and a short body are in.
                 if out.windows(4).any(|w| w == b"\r\n\r\n") && out.len() > 12 {
                     let text = String::from_utf8_lossy(&out);
-                    if let Some(len) = text
-                        .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
-                    {
+                    if let Some(len) = text.lines().find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    }) {
                         let head = text.find("\r\n\r\n").unwrap_or(0) + 4;
                         if out.len() >= head + len {
                             break;
