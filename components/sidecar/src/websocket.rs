@@ -30,8 +30,24 @@ use crate::proxy::{
 };
 use crate::{Connect, Listener, Shared};
 
-/// Bytes read per poll; lives on the stack only while a read is processed.
+/// Bytes read per poll.
 const CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// One read buffer per worker thread, shared by every relay polled on it: a relay only
+    /// uses it within one synchronous poll, so idle WebSockets own no buffer at all, and no
+    /// poll pays for zeroing a fresh one.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; FILTER_HEADROOM + CHUNK].into_boxed_slice());
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        // Not reachable (polls do not nest), but a fresh buffer is a correct fallback.
+        Err(_) => f(&mut vec![0u8; FILTER_HEADROOM + CHUNK]),
+    })
+}
 
 fn has_token(req_headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
     req_headers
@@ -63,15 +79,21 @@ pub(crate) async fn proxy<L: Listener, C: Connect>(
         .get(header::UPGRADE)
         .cloned()
         .unwrap_or(HeaderValue::from_static("websocket"));
-    prepare_request_headers(&mut parts.headers, conn.peer, true);
+    prepare_request_headers(&mut parts.headers, &conn.peer_ip, true);
     parts
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     parts.headers.insert(header::UPGRADE, upgrade);
     parts.uri = origin_form(&parts.uri);
 
-    let mut sender = match dial(shared, true).await {
-        Ok(sender) => sender,
+    let mut sender = match dial(shared).await {
+        Ok((sender, connection)) => {
+            // Runs until the handshake response is read and the connection handed over.
+            tokio::spawn(async move {
+                let _ = connection.with_upgrades().await;
+            });
+            sender
+        }
         Err(e) => return e.into_response(shared),
     };
     let mut response = match sender
@@ -147,6 +169,8 @@ async fn relay_when_upgraded<L: Listener, C: Connect>(
         .websockets
         .fetch_add(1, Ordering::Relaxed);
     let relay = Relay::new(client, upstream, &client_early, &upstream_early);
+    // These share hyper's read buffers; holding them would pin kilobytes per idle WebSocket.
+    drop((client_early, upstream_early));
     run_relay(&shared, relay).await;
     drop(guard);
 }
@@ -384,20 +408,24 @@ where
             if pump.eof {
                 return pump.poll_finish(cx, &mut self.upstream);
             }
-            let mut buf = [0u8; FILTER_HEADROOM + CHUNK];
-            let mut read = ReadBuf::new(&mut buf[FILTER_HEADROOM..]);
-            ready!(Pin::new(&mut self.client).poll_read(cx, &mut read))?;
-            let n = read.filled().len();
+            let client = &mut self.client;
+            let upstream = &mut self.upstream;
+            let filter = &mut self.filter;
+            let n = with_scratch(|buf| -> Poll<io::Result<usize>> {
+                let mut read = ReadBuf::new(&mut buf[FILTER_HEADROOM..]);
+                ready!(Pin::new(&mut *client).poll_read(cx, &mut read))?;
+                let n = read.filled().len();
+                let (a, b) = filter.filter(buf, FILTER_HEADROOM, FILTER_HEADROOM + n);
+                pump.write_through(cx, upstream, &buf[a..b])?;
+                Poll::Ready(Ok(n))
+            });
+            let n = ready!(n)?;
             if n == 0 {
                 pump.eof = true;
                 continue;
             }
             self.client_seen = true;
             pump.bytes += n as u64;
-            let (a, b) = self
-                .filter
-                .filter(&mut buf, FILTER_HEADROOM, FILTER_HEADROOM + n);
-            pump.write_through(cx, &mut self.upstream, &buf[a..b])?;
         }
     }
 
@@ -416,17 +444,23 @@ where
                 pump.write_through(cx, &mut self.client, &ping_frame())?;
                 continue;
             }
-            let mut buf = [0u8; CHUNK];
-            let mut read = ReadBuf::new(&mut buf);
-            ready!(Pin::new(&mut self.upstream).poll_read(cx, &mut read))?;
-            let data = read.filled();
-            if data.is_empty() {
+            let client = &mut self.client;
+            let upstream = &mut self.upstream;
+            let cursor = &mut self.cursor;
+            let n = with_scratch(|buf| -> Poll<io::Result<usize>> {
+                let mut read = ReadBuf::new(&mut buf[..CHUNK]);
+                ready!(Pin::new(&mut *upstream).poll_read(cx, &mut read))?;
+                let data = read.filled();
+                cursor.advance(data);
+                pump.write_through(cx, client, data)?;
+                Poll::Ready(Ok(data.len()))
+            });
+            let n = ready!(n)?;
+            if n == 0 {
                 pump.eof = true;
                 continue;
             }
-            pump.bytes += data.len() as u64;
-            self.cursor.advance(data);
-            pump.write_through(cx, &mut self.client, data)?;
+            pump.bytes += n as u64;
         }
     }
 
