@@ -37,7 +37,7 @@ use tokio::sync::watch;
 pub use monitor::Activity;
 pub use transport::{Connect, Listener, TcpConnector};
 
-use crate::drain::{Drain, DrainState, TaskCount};
+use crate::drain::{DrainState, Tasks};
 use crate::monitor::Monitor;
 
 /// Everything the sidecar needs besides its sockets.
@@ -285,8 +285,7 @@ pub(crate) struct Shared<C> {
     pub config: SidecarConfig,
     pub connector: C,
     pub monitor: Arc<Monitor>,
-    pub drain: Drain,
-    pub tasks: Arc<TaskCount>,
+    pub tasks: Arc<Tasks>,
 }
 
 /// Aborts a background task when dropped.
@@ -305,13 +304,11 @@ async fn serve<L: Listener, C: Connect>(
     monitor: Arc<Monitor>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), SidecarError> {
-    let drain = Drain::new();
     let shared = Arc::new(Shared {
         config,
         connector,
         monitor: Arc::clone(&monitor),
-        drain: drain.clone(),
-        tasks: TaskCount::new(),
+        tasks: Tasks::new(),
     });
     let _publisher = AbortOnDrop(tokio::spawn(
         Arc::clone(&monitor).publish(shared.config.publish_coalesce),
@@ -342,14 +339,14 @@ async fn serve<L: Listener, C: Connect>(
         live = monitor.activity().live_connections,
         "shutting down: draining connections"
     );
-    drain.set(DrainState::Draining);
+    shared.tasks.set(DrainState::Draining);
     let drained = tokio::time::timeout(shared.config.drain_timeout, shared.tasks.all_done()).await;
     if drained.is_err() {
         tracing::warn!(
             remaining = shared.tasks.count(),
             "drain timeout: closing remaining connections"
         );
-        drain.set(DrainState::Abort);
+        shared.tasks.set(DrainState::Abort);
         // Tasks close on the abort signal at their next poll; give them a moment to do so.
         let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.all_done()).await;
     }

@@ -22,7 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::body::{BodyTooLarge, RequestBody, ResponseBody};
-use crate::drain::{self, DrainState, TaskGuard};
+use crate::drain::{DrainState, TaskGuard};
 use crate::reserved::{self, RESERVED_PREFIX};
 use crate::{Connect, Listener, Shared, websocket};
 
@@ -59,10 +59,9 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
     shared: Arc<Shared<C>>,
     io: L::Io,
     peer: SocketAddr,
-    _task: TaskGuard,
+    task: TaskGuard,
 ) {
-    let mut drain = shared.drain.subscribe();
-    if *drain.borrow() != DrainState::Running {
+    if task.state() != DrainState::Running {
         return;
     }
     let config = &shared.config;
@@ -102,7 +101,7 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
             return;
         }
         () = upstream_driver.as_mut() => {}
-        () = drain::reached(&mut drain, DrainState::Draining) => {}
+        () = task.reached(DrainState::Draining) => {}
     }
     // Draining: finish the request in flight, then close instead of keeping alive.
     conn.as_mut().graceful_shutdown();
@@ -110,7 +109,7 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
         biased;
         _ = conn.as_mut() => {}
         () = upstream_driver.as_mut() => {}
-        () = drain::reached(&mut drain, DrainState::Abort) => {}
+        () = task.reached(DrainState::Abort) => {}
     }
 }
 

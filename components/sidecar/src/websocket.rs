@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::body::{RequestBody, ResponseBody};
-use crate::drain::{self, DrainState, TaskGuard};
+use crate::drain::{DrainState, TaskGuard};
 use crate::frames::{ClientFilter, FILTER_HEADROOM, FrameCursor, going_away_frame, ping_frame};
 use crate::monitor::{LiveGuard, Monitor};
 use crate::proxy::{
@@ -147,7 +147,7 @@ async fn relay_when_upgraded<L: Listener, C: Connect>(
     upstream: OnUpgrade,
     sender: hyper::client::conn::http1::SendRequest<RequestBody>,
     guard: LiveGuard,
-    _task: TaskGuard,
+    task: TaskGuard,
 ) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(c), Ok(u)) => (c, u),
@@ -171,7 +171,7 @@ async fn relay_when_upgraded<L: Listener, C: Connect>(
     let relay = Relay::new(client, upstream, &client_early, &upstream_early);
     // These share hyper's read buffers; holding them would pin kilobytes per idle WebSocket.
     drop((client_early, upstream_early));
-    run_relay(&shared, relay).await;
+    run_relay(&shared, relay, &task).await;
     drop(guard);
 }
 
@@ -196,7 +196,7 @@ enum Ended {
     Aborted,
 }
 
-async fn run_relay<C: Connect, A, B>(shared: &Shared<C>, mut relay: Relay<A, B>)
+async fn run_relay<C: Connect, A, B>(shared: &Shared<C>, mut relay: Relay<A, B>, task: &TaskGuard)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -205,7 +205,6 @@ where
     let period = config.ws_ping_interval;
     let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut drain = shared.drain.subscribe();
     let mut missed = 0u32;
     let mut awaiting_pong = false;
     // Once one side has closed, the other gets `ws_close_linger` to follow before it is closed.
@@ -242,7 +241,7 @@ where
                 }
                 relay.client_seen = false;
             }
-            () = drain::reached(&mut drain, DrainState::Abort) => break Ended::Aborted,
+            () = task.reached(DrainState::Abort) => break Ended::Aborted,
         }
     };
     relay.flush_counters(&shared.monitor);
