@@ -35,6 +35,8 @@ use spawner_core::events::SidecarState;
 use tokio::sync::watch;
 
 pub use monitor::Activity;
+#[cfg(feature = "turmoil")]
+pub use transport::TurmoilConnector;
 pub use transport::{Connect, Listener, TcpConnector};
 
 use crate::drain::{DrainState, Tasks};
