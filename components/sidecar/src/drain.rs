@@ -16,6 +16,8 @@ pub(crate) enum DrainState {
     Draining = 1,
     /// The drain period is over: close now.
     Abort = 2,
+    /// The drain is over; listeners' runtimes may stop.
+    Finished = 3,
 }
 
 /// The running connection tasks and the drain signal.
@@ -43,7 +45,8 @@ impl Tasks {
         match self.state.load(Ordering::SeqCst) {
             0 => DrainState::Running,
             1 => DrainState::Draining,
-            _ => DrainState::Abort,
+            2 => DrainState::Abort,
+            _ => DrainState::Finished,
         }
     }
 

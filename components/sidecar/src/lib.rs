@@ -271,15 +271,101 @@ pub fn run_with_handle<L: Listener, C: Connect>(
     ),
     SidecarError,
 > {
-    config.validate()?;
-    let monitor = Monitor::new();
-    let handle = SidecarHandle {
-        monitor: Arc::clone(&monitor),
+    let (sidecar, handle) = Sidecar::new(connector, config)?;
+    let serve = async move {
+        let (_, result) = tokio::join!(sidecar.serve(listener), sidecar.supervise(shutdown));
+        result
     };
-    Ok((
-        handle,
-        serve(listener, connector, config, monitor, shutdown),
-    ))
+    Ok((handle, serve))
+}
+
+/// One sidecar that may accept on several listeners, each on its own runtime (the binary runs
+/// one single-threaded runtime per core, like nginx's workers, with `SO_REUSEPORT` listeners).
+/// All of them share one monitor, one readiness probe and one drain.
+///
+/// Drive [`Sidecar::serve`] once per listener and [`Sidecar::supervise`] exactly once; [`run`]
+/// does that for one listener.
+#[derive(Clone)]
+pub struct Sidecar<C: Connect> {
+    shared: Arc<Shared<C>>,
+}
+
+impl<C: Connect> Sidecar<C> {
+    pub fn new(connector: C, config: SidecarConfig) -> Result<(Self, SidecarHandle), SidecarError> {
+        config.validate()?;
+        let monitor = Monitor::new();
+        let handle = SidecarHandle {
+            monitor: Arc::clone(&monitor),
+        };
+        let shared = Arc::new(Shared {
+            config,
+            connector,
+            monitor,
+            tasks: Tasks::new(),
+        });
+        Ok((Self { shared }, handle))
+    }
+
+    /// Accepts on `listener` until shutdown begins, then waits until the drain is over (the
+    /// connections it accepted run as tasks of the current runtime, which must stay alive).
+    pub async fn serve<L: Listener>(&self, mut listener: L) {
+        let shared = &self.shared;
+        let mut drain = shared.tasks.subscribe();
+        loop {
+            tokio::select! {
+                biased;
+                () = drain::reached(&mut drain, DrainState::Draining) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((io, peer)) => {
+                        let task = shared.tasks.start();
+                        tokio::spawn(proxy::serve_connection::<L, C>(Arc::clone(shared), io, peer, task));
+                    }
+                    Err(e) => {
+                        // Out of descriptors or a connection reset before accept: not fatal,
+                        // but do not spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        drain::reached(&mut drain, DrainState::Finished).await;
+    }
+
+    /// Runs the state publisher and the readiness probe until `shutdown` completes, then
+    /// drains: stops the listeners, lets live connections finish for at most
+    /// `config.drain_timeout`, and closes what remains.
+    pub async fn supervise(
+        &self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), SidecarError> {
+        let shared = &self.shared;
+        let monitor = &shared.monitor;
+        let _publisher = AbortOnDrop(tokio::spawn(
+            Arc::clone(monitor).publish(shared.config.publish_coalesce),
+        ));
+        let _probe = AbortOnDrop(tokio::spawn(readiness::probe(Arc::clone(shared))));
+        shutdown.await;
+        tracing::info!(
+            live = monitor.activity().live_connections,
+            "shutting down: draining connections"
+        );
+        shared.tasks.set(DrainState::Draining);
+        let drained =
+            tokio::time::timeout(shared.config.drain_timeout, shared.tasks.all_done()).await;
+        if drained.is_err() {
+            tracing::warn!(
+                remaining = shared.tasks.count(),
+                "drain timeout: closing remaining connections"
+            );
+            shared.tasks.set(DrainState::Abort);
+            // Tasks close on the abort signal at their next poll; give them a moment to do so.
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.all_done()).await;
+        }
+        shared.tasks.set(DrainState::Finished);
+        Ok(())
+    }
 }
 
 /// State shared by every connection of one sidecar.
@@ -297,62 +383,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-async fn serve<L: Listener, C: Connect>(
-    mut listener: L,
-    connector: C,
-    config: SidecarConfig,
-    monitor: Arc<Monitor>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), SidecarError> {
-    let shared = Arc::new(Shared {
-        config,
-        connector,
-        monitor: Arc::clone(&monitor),
-        tasks: Tasks::new(),
-    });
-    let _publisher = AbortOnDrop(tokio::spawn(
-        Arc::clone(&monitor).publish(shared.config.publish_coalesce),
-    ));
-    let _probe = AbortOnDrop(tokio::spawn(readiness::probe(Arc::clone(&shared))));
-
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((io, peer)) => {
-                    let task = shared.tasks.start();
-                    tokio::spawn(proxy::serve_connection::<L, C>(Arc::clone(&shared), io, peer, task));
-                }
-                Err(e) => {
-                    // Out of descriptors or a connection reset before accept: not fatal, but
-                    // do not spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            },
-        }
-    }
-    drop(listener);
-    tracing::info!(
-        live = monitor.activity().live_connections,
-        "shutting down: draining connections"
-    );
-    shared.tasks.set(DrainState::Draining);
-    let drained = tokio::time::timeout(shared.config.drain_timeout, shared.tasks.all_done()).await;
-    if drained.is_err() {
-        tracing::warn!(
-            remaining = shared.tasks.count(),
-            "drain timeout: closing remaining connections"
-        );
-        shared.tasks.set(DrainState::Abort);
-        // Tasks close on the abort signal at their next poll; give them a moment to do so.
-        let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.all_done()).await;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
