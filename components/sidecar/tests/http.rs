@@ -246,6 +246,6 @@ async fn reserved_paths_are_not_proxied_and_not_counted() {
     );
     // Probes are not activity: the idle time kept growing.
     let after = sidecar.handle.state();
-    assert!(after.seconds_since_active >= before.seconds_since_active + 1);
+    assert!(after.seconds_since_active > before.seconds_since_active);
     assert_eq!(after.live_connections, 0);
 }

@@ -269,6 +269,7 @@ impl WsApp {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                #[allow(clippy::result_large_err)] // tungstenite's callback signature
                 tokio::spawn(async move {
                     let mut path = String::new();
                     let ws = tokio_tungstenite::accept_hdr_async(
