@@ -153,18 +153,20 @@ pub async fn run(
         None
     };
 
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
+    // The API server stops last: the node agent reports its stopped pods through it.
+    let kube_shutdown = CancellationToken::new();
+    let kube_server = {
+        let kube_shutdown = kube_shutdown.clone();
+        tokio::spawn(async move {
             tokio::select! {
                 r = spawner_localcluster::serve(kube_listener, cluster) => r.map_err(anyhow::Error::from),
-                _ = shutdown.cancelled() => Ok(()),
+                _ = kube_shutdown.cancelled() => Ok(()),
             }
             .context("localcluster")
-        });
-    }
+        })
+    };
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
     progress(&format!("Kubernetes API (localcluster) on {kube_url}"));
     let kubeconfig = state.path.join("kubeconfig");
     spawner_localcluster::write_kubeconfig(
@@ -306,7 +308,7 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\"], \"gracePeriodSeconds\": 30}}'"
+        "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\", \"$(PORT)\"], \"gracePeriodSeconds\": 30}}'"
     )?;
     writeln!(out, "or with the CLI:")?;
     writeln!(
@@ -315,7 +317,7 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "  {exe} spawn --grace 30 --wait -- python3 -m http.server"
+        "  {exe} spawn --grace 30 --wait -- python3 -m http.server '$(PORT)'"
     )?;
     writeln!(
         out,
@@ -347,6 +349,8 @@ pub async fn run(
     if drained.is_err() {
         eprintln!("Some components did not stop within 30 s.");
     }
+    kube_shutdown.cancel();
+    let _ = kube_server.await;
     drop(state);
     eprintln!("Stopped.");
     match failure {
