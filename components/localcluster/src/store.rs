@@ -1211,7 +1211,19 @@ impl Store {
             None => (*old).clone(),
         };
         match patch_kind {
-            PatchKind::Merge | PatchKind::StrategicMerge | PatchKind::Apply => {
+            PatchKind::StrategicMerge => {
+                // Custom resources have no patch strategies: the real server refuses these.
+                if rt.schema.is_some() {
+                    return Err(ApiError::unsupported_media_type(
+                        "application/strategic-merge-patch+json",
+                    ));
+                }
+                if !body.is_object() {
+                    return Err(ApiError::bad_request("the patch is not a JSON object"));
+                }
+                patch::strategic_merge_patch(&mut doc, body);
+            }
+            PatchKind::Merge | PatchKind::Apply => {
                 if !body.is_object() {
                     return Err(ApiError::bad_request("the patch is not a JSON object"));
                 }

@@ -779,3 +779,80 @@ pub async fn delete_responses(client: Client, ns: String) -> CheckResult {
     ensure!(missing.code == 404, "delete of a missing pod: {missing:?}");
     Ok(())
 }
+
+pub async fn strategic_merge_patches(client: Client, ns: String) -> CheckResult {
+    use k8s_openapi::api::core::v1::Service;
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "smp"},
+        "spec": {"ports": [{"name": "a", "port": 80}], "selector": {"app": "x"}},
+    }))
+    .map_err(|e| CheckError::Failed(e.to_string()))?;
+    services.create(&PostParams::default(), &svc).await?;
+    // Service ports merge by `port`; kubectl's ordering directive is understood.
+    let patched = services
+        .patch(
+            "smp",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {
+                "$setElementOrder/ports": [{"port": 80}, {"port": 81}],
+                "ports": [{"name": "b", "port": 81}],
+            }})),
+        )
+        .await?;
+    let ports: Vec<i32> = patched
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .map(|ps| ps.iter().map(|p| p.port).collect())
+        .unwrap_or_default();
+    ensure!(
+        ports == [80, 81],
+        "service ports after strategic merge: {ports:?}"
+    );
+    // Pod containers merge by `name`: changing one image keeps everything else.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut p = pod("smp", json!({}));
+    if let Some(spec) = p.spec.as_mut() {
+        spec.containers[0].command = Some(vec!["app".into()]);
+    }
+    pods.create(&PostParams::default(), &p).await?;
+    let patched = pods
+        .patch(
+            "smp",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"containers": [{"name": "app", "image": "registry.invalid/app:2"}]}})),
+        )
+        .await?;
+    let c = patched
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
+        .unwrap_or_default();
+    ensure!(
+        c.len() == 1
+            && c[0].image.as_deref() == Some("registry.invalid/app:2")
+            && c[0].command.as_deref() == Some(&["app".to_string()][..]),
+        "pod containers after strategic merge: {c:?}"
+    );
+    // Custom resources have no patch strategies: 415.
+    let backends: Api<SessionLivedBackend> = Api::namespaced(client, &ns);
+    backends
+        .create(&PostParams::default(), &backend("smp"))
+        .await?;
+    let err = api_error(
+        backends
+            .patch(
+                "smp",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"gracePeriodSeconds": 5}})),
+            )
+            .await,
+        "strategic merge patch of a custom resource",
+    )?;
+    ensure!(
+        err.code == 415 && err.reason == "UnsupportedMediaType",
+        "strategic merge of a backend: {err:?}"
+    );
+    Ok(())
+}

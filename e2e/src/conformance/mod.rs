@@ -70,6 +70,7 @@ pub fn all() -> Vec<Check> {
         crud::resource_version_is_global_and_monotonic,
         crud::update_with_stale_version_conflicts,
         crud::merge_json_and_strategic_patches,
+        crud::strategic_merge_patches,
         crud::server_side_apply,
         crud::status_subresource_and_generation,
         crud::label_selectors,
