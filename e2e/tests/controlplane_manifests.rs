@@ -153,7 +153,9 @@ fn check_command_line(workload: &str, container: &Value) -> Vec<String> {
         })
         .unwrap_or_default();
     let Some(subcommand) = args.first() else {
-        return vec![format!("{workload}: the container has no args (no subcommand)")];
+        return vec![format!(
+            "{workload}: the container has no args (no subcommand)"
+        )];
     };
     let cli = spawner::Cli::command();
     let Some(sub) = cli.find_subcommand(subcommand) else {
@@ -166,7 +168,11 @@ fn check_command_line(workload: &str, container: &Value) -> Vec<String> {
         .collect();
     let mut argv: Vec<String> = vec!["spawner".into()];
     argv.extend(args.iter().cloned());
-    for env in container["env"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for env in container["env"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         let name = env["name"].as_str().unwrap_or_default();
         if name == "RUST_LOG" {
             continue; // read by tracing's filter, not by clap
@@ -221,7 +227,11 @@ fn check_rendered(which: &str, objects: &[Value]) -> Vec<String> {
         let label = format!("{which}: {}", describe(workload));
         for container in containers(workload) {
             problems.extend(check_command_line(&label, container));
-            for env in container["env"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            for env in container["env"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
                 let reference = &env["valueFrom"]["secretKeyRef"];
                 if reference.is_null() {
                     continue;
@@ -230,11 +240,13 @@ fn check_rendered(which: &str, objects: &[Value]) -> Vec<String> {
                     reference["name"].as_str().unwrap_or_default(),
                     reference["key"].as_str().unwrap_or_default(),
                 );
-                let has_key = secrets.get(secret).is_some_and(|s| {
-                    !s["data"][key].is_null() || !s["stringData"][key].is_null()
-                });
+                let has_key = secrets
+                    .get(secret)
+                    .is_some_and(|s| !s["data"][key].is_null() || !s["stringData"][key].is_null());
                 if !has_key {
-                    problems.push(format!("{label}: reads {secret}/{key}, which is not rendered"));
+                    problems.push(format!(
+                        "{label}: reads {secret}/{key}, which is not rendered"
+                    ));
                 }
             }
         }
@@ -284,8 +296,14 @@ async fn rendered_manifests_are_accepted_by_a_real_api_server() {
             .filter(|o| kind_of(o) == "Secret")
             .any(|s| s.to_string().contains("Q0hBTkdFLU1F")) // base64("CHANGE-ME")
     };
-    assert!(placeholder(&base), "the base's secrets are not the documented CHANGE-ME");
-    assert!(!placeholder(&kind), "the kind overlay keeps a CHANGE-ME secret");
+    assert!(
+        placeholder(&base),
+        "the base's secrets are not the documented CHANGE-ME"
+    );
+    assert!(
+        !placeholder(&kind),
+        "the kind overlay keeps a CHANGE-ME secret"
+    );
 
     let Some(cp) = ControlPlane::shared_or_skip(test).await else {
         assert!(problems.is_empty(), "{}", problems.join("\n"));
@@ -328,7 +346,10 @@ fn a_misspelt_env_var_is_caught() {
         ]
     });
     let problems = check_command_line("bad value", &bad_value);
-    assert!(problems.iter().any(|p| p.contains("does not parse")), "{problems:?}");
+    assert!(
+        problems.iter().any(|p| p.contains("does not parse")),
+        "{problems:?}"
+    );
     let no_subcommand: Value = serde_json::json!({ "args": ["controler"] });
     assert!(!check_command_line("x", &no_subcommand).is_empty());
 }

@@ -21,7 +21,10 @@ where
     let dev = LocalDev::start(Path::new(SPAWNER)).unwrap_or_else(|e| panic!("{test}: {e}"));
     match scenario(dev.target()).await {
         Ok(timings) => eprintln!("{test} (local): {timings}"),
-        Err(failure) => panic!("{test} (local): {failure}\n--- spawner dev log ---\n{}", dev.log()),
+        Err(failure) => panic!(
+            "{test} (local): {failure}\n--- spawner dev log ---\n{}",
+            dev.log()
+        ),
     }
 }
 

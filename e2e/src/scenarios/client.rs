@@ -118,7 +118,10 @@ impl ApiClient {
             .map_err(|_| Failure::new(format!("{method} {path}: body not read within 30 s")))?
             .map_err(|e| Failure::new(format!("{method} {path}: reading the body: {e}")))?
             .to_bytes();
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     }
 
     /// `call`, expecting a 2xx answer of type `T`.
@@ -176,27 +179,21 @@ impl ApiClient {
         let outcome = tokio::time::timeout(timeout, async {
             let response = self.send(Method::GET, &path, None).await?;
             if !response.status().is_success() {
-                return Err(Failure::new(format!(
-                    "GET {path}: {}",
-                    response.status()
-                )));
+                return Err(Failure::new(format!("GET {path}: {}", response.status())));
             }
             let mut body = response.into_body();
             let mut parser = SseParser::new();
             loop {
                 let frame = tokio::time::timeout(STREAM_READ_TIMEOUT, body.frame())
                     .await
-                    .map_err(|_| {
-                        Failure::new(format!("{path}: silent for 30 s (no heartbeat)"))
-                    })?;
+                    .map_err(|_| Failure::new(format!("{path}: silent for 30 s (no heartbeat)")))?;
                 let Some(frame) = frame else {
                     return Err(Failure::new(format!(
                         "{path} ended after {:?} without a terminal phase",
                         phases(&seen)
                     )));
                 };
-                let frame =
-                    frame.map_err(|e| Failure::new(format!("{path}: reading: {e}")))?;
+                let frame = frame.map_err(|e| Failure::new(format!("{path}: reading: {e}")))?;
                 let Some(data) = frame.data_ref() else {
                     continue;
                 };

@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
 use kube::api::Portforwarder;
+use kube::api::{Api, ListParams};
 use spawner_core::children::DEFAULT_SIDECAR_PORT;
 use spawner_core::resource::BACKEND_LABEL;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};

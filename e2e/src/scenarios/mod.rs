@@ -53,8 +53,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Opens a stream to the sidecar at `backend.url`.
 pub trait Connect: Send + Sync {
-    fn connect<'a>(&'a self, backend: &'a BackendStatus)
-    -> BoxFuture<'a, Result<BoxedStream, Failure>>;
+    fn connect<'a>(
+        &'a self,
+        backend: &'a BackendStatus,
+    ) -> BoxFuture<'a, Result<BoxedStream, Failure>>;
 }
 
 /// An application to spawn: an image (Kubernetes) and a command (both modes; local mode runs
@@ -352,7 +354,12 @@ pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
     let start = Instant::now();
     let spawned = target
         .api
-        .spawn(&target.apps.crash.request(json!({ "gracePeriodSeconds": 30 })))
+        .spawn(
+            &target
+                .apps
+                .crash
+                .request(json!({ "gracePeriodSeconds": 30 })),
+        )
         .await?;
     let name = spawned.name;
     let events = wait_terminal(target, &name, target.ready_timeout).await?;
@@ -383,10 +390,9 @@ pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
             )
         },
     )?;
-    ensure(
-        events.iter().all(|e| e.phase != Phase::Ready),
-        || format!("{name} was Ready: {:?}", client::phases(&events)),
-    )?;
+    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
+        format!("{name} was Ready: {:?}", client::phases(&events))
+    })?;
     Ok(timings)
 }
 
@@ -418,10 +424,9 @@ pub async fn terminate_while_starting(target: &Target) -> Result<Timings, Failur
             client::phases(&events)
         )
     })?;
-    ensure(
-        events.iter().all(|e| e.phase != Phase::Ready),
-        || format!("{name} became Ready: {:?}", client::phases(&events)),
-    )?;
+    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
+        format!("{name} became Ready: {:?}", client::phases(&events))
+    })?;
     Ok(timings)
 }
 
