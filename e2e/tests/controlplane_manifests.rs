@@ -353,3 +353,42 @@ fn a_misspelt_env_var_is_caught() {
     let no_subcommand: Value = serde_json::json!({ "args": ["controler"] });
     assert!(!check_command_line("x", &no_subcommand).is_empty());
 }
+
+#[test]
+fn kind_config_maps_the_api_node_port() {
+    // scripts/e2e-kind.sh and the kind scenarios reach the api at 127.0.0.1:<nodePort>: the
+    // overlay's NodePort must be one kind-config.yaml maps to the host, on the same port.
+    let Some(kind) = kustomize("deploy/overlays/kind") else {
+        eprintln!("skipping kind_config_maps_the_api_node_port: kubectl is not installed");
+        return;
+    };
+    let service = kind
+        .iter()
+        .find(|o| kind_of(o) == "Service" && name_of(o) == "spawner-api")
+        .expect("the overlay renders the api Service");
+    assert_eq!(service["spec"]["type"], "NodePort");
+    let node_port = service["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("the api Service has a nodePort");
+    let config: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("kind-config.yaml")).expect("kind-config.yaml"),
+    )
+    .expect("kind-config.yaml parses");
+    let mapped = config["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .flat_map(|n| {
+            n["extraPortMappings"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .any(|m| {
+            m["containerPort"].as_u64() == Some(node_port) && m["hostPort"] == m["containerPort"]
+        });
+    assert!(
+        mapped,
+        "kind-config.yaml maps no host port to NodePort {node_port}"
+    );
+}
