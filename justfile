@@ -1,6 +1,10 @@
 # Spawner's recipes. `just --list` shows them.
 
-# Run the whole test suite (the README's test command).
+# Run Spawner on this machine, no cluster needed (open the printed demo URL in two tabs).
+dev:
+    cargo run --release -p spawner -- dev --demo
+
+# Run the whole test suite (the README's test command; CI runs it through .ci/run).
 test:
     cargo test --workspace
 
@@ -16,3 +20,15 @@ crd-write:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# Build (or reuse) the real kube-apiserver, kube-controller-manager and etcd used by the tests.
+controlplane:
+    e2e/controlplane/build.sh
+
+# localcluster's API server benchmark: creates/s, patches/s, watch fan-out latency.
+bench-localcluster:
+    cargo run --release -p spawner-localcluster --example bench
+
+# The sweeper with thousands of backends: memory and subscription time.
+bench-sweeper backends="2000":
+    cargo run --release -p spawner-sweeper --example scale -- {{backends}}

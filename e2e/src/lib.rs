@@ -1,1 +1,10 @@
-//! Spawner e2e: built in its own issue; nothing here runs yet.
+//! Spawner's end-to-end suites and their harnesses.
+//!
+//! - [`controlplane`]: a real Kubernetes control plane (etcd, kube-apiserver,
+//!   kube-controller-manager) built from pinned Go modules, for tests that must hold against the
+//!   real API server.
+//! - [`conformance`]: the API conformance suite, run against localcluster and, when
+//!   `SPAWNER_CONFORMANCE_KUBECONFIG` is set, against a real cluster.
+
+pub mod conformance;
+pub mod controlplane;

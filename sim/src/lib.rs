@@ -1,1 +1,14 @@
-//! Spawner sim: built in its own issue; nothing here runs yet.
+//! Spawner's deterministic simulator: the production components in a turmoil world.
+
+pub mod app;
+pub mod clock;
+pub mod components;
+pub mod entropy;
+pub mod faults;
+pub mod invariants;
+pub mod net;
+pub mod pods;
+pub mod rng;
+pub mod users;
+pub mod workload;
+pub mod world;

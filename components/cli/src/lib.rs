@@ -4,6 +4,12 @@ use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
+pub mod client;
+pub mod components;
+pub mod demo;
+pub mod dev;
+pub mod launcher;
+
 /// Session-lived backends on Kubernetes.
 #[derive(Debug, Parser)]
 #[command(name = "spawner", version, about)]
@@ -14,28 +20,106 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the whole system on this machine, no cluster needed: a local Kubernetes API,
+    /// a node agent running backends as processes, the controller, sweepers and the api.
+    Dev(dev::DevArgs),
+    /// Spawn a backend (prints its name).
+    Spawn(client::SpawnArgs),
+    /// Show a backend's status, or follow its phases with --watch.
+    Status(client::StatusArgs),
+    /// List backends.
+    Ls(client::LsArgs),
+    /// Terminate backends.
+    Rm(client::RmArgs),
     /// Print the SessionLivedBackend CustomResourceDefinition as YAML.
     Crd,
+    /// Run the controller (a Deployment in a cluster).
+    Controller(spawner_controller::ControllerArgs),
+    /// Run a node's sweeper (a DaemonSet in a cluster).
+    Sweeper(spawner_sweeper::SweeperArgs),
+    /// Run the api (a Deployment in a cluster).
+    Api(spawner_api::ApiArgs),
+    /// Run the sidecar (injected into every backend pod).
+    Sidecar(spawner_sidecar::SidecarArgs),
+    /// Run a node agent that runs pods as local processes, against any API server.
+    NodeAgent(spawner_localcluster::node::NodeAgentArgs),
+    /// Serve the demo backend (a shared multiplayer page) on $PORT: what `spawner dev --demo`
+    /// spawns.
+    DemoBackend(DemoBackendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoBackendArgs {
+    /// Port to listen on (all interfaces).
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Name shown on the page.
+    #[arg(long, env = "SPAWNER_BACKEND_NAME", default_value = "demo")]
+    pub name: String,
 }
 
 /// Runs one parsed command, writing its output to `out`.
-pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     match cli.command {
+        Command::Dev(args) => dev::run(args, out, std::future::pending()).await?,
+        Command::Spawn(args) => client::spawn(args, out).await?,
+        Command::Status(args) => client::status(args, out).await?,
+        Command::Ls(args) => client::ls(args, out).await?,
+        Command::Rm(args) => client::rm(args, out).await?,
+        Command::Controller(args) => components::controller(args).await?,
+        Command::Sweeper(args) => components::sweeper(args).await?,
+        Command::Api(args) => components::api(args).await?,
+        Command::Sidecar(args) => components::sidecar(args).await?,
+        Command::NodeAgent(args) => components::node_agent(args).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }
+        Command::DemoBackend(args) => {
+            let listener = tokio::net::TcpListener::bind(("0.0.0.0", args.port))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on port {}: {e}", args.port))?;
+            tracing::info!(port = args.port, name = %args.name, "demo backend listening");
+            axum::serve(listener, demo::router(&args.name))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?;
+        }
     }
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn crd_output_matches_the_committed_manifest() {
+    #[tokio::test]
+    async fn crd_output_matches_the_committed_manifest() {
         let mut out = Vec::new();
-        run(Cli::parse_from(["spawner", "crd"]), &mut out).expect("crd");
+        run(Cli::parse_from(["spawner", "crd"]), &mut out)
+            .await
+            .expect("crd");
         let committed = include_str!("../../../deploy/crd.yaml");
         assert!(
             String::from_utf8_lossy(&out) == committed,

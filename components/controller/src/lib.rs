@@ -1,1 +1,394 @@
-//! Spawner controller: built in its own issue; nothing here runs yet.
+//! Spawner controller: turns each `SessionLivedBackend` into a Pod (with the sidecar injected)
+//! and a Service, advances its phase from what the Pod shows, enforces its maximum lifetime,
+//! honours terminate requests, and deletes finished backends after a retention period.
+//!
+//! One replica leads (a Lease, see [`leader`]); only the leader reconciles. `/metrics` and
+//! `/healthz` are served on the listener the caller passes in (DESIGN.md rule 2).
+
+pub mod clock;
+pub mod leader;
+pub mod metrics;
+pub mod observe;
+mod reconcile;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::runtime::controller::{Config as RuntimeConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use spawner_core::children::{ChildrenConfig, DEFAULT_SIDECAR_PORT};
+use spawner_core::phase::Phase;
+use spawner_core::resource::{BACKEND_LABEL, SessionLivedBackend};
+use spawner_core::validation::Limits;
+use tokio::sync::watch;
+
+pub use clock::{Clock, SystemClock, TokioClock};
+pub use leader::{LeaderElector, LeaseSettings};
+pub use metrics::Metrics;
+pub use reconcile::{Context, Error, TERMINATE_ANNOTATION, error_policy, reconcile};
+
+/// Name the controller reports in Events.
+pub const CONTROLLER_NAME: &str = "spawner-controller";
+
+/// Where `status.url` points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UrlMode {
+    /// The backend's Service DNS name (in a cluster).
+    Service,
+    /// `http://<podIP>:<sidecar port>` (localcluster, where each pod has its own loopback IP).
+    PodIp,
+}
+
+/// Command-line and environment configuration of the controller.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// Namespace to watch; all namespaces when absent.
+    #[arg(long, env = "SPAWNER_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the /metrics and /healthz server (bound by the binary, not the library).
+    #[arg(
+        long,
+        env = "SPAWNER_CONTROLLER_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub listen: std::net::SocketAddr,
+    /// Secret the events tokens are derived from (shared with the sweeper).
+    #[arg(long, env = "SPAWNER_EVENTS_SECRET", hide_env_values = true)]
+    pub events_secret: String,
+    /// Image of the sidecar container injected into every backend pod.
+    #[arg(
+        long,
+        env = "SPAWNER_SIDECAR_IMAGE",
+        default_value = "ghcr.io/spawner-dev/spawner:latest"
+    )]
+    pub sidecar_image: String,
+    /// Port the sidecar serves on inside the pod.
+    #[arg(long, env = "SPAWNER_SIDECAR_PORT", default_value_t = DEFAULT_SIDECAR_PORT)]
+    pub sidecar_port: u16,
+    /// Cluster DNS domain used in Service URLs.
+    #[arg(long, env = "SPAWNER_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// What `status.url` points at.
+    #[arg(long, env = "SPAWNER_URL_MODE", value_enum, default_value = "service")]
+    pub url_mode: UrlMode,
+    /// How long an image may fail to pull before the backend fails.
+    #[arg(
+        long,
+        env = "SPAWNER_IMAGE_PULL_TIMEOUT_SECONDS",
+        default_value_t = 120
+    )]
+    pub image_pull_timeout_seconds: u64,
+    /// How long a finished (Swept, Failed, Terminated) backend stays readable before deletion.
+    #[arg(long, env = "SPAWNER_RETENTION_SECONDS", default_value_t = 300)]
+    pub retention_seconds: u64,
+    /// Reconcile every backend at least this often, whatever the watches say.
+    #[arg(long, env = "SPAWNER_RESYNC_SECONDS", default_value_t = 300)]
+    pub resync_seconds: u64,
+    /// Reconciliations run at once.
+    #[arg(long, env = "SPAWNER_CONTROLLER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+    /// Run without leader election (exactly one replica).
+    #[arg(long, env = "SPAWNER_NO_LEADER_ELECTION")]
+    pub no_leader_election: bool,
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "SPAWNER_LEASE_NAME", default_value = "spawner-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the controller's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease and in Events (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "spawner-controller")]
+    pub identity: String,
+    #[arg(long, env = "SPAWNER_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    #[arg(
+        long,
+        env = "SPAWNER_LEASE_RENEW_DEADLINE_SECONDS",
+        default_value_t = 10
+    )]
+    pub lease_renew_deadline_seconds: u64,
+    #[arg(long, env = "SPAWNER_LEASE_RETRY_PERIOD_SECONDS", default_value_t = 2)]
+    pub lease_retry_period_seconds: u64,
+}
+
+/// Everything the controller needs to run, built from [`ControllerArgs`] or by a test.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub namespace: Option<String>,
+    pub children: ChildrenConfig,
+    pub events_secret: Vec<u8>,
+    pub url_mode: UrlMode,
+    pub image_pull_timeout: Duration,
+    pub retention: Duration,
+    pub resync: Duration,
+    pub concurrency: u16,
+    pub limits: Limits,
+    /// `None` runs without leader election.
+    pub lease: Option<LeaseSettings>,
+    /// Reporter identity in Events.
+    pub identity: String,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl ControllerArgs {
+    pub fn into_config(self) -> ControllerConfig {
+        let lease = (!self.no_leader_election).then(|| LeaseSettings {
+            name: self.lease_name,
+            namespace: self.lease_namespace,
+            identity: self.identity.clone(),
+            lease_duration: Duration::from_secs(self.lease_duration_seconds),
+            renew_deadline: Duration::from_secs(self.lease_renew_deadline_seconds),
+            retry_period: Duration::from_secs(self.lease_retry_period_seconds),
+        });
+        let limits = Limits {
+            reserved_ports: vec![self.sidecar_port],
+            ..Limits::default()
+        };
+        ControllerConfig {
+            namespace: self.namespace,
+            children: ChildrenConfig {
+                sidecar_image: self.sidecar_image,
+                sidecar_port: self.sidecar_port,
+                cluster_domain: self.cluster_domain,
+            },
+            events_secret: self.events_secret.into_bytes(),
+            url_mode: self.url_mode,
+            image_pull_timeout: Duration::from_secs(self.image_pull_timeout_seconds),
+            retention: Duration::from_secs(self.retention_seconds),
+            resync: Duration::from_secs(self.resync_seconds.max(1)),
+            concurrency: self.concurrency,
+            limits,
+            lease,
+            identity: self.identity,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// State shared by the HTTP handlers.
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    store: Arc<Mutex<Option<Store<SessionLivedBackend>>>>,
+}
+
+fn backends_by_phase(store: &Store<SessionLivedBackend>) -> BTreeMap<Phase, u64> {
+    let mut counts = BTreeMap::new();
+    for backend in store.state() {
+        *counts.entry(backend.phase()).or_insert(0) += 1;
+    }
+    counts
+}
+
+async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
+    let store = state.store.lock().ok().and_then(|s| s.clone());
+    let counts = store.as_ref().map(backends_by_phase).unwrap_or_default();
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&counts),
+    )
+}
+
+/// The HTTP surface: `/metrics` and `/healthz`.
+fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// Runs the controller until `shutdown` completes: serves `/metrics` and `/healthz` on
+/// `listener`, campaigns for the lease (unless disabled) and reconciles while leading.
+pub async fn run<L>(
+    client: Client,
+    listener: L,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let metrics = Arc::new(Metrics::default());
+    let store = Arc::new(Mutex::new(None));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let http = {
+        let mut stop = stop_rx.clone();
+        let app = router(HttpState {
+            metrics: metrics.clone(),
+            store: store.clone(),
+        });
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+
+    let (leading_tx, mut leading_rx) = watch::channel(config.lease.is_none());
+    let elector = match &config.lease {
+        Some(settings) => {
+            let api: Api<Lease> = Api::namespaced(client.clone(), &settings.namespace);
+            let elector = LeaderElector::new(api, settings.clone(), config.clock.clone());
+            Some(tokio::spawn(elector.run(
+                leading_tx,
+                metrics.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        None => {
+            metrics
+                .is_leader
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            drop(leading_tx);
+            None
+        }
+    };
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: CONTROLLER_NAME.into(),
+            instance: Some(config.identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config.clone(),
+        metrics.clone(),
+        recorder,
+    ));
+
+    let mut stop = stop_rx.clone();
+    loop {
+        // Wait for leadership (or shutdown).
+        tokio::select! {
+            r = leading_rx.wait_for(|l| *l) => {
+                if r.is_err() && config.lease.is_some() {
+                    break;
+                }
+            }
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
+        tracing::info!(identity = %config.identity, "leading: starting to reconcile");
+        let controller = build_controller(&client, &config);
+        if let Ok(mut slot) = store.lock() {
+            *slot = Some(controller.store());
+        }
+        let mut lost = leading_rx.clone();
+        let mut stop_inner = stop_rx.clone();
+        let lease_enabled = config.lease.is_some();
+        let stream = controller
+            .graceful_shutdown_on(async move {
+                tokio::select! {
+                    _ = lost.wait_for(|l| !*l), if lease_enabled => {}
+                    _ = stop_inner.wait_for(|s| *s) => {}
+                }
+            })
+            .run(reconcile, error_policy, ctx.clone());
+        stream
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "controller stream item");
+                }
+            })
+            .await;
+        if let Ok(mut slot) = store.lock() {
+            *slot = None;
+        }
+        tracing::info!(identity = %config.identity, "stopped reconciling");
+        if *stop.borrow() || config.lease.is_none() {
+            break;
+        }
+    }
+
+    if let Some(elector) = elector {
+        let _ = elector.await;
+    }
+    match http.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Serve(e)),
+        Err(e) => Err(Error::Serve(std::io::Error::other(e))),
+    }
+}
+
+fn build_controller(client: &Client, config: &ControllerConfig) -> Controller<SessionLivedBackend> {
+    let (backends, pods, services): (Api<SessionLivedBackend>, Api<Pod>, Api<Service>) =
+        match &config.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
+    let children = watcher::Config::default().labels(BACKEND_LABEL);
+    Controller::new(backends, watcher::Config::default())
+        .owns(pods, children.clone())
+        .owns(services, children)
+        .with_config(RuntimeConfig::default().concurrency(config.concurrency))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    #[test]
+    fn args_parse_into_a_config() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "controller",
+            "--events-secret",
+            "s3cret",
+            "--url-mode",
+            "pod-ip",
+            "--retention-seconds",
+            "7",
+            "--lease-namespace",
+            "spawner",
+        ])
+        .expect("parses");
+        let config = cli.args.into_config();
+        assert_eq!(config.url_mode, UrlMode::PodIp);
+        assert_eq!(config.retention, Duration::from_secs(7));
+        assert_eq!(config.events_secret, b"s3cret");
+        assert_eq!(config.limits.reserved_ports, vec![DEFAULT_SIDECAR_PORT]);
+        let lease = config.lease.expect("leader election on by default");
+        assert_eq!(lease.namespace, "spawner");
+        assert!(lease.renew_deadline < lease.lease_duration);
+    }
+}

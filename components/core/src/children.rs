@@ -18,6 +18,13 @@ pub const SIDECAR_CONTAINER_NAME: &str = "spawner-sidecar";
 pub const DEFAULT_SIDECAR_PORT: u16 = 9090;
 /// Port of the backend's Service.
 pub const SERVICE_PORT: u16 = 80;
+/// Image given to an application container that has only a command. The Kubernetes API
+/// requires an image on every container; localcluster's node agent runs such a container as a
+/// local process, while a real cluster fails to pull this image and the backend fails with
+/// `ImagePullTimeout`, which says what is wrong.
+pub const PROCESS_IMAGE: &str = "spawner.dev/process";
+/// Environment variable telling the application its backend's name.
+pub const BACKEND_NAME_ENV: &str = "SPAWNER_BACKEND_NAME";
 /// Environment variable carrying the events token into the sidecar.
 pub const EVENTS_TOKEN_ENV: &str = "SPAWNER_EVENTS_TOKEN";
 /// Environment variable carrying the serve port into the sidecar.
@@ -99,9 +106,13 @@ pub fn build_pod(
         .containers
         .first_mut()
         .ok_or(BuildError::NoContainers)?;
+    if app.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
+        app.image = Some(PROCESS_IMAGE.into());
+    }
     let app_env = app.env.get_or_insert_with(Vec::new);
-    app_env.retain(|e| e.name != "PORT");
+    app_env.retain(|e| e.name != "PORT" && e.name != BACKEND_NAME_ENV);
     app_env.push(env("PORT", backend.spec.http_port.to_string()));
+    app_env.push(env(BACKEND_NAME_ENV, name.clone()));
 
     spec.restart_policy = Some("Never".into());
     spec.containers.push(Container {
@@ -247,7 +258,11 @@ mod tests {
                     {
                         "name": "app",
                         "image": "acme/room:1",
-                        "env": [{"name": "MODE", "value": "x"}, {"name": "PORT", "value": "3000"}]
+                        "env": [
+                            {"name": "MODE", "value": "x"},
+                            {"name": "PORT", "value": "3000"},
+                            {"name": "SPAWNER_BACKEND_NAME", "value": "slab-abc"}
+                        ]
                     },
                     {
                         "name": "spawner-sidecar",
@@ -295,6 +310,18 @@ mod tests {
             }
         });
         assert_eq!(serde_json::to_value(&service).expect("json"), expected);
+    }
+
+    #[test]
+    fn command_only_application_gets_the_process_image() {
+        let mut b = backend();
+        let app = &mut b.spec.template.spec.as_mut().expect("pod spec").containers[0];
+        app.image = None;
+        app.command = Some(vec!["python3".into()]);
+        let pod = build_pod(&b, &ChildrenConfig::default(), "t").expect("pod");
+        let app = &pod.spec.expect("spec").containers[0];
+        assert_eq!(app.image.as_deref(), Some(PROCESS_IMAGE));
+        assert_eq!(app.command.as_deref(), Some(&["python3".to_string()][..]));
     }
 
     #[test]

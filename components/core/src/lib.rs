@@ -11,7 +11,9 @@ pub mod id;
 pub mod idle;
 pub mod phase;
 pub mod resource;
+pub mod status;
 pub mod token;
+pub mod trace;
 pub mod validation;
 
 pub use phase::{Observation, Phase, Transition};

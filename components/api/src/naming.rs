@@ -1,0 +1,329 @@
+//! Names and URLs: the deterministic names of get-or-create backends, the key label, the URL
+//! template and the api's own public URLs.
+
+use axum::http::HeaderMap;
+use axum::http::header::HOST;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+/// Characters of the key hash in a get-or-create name (base32: 80 bits).
+pub const KEY_HASH_CHARS: usize = 16;
+/// Highest generation of a key's backend; a key that was respawned this often is refused.
+pub const MAX_GENERATION: u32 = 99_999;
+/// Longest suffix a get-or-create name adds to the prefix: hash, '-', generation.
+pub const KEY_NAME_SUFFIX_MAX_LEN: usize = KEY_HASH_CHARS + 1 + 5;
+
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// The part of a get-or-create name shared by every generation of one key:
+/// `<prefix><16 base32 characters of HMAC-SHA256(secret, key)>-`.
+pub fn key_name_stem(prefix: &str, secret: &[u8], key: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(b"spawner-key-name/v1\0");
+    mac.update(key.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    let mut stem = String::with_capacity(prefix.len() + KEY_HASH_CHARS + 1);
+    stem.push_str(prefix);
+    // 5 bits per character, taken from the digest's bit stream.
+    for i in 0..KEY_HASH_CHARS {
+        let bit = i * 5;
+        let (byte, shift) = (bit / 8, bit % 8);
+        let word = u16::from(digest[byte]) << 8 | u16::from(digest[byte + 1]);
+        let index = (word >> (11 - shift)) & 31;
+        stem.push(BASE32[index as usize] as char);
+    }
+    stem.push('-');
+    stem
+}
+
+/// The name of generation `generation` of the key whose stem is `stem`.
+pub fn key_backend_name(stem: &str, generation: u32) -> String {
+    format!("{stem}{generation}")
+}
+
+/// The generation in `name` if it is a get-or-create name with this `stem`.
+pub fn generation_of(stem: &str, name: &str) -> Option<u32> {
+    let digits = name.strip_prefix(stem)?;
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The value of the `spawner.dev/key` label for `key`: the key itself when it is a valid label
+/// value, else `h.` and 40 hex characters of its SHA-256 (a label value holds at most 63
+/// characters). Lookups by label are always confirmed against `spec.key`, so two keys sharing
+/// a label value cannot be confused.
+pub fn key_label_value(key: &str) -> String {
+    if is_label_value(key) && !key.is_empty() {
+        key.to_string()
+    } else {
+        let digest = Sha256::digest(key.as_bytes());
+        let hex: String = digest[..20].iter().map(|b| format!("{b:02x}")).collect();
+        format!("h.{hex}")
+    }
+}
+
+/// A Kubernetes label value: empty, or at most 63 of `[A-Za-z0-9._-]`, starting and ending with
+/// a letter or digit.
+pub fn is_label_value(value: &str) -> bool {
+    let b = value.as_bytes();
+    if b.is_empty() {
+        return true;
+    }
+    b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A label key: an optional DNS-subdomain prefix and '/', then a name (at most 63 of
+/// `[A-Za-z0-9._-]`, starting and ending with a letter or digit).
+pub fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(spawner_core::validation::is_dns1123_label)
+    });
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
+/// Label keys a client may not set: Spawner's own.
+pub fn is_reserved_label_key(key: &str) -> bool {
+    key.rsplit_once('/').is_some_and(|(prefix, _)| {
+        prefix == spawner_core::resource::GROUP || prefix.ends_with(".spawner.dev")
+    })
+}
+
+/// A parsed `--url-template`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Name,
+    Namespace,
+    Url,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UrlTemplateError {
+    #[error(
+        "unknown placeholder {{{0}}} in the URL template (known: {{name}}, {{namespace}}, {{url}})"
+    )]
+    UnknownPlaceholder(String),
+    #[error("unclosed '{{' in the URL template")]
+    Unclosed,
+    #[error("the URL template is empty")]
+    Empty,
+}
+
+impl Default for UrlTemplate {
+    fn default() -> Self {
+        Self {
+            parts: vec![Part::Url],
+        }
+    }
+}
+
+impl UrlTemplate {
+    pub fn parse(template: &str) -> Result<Self, UrlTemplateError> {
+        if template.is_empty() {
+            return Err(UrlTemplateError::Empty);
+        }
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = after.find('}').ok_or(UrlTemplateError::Unclosed)?;
+            parts.push(match &after[..close] {
+                "name" => Part::Name,
+                "namespace" => Part::Namespace,
+                "url" => Part::Url,
+                other => return Err(UrlTemplateError::UnknownPlaceholder(other.to_string())),
+            });
+            rest = &after[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        Ok(Self { parts })
+    }
+
+    /// Whether the URL needs the backend's `status.url`.
+    pub fn needs_status_url(&self) -> bool {
+        self.parts.contains(&Part::Url)
+    }
+
+    /// The URL of backend `name`, or `None` while the template needs a `status.url` that the
+    /// controller has not written yet.
+    pub fn render(&self, name: &str, namespace: &str, status_url: Option<&str>) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Name => out.push_str(name),
+                Part::Namespace => out.push_str(namespace),
+                Part::Url => out.push_str(status_url.filter(|u| !u.is_empty())?),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// The base of the api's own URLs (`readyUrl`, `statusUrl`): the configured public base URL,
+/// else `http://` and the request's Host header, else nothing (relative URLs).
+pub fn public_base(configured: Option<&str>, headers: &HeaderMap) -> String {
+    if let Some(base) = configured {
+        return base.trim_end_matches('/').to_string();
+    }
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| is_host_header(h));
+    match host {
+        Some(host) => format!("http://{host}"),
+        None => String::new(),
+    }
+}
+
+/// A Host header safe to put into a URL: a host name, IPv4 or bracketed IPv6, optional port.
+fn is_host_header(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+/// `readyUrl` and `statusUrl` of backend `name`.
+pub fn api_urls(base: &str, name: &str) -> (String, String) {
+    (
+        format!("{base}/backend/{name}/ready"),
+        format!("{base}/backend/{name}/status"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use spawner_core::validation::is_dns1035_label;
+
+    #[test]
+    fn key_names_are_deterministic_dns_labels() {
+        let stem = key_name_stem("slab-", b"", "room-42");
+        assert_eq!(stem, key_name_stem("slab-", b"", "room-42"));
+        assert_ne!(stem, key_name_stem("slab-", b"", "room-43"));
+        assert_ne!(stem, key_name_stem("slab-", b"secret", "room-42"));
+        assert_eq!(stem.len(), 5 + KEY_HASH_CHARS + 1);
+        let longest = key_backend_name(&key_name_stem(&"a".repeat(41), b"", "k"), MAX_GENERATION);
+        assert!(is_dns1035_label(&longest), "{longest}");
+        assert_eq!(longest.len(), 41 + KEY_NAME_SUFFIX_MAX_LEN);
+        assert!(is_dns1035_label(&key_backend_name(&stem, 0)));
+    }
+
+    #[test]
+    fn generations_parse_back_only_from_canonical_names() {
+        let stem = key_name_stem("slab-", b"", "k");
+        assert_eq!(generation_of(&stem, &key_backend_name(&stem, 0)), Some(0));
+        assert_eq!(generation_of(&stem, &key_backend_name(&stem, 17)), Some(17));
+        assert_eq!(generation_of(&stem, &format!("{stem}017")), None);
+        assert_eq!(generation_of(&stem, &stem), None);
+        assert_eq!(generation_of(&stem, &format!("{stem}1a")), None);
+        assert_eq!(generation_of(&stem, "slab-other-1"), None);
+    }
+
+    #[test]
+    fn key_label_values() {
+        assert_eq!(key_label_value("room-42"), "room-42");
+        let hashed = key_label_value("user@example.com/doc 1");
+        assert!(hashed.starts_with("h."));
+        assert_eq!(hashed.len(), 42);
+        assert!(is_label_value(&hashed));
+        assert_eq!(hashed, key_label_value("user@example.com/doc 1"));
+        assert!(is_label_value(&key_label_value(&"x".repeat(64))));
+        assert_ne!(key_label_value(&"x".repeat(64)), "x".repeat(64));
+    }
+
+    #[test]
+    fn label_keys_and_values() {
+        assert!(is_label_key("team"));
+        assert!(is_label_key("example.com/team"));
+        assert!(!is_label_key("/team"));
+        assert!(!is_label_key("example.com/"));
+        assert!(!is_label_key("Exa_mple/team"));
+        assert!(!is_label_key("te am"));
+        assert!(is_label_value(""));
+        assert!(is_label_value("a.b_c-d"));
+        assert!(!is_label_value("-a"));
+        assert!(!is_label_value(&"a".repeat(64)));
+        assert!(is_reserved_label_key("spawner.dev/key"));
+        assert!(is_reserved_label_key("x.spawner.dev/key"));
+        assert!(!is_reserved_label_key("example.com/spawner.dev"));
+    }
+
+    #[test]
+    fn url_templates() {
+        let t = UrlTemplate::parse("https://{name}.{namespace}.example.com/").expect("parses");
+        assert!(!t.needs_status_url());
+        assert_eq!(
+            t.render("slab-a", "ns", None).as_deref(),
+            Some("https://slab-a.ns.example.com/")
+        );
+        let t = UrlTemplate::parse("{url}").expect("parses");
+        assert!(t.needs_status_url());
+        assert_eq!(t.render("slab-a", "ns", None), None);
+        assert_eq!(t.render("slab-a", "ns", Some("")), None);
+        assert_eq!(
+            t.render("slab-a", "ns", Some("http://127.0.1.2:9090"))
+                .as_deref(),
+            Some("http://127.0.1.2:9090")
+        );
+        assert_eq!(
+            UrlTemplate::parse("https://x/{nam}"),
+            Err(UrlTemplateError::UnknownPlaceholder("nam".into()))
+        );
+        assert_eq!(
+            UrlTemplate::parse("https://x/{name"),
+            Err(UrlTemplateError::Unclosed)
+        );
+        assert_eq!(UrlTemplate::parse(""), Err(UrlTemplateError::Empty));
+    }
+
+    #[test]
+    fn public_base_urls() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(public_base(None, &headers), "");
+        headers.insert(HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        assert_eq!(public_base(None, &headers), "http://127.0.0.1:8080");
+        assert_eq!(
+            public_base(Some("https://api.example.com/"), &headers),
+            "https://api.example.com"
+        );
+        headers.insert(HOST, HeaderValue::from_static("evil.com/x?"));
+        assert_eq!(public_base(None, &headers), "");
+        assert_eq!(
+            api_urls("https://a", "slab-x"),
+            (
+                "https://a/backend/slab-x/ready".to_string(),
+                "https://a/backend/slab-x/status".to_string()
+            )
+        );
+    }
+}

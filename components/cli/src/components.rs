@@ -1,0 +1,75 @@
+//! `spawner controller | sweeper | api | sidecar | node-agent`: one production component, as
+//! the container image runs it. Each takes its configuration from flags or environment
+//! variables and its Kubernetes client from the pod's service account (or `KUBECONFIG`).
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("no Kubernetes client: not in a pod and no usable KUBECONFIG")
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+pub async fn controller(args: spawner_controller::ControllerArgs) -> anyhow::Result<()> {
+    let listener = bind(args.listen).await?;
+    let client = kube_client().await?;
+    spawner_controller::run(
+        client,
+        listener,
+        args.into_config(),
+        crate::shutdown_signal(),
+    )
+    .await
+    .context("controller")
+}
+
+pub async fn sweeper(args: spawner_sweeper::SweeperArgs) -> anyhow::Result<()> {
+    let listener = bind(args.listen).await?;
+    let client = kube_client().await?;
+    spawner_sweeper::run(
+        client,
+        listener,
+        spawner_sweeper::tcp_transport(),
+        args.into_config(),
+        crate::shutdown_signal(),
+    )
+    .await
+    .context("sweeper")
+}
+
+pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let listener = bind(args.listen).await?;
+    let client = kube_client().await?;
+    spawner_api::run(client, listener, config, crate::shutdown_signal())
+        .await
+        .context("api")
+}
+
+pub async fn sidecar(args: spawner_sidecar::SidecarArgs) -> anyhow::Result<()> {
+    let config = args.to_config();
+    let listener = bind(args.serve_addr()).await?;
+    spawner_sidecar::run(
+        listener,
+        spawner_sidecar::TcpConnector,
+        config,
+        crate::shutdown_signal(),
+    )
+    .await
+    .context("sidecar")
+}
+
+pub async fn node_agent(args: spawner_localcluster::node::NodeAgentArgs) -> anyhow::Result<()> {
+    let client = kube_client().await?;
+    let runtime = std::sync::Arc::new(args.process_runtime());
+    spawner_localcluster::node::run(client, args.config(), runtime, crate::shutdown_signal())
+        .await
+        .context("node agent")
+}

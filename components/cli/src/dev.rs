@@ -1,0 +1,360 @@
+//! `spawner dev`: the whole system on one machine, no cluster — localcluster's API server, a
+//! node agent running backends as local processes, the controller, one sweeper per node and the
+//! api, in one process; with `--demo`, a launcher page that opens a shared demo backend.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use spawner_localcluster::node::NodeAgentArgs;
+use spawner_localcluster::{Auth, Cluster, Identity, ServerConfig, SystemClock};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Address of the Spawner api.
+    #[arg(long, env = "SPAWNER_DEV_API_LISTEN", default_value = "127.0.0.1:7070")]
+    pub api_listen: SocketAddr,
+    /// Address of the embedded Kubernetes API server (port 0: any free port).
+    #[arg(long, env = "SPAWNER_DEV_KUBE_LISTEN", default_value = "127.0.0.1:0")]
+    pub kube_listen: SocketAddr,
+    /// Number of simulated nodes, each with its own sweeper.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub nodes: u8,
+    /// The api's bearer token (random when absent).
+    #[arg(long, env = "SPAWNER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Also serve the demo launcher: a page that opens a shared multiplayer demo backend.
+    #[arg(long)]
+    pub demo: bool,
+    /// Address of the demo launcher.
+    #[arg(
+        long,
+        env = "SPAWNER_DEV_DEMO_LISTEN",
+        default_value = "127.0.0.1:7071"
+    )]
+    pub demo_listen: SocketAddr,
+    /// Grace period of the demo backend, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub demo_grace_seconds: u32,
+    /// Seconds a finished backend stays readable before it is deleted.
+    #[arg(long, default_value_t = 60)]
+    pub retention_seconds: u64,
+    /// Where the kubeconfig and the backends' logs go (default: a fresh temporary directory,
+    /// removed on exit).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Parses a component's clap arguments from a list, so dev configures every component
+/// exactly as its own command line would.
+#[derive(Parser)]
+struct ArgsOf<T: clap::Args> {
+    #[command(flatten)]
+    inner: T,
+}
+
+fn args_of<T: clap::Args>(argv: &[&str]) -> anyhow::Result<T> {
+    let argv = std::iter::once("spawner").chain(argv.iter().copied());
+    Ok(ArgsOf::<T>::try_parse_from(argv)?.inner)
+}
+
+fn random_token() -> anyhow::Result<String> {
+    // A backend id without its prefix: 100 random bits in base32.
+    Ok(spawner_core::id::new_backend_id("t")?[1..].to_string())
+}
+
+/// A kube client for `url` (plain HTTP, localcluster) authenticated by `token`.
+pub fn kube_client(url: &str, token: &str) -> anyhow::Result<kube::Client> {
+    let mut config = kube::Config::new(url.parse().context("kube url")?);
+    config.default_namespace = "default".into();
+    config.auth_info.token = Some(token.to_string().into());
+    Ok(kube::Client::try_from(config)?)
+}
+
+struct StateDir {
+    path: PathBuf,
+    remove_on_exit: bool,
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        if self.remove_on_exit {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn progress(step: &str) {
+    eprintln!("  · {step}");
+}
+
+/// Runs everything until SIGINT/SIGTERM (or `stop` resolves), then shuts it all down.
+pub async fn run(
+    args: DevArgs,
+    out: &mut (dyn std::io::Write + Send),
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let state = match &args.state_dir {
+        Some(path) => StateDir {
+            path: path.clone(),
+            remove_on_exit: false,
+        },
+        None => StateDir {
+            path: std::env::temp_dir().join(format!("spawner-dev-{}", std::process::id())),
+            remove_on_exit: true,
+        },
+    };
+    std::fs::create_dir_all(&state.path)
+        .with_context(|| format!("creating {}", state.path.display()))?;
+    let logs = state.path.join("logs");
+    std::fs::create_dir_all(&logs)?;
+
+    eprintln!("Starting Spawner dev…");
+    let api_token = match &args.token {
+        Some(t) => t.clone(),
+        None => random_token()?,
+    };
+    let admin_token = random_token()?;
+    let events_secret = random_token()?;
+    let mut tokens = std::collections::HashMap::new();
+    tokens.insert(admin_token.clone(), Identity::admin());
+    let cluster = Cluster::new(
+        ServerConfig {
+            auth: Auth { tokens, rbac: None },
+            ..ServerConfig::default()
+        },
+        Arc::new(SystemClock),
+    );
+    let kube_listener = TcpListener::bind(args.kube_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.kube_listen))?;
+    let kube_url = format!("http://{}", kube_listener.local_addr()?);
+    let api_listener = TcpListener::bind(args.api_listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (is another `spawner dev` running? use --api-listen)",
+            args.api_listen
+        )
+    })?;
+    let api_url = format!("http://{}", api_listener.local_addr()?);
+    let demo_listener = if args.demo {
+        Some(
+            TcpListener::bind(args.demo_listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.demo_listen))?,
+        )
+    } else {
+        None
+    };
+
+    // The API server stops last: the node agent reports its stopped pods through it.
+    let kube_shutdown = CancellationToken::new();
+    let kube_server = {
+        let kube_shutdown = kube_shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = spawner_localcluster::serve(kube_listener, cluster) => r.map_err(anyhow::Error::from),
+                _ = kube_shutdown.cancelled() => Ok(()),
+            }
+            .context("localcluster")
+        })
+    };
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    progress(&format!("Kubernetes API (localcluster) on {kube_url}"));
+    let kubeconfig = state.path.join("kubeconfig");
+    spawner_localcluster::write_kubeconfig(
+        &kubeconfig,
+        &kube_url,
+        Some(&admin_token),
+        Some("default"),
+    )
+    .with_context(|| format!("writing {}", kubeconfig.display()))?;
+
+    let node_names: Vec<String> = (1..=args.nodes).map(|i| format!("node-{i}")).collect();
+    let joined = node_names.join(",");
+    let log_dir = logs.display().to_string();
+    let node_args: NodeAgentArgs = args_of(&["--node", &joined, "--log-dir", &log_dir])?;
+    {
+        let client = kube_client(&kube_url, &admin_token)?;
+        let runtime = Arc::new(node_args.process_runtime());
+        let config = node_args.config();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            spawner_localcluster::node::run(client, config, runtime, shutdown.cancelled_owned())
+                .await
+                .context("node agent")
+        });
+    }
+    progress(&format!("node agent running nodes {joined}"));
+
+    let retention = args.retention_seconds.to_string();
+    let controller_args: spawner_controller::ControllerArgs = args_of(&[
+        "--events-secret",
+        &events_secret,
+        "--url-mode",
+        "pod-ip",
+        "--no-leader-election",
+        "--retention-seconds",
+        &retention,
+    ])?;
+    {
+        let client = kube_client(&kube_url, &admin_token)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        progress(&format!(
+            "controller (metrics on http://{}/metrics)",
+            listener.local_addr()?
+        ));
+        let config = controller_args.into_config();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            spawner_controller::run(client, listener, config, shutdown.cancelled_owned())
+                .await
+                .context("controller")
+        });
+    }
+
+    for node in &node_names {
+        let sweeper_args: spawner_sweeper::SweeperArgs =
+            args_of(&["--node-name", node, "--events-secret", &events_secret])?;
+        let client = kube_client(&kube_url, &admin_token)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        progress(&format!(
+            "sweeper of {node} (metrics on http://{}/metrics)",
+            listener.local_addr()?
+        ));
+        let config = sweeper_args.into_config();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            spawner_sweeper::run(
+                client,
+                listener,
+                spawner_sweeper::tcp_transport(),
+                config,
+                shutdown.cancelled_owned(),
+            )
+            .await
+            .context("sweeper")
+        });
+    }
+
+    let api_args: spawner_api::ApiArgs =
+        args_of(&["--token", &api_token, "--public-base-url", &api_url])?;
+    {
+        let client = kube_client(&kube_url, &admin_token)?;
+        let config = api_args.config()?;
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            spawner_api::run(client, api_listener, config, shutdown.cancelled_owned())
+                .await
+                .context("api")
+        });
+    }
+    progress(&format!("api on {api_url}"));
+
+    let demo_url = match demo_listener {
+        Some(listener) => {
+            let url = format!("http://{}", listener.local_addr()?);
+            let launcher = crate::launcher::Launcher::new(
+                &api_url,
+                &api_token,
+                std::env::current_exe().context("finding the spawner binary for the demo")?,
+                args.demo_grace_seconds,
+            )?;
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                axum::serve(listener, crate::launcher::router(launcher))
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                    .context("demo launcher")
+            });
+            Some(url)
+        }
+        None => None,
+    };
+
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "spawner".into());
+    writeln!(out)?;
+    writeln!(out, "Spawner is running. Ctrl-C stops everything.")?;
+    writeln!(out)?;
+    writeln!(out, "SPAWNER_API_URL={api_url}")?;
+    writeln!(out, "SPAWNER_TOKEN={api_token}")?;
+    writeln!(out, "KUBECONFIG={}", kubeconfig.display())?;
+    if let Some(url) = &demo_url {
+        writeln!(out, "SPAWNER_DEMO_URL={url}")?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Open {url} in two browser tabs: both join one demo backend. Close them and it is swept after {}s.",
+            args.demo_grace_seconds
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Spawn a backend (any program that serves HTTP on $PORT):"
+    )?;
+    writeln!(
+        out,
+        "  curl -s -X POST {api_url}/spawn -H 'authorization: Bearer {api_token}' -H 'content-type: application/json' \\"
+    )?;
+    writeln!(
+        out,
+        "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\", \"$(PORT)\"], \"gracePeriodSeconds\": 30}}'"
+    )?;
+    writeln!(out, "or with the CLI:")?;
+    writeln!(
+        out,
+        "  export SPAWNER_API_URL={api_url} SPAWNER_TOKEN={api_token}"
+    )?;
+    writeln!(
+        out,
+        "  {exe} spawn --grace 30 --wait -- python3 -m http.server '$(PORT)'"
+    )?;
+    writeln!(
+        out,
+        "Watch the objects: kubectl --kubeconfig {} get slab,pods -w",
+        kubeconfig.display()
+    )?;
+    out.flush()?;
+
+    // Run until a signal, the caller's stop, or a component failing.
+    let failure = tokio::select! {
+        _ = crate::shutdown_signal() => None,
+        _ = stop => None,
+        finished = tasks.join_next() => match finished {
+            Some(Ok(Err(e))) => Some(e),
+            Some(Err(e)) => Some(anyhow!("a component panicked: {e}")),
+            _ => Some(anyhow!("a component stopped unexpectedly")),
+        },
+    };
+    eprintln!("Stopping: backends first, then the components…");
+    shutdown.cancel();
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(result) = tasks.join_next().await {
+            if let Ok(Err(e)) = result {
+                tracing::warn!(error = %format!("{e:#}"), "component stopped with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!("Some components did not stop within 30 s.");
+    }
+    kube_shutdown.cancel();
+    let _ = kube_server.await;
+    drop(state);
+    eprintln!("Stopped.");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,457 @@
+//! The reconciler: level-triggered and idempotent, so running it twice, late, or on a stale
+//! copy of the backend is harmless. Every status write carries the resourceVersion it was
+//! computed from; a concurrent writer (the sweeper) makes it fail with 409 and it runs again
+//! from a fresh read.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use spawner_core::children::{BuildError, build_pod, build_service, service_url};
+use spawner_core::phase::{Observation, Phase, Transition, run as run_phases};
+use spawner_core::resource::{NODE_LABEL, SessionLivedBackend, SessionLivedBackendStatus};
+use spawner_core::status::{apply_transition, phase_time, status_patch};
+use spawner_core::token::events_token;
+use spawner_core::validation::validate_spec;
+
+use crate::metrics::Metrics;
+use crate::observe::{
+    add, earliest, expects_pod, lifetime_deadline, observe_pod, retention_deadline, until,
+};
+use crate::{ControllerConfig, UrlMode};
+
+/// Annotation the api sets (RFC 3339 time) to ask for a backend to stop.
+pub const TERMINATE_ANNOTATION: &str = "spawner.dev/terminate-requested";
+
+/// Field manager of the controller's writes.
+const MANAGER: &str = "spawner-controller";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot build the backend's children: {0}")]
+    Build(#[from] BuildError),
+    #[error("backend {0} has no namespace")]
+    MissingNamespace(String),
+    #[error("metrics server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+impl Error {
+    /// A write lost a race with another writer; retrying from a fresh read is the fix.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(s)) if s.is_conflict())
+    }
+}
+
+/// What every reconciliation shares.
+pub struct Context {
+    pub client: Client,
+    pub config: ControllerConfig,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// Consecutive failures per backend uid, for the error policy's backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Backends whose spawn-to-ready time was recorded, so it is recorded once.
+    ready_recorded: Mutex<HashSet<String>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        metrics: Arc<Metrics>,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            client,
+            config,
+            metrics,
+            recorder,
+            failures: Mutex::new(HashMap::new()),
+            ready_recorded: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+/// Backoff after `failures` consecutive errors: 200 ms doubling up to 60 s; a lost write race
+/// retries at once.
+pub fn backoff(failures: u32, conflict: bool) -> Duration {
+    if conflict && failures <= 3 {
+        return Duration::from_millis(50);
+    }
+    let exp = failures.saturating_sub(1).min(9);
+    Duration::from_millis(200u64 << exp).min(Duration::from_secs(60))
+}
+
+/// kube-runtime's error policy: back off per backend.
+pub fn error_policy(backend: Arc<SessionLivedBackend>, error: &Error, ctx: Arc<Context>) -> Action {
+    let uid = backend.uid().unwrap_or_default();
+    let failures = match ctx.failures.lock() {
+        Ok(mut map) => {
+            let n = map.entry(uid).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    if error.is_conflict() {
+        tracing::debug!(backend = %backend.name_any(), "status write conflict; retrying");
+    } else {
+        tracing::warn!(backend = %backend.name_any(), failures, error = %error, "reconcile failed");
+    }
+    Action::requeue(backoff(failures, error.is_conflict()))
+}
+
+/// Reconciles one backend.
+pub async fn reconcile(
+    backend: Arc<SessionLivedBackend>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = tokio::time::Instant::now();
+    ctx.metrics
+        .reconciles
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let result = reconcile_backend(&backend, &ctx).await;
+    ctx.metrics.reconcile_duration.observe(started.elapsed());
+    match &result {
+        Ok(_) => {
+            if let (Ok(mut map), Some(uid)) = (ctx.failures.lock(), backend.uid()) {
+                map.remove(&uid);
+            }
+        }
+        Err(_) => {
+            ctx.metrics
+                .reconcile_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    result
+}
+
+fn is_status(e: &kube::Error, check: fn(&kube::core::Status) -> bool) -> bool {
+    matches!(e, kube::Error::Api(s) if check(s))
+}
+
+/// Creates `object` unless it exists already.
+async fn create_if_absent<K>(api: &Api<K>, object: &K) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let params = PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&params, object).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, kube::core::Status::is_already_exists) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes `name` unless it is gone already.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_status(&e, kube::core::Status::is_not_found) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn owned_by(pod: &Pod, uid: &str) -> bool {
+    pod.metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.uid == uid)
+}
+
+/// Everything the reconciler decided about one backend, before writing it.
+#[derive(Debug, Default)]
+struct Plan {
+    observations: Vec<Observation>,
+    node: Option<String>,
+    pod_ip: Option<String>,
+    recheck_at: Vec<Option<Timestamp>>,
+}
+
+async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Result<Action, Error> {
+    if backend.metadata.deletion_timestamp.is_some() {
+        // Garbage collection removes the children; nothing left to do.
+        return Ok(Action::await_change());
+    }
+    let name = backend.name_any();
+    let namespace = backend
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(name.clone()))?;
+    let uid = backend.uid().unwrap_or_default();
+    let backends: Api<SessionLivedBackend> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    let config = &ctx.config;
+    let now = config.clock.now();
+    let status = backend.status.clone().unwrap_or_default();
+    let phase = status.phase;
+
+    if phase.is_terminal() {
+        return finish(backend, ctx, &backends, &pods, &services, now).await;
+    }
+    record_spawn_to_ready(backend, ctx);
+
+    let mut plan = Plan::default();
+    let lifetime = lifetime_deadline(backend);
+    if let Err(errors) = validate_spec(&backend.spec, &config.limits) {
+        plan.observations.push(Observation::PodUnstartable {
+            reason: "InvalidSpec".into(),
+            message: errors.to_string(),
+        });
+    } else if backend.annotations().contains_key(TERMINATE_ANNOTATION) {
+        plan.observations.push(Observation::TerminateRequested);
+    } else if let (Some(deadline), Some(lifetime_seconds)) =
+        (lifetime, backend.spec.max_lifetime_seconds)
+        && now >= deadline
+    {
+        plan.observations
+            .push(Observation::LifetimeExceeded { lifetime_seconds });
+    } else {
+        plan.recheck_at.push(lifetime);
+        match pods.get_opt(&name).await? {
+            Some(pod) if !owned_by(&pod, &uid) => {
+                // A pod of an earlier backend with the same name, on its way out.
+                tracing::info!(backend = %name, "waiting for a foreign pod of the same name to go");
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            Some(pod) => {
+                if phase <= Phase::Constructed {
+                    create_if_absent(&services, &build_service(backend, &config.children)?).await?;
+                }
+                plan.observations.push(Observation::ChildrenCreated);
+                let app = backend
+                    .app_container()
+                    .map(|c| c.name.clone())
+                    .unwrap_or_default();
+                let report = observe_pod(&pod, &app, now, config.image_pull_timeout);
+                plan.observations.extend(report.observations);
+                plan.recheck_at.push(report.recheck_at);
+                plan.pod_ip = report.pod_ip;
+            }
+            None if expects_pod(phase) => plan.observations.push(Observation::PodMissing),
+            None => {
+                let token = events_token(&config.events_secret, &uid);
+                create_if_absent(&services, &build_service(backend, &config.children)?).await?;
+                match create_if_absent(&pods, &build_pod(backend, &config.children, &token)?).await
+                {
+                    Ok(()) => plan.observations.push(Observation::ChildrenCreated),
+                    // The API server will never accept this pod: retrying cannot help.
+                    Err(kube::Error::Api(s)) if s.is_invalid() => {
+                        plan.observations.push(Observation::PodUnstartable {
+                            reason: "PodRejected".into(),
+                            message: s.message.clone(),
+                        })
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    plan.node = plan.observations.iter().find_map(|o| match o {
+        Observation::PodScheduled { node } => Some(node.clone()),
+        _ => None,
+    });
+
+    let (new_phase, transitions) = run_phases(phase, &plan.observations);
+    let new_status = next_status(backend, &status, &transitions, &plan, config, now);
+    if new_status != status {
+        let patch = status_patch(backend.resource_version().as_deref(), &new_status);
+        backends
+            .patch_status(&name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+            .await?;
+        for transition in &transitions {
+            ctx.metrics.count_transition(transition.to);
+            publish(ctx, backend, transition).await;
+            tracing::info!(backend = %name, from = %transition.from, to = %transition.to,
+                reason = %transition.reason, "phase transition");
+        }
+    }
+    if let Some(node) = &new_status.node_name
+        && backend.labels().get(NODE_LABEL) != Some(node)
+    {
+        // The sweeper of that node watches backends by this label.
+        let patch = json!({"metadata": {"labels": {NODE_LABEL: node}}});
+        backends
+            .patch(&name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+            .await?;
+    }
+    if new_phase.is_terminal() {
+        // Stop the pod now rather than on the next reconcile.
+        delete_if_present(&pods, &name).await?;
+        delete_if_present(&services, &name).await?;
+        return Ok(Action::requeue(
+            config.retention.max(Duration::from_millis(100)),
+        ));
+    }
+    let next = earliest(plan.recheck_at)
+        .map(|d| until(now, d).max(Duration::from_millis(100)))
+        .unwrap_or(config.resync)
+        .min(config.resync);
+    Ok(Action::requeue(next))
+}
+
+/// The status to write: the transitions applied, node and URL recorded, the Submitted
+/// condition backfilled from the creation time, and `observedGeneration`.
+fn next_status(
+    backend: &SessionLivedBackend,
+    status: &SessionLivedBackendStatus,
+    transitions: &[Transition],
+    plan: &Plan,
+    config: &ControllerConfig,
+    now: Timestamp,
+) -> SessionLivedBackendStatus {
+    let mut new = status.clone();
+    let at = now.to_string();
+    if phase_time(&new, Phase::Submitted).is_none() {
+        let created = backend
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_else(|| at.clone());
+        new.conditions.insert(
+            0,
+            spawner_core::resource::BackendCondition {
+                type_: Phase::Submitted.as_str().into(),
+                status: "True".into(),
+                last_transition_time: created,
+                reason: Some("Submitted".into()),
+                message: Some("backend accepted".into()),
+            },
+        );
+    }
+    for transition in transitions {
+        apply_transition(&mut new, transition, &at);
+    }
+    if new.node_name.is_none() {
+        new.node_name = plan.node.clone();
+    }
+    if new.url.is_none() && !new.phase.is_terminal() {
+        new.url = match config.url_mode {
+            UrlMode::Service if new.phase >= Phase::Constructed => {
+                let ns = backend.namespace().unwrap_or_default();
+                Some(service_url(&backend.name_any(), &ns, &config.children))
+            }
+            UrlMode::PodIp => plan
+                .pod_ip
+                .as_ref()
+                .map(|ip| format!("http://{ip}:{}", config.children.sidecar_port)),
+            UrlMode::Service => None,
+        };
+    }
+    new.observed_generation = backend.metadata.generation.or(new.observed_generation);
+    new
+}
+
+/// A finished backend: make sure its pod and service are gone, and delete the backend itself
+/// once its retention period has passed.
+async fn finish(
+    backend: &SessionLivedBackend,
+    ctx: &Context,
+    backends: &Api<SessionLivedBackend>,
+    pods: &Api<Pod>,
+    services: &Api<Service>,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let name = backend.name_any();
+    delete_if_present(pods, &name).await?;
+    delete_if_present(services, &name).await?;
+    let deadline = retention_deadline(backend, ctx.config.retention)
+        .unwrap_or_else(|| add(now, ctx.config.retention));
+    if now < deadline {
+        return Ok(Action::requeue(
+            until(now, deadline).max(Duration::from_millis(100)),
+        ));
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: backend.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match backends.delete(&name, &params).await {
+        Ok(_) => {}
+        Err(e) if is_status(&e, kube::core::Status::is_not_found) => {}
+        Err(e) if is_status(&e, kube::core::Status::is_conflict) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let (Ok(mut set), Some(uid)) = (ctx.ready_recorded.lock(), backend.uid()) {
+        set.remove(&uid);
+    }
+    tracing::info!(backend = %name, phase = %backend.phase(), "deleted after retention");
+    Ok(Action::await_change())
+}
+
+fn record_spawn_to_ready(backend: &SessionLivedBackend, ctx: &Context) {
+    let Some(status) = backend.status.as_ref() else {
+        return;
+    };
+    let (Some(ready), Some(created), Some(uid)) = (
+        phase_time(status, Phase::Ready).and_then(|t| t.parse::<Timestamp>().ok()),
+        backend.metadata.creation_timestamp.as_ref(),
+        backend.uid(),
+    ) else {
+        return;
+    };
+    let Ok(mut set) = ctx.ready_recorded.lock() else {
+        return;
+    };
+    if set.insert(uid) {
+        ctx.metrics.spawn_to_ready.observe(until(created.0, ready));
+    }
+}
+
+/// One Kubernetes Event per transition; a failure to publish is logged, never fatal.
+async fn publish(ctx: &Context, backend: &SessionLivedBackend, transition: &Transition) {
+    let event = Event {
+        type_: if transition.to == Phase::Failed {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: transition.reason.clone(),
+        note: Some(format!(
+            "{} → {}: {}",
+            transition.from, transition.to, transition.message
+        )),
+        action: transition.to.as_str().to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &backend.object_ref(&())).await {
+        tracing::warn!(backend = %backend.name_any(), error = %e, "could not publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1, false), Duration::from_millis(200));
+        assert_eq!(backoff(2, false), Duration::from_millis(400));
+        assert_eq!(backoff(50, false), Duration::from_secs(60));
+        assert_eq!(backoff(1, true), Duration::from_millis(50));
+        assert_eq!(backoff(10, true), Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,66 @@
+//! Writes kubeconfig files pointing at a localcluster server.
+
+use std::path::Path;
+
+use serde_json::json;
+
+/// A kubeconfig with one cluster, user and context named `localcluster`.
+pub fn kubeconfig_yaml(server_url: &str, token: Option<&str>, namespace: Option<&str>) -> String {
+    let mut user = json!({});
+    if let Some(t) = token {
+        user["token"] = json!(t);
+    }
+    let mut context = json!({"cluster": "localcluster", "user": "localcluster"});
+    if let Some(ns) = namespace {
+        context["namespace"] = json!(ns);
+    }
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "localcluster", "cluster": {"server": server_url}}],
+        "users": [{"name": "localcluster", "user": user}],
+        "contexts": [{"name": "localcluster", "context": context}],
+        "current-context": "localcluster",
+        "preferences": {},
+    });
+    // A JSON value always has a YAML form.
+    serde_yaml::to_string(&config).unwrap_or_default()
+}
+
+/// Writes [`kubeconfig_yaml`] to `path` (mode 0600: it may hold a token).
+pub fn write_kubeconfig(
+    path: &Path,
+    server_url: &str,
+    token: Option<&str>,
+    namespace: Option<&str>,
+) -> std::io::Result<()> {
+    let text = kubeconfig_yaml(server_url, token, namespace);
+    std::fs::write(path, text)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubeconfig_names_server_token_and_namespace() {
+        let text = kubeconfig_yaml("http://127.0.0.1:6443", Some("t0k"), Some("demo"));
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(v["current-context"].as_str(), Some("localcluster"));
+        assert_eq!(
+            v["clusters"][0]["cluster"]["server"].as_str(),
+            Some("http://127.0.0.1:6443")
+        );
+        assert_eq!(v["users"][0]["user"]["token"].as_str(), Some("t0k"));
+        assert_eq!(
+            v["contexts"][0]["context"]["namespace"].as_str(),
+            Some("demo")
+        );
+    }
+}

@@ -1,0 +1,639 @@
+//! The process runtime: each container is a local process in its own process group, and the
+//! Spawner sidecar runs in-process on the pod's own loopback address.
+//!
+//! Pods get addresses `127.x.y.z` counted up from a configurable first address (Linux routes
+//! all of 127.0.0.0/8 to the loopback interface, so nothing needs configuring). A backend's
+//! application gets a free port in `PORT` because apps bind `0.0.0.0:$PORT`; its sidecar's
+//! upstream points there.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::runtime::{
+    ContainerExit, ContainerPlan, ContainerRun, ContainerStart, PodRuntime, PodSandbox,
+    ProbeTarget, RunningPod, RuntimeError, SandboxRequest, SidecarPlan,
+};
+
+/// How long to wait for a process to disappear after SIGKILL before giving up on it.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How many addresses to try before declaring that none is free.
+const ADDRESS_ATTEMPTS: u32 = 4096;
+
+/// Runs the Spawner sidecar in-process for a pod. The process runtime hands it the listener
+/// bound on the pod's address and the application's address; `shutdown` asks it to stop.
+pub trait InProcessSidecar: Send + Sync + 'static {
+    fn serve(
+        &self,
+        listener: TcpListener,
+        upstream: SocketAddr,
+        plan: SidecarPlan,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// Settings of the process runtime.
+#[derive(Clone, Debug)]
+pub struct ProcessRuntimeConfig {
+    /// The first pod address; later ones count up from it within 127.0.0.0/8.
+    pub first_pod_ip: Ipv4Addr,
+    /// Where the applications' stdout and stderr go (`<namespace>_<pod>_<container>.log`);
+    /// without it they go to the agent's tracing output.
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Default for ProcessRuntimeConfig {
+    fn default() -> Self {
+        Self {
+            first_pod_ip: Ipv4Addr::new(127, 1, 0, 1),
+            log_dir: None,
+        }
+    }
+}
+
+/// Runs pods as local processes; see the module documentation.
+pub struct ProcessRuntime<S> {
+    config: ProcessRuntimeConfig,
+    next_ip: Mutex<u32>,
+    sidecar: Arc<S>,
+}
+
+impl<S: InProcessSidecar> ProcessRuntime<S> {
+    pub fn new(config: ProcessRuntimeConfig, sidecar: S) -> Self {
+        let first = u32::from(config.first_pod_ip);
+        Self {
+            config,
+            next_ip: Mutex::new(first),
+            sidecar: Arc::new(sidecar),
+        }
+    }
+
+    /// The next candidate address: within 127.0.0.0/8, skipping `.0` and `.255`.
+    fn next_address(&self) -> Ipv4Addr {
+        let mut next = self.next_ip.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let candidate = *next;
+            *next = if candidate >= u32::from(Ipv4Addr::new(127, 255, 255, 254)) {
+                u32::from(Ipv4Addr::new(127, 0, 1, 1))
+            } else {
+                candidate + 1
+            };
+            let ip = Ipv4Addr::from(candidate);
+            let last = ip.octets()[3];
+            if ip.octets()[0] == 127 && last != 0 && last != 255 {
+                return ip;
+            }
+        }
+    }
+}
+
+/// A pod's address, its reserved listeners and its application port.
+pub struct ProcessSandbox {
+    ip: Ipv4Addr,
+    app_port: Option<u16>,
+    listeners: HashMap<u16, std::net::TcpListener>,
+    uid: String,
+    log_name: String,
+}
+
+impl PodSandbox for ProcessSandbox {
+    fn pod_ip(&self) -> IpAddr {
+        IpAddr::V4(self.ip)
+    }
+
+    fn app_port(&self) -> Option<u16> {
+        self.app_port
+    }
+}
+
+enum Handle {
+    NotStarted,
+    Process {
+        pgid: i32,
+        exited: watch::Receiver<bool>,
+    },
+    Task {
+        shutdown: CancellationToken,
+        kill: CancellationToken,
+        exited: watch::Receiver<bool>,
+    },
+}
+
+/// One process container to start.
+struct ProcessSpec<'a> {
+    name: &'a str,
+    argv: &'a [String],
+    env: &'a [(String, String)],
+    working_dir: Option<&'a str>,
+}
+
+/// A pod whose containers the process runtime started.
+pub struct ProcessPod {
+    ip: Ipv4Addr,
+    starts: Vec<ContainerStart>,
+    handles: Vec<Handle>,
+    exits: mpsc::UnboundedReceiver<ContainerExit>,
+    outstanding: usize,
+}
+
+/// Send `signal` to every process of the group `pgid`. The group outlives its leader only while
+/// a member lives, so this never reaches an unrelated process group.
+fn signal_group(pgid: i32, signal: libc::c_int) {
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: killpg has no memory-safety preconditions; errors (ESRCH: the group is gone)
+    // are expected and ignored.
+    unsafe {
+        libc::killpg(pgid, signal);
+    }
+}
+
+async fn wait_exited(exited: &mut watch::Receiver<bool>) {
+    // An Err means the watcher task is gone, which it only is after sending the exit.
+    let _ = exited.wait_for(|done| *done).await;
+}
+
+async fn all_exited(receivers: &mut [(usize, watch::Receiver<bool>)]) {
+    futures::future::join_all(receivers.iter_mut().map(|(_, r)| wait_exited(r))).await;
+}
+
+fn exit_of(index: usize, status: std::io::Result<std::process::ExitStatus>) -> ContainerExit {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => ContainerExit {
+                index,
+                exit_code: code,
+                signal: None,
+                message: None,
+            },
+            (None, Some(signal)) => ContainerExit {
+                index,
+                exit_code: 128 + signal,
+                signal: Some(signal),
+                message: None,
+            },
+            (None, None) => ContainerExit {
+                index,
+                exit_code: 128,
+                signal: None,
+                message: Some("process ended without an exit status".into()),
+            },
+        },
+        Err(e) => ContainerExit {
+            index,
+            exit_code: 128,
+            signal: None,
+            message: Some(format!("waiting for the process failed: {e}")),
+        },
+    }
+}
+
+fn forward_output<R: AsyncRead + Unpin + Send + 'static>(
+    reader: R,
+    pod: String,
+    container: String,
+    stream: &'static str,
+) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(target: "spawner::pod", pod = %pod, container = %container, stream, "{line}");
+        }
+    });
+}
+
+impl<S: InProcessSidecar> ProcessRuntime<S> {
+    fn output(
+        &self,
+        sandbox: &ProcessSandbox,
+        container: &str,
+    ) -> Result<Option<(Stdio, Stdio)>, String> {
+        let Some(dir) = &self.config.log_dir else {
+            return Ok(None);
+        };
+        let path = dir.join(format!("{}_{container}.log", sandbox.log_name));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+        let second = file
+            .try_clone()
+            .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+        Ok(Some((Stdio::from(file), Stdio::from(second))))
+    }
+
+    fn start_process(
+        &self,
+        sandbox: &ProcessSandbox,
+        index: usize,
+        process: ProcessSpec<'_>,
+        exits: &mpsc::UnboundedSender<ContainerExit>,
+    ) -> Result<(ContainerStart, Handle), String> {
+        let ProcessSpec {
+            name,
+            argv,
+            env,
+            working_dir,
+        } = process;
+        let Some((program, args)) = argv.split_first() else {
+            return Err("empty command".into());
+        };
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            // Its own process group, so the whole tree can be signalled at once.
+            .process_group(0);
+        if let Some(dir) = working_dir {
+            command.current_dir(dir);
+        }
+        // If the agent dies without stopping its pods, the kernel kills the group leaders.
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe; the closure touches no shared state.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let piped = match self.output(sandbox, name)? {
+            Some((stdout, stderr)) => {
+                command.stdout(stdout).stderr(stderr);
+                false
+            }
+            None => {
+                command.stdout(Stdio::piped()).stderr(Stdio::piped());
+                true
+            }
+        };
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {program:?}: {e}"))?;
+        let pid = child
+            .id()
+            .ok_or("process exited before it could be observed")?;
+        let pgid = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+        if piped {
+            if let Some(stdout) = child.stdout.take() {
+                forward_output(stdout, sandbox.log_name.clone(), name.into(), "stdout");
+            }
+            if let Some(stderr) = child.stderr.take() {
+                forward_output(stderr, sandbox.log_name.clone(), name.into(), "stderr");
+            }
+        }
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let exits = exits.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            // The container is its process group: what the leader left behind goes with it.
+            signal_group(pgid, libc::SIGKILL);
+            let _ = exits.send(exit_of(index, status));
+            let _ = exited_tx.send(true);
+        });
+        Ok((
+            ContainerStart::Running {
+                id: format!("spawner-process://{pid}"),
+            },
+            Handle::Process {
+                pgid,
+                exited: exited_rx,
+            },
+        ))
+    }
+
+    fn start_sidecar(
+        &self,
+        sandbox: &mut ProcessSandbox,
+        uid: &str,
+        index: usize,
+        plan: SidecarPlan,
+        exits: &mpsc::UnboundedSender<ContainerExit>,
+    ) -> Result<(ContainerStart, Handle), String> {
+        let listener = sandbox
+            .listeners
+            .remove(&plan.serve_port)
+            .ok_or_else(|| format!("port {} was not reserved for the pod", plan.serve_port))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("listener: {e}"))?;
+        let listener = TcpListener::from_std(listener).map_err(|e| format!("listener: {e}"))?;
+        let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, plan.upstream_port));
+        let shutdown = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let serve = self
+            .sidecar
+            .serve(listener, upstream, plan, shutdown.clone());
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let exits = exits.clone();
+        let killed = kill.clone();
+        tokio::spawn(async move {
+            let exit = tokio::select! {
+                result = serve => match result {
+                    Ok(()) => ContainerExit { index, exit_code: 0, signal: None, message: None },
+                    Err(message) => ContainerExit { index, exit_code: 1, signal: None, message: Some(message) },
+                },
+                () = killed.cancelled() => ContainerExit {
+                    index,
+                    exit_code: 128 + libc::SIGKILL,
+                    signal: Some(libc::SIGKILL),
+                    message: Some("did not stop within the grace period".into()),
+                },
+            };
+            let _ = exits.send(exit);
+            let _ = exited_tx.send(true);
+        });
+        Ok((
+            ContainerStart::Running {
+                id: format!("spawner-inprocess://{uid}/{index}"),
+            },
+            Handle::Task {
+                shutdown,
+                kill,
+                exited: exited_rx,
+            },
+        ))
+    }
+}
+
+async fn probe_http(host: IpAddr, port: u16, path: &str) -> std::io::Result<bool> {
+    let mut stream = TcpStream::connect((host, port)).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/spawner\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(64);
+    let mut buf = [0u8; 64];
+    while !head.contains(&b'\n') && head.len() < 1024 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let code = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok());
+    // As the kubelet: 200 <= code < 400 is success.
+    Ok(code.is_some_and(|c| (200..400).contains(&c)))
+}
+
+impl<S: InProcessSidecar> PodRuntime for ProcessRuntime<S> {
+    type Sandbox = ProcessSandbox;
+    type Pod = ProcessPod;
+
+    fn create_sandbox(
+        &self,
+        request: SandboxRequest,
+    ) -> impl Future<Output = Result<ProcessSandbox, RuntimeError>> + Send {
+        let result = (|| {
+            let app_port = if request.wants_app_port {
+                let probe = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .map_err(|e| RuntimeError::Other(format!("no free application port: {e}")))?;
+                Some(
+                    probe
+                        .local_addr()
+                        .map_err(|e| RuntimeError::Other(e.to_string()))?
+                        .port(),
+                )
+            } else {
+                None
+            };
+            let log_name = format!("{}_{}", request.namespace, request.name);
+            'address: for _ in 0..ADDRESS_ATTEMPTS {
+                let ip = self.next_address();
+                let mut listeners = HashMap::new();
+                for &port in &request.listen_ports {
+                    match std::net::TcpListener::bind((ip, port)) {
+                        Ok(listener) => {
+                            listeners.insert(port, listener);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue 'address,
+                        Err(e) => {
+                            return Err(RuntimeError::NoAddress(format!(
+                                "binding {ip}:{port}: {e}"
+                            )));
+                        }
+                    }
+                }
+                return Ok(ProcessSandbox {
+                    ip,
+                    app_port,
+                    listeners,
+                    uid: request.uid.clone(),
+                    log_name,
+                });
+            }
+            Err(RuntimeError::NoAddress(format!(
+                "ports {:?} are taken on {ADDRESS_ATTEMPTS} loopback addresses",
+                request.listen_ports
+            )))
+        })();
+        std::future::ready(result)
+    }
+
+    fn start(
+        &self,
+        mut sandbox: ProcessSandbox,
+        containers: Vec<ContainerPlan>,
+    ) -> impl Future<Output = ProcessPod> + Send {
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        let mut starts = Vec::with_capacity(containers.len());
+        let mut handles = Vec::with_capacity(containers.len());
+        let uid = sandbox.uid.clone();
+        for (index, container) in containers.into_iter().enumerate() {
+            let started = match container.run {
+                ContainerRun::Process {
+                    argv,
+                    env,
+                    working_dir,
+                } => self.start_process(
+                    &sandbox,
+                    index,
+                    ProcessSpec {
+                        name: &container.name,
+                        argv: &argv,
+                        env: &env,
+                        working_dir: working_dir.as_deref(),
+                    },
+                    &exits_tx,
+                ),
+                ContainerRun::Sidecar(plan) => {
+                    self.start_sidecar(&mut sandbox, &uid, index, plan, &exits_tx)
+                }
+            };
+            match started {
+                Ok((start, handle)) => {
+                    starts.push(start);
+                    handles.push(handle);
+                }
+                Err(message) => {
+                    tracing::warn!(pod = %sandbox.log_name, container = %container.name, %message, "container failed to start");
+                    starts.push(ContainerStart::Failed { message });
+                    handles.push(Handle::NotStarted);
+                }
+            }
+        }
+        let outstanding = handles
+            .iter()
+            .filter(|h| !matches!(h, Handle::NotStarted))
+            .count();
+        std::future::ready(ProcessPod {
+            ip: sandbox.ip,
+            starts,
+            handles,
+            exits,
+            outstanding,
+        })
+    }
+
+    async fn probe(&self, target: ProbeTarget) -> bool {
+        {
+            match target {
+                ProbeTarget::Http {
+                    host,
+                    port,
+                    path,
+                    timeout,
+                } => matches!(
+                    tokio::time::timeout(timeout, probe_http(host, port, &path)).await,
+                    Ok(Ok(true))
+                ),
+                ProbeTarget::Tcp {
+                    host,
+                    port,
+                    timeout,
+                } => matches!(
+                    tokio::time::timeout(timeout, TcpStream::connect((host, port))).await,
+                    Ok(Ok(_))
+                ),
+            }
+        }
+    }
+}
+
+impl ProcessPod {
+    /// Process group ids of the containers that run as processes (for inspection and tests).
+    pub fn process_groups(&self) -> Vec<i32> {
+        self.handles
+            .iter()
+            .filter_map(|h| match h {
+                Handle::Process { pgid, .. } => Some(*pgid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ask_to_stop(&self, index: usize) {
+        match self.handles.get(index) {
+            Some(Handle::Process { pgid, exited }) if !*exited.borrow() => {
+                signal_group(*pgid, libc::SIGTERM);
+            }
+            Some(Handle::Task { shutdown, .. }) => shutdown.cancel(),
+            _ => {}
+        }
+    }
+
+    fn force_stop(&self, index: usize) {
+        match self.handles.get(index) {
+            Some(Handle::Process { pgid, exited }) if !*exited.borrow() => {
+                signal_group(*pgid, libc::SIGKILL);
+            }
+            Some(Handle::Task { kill, .. }) => kill.cancel(),
+            _ => {}
+        }
+    }
+
+    fn exited_receiver(&self, index: usize) -> Option<watch::Receiver<bool>> {
+        match self.handles.get(index) {
+            Some(Handle::Process { exited, .. } | Handle::Task { exited, .. }) => {
+                Some(exited.clone())
+            }
+            _ => None,
+        }
+    }
+
+    async fn stop_indices(&mut self, indices: Vec<usize>, grace: Duration) {
+        for &i in &indices {
+            self.ask_to_stop(i);
+        }
+        let mut receivers: Vec<(usize, watch::Receiver<bool>)> = indices
+            .iter()
+            .filter_map(|&i| self.exited_receiver(i).map(|r| (i, r)))
+            .collect();
+        if tokio::time::timeout(grace, all_exited(&mut receivers))
+            .await
+            .is_err()
+        {
+            for &i in &indices {
+                self.force_stop(i);
+            }
+            if tokio::time::timeout(KILL_WAIT, all_exited(&mut receivers))
+                .await
+                .is_err()
+            {
+                let stuck: Vec<usize> = receivers
+                    .iter()
+                    .filter(|(_, r)| !*r.borrow())
+                    .map(|(i, _)| *i)
+                    .collect();
+                tracing::error!(?stuck, "containers did not exit after SIGKILL");
+            }
+        }
+    }
+}
+
+impl RunningPod for ProcessPod {
+    fn pod_ip(&self) -> IpAddr {
+        IpAddr::V4(self.ip)
+    }
+
+    fn starts(&self) -> &[ContainerStart] {
+        &self.starts
+    }
+
+    async fn next_exit(&mut self) -> Option<ContainerExit> {
+        {
+            if self.outstanding == 0 {
+                return None;
+            }
+            let exit = self.exits.recv().await?;
+            self.outstanding -= 1;
+            Some(exit)
+        }
+    }
+
+    fn stop_container(&mut self, index: usize, grace: Duration) -> impl Future<Output = ()> + Send {
+        self.stop_indices(vec![index], grace)
+    }
+
+    fn stop_all(&mut self, grace: Duration) -> impl Future<Output = ()> + Send {
+        let all = (0..self.handles.len()).collect();
+        self.stop_indices(all, grace)
+    }
+}
+
+impl Drop for ProcessPod {
+    fn drop(&mut self) {
+        for index in 0..self.handles.len() {
+            self.force_stop(index);
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! One backend's subscription: a small task that keeps the sidecar's event stream open,
+//! feeds its reports to a [`Tracker`], and writes Ready and Swept when the tracker says so.
+//!
+//! A lost, refused or silent stream is never a reason to sweep: the task drops it, forgets what
+//! it said, and reconnects with backoff; the sidecar's first report on the new stream carries
+//! its own idle time, so the countdown resumes where it was.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::ACCEPT;
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::Connect;
+use kube::Api;
+use spawner_core::events::{EVENTS_PATH, EVENTS_TOKEN_HEADER, SidecarEvent, SseParser};
+use spawner_core::phase::Observation;
+use spawner_core::resource::SessionLivedBackend;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use crate::Shared;
+use crate::tracker::{Step, Tracker};
+use crate::write::{WriteOutcome, write_observation};
+
+/// The HTTP client the sweeper reaches sidecars with (over an injected connector).
+pub type EventsClient<C> = HyperClient<C, Empty<Bytes>>;
+
+/// Longest SSE line accepted from a sidecar; its messages are a few dozen bytes.
+const MAX_SSE_LINE: usize = 16 * 1024;
+
+/// The backend a subscription follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// `status.url`: the sidecar's base URL.
+    pub url: String,
+    pub grace: Duration,
+    /// Whether the backend is already Ready (so Ready is not written again).
+    pub ready: bool,
+}
+
+/// How a stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The backend is finished (swept here, or finished or deleted elsewhere): stop following it.
+    Done,
+    /// The stream was lost; `heard` says whether it carried any report.
+    Lost { heard: bool },
+}
+
+/// The delay before reconnect attempt `failures` (1-based): exponential from `min` to `max`,
+/// stretched by up to a quarter by a per-backend factor so reconnects after a sidecar-wide
+/// outage spread out (deterministically, so the simulator replays them).
+pub fn reconnect_delay(failures: u32, min: Duration, max: Duration, uid: &str) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let base = min.saturating_mul(1u32 << exp).min(max);
+    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    base + base.mul_f64((hash % 256) as f64 / 1024.0)
+}
+
+/// Follows `target` until it is finished.
+///
+/// `cancel` ends the task when its sender is dropped (the backend left this node's watch). It is
+/// only looked at while waiting, never in the middle of a status write, so a write that started
+/// is completed and counted.
+pub async fn follow<C>(target: Target, shared: Arc<Shared<C>>, mut cancel: watch::Receiver<()>)
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let config = &shared.config;
+    let uri: Uri = match format!("{}{EVENTS_PATH}", target.url.trim_end_matches('/')).parse() {
+        Ok(uri) => uri,
+        Err(e) => {
+            tracing::warn!(backend = %target.name, url = %target.url, error = %e,
+                "backend URL is not a valid URI; not following it");
+            return;
+        }
+    };
+    let token = spawner_core::token::events_token(&config.events_secret, &target.uid);
+    let api: Api<SessionLivedBackend> = Api::namespaced(shared.kube.clone(), &target.namespace);
+    let mut tracker = Tracker::new(target.grace, config.freshness(), target.ready);
+    let mut failures = 0u32;
+    loop {
+        let end = stream_once(
+            &uri,
+            &token,
+            &target,
+            &api,
+            &mut tracker,
+            &shared,
+            &mut cancel,
+        )
+        .await;
+        tracker.on_disconnect();
+        match end {
+            End::Done => return,
+            End::Lost { heard } => {
+                if heard {
+                    failures = 0;
+                }
+                failures = failures.saturating_add(1);
+                let delay = reconnect_delay(
+                    failures,
+                    config.reconnect_min,
+                    config.reconnect_max,
+                    &target.uid,
+                );
+                tracing::debug!(backend = %target.name, ?delay, failures, "event stream lost; reconnecting");
+                tokio::select! {
+                    _ = sleep(delay) => {}
+                    _ = cancel.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `connected` accurate however the stream ends.
+struct ConnectedGuard<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn stream_once<C>(
+    uri: &Uri,
+    token: &str,
+    target: &Target,
+    api: &Api<SessionLivedBackend>,
+    tracker: &mut Tracker,
+    shared: &Shared<C>,
+    cancel: &mut watch::Receiver<()>,
+) -> End
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let metrics = &shared.metrics;
+    let read_timeout = shared.config.read_timeout();
+    let request = match Request::get(uri.clone())
+        .header(EVENTS_TOKEN_HEADER, token)
+        .header(ACCEPT, "text/event-stream")
+        .body(Empty::new())
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(backend = %target.name, error = %e, "cannot build the events request");
+            return End::Lost { heard: false };
+        }
+    };
+    let response = tokio::select! {
+        r = timeout(read_timeout, shared.http.request(request)) => r,
+        _ = cancel.changed() => return End::Done,
+    };
+    let response = match response {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            metrics.connect_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(backend = %target.name, error = %e, "cannot reach the sidecar");
+            return End::Lost { heard: false };
+        }
+        Err(_) => {
+            metrics.connect_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(backend = %target.name, "sidecar did not answer in time");
+            return End::Lost { heard: false };
+        }
+    };
+    if response.status() != StatusCode::OK {
+        metrics.connect_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(backend = %target.name, status = %response.status(),
+            "sidecar refused the event stream");
+        return End::Lost { heard: false };
+    }
+    metrics.connects.fetch_add(1, Ordering::Relaxed);
+    metrics.connected.fetch_add(1, Ordering::Relaxed);
+    let _guard = ConnectedGuard(&metrics.connected);
+
+    let mut body = response.into_body();
+    let mut parser = SseParser::with_max_line(MAX_SSE_LINE);
+    let mut heard = false;
+    let mut wake_at: Option<Instant> = None;
+    let mut read_deadline = Instant::now() + read_timeout;
+    loop {
+        let step = tokio::select! {
+            frame = body.frame() => {
+                let bytes = match frame {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(bytes) => bytes,
+                        Err(_) => continue, // trailers
+                    },
+                    Some(Err(e)) => {
+                        metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(backend = %target.name, error = %e, "event stream broke");
+                        return End::Lost { heard };
+                    }
+                    None => {
+                        metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
+                        return End::Lost { heard };
+                    }
+                };
+                let now = Instant::now();
+                read_deadline = now + read_timeout;
+                let messages = match parser.push(&bytes) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        metrics.stream_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(backend = %target.name, error = %e, "malformed event stream");
+                        return End::Lost { heard };
+                    }
+                };
+                let mut step = None;
+                for message in &messages {
+                    match SidecarEvent::from_message(message) {
+                        Ok(Some(event)) => {
+                            metrics.messages.fetch_add(1, Ordering::Relaxed);
+                            heard = true;
+                            // Only the newest report matters; each one replaces the last.
+                            step = Some(tracker.on_report(*event.state(), now));
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(backend = %target.name, error = %e, "unreadable sidecar event");
+                        }
+                    }
+                }
+                match step {
+                    Some(step) => step,
+                    None => continue,
+                }
+            }
+            _ = sleep_until(read_deadline) => {
+                metrics.read_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(backend = %target.name, "event stream silent; dropping it");
+                return End::Lost { heard };
+            }
+            _ = sleep_until(wake_at.unwrap_or(read_deadline)), if wake_at.is_some() => {
+                tracker.on_wake(Instant::now())
+            }
+            _ = cancel.changed() => return End::Done,
+        };
+        match act(step, target, api, tracker, shared).await {
+            Some(end) => return end,
+            None => wake_at = step.wake_at,
+        }
+    }
+}
+
+/// Carries out a step's writes. `Some(End::Done)` when the backend needs no more following.
+async fn act<C>(
+    step: Step,
+    target: &Target,
+    api: &Api<SessionLivedBackend>,
+    tracker: &mut Tracker,
+    shared: &Shared<C>,
+) -> Option<End>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let metrics = &shared.metrics;
+    let write = |observation: Observation| {
+        let api = api.clone();
+        async move {
+            write_observation(
+                &api,
+                &target.name,
+                &target.uid,
+                &observation,
+                shared.config.clock.as_ref(),
+                Some(&shared.recorder),
+            )
+            .await
+        }
+    };
+    if step.mark_ready {
+        match write(Observation::SidecarReady).await {
+            Ok(WriteOutcome::Written(_)) => {
+                metrics.marked_ready.fetch_add(1, Ordering::Relaxed);
+                tracker.ready_written();
+                tracing::info!(backend = %target.name, "marked Ready");
+            }
+            Ok(WriteOutcome::Unchanged(phase)) if phase.is_terminal() => return Some(End::Done),
+            Ok(WriteOutcome::Unchanged(_)) => tracker.ready_written(),
+            Ok(WriteOutcome::Gone) => return Some(End::Done),
+            Err(e) => {
+                // Tried again on the next report.
+                metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = %target.name, error = %e, "could not mark Ready");
+            }
+        }
+    }
+    if let Some(idle) = step.sweep {
+        let observation = Observation::IdlePastGrace {
+            idle_seconds: idle.as_secs(),
+        };
+        match write(observation).await {
+            Ok(WriteOutcome::Written(_)) => {
+                metrics.swept.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(backend = %target.name, idle_seconds = idle.as_secs(), "marked Swept");
+                return Some(End::Done);
+            }
+            Ok(WriteOutcome::Unchanged(phase)) if phase.is_terminal() => return Some(End::Done),
+            Ok(WriteOutcome::Unchanged(_)) => {}
+            Ok(WriteOutcome::Gone) => return Some(End::Done),
+            Err(e) => {
+                metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = %target.name, error = %e, "could not mark Swept");
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_grows_is_capped_and_spread() {
+        let min = Duration::from_millis(200);
+        let max = Duration::from_secs(10);
+        let d1 = reconnect_delay(1, min, max, "a");
+        let d3 = reconnect_delay(3, min, max, "a");
+        assert!(d1 >= min && d1 <= min + min / 4, "{d1:?}");
+        assert!(d3 >= min * 4 && d3 <= min * 5, "{d3:?}");
+        let capped = reconnect_delay(40, min, max, "a");
+        assert!(capped >= max && capped <= max + max / 4, "{capped:?}");
+        assert_eq!(d1, reconnect_delay(1, min, max, "a"));
+        let spread: std::collections::HashSet<_> = (0..20)
+            .map(|i| reconnect_delay(1, min, max, &format!("uid-{i}")))
+            .collect();
+        assert!(spread.len() > 5);
+    }
+}

@@ -1,0 +1,81 @@
+//! The production components' configurations as the simulator runs them: parsed from the same
+//! command-line arguments as in production, then given the simulated clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::clock::SimClock;
+
+#[derive(Parser)]
+struct ArgsOf<T: clap::Args> {
+    #[command(flatten)]
+    inner: T,
+}
+
+fn args_of<T: clap::Args>(argv: &[&str]) -> T {
+    let argv = std::iter::once("sim").chain(argv.iter().copied());
+    match ArgsOf::<T>::try_parse_from(argv) {
+        Ok(args) => args.inner,
+        // The arguments are fixed by the simulator: a failure is a bug in this file.
+        Err(e) => panic!("simulator component arguments are invalid: {e}"),
+    }
+}
+
+pub fn controller_config(
+    replica: usize,
+    leader_election: bool,
+    retention: Duration,
+) -> spawner_controller::ControllerConfig {
+    let identity = format!("controller-{replica}");
+    let retention = retention.as_secs().max(1).to_string();
+    let mut argv = vec![
+        "--events-secret",
+        crate::world::EVENTS_SECRET,
+        "--url-mode",
+        "pod-ip",
+        "--retention-seconds",
+        &retention,
+        "--identity",
+        &identity,
+    ];
+    if !leader_election {
+        argv.push("--no-leader-election");
+    }
+    let mut config = args_of::<spawner_controller::ControllerArgs>(&argv).into_config();
+    config.clock = Arc::new(SimClock);
+    config
+}
+
+pub fn sweeper_config(node: &str, events_secret: &str) -> spawner_sweeper::SweeperConfig {
+    let mut config = args_of::<spawner_sweeper::SweeperArgs>(&[
+        "--node-name",
+        node,
+        "--events-secret",
+        events_secret,
+    ])
+    .into_config();
+    config.clock = Arc::new(SimClock);
+    config
+}
+
+pub fn api_config(token: &str) -> Result<spawner_api::ApiConfig, spawner_api::ConfigError> {
+    let mut config = args_of::<spawner_api::ApiArgs>(&[
+        "--token",
+        token,
+        "--public-base-url",
+        "http://api:7070",
+    ])
+    .config()?;
+    config.clock = Arc::new(SimClock);
+    Ok(config)
+}
+
+pub fn node_agent_config(node: &str) -> spawner_localcluster::node::NodeAgentConfig {
+    let mut config =
+        args_of::<spawner_localcluster::node::NodeAgentArgs>(&["--node", node]).config();
+    config.clock = Arc::new(SimClock);
+    config.host_ip = turmoil::lookup(node);
+    config
+}

@@ -1,0 +1,404 @@
+//! The invariants of DESIGN.md as a checker fed with what the world shows at every step.
+//!
+//! The world (the sim loop) reports observations — a backend's phase as stored in the API
+//! server, the live-connection count its sidecar reports, its deletion — and the checker fails
+//! at the first observation that breaks an invariant. Deadlines are checked with
+//! [`InvariantChecker::check_deadlines`] at every step and leaks with
+//! [`InvariantChecker::check_drained`] at the end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use spawner_core::Phase;
+
+/// Something the world showed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Observation {
+    /// A backend was created for `key`, with its grace period.
+    Created {
+        backend: String,
+        key: Option<String>,
+        grace: Duration,
+    },
+    /// The backend's stored phase, with the reason of the last transition.
+    Phase {
+        backend: String,
+        phase: Phase,
+        reason: Option<String>,
+    },
+    /// Its sidecar's live-connection count.
+    Live { backend: String, live: u64 },
+    /// The backend object is gone from the API server.
+    Deleted { backend: String },
+}
+
+/// An invariant broken, with what led to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub at: Duration,
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "at {:.3}s: {}: {}",
+            self.at.as_secs_f64(),
+            self.invariant,
+            self.detail
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Backend {
+    key: Option<String>,
+    grace: Duration,
+    phase: Phase,
+    phases_seen: BTreeSet<Phase>,
+    live: u64,
+    /// Sim time since when the backend has had no live connection.
+    idle_since: Duration,
+    deleted: bool,
+}
+
+/// Reasons that stop a backend on purpose, whatever its connections.
+const REQUESTED_STOPS: [&str; 2] = ["TerminateRequested", "MaxLifetimeExceeded"];
+
+/// Slack allowed between the end of the grace period and the sweep (DESIGN.md: grace + 2 s).
+pub const SWEEP_SLACK: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+pub struct InvariantChecker {
+    backends: BTreeMap<String, Backend>,
+}
+
+impl InvariantChecker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn backends(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Number of backends that reached `phase`.
+    pub fn reached(&self, phase: Phase) -> usize {
+        self.backends
+            .values()
+            .filter(|b| b.phases_seen.contains(&phase))
+            .count()
+    }
+
+    fn violation(at: Duration, invariant: &'static str, detail: String) -> Violation {
+        Violation {
+            at,
+            invariant,
+            detail,
+        }
+    }
+
+    /// Applies one observation made at sim time `at`.
+    pub fn observe(&mut self, at: Duration, observation: Observation) -> Result<(), Violation> {
+        match observation {
+            Observation::Created {
+                backend,
+                key,
+                grace,
+            } => {
+                if let Some(key) = &key
+                    && let Some((other, _)) = self.backends.iter().find(|(_, b)| {
+                        b.key.as_ref() == Some(key) && !b.deleted && !b.phase.is_terminal()
+                    })
+                {
+                    return Err(Self::violation(
+                        at,
+                        "at most one live backend per key",
+                        format!("{backend} created for key {key:?} while {other} is live"),
+                    ));
+                }
+                self.backends.entry(backend).or_insert(Backend {
+                    key,
+                    grace,
+                    phase: Phase::Submitted,
+                    phases_seen: BTreeSet::from([Phase::Submitted]),
+                    live: 0,
+                    idle_since: at,
+                    deleted: false,
+                });
+                Ok(())
+            }
+            Observation::Phase {
+                backend,
+                phase,
+                reason,
+            } => {
+                let Some(b) = self.backends.get_mut(&backend) else {
+                    return Ok(());
+                };
+                if phase < b.phase {
+                    return Err(Self::violation(
+                        at,
+                        "phases only move forward",
+                        format!("{backend} went from {} back to {phase}", b.phase),
+                    ));
+                }
+                if phase == b.phase {
+                    return Ok(());
+                }
+                let requested = reason
+                    .as_deref()
+                    .is_some_and(|r| REQUESTED_STOPS.contains(&r));
+                let stops = phase == Phase::Swept || (phase == Phase::Terminated && !requested);
+                if stops && b.live > 0 {
+                    return Err(Self::violation(
+                        at,
+                        "no backend is swept or terminated with a live connection",
+                        format!(
+                            "{backend} became {phase} while its sidecar reports {} live connection(s)",
+                            b.live
+                        ),
+                    ));
+                }
+                b.phase = phase;
+                b.phases_seen.insert(phase);
+                Ok(())
+            }
+            Observation::Live { backend, live } => {
+                let Some(b) = self.backends.get_mut(&backend) else {
+                    return Ok(());
+                };
+                if live == 0 && b.live > 0 {
+                    b.idle_since = at;
+                }
+                b.live = live;
+                Ok(())
+            }
+            Observation::Deleted { backend } => {
+                let Some(b) = self.backends.get_mut(&backend) else {
+                    return Ok(());
+                };
+                if b.live > 0 {
+                    return Err(Self::violation(
+                        at,
+                        "no backend is deleted with a live connection",
+                        format!(
+                            "{backend} deleted while its sidecar reports {} live",
+                            b.live
+                        ),
+                    ));
+                }
+                b.deleted = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Every backend idle past its grace period is swept within [`SWEEP_SLACK`]. Only checked
+    /// while no fault is active (after a fault heals, sweeping must resume eventually: the
+    /// caller checks with `faults_healed_at` = the time the last fault ended).
+    pub fn check_deadlines(
+        &self,
+        now: Duration,
+        faults_healed_at: Option<Duration>,
+    ) -> Result<(), Violation> {
+        for (name, b) in &self.backends {
+            if b.deleted || b.phase.is_terminal() || b.live > 0 || b.phase < Phase::Ready {
+                continue;
+            }
+            // After a fault, the countdown is only owed from the moment the world healed.
+            let from = faults_healed_at.map_or(b.idle_since, |h| h.max(b.idle_since));
+            let deadline = from + b.grace + SWEEP_SLACK;
+            if now > deadline {
+                return Err(Self::violation(
+                    now,
+                    "idle backends are swept within grace + 2 s",
+                    format!(
+                        "{name} idle since {:.3}s with grace {}s is still {}",
+                        b.idle_since.as_secs_f64(),
+                        b.grace.as_secs(),
+                        b.phase
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of a drained run: every backend ended Ready-then-Swept or Failed, and nothing
+    /// is left in the API server (`leftovers` names what the caller still found there).
+    pub fn check_drained(&self, now: Duration, leftovers: &[String]) -> Result<(), Violation> {
+        for (name, b) in &self.backends {
+            if !(b.phases_seen.contains(&Phase::Ready) || b.phases_seen.contains(&Phase::Failed)) {
+                return Err(Self::violation(
+                    now,
+                    "every spawn ends Ready or Failed",
+                    format!(
+                        "{name} never became Ready or Failed (last phase {})",
+                        b.phase
+                    ),
+                ));
+            }
+        }
+        if !leftovers.is_empty() {
+            return Err(Self::violation(
+                now,
+                "no leaks when the workload drains",
+                format!("left behind: {}", leftovers.join(", ")),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn created(c: &mut InvariantChecker, name: &str, key: &str) {
+        c.observe(
+            S(0),
+            Observation::Created {
+                backend: name.into(),
+                key: Some(key.into()),
+                grace: S(10),
+            },
+        )
+        .expect("created");
+    }
+
+    fn phase(name: &str, phase: Phase) -> Observation {
+        Observation::Phase {
+            backend: name.into(),
+            phase,
+            reason: None,
+        }
+    }
+
+    fn live(name: &str, live: u64) -> Observation {
+        Observation::Live {
+            backend: name.into(),
+            live,
+        }
+    }
+
+    #[test]
+    fn sweeping_a_live_backend_is_caught() {
+        let mut c = InvariantChecker::new();
+        created(&mut c, "b1", "k");
+        c.observe(S(1), phase("b1", Phase::Ready)).expect("ready");
+        c.observe(S(2), live("b1", 1)).expect("live");
+        let v = c
+            .observe(S(3), phase("b1", Phase::Swept))
+            .expect_err("violation");
+        assert_eq!(
+            v.invariant,
+            "no backend is swept or terminated with a live connection"
+        );
+        assert!(v.to_string().starts_with("at 3.000s"), "{v}");
+    }
+
+    #[test]
+    fn requested_termination_of_a_live_backend_is_allowed() {
+        let mut c = InvariantChecker::new();
+        created(&mut c, "b1", "k");
+        c.observe(S(2), live("b1", 1)).expect("live");
+        c.observe(
+            S(3),
+            Observation::Phase {
+                backend: "b1".into(),
+                phase: Phase::Terminated,
+                reason: Some("MaxLifetimeExceeded".into()),
+            },
+        )
+        .expect("allowed");
+    }
+
+    #[test]
+    fn backwards_phases_and_duplicate_keys_are_caught() {
+        let mut c = InvariantChecker::new();
+        created(&mut c, "b1", "k");
+        c.observe(S(1), phase("b1", Phase::Running))
+            .expect("running");
+        let v = c
+            .observe(S(2), phase("b1", Phase::Scheduled))
+            .expect_err("backwards");
+        assert_eq!(v.invariant, "phases only move forward");
+        let v = c
+            .observe(
+                S(3),
+                Observation::Created {
+                    backend: "b2".into(),
+                    key: Some("k".into()),
+                    grace: S(10),
+                },
+            )
+            .expect_err("duplicate key");
+        assert_eq!(v.invariant, "at most one live backend per key");
+        // Once b1 is finished, the key may get a new backend.
+        c.observe(S(4), phase("b1", Phase::Failed)).expect("failed");
+        c.observe(
+            S(5),
+            Observation::Created {
+                backend: "b3".into(),
+                key: Some("k".into()),
+                grace: S(10),
+            },
+        )
+        .expect("new backend for a finished key");
+    }
+
+    #[test]
+    fn sweep_deadline_counts_from_last_disconnect_and_from_healing() {
+        let mut c = InvariantChecker::new();
+        created(&mut c, "b1", "k");
+        c.observe(S(1), phase("b1", Phase::Ready)).expect("ready");
+        c.observe(S(2), live("b1", 1)).expect("live");
+        c.observe(S(5), live("b1", 0)).expect("idle");
+        c.check_deadlines(S(17), None)
+            .expect("within grace + slack");
+        let v = c.check_deadlines(S(18), None).expect_err("late");
+        assert_eq!(v.invariant, "idle backends are swept within grace + 2 s");
+        c.check_deadlines(S(25), Some(S(14)))
+            .expect("healed at 14: due at 26");
+        c.observe(S(26), phase("b1", Phase::Swept)).expect("swept");
+        c.check_deadlines(S(100), None)
+            .expect("swept backends owe nothing");
+    }
+
+    #[test]
+    fn drained_world_must_have_finished_every_backend_and_left_nothing() {
+        let mut c = InvariantChecker::new();
+        created(&mut c, "b1", "k");
+        let v = c.check_drained(S(9), &[]).expect_err("never ready");
+        assert_eq!(v.invariant, "every spawn ends Ready or Failed");
+        c.observe(S(1), phase("b1", Phase::Ready)).expect("ready");
+        c.observe(S(20), phase("b1", Phase::Swept)).expect("swept");
+        c.check_drained(S(30), &[]).expect("clean");
+        let v = c
+            .check_drained(S(30), &["pod/b1".to_string()])
+            .expect_err("leak");
+        assert_eq!(v.invariant, "no leaks when the workload drains");
+    }
+
+    #[test]
+    fn deleting_a_live_backend_is_caught() {
+        let mut c = InvariantChecker::new();
+        created(&mut c, "b1", "k");
+        c.observe(S(1), live("b1", 2)).expect("live");
+        let v = c
+            .observe(
+                S(2),
+                Observation::Deleted {
+                    backend: "b1".into(),
+                },
+            )
+            .expect_err("deleted live");
+        assert_eq!(v.invariant, "no backend is deleted with a live connection");
+    }
+}

@@ -1,0 +1,458 @@
+//! The simulator's pod runtime for the production node agent: every node owns a pool of
+//! "slot" hosts, and each pod runs on a free slot — its sidecar (the production
+//! `spawner-sidecar`) on the slot's address at the sidecar port, its application (the sim's echo
+//! server) on the same host. A slot is reused when its pod ends, which keeps the number of
+//! turmoil hosts in the tens (turmoil's cost per step grows with hosts) while every pod still
+//! has an address of its own, as in a cluster.
+//!
+//! Slot hosts are created by the world builder (turmoil hosts can only be added from the sim
+//! loop); the runtime talks to them through channels, and the host runs the pod's tasks so that
+//! crashing the node's hosts kills its pods' sidecars and applications with it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use spawner_localcluster::node::{
+    ContainerExit, ContainerPlan, ContainerRun, ContainerStart, PodRuntime, PodSandbox,
+    ProbeTarget, RunningPod, RuntimeError, SandboxRequest,
+};
+use spawner_sidecar::SidecarHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::net::{SimListener, SimSidecarConnector};
+
+/// First argument of a container command that runs the sim's echo application.
+pub const APP_COMMAND: &str = "sim-app";
+/// First argument of a container command that exits at once with the code in its second.
+pub const CRASH_COMMAND: &str = "sim-crash";
+/// Port the application listens on in its slot.
+pub const APP_PORT: u16 = 8080;
+
+/// Sidecars by pod name (`namespace/name`), for the invariant checker.
+#[derive(Clone, Default)]
+pub struct SidecarRegistry(Arc<Mutex<BTreeMap<String, SidecarHandle>>>);
+
+impl SidecarRegistry {
+    fn insert(&self, pod: String, handle: SidecarHandle) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod, handle);
+    }
+
+    /// Live connections reported by each pod's sidecar.
+    pub fn live(&self) -> BTreeMap<String, u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(pod, h)| (pod.clone(), h.subscribe().borrow().live_connections))
+            .collect()
+    }
+}
+
+struct StartPod {
+    pod: String,
+    containers: Vec<ContainerPlan>,
+    exits: mpsc::UnboundedSender<ContainerExit>,
+    stops: Vec<CancellationToken>,
+    reply: oneshot::Sender<Vec<ContainerStart>>,
+}
+
+struct Slot {
+    ip: IpAddr,
+    busy: bool,
+    /// Sender into the slot host's current incarnation (replaced when the host restarts).
+    commands: Option<mpsc::UnboundedSender<StartPod>>,
+}
+
+/// The slots of one node; shared by its runtime and its slot hosts.
+#[derive(Clone, Default)]
+pub struct SlotPool {
+    slots: Arc<Mutex<Vec<Slot>>>,
+    sidecars: SidecarRegistry,
+}
+
+impl SlotPool {
+    pub fn new(sidecars: SidecarRegistry) -> Self {
+        Self {
+            slots: Arc::default(),
+            sidecars,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a slot and returns its index; call from the world builder.
+    pub fn add_slot(&self) -> usize {
+        let mut slots = self.lock();
+        slots.push(Slot {
+            ip: IpAddr::from([0, 0, 0, 0]),
+            busy: false,
+            commands: None,
+        });
+        slots.len() - 1
+    }
+
+    /// The body of slot host `index`, named `host`: serves pods sent to it until the host is
+    /// crashed.
+    pub async fn run_slot(self, index: usize, host: String) -> turmoil::Result {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        {
+            let mut slots = self.lock();
+            let slot = &mut slots[index];
+            slot.ip = turmoil::lookup(host.as_str());
+            slot.commands = Some(tx);
+        }
+        while let Some(start) = rx.recv().await {
+            let starts = run_pod(
+                &self.sidecars,
+                start.pod,
+                start.containers,
+                start.exits,
+                start.stops,
+            )
+            .await;
+            let _ = start.reply.send(starts);
+        }
+        Ok(())
+    }
+}
+
+async fn run_pod(
+    sidecars: &SidecarRegistry,
+    pod: String,
+    containers: Vec<ContainerPlan>,
+    exits: mpsc::UnboundedSender<ContainerExit>,
+    stops: Vec<CancellationToken>,
+) -> Vec<ContainerStart> {
+    let mut starts = Vec::new();
+    for (index, (container, stop)) in containers.into_iter().zip(stops).enumerate() {
+        let exits = exits.clone();
+        let id = format!("sim://{pod}/{}", container.name);
+        let report = move |exit_code: i32, message: Option<String>| {
+            let _ = exits.send(ContainerExit {
+                index,
+                exit_code,
+                signal: None,
+                message,
+            });
+        };
+        match container.run {
+            ContainerRun::Sidecar(plan) => {
+                let listener = match SimListener::bind(("0.0.0.0", plan.serve_port)).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        starts.push(ContainerStart::Failed {
+                            message: format!("sidecar cannot listen: {e}"),
+                        });
+                        continue;
+                    }
+                };
+                let config = spawner_sidecar::SidecarConfig {
+                    events_token: Some(plan.events_token).filter(|t| !t.is_empty()),
+                    ..spawner_sidecar::SidecarConfig::new(format!(
+                        "127.0.0.1:{}",
+                        plan.upstream_port
+                    ))
+                };
+                match spawner_sidecar::run_with_handle(
+                    listener,
+                    SimSidecarConnector,
+                    config,
+                    stop.clone().cancelled_owned(),
+                ) {
+                    Ok((handle, serve)) => {
+                        sidecars.insert(pod.clone(), handle);
+                        tokio::spawn(async move {
+                            let code = if serve.await.is_ok() { 0 } else { 1 };
+                            report(code, None);
+                        });
+                        starts.push(ContainerStart::Running { id });
+                    }
+                    Err(e) => starts.push(ContainerStart::Failed {
+                        message: e.to_string(),
+                    }),
+                }
+            }
+            ContainerRun::Process { argv, env, .. } => match argv.first().map(String::as_str) {
+                Some(APP_COMMAND) => {
+                    let port = env
+                        .iter()
+                        .find(|(k, _)| k == "PORT")
+                        .and_then(|(_, v)| v.parse().ok())
+                        .unwrap_or(APP_PORT);
+                    match SimListener::bind(("0.0.0.0", port)).await {
+                        Ok(listener) => {
+                            tokio::spawn(async move {
+                                let serve = axum::serve(listener, crate::app::router())
+                                    .with_graceful_shutdown(stop.cancelled_owned());
+                                let code = match serve.await {
+                                    Ok(()) => 143,
+                                    Err(_) => 1,
+                                };
+                                report(code, None);
+                            });
+                            starts.push(ContainerStart::Running { id });
+                        }
+                        Err(e) => starts.push(ContainerStart::Failed {
+                            message: format!("cannot listen on {port}: {e}"),
+                        }),
+                    }
+                }
+                Some(CRASH_COMMAND) => {
+                    let code = argv.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        report(code, Some("crashed on purpose".into()));
+                    });
+                    starts.push(ContainerStart::Running { id });
+                }
+                _ => starts.push(ContainerStart::Failed {
+                    message: format!("the simulator cannot run {argv:?}"),
+                }),
+            },
+        }
+    }
+    starts
+}
+
+/// What a pod was given by [`SlotRuntime::create_sandbox`].
+pub struct SlotSandbox {
+    index: usize,
+    ip: IpAddr,
+    pod: String,
+    wants_app_port: bool,
+}
+
+impl PodSandbox for SlotSandbox {
+    fn pod_ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    fn app_port(&self) -> Option<u16> {
+        self.wants_app_port.then_some(APP_PORT)
+    }
+}
+
+/// The node agent's runtime for one node.
+#[derive(Clone)]
+pub struct SlotRuntime {
+    pool: SlotPool,
+}
+
+impl SlotRuntime {
+    pub fn new(pool: SlotPool) -> Self {
+        Self { pool }
+    }
+}
+
+/// A pod running on a slot.
+pub struct SlotPod {
+    pool: SlotPool,
+    index: usize,
+    ip: IpAddr,
+    starts: Vec<ContainerStart>,
+    exits: mpsc::UnboundedReceiver<ContainerExit>,
+    stops: Vec<CancellationToken>,
+    /// Exits not yet returned by `next_exit`.
+    outstanding: usize,
+    /// Exits received while stopping, returned by `next_exit` first.
+    pending: std::collections::VecDeque<ContainerExit>,
+    stopped: Vec<bool>,
+}
+
+impl PodRuntime for SlotRuntime {
+    type Sandbox = SlotSandbox;
+    type Pod = SlotPod;
+
+    async fn create_sandbox(&self, request: SandboxRequest) -> Result<SlotSandbox, RuntimeError> {
+        let mut slots = self.pool.lock();
+        let free = slots
+            .iter_mut()
+            .enumerate()
+            .find(|(_, s)| !s.busy && s.commands.as_ref().is_some_and(|c| !c.is_closed()));
+        let Some((index, slot)) = free else {
+            return Err(RuntimeError::NoAddress(format!(
+                "all {} simulated pod slots of this node are in use",
+                slots.len()
+            )));
+        };
+        slot.busy = true;
+        Ok(SlotSandbox {
+            index,
+            ip: slot.ip,
+            pod: format!("{}/{}", request.namespace, request.name),
+            wants_app_port: request.wants_app_port,
+        })
+    }
+
+    async fn start(&self, sandbox: SlotSandbox, containers: Vec<ContainerPlan>) -> SlotPod {
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        let stops: Vec<_> = containers
+            .iter()
+            .map(|_| CancellationToken::new())
+            .collect();
+        let count = containers.len();
+        let (reply, answer) = oneshot::channel();
+        let sent = self.pool.lock()[sandbox.index]
+            .commands
+            .as_ref()
+            .map(|c| {
+                c.send(StartPod {
+                    pod: sandbox.pod.clone(),
+                    containers,
+                    exits: exits_tx,
+                    stops: stops.clone(),
+                    reply,
+                })
+                .is_ok()
+            })
+            .unwrap_or(false);
+        let starts = match (sent, answer.await) {
+            (true, Ok(starts)) => starts,
+            _ => (0..count)
+                .map(|_| ContainerStart::Failed {
+                    message: "the pod's simulated host is down".into(),
+                })
+                .collect(),
+        };
+        let outstanding = starts
+            .iter()
+            .filter(|s| matches!(s, ContainerStart::Running { .. }))
+            .count();
+        SlotPod {
+            pool: self.pool.clone(),
+            index: sandbox.index,
+            ip: sandbox.ip,
+            stopped: starts
+                .iter()
+                .map(|s| !matches!(s, ContainerStart::Running { .. }))
+                .collect(),
+            starts,
+            exits,
+            stops,
+            outstanding,
+            pending: Default::default(),
+        }
+    }
+
+    async fn probe(&self, target: ProbeTarget) -> bool {
+        match target {
+            ProbeTarget::Tcp {
+                host,
+                port,
+                timeout,
+            } => tokio::time::timeout(timeout, turmoil::net::TcpStream::connect((host, port)))
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            ProbeTarget::Http {
+                host,
+                port,
+                path,
+                timeout,
+            } => tokio::time::timeout(timeout, http_probe(host, port, &path))
+                .await
+                .unwrap_or(false),
+        }
+    }
+}
+
+async fn http_probe(host: IpAddr, port: u16, path: &str) -> bool {
+    let Ok(mut stream) = turmoil::net::TcpStream::connect((host, port)).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    if stream.read_exact(&mut head).await.is_err() {
+        return false;
+    }
+    // "HTTP/1.1 2xx"
+    head[9] == b'2'
+}
+
+impl SlotPod {
+    fn mark_stopped(&mut self, exit: &ContainerExit) {
+        if let Some(s) = self.stopped.get_mut(exit.index) {
+            *s = true;
+        }
+    }
+
+    async fn stop_indices(&mut self, indices: Vec<usize>, grace: Duration) {
+        for &i in &indices {
+            if let Some(stop) = self.stops.get(i) {
+                stop.cancel();
+            }
+        }
+        // Tasks stop at their next await; give them the grace period to report.
+        let deadline = tokio::time::Instant::now() + grace.max(Duration::from_millis(10));
+        while indices
+            .iter()
+            .any(|&i| !self.stopped.get(i).copied().unwrap_or(true))
+        {
+            match tokio::time::timeout_at(deadline, self.exits.recv()).await {
+                Ok(Some(exit)) => {
+                    self.mark_stopped(&exit);
+                    self.pending.push_back(exit);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+}
+
+impl RunningPod for SlotPod {
+    fn pod_ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    fn starts(&self) -> &[ContainerStart] {
+        &self.starts
+    }
+
+    async fn next_exit(&mut self) -> Option<ContainerExit> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        let exit = match self.pending.pop_front() {
+            Some(exit) => exit,
+            None => self.exits.recv().await?,
+        };
+        self.mark_stopped(&exit);
+        self.outstanding -= 1;
+        Some(exit)
+    }
+
+    fn stop_container(
+        &mut self,
+        index: usize,
+        grace: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        self.stop_indices(vec![index], grace)
+    }
+
+    fn stop_all(&mut self, grace: Duration) -> impl std::future::Future<Output = ()> + Send {
+        let all = (0..self.stops.len()).collect();
+        self.stop_indices(all, grace)
+    }
+}
+
+impl Drop for SlotPod {
+    fn drop(&mut self) {
+        for stop in &self.stops {
+            stop.cancel();
+        }
+        if let Some(slot) = self.pool.lock().get_mut(self.index) {
+            slot.busy = false;
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Simulated users: they replay a trace's sessions against the api and the backends' sidecars,
+//! over turmoil, as browsers would — get-or-create a backend by key, wait until it is Ready,
+//! open WebSockets through the sidecar, send messages, refresh, leave or vanish.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use spawner_core::trace::{TraceEvent, TraceEventKind};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::net::SimConnector;
+
+type HttpClient = Client<SimConnector, Full<bytes::Bytes>>;
+type Socket = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
+
+/// How users reach Spawner.
+#[derive(Clone, Debug)]
+pub struct UsersConfig {
+    /// Base URL of the api, e.g. `http://api:7070`.
+    pub api: String,
+    pub token: String,
+    /// The spawn request sent for every key (without the key).
+    pub spawn_template: serde_json::Value,
+    /// How long a user waits for its backend to become Ready before giving up.
+    pub ready_timeout: Duration,
+    /// How often a waiting user polls the backend's status.
+    pub poll_interval: Duration,
+}
+
+/// What users saw, shared with the sim loop.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UsersReport {
+    pub sessions: u64,
+    pub spawned: u64,
+    pub connected: u64,
+    pub messages_echoed: u64,
+    pub connect_failures: u64,
+    pub ready_timeouts: u64,
+    pub api_errors: u64,
+    /// Backend name by key, as the api answered last.
+    pub backends_by_key: BTreeMap<String, String>,
+    /// Connections open now, by backend name.
+    pub open_by_backend: BTreeMap<String, u64>,
+}
+
+/// Shared, updated by every user task.
+#[derive(Clone, Debug, Default)]
+pub struct SharedReport(Arc<Mutex<UsersReport>>);
+
+impl SharedReport {
+    pub fn update<R>(&self, f: impl FnOnce(&mut UsersReport) -> R) -> R {
+        let mut report = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut report)
+    }
+
+    pub fn snapshot(&self) -> UsersReport {
+        self.update(|r| r.clone())
+    }
+}
+
+/// Plays `events` (one client host's share of a trace) from the moment it is called.
+pub async fn play(events: Vec<TraceEvent>, config: UsersConfig, report: SharedReport) {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(SimConnector);
+    let mut sessions: BTreeMap<String, Vec<TraceEvent>> = BTreeMap::new();
+    for event in events {
+        sessions
+            .entry(event.session.clone())
+            .or_default()
+            .push(event);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (_, events) in sessions {
+        let config = config.clone();
+        let report = report.clone();
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            session(events, start, &client, &config, &report).await
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+struct Backend {
+    name: String,
+}
+
+async fn session(
+    events: Vec<TraceEvent>,
+    start: Instant,
+    client: &HttpClient,
+    config: &UsersConfig,
+    report: &SharedReport,
+) {
+    report.update(|r| r.sessions += 1);
+    let mut backend: Option<Backend> = None;
+    let mut sockets: HashMap<String, Socket> = HashMap::new();
+    for event in events {
+        tokio::time::sleep_until(start + Duration::from_millis(event.t_ms)).await;
+        match event.kind {
+            TraceEventKind::Spawn => {
+                backend = get_or_create(client, config, report, &event.key).await;
+            }
+            TraceEventKind::Connect { conn } => {
+                let Some(b) = &backend else { continue };
+                match open(b, config, client, report).await {
+                    Some(socket) => {
+                        report.update(|r| {
+                            r.connected += 1;
+                            *r.open_by_backend.entry(b.name.clone()).or_default() += 1;
+                        });
+                        sockets.insert(conn, socket);
+                    }
+                    None => report.update(|r| r.connect_failures += 1),
+                }
+            }
+            TraceEventKind::Message { conn, bytes } => {
+                let Some(socket) = sockets.get_mut(&conn) else {
+                    continue;
+                };
+                let text = "x".repeat(bytes.clamp(1, 4096) as usize);
+                if socket.send(Message::Text(text.into())).await.is_ok()
+                    && let Ok(Some(Ok(Message::Text(_)))) =
+                        tokio::time::timeout(Duration::from_secs(5), socket.next()).await
+                {
+                    report.update(|r| r.messages_echoed += 1);
+                }
+            }
+            TraceEventKind::Disconnect { conn, clean } => {
+                let Some(mut socket) = sockets.remove(&conn) else {
+                    continue;
+                };
+                if let Some(b) = &backend {
+                    report.update(|r| {
+                        if let Some(n) = r.open_by_backend.get_mut(&b.name) {
+                            *n = n.saturating_sub(1);
+                        }
+                    });
+                }
+                if clean {
+                    let _ = socket.close(None).await;
+                } else {
+                    // The user vanished: no close frame, no FIN, and no pong ever again. The
+                    // socket is parked, unread, until the run ends; only the sidecar's pings
+                    // can notice.
+                    tokio::spawn(async move {
+                        let _parked = socket;
+                        std::future::pending::<()>().await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn request(
+    client: &HttpClient,
+    config: &UsersConfig,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(http::StatusCode, serde_json::Value), String> {
+    let uri: http::Uri = format!("{}{path}", config.api)
+        .parse()
+        .map_err(|e| format!("bad uri: {e}"))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {}", config.token))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok((status, json))
+}
+
+async fn get_or_create(
+    client: &HttpClient,
+    config: &UsersConfig,
+    report: &SharedReport,
+    key: &str,
+) -> Option<Backend> {
+    let mut body = config.spawn_template.clone();
+    body["key"] = serde_json::Value::String(key.to_string());
+    for attempt in 0..5u32 {
+        match request(
+            client,
+            config,
+            http::Method::POST,
+            "/connect",
+            Some(body.clone()),
+        )
+        .await
+        {
+            Ok((status, json)) if status.is_success() => {
+                let name = json["name"].as_str()?.to_string();
+                report.update(|r| {
+                    if json["spawned"].as_bool() == Some(true) {
+                        r.spawned += 1;
+                    }
+                    r.backends_by_key.insert(key.to_string(), name.clone());
+                });
+                return Some(Backend { name });
+            }
+            _ => {
+                report.update(|r| r.api_errors += 1);
+                tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+            }
+        }
+    }
+    None
+}
+
+/// Waits for the backend to be Ready (learning its URL), then opens a WebSocket through its
+/// sidecar.
+async fn open(
+    backend: &Backend,
+    config: &UsersConfig,
+    client: &HttpClient,
+    report: &SharedReport,
+) -> Option<Socket> {
+    let deadline = Instant::now() + config.ready_timeout;
+    let url = loop {
+        if let Ok((status, json)) = request(
+            client,
+            config,
+            http::Method::GET,
+            &format!("/backend/{}/status", backend.name),
+            None,
+        )
+        .await
+            && status.is_success()
+        {
+            match json["phase"].as_str() {
+                Some("Ready") => {
+                    if let Some(url) = json["url"].as_str() {
+                        break url.to_string();
+                    }
+                }
+                Some("Swept" | "Failed" | "Terminated") => return None,
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            report.update(|r| r.ready_timeouts += 1);
+            return None;
+        }
+        tokio::time::sleep(config.poll_interval).await;
+    };
+    let uri: http::Uri = url.parse().ok()?;
+    let host = uri.host()?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = turmoil::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .ok()?;
+    let ws_url = format!("ws://{host}:{port}/ws");
+    let (socket, _) = tokio_tungstenite::client_async(ws_url, stream).await.ok()?;
+    Some(socket)
+}

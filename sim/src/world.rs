@@ -1,0 +1,545 @@
+//! The world builder and its run loop: the production api, controller(s), node agents and
+//! sweepers, and every backend's sidecar, talking to localcluster's API server over turmoil,
+//! while simulated users replay a trace and the invariant checker watches every step.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spawner_core::Phase;
+use spawner_core::trace::Trace;
+use spawner_localcluster::{Cluster, ServerConfig};
+
+use crate::clock::{SimClock, sim_epoch};
+use crate::faults::{Fault, FaultKind};
+use crate::invariants::{InvariantChecker, Observation, Violation};
+use crate::net::{SimConnector, SimListener, kube_client};
+use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
+use crate::users::{SharedReport, UsersConfig, UsersReport};
+
+const API_TOKEN: &str = "sim-api-token";
+const KUBE_TOKEN: &str = "sim-admin";
+pub const EVENTS_SECRET: &str = "sim-events-secret";
+const NAMESPACE: &str = "default";
+
+/// What to build and run.
+#[derive(Clone, Debug)]
+pub struct WorldConfig {
+    pub seed: u64,
+    pub nodes: usize,
+    /// Pods each node can run at once (each slot is a turmoil host).
+    pub slots_per_node: usize,
+    /// Controller replicas (leader-elected when more than one).
+    pub controllers: usize,
+    /// Client hosts the users are spread over.
+    pub user_hosts: usize,
+    /// Grace period of every backend, in seconds.
+    pub grace_seconds: u32,
+    /// The sessions to replay.
+    pub workload: Trace,
+    pub faults: Vec<Fault>,
+    /// Simulated time after the last trace event for sweeps and deletions to finish.
+    pub drain: Duration,
+    /// Simulated time a finished backend stays readable before the controller deletes it.
+    pub retention: Duration,
+}
+
+impl WorldConfig {
+    pub fn new(seed: u64, workload: Trace) -> Self {
+        Self {
+            seed,
+            nodes: 3,
+            slots_per_node: 12,
+            controllers: 1,
+            user_hosts: 4,
+            grace_seconds: 10,
+            workload,
+            faults: Vec::new(),
+            drain: Duration::from_secs(60),
+            retention: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub seed: u64,
+    pub users: UsersReport,
+    pub backends: usize,
+    pub ready: usize,
+    pub swept: usize,
+    pub failed: usize,
+    pub sim_time: Duration,
+    pub wall_time: Duration,
+    /// Hash of the observable events (phase transitions and deletions with their times).
+    pub trace_hash: u64,
+    /// The observable events, one line each.
+    pub events: Vec<String>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {}: {} sessions, {} connections, {} messages echoed; {} backends ({} ready, {} swept, {} failed); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
+            self.seed,
+            self.users.sessions,
+            self.users.connected,
+            self.users.messages_echoed,
+            self.backends,
+            self.ready,
+            self.swept,
+            self.failed,
+            self.sim_time.as_secs_f64(),
+            self.wall_time.as_secs_f64(),
+            self.trace_hash
+        )
+    }
+}
+
+/// A failed run: the violation, with what reproduces it.
+#[derive(Debug)]
+pub struct Failure {
+    pub seed: u64,
+    pub violation: Violation,
+    pub faults: Vec<Fault>,
+    /// The last observable events before the violation.
+    pub last_events: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "invariant violated with seed {}: {}",
+            self.seed, self.violation
+        )?;
+        writeln!(
+            f,
+            "reproduce: cargo run -p spawner-sim -- --seed {}",
+            self.seed
+        )?;
+        writeln!(f, "faults: {:?}", self.faults)?;
+        writeln!(f, "last events:")?;
+        for event in &self.last_events {
+            writeln!(f, "  {event}")?;
+        }
+        Ok(())
+    }
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn slot_name(node: usize, slot: usize) -> String {
+    format!("node-{node}-pod-{slot}")
+}
+
+/// Builds the world of `config` and runs it to the end.
+pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
+    let wall = Instant::now();
+    crate::entropy::seed(config.seed);
+    let end_of_trace =
+        Duration::from_millis(config.workload.events.last().map(|e| e.t_ms).unwrap_or(0));
+    let horizon = end_of_trace + config.drain;
+    let mut sim = turmoil::Builder::new()
+        .epoch(sim_epoch())
+        .rng_seed(config.seed)
+        .simulation_duration(horizon + Duration::from_secs(60))
+        .tick_duration(Duration::from_millis(5))
+        .min_message_latency(Duration::from_micros(200))
+        .max_message_latency(Duration::from_millis(5))
+        .build();
+
+    // The API server: its state lives outside the host, so crashing the host keeps it.
+    let mut tokens = std::collections::HashMap::new();
+    tokens.insert(
+        KUBE_TOKEN.to_string(),
+        spawner_localcluster::Identity::admin(),
+    );
+    let cluster = Cluster::new(
+        ServerConfig {
+            auth: spawner_localcluster::Auth { tokens, rbac: None },
+            bookmark_interval: Duration::from_secs(5),
+            ..ServerConfig::default()
+        },
+        Arc::new(SimClock),
+    );
+    {
+        let cluster = cluster.clone();
+        sim.host("apiserver", move || {
+            let cluster = cluster.clone();
+            async move {
+                let listener = SimListener::bind(("0.0.0.0", 6443)).await?;
+                spawner_localcluster::serve(listener, cluster).await?;
+                Ok(())
+            }
+        });
+    }
+    let kube_url: http::Uri = "http://apiserver:6443".parse().expect("static uri");
+
+    for i in 0..config.controllers {
+        let kube_url = kube_url.clone();
+        let leader_election = config.controllers > 1;
+        let retention = config.retention;
+        sim.host(format!("controller-{i}"), move || {
+            let kube_url = kube_url.clone();
+            async move {
+                let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
+                let config = crate::components::controller_config(i, leader_election, retention);
+                let listener = SimListener::bind(("0.0.0.0", 8080)).await?;
+                spawner_controller::run(client, listener, config, std::future::pending()).await?;
+                Ok(())
+            }
+        });
+    }
+
+    {
+        let kube_url = kube_url.clone();
+        sim.host("api", move || {
+            let kube_url = kube_url.clone();
+            async move {
+                let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
+                let config = crate::components::api_config(API_TOKEN)?;
+                let listener = SimListener::bind(("0.0.0.0", 7070)).await?;
+                spawner_api::run(client, listener, config, std::future::pending()).await?;
+                Ok(())
+            }
+        });
+    }
+
+    let sidecars = SidecarRegistry::default();
+    for n in 0..config.nodes {
+        let pool = SlotPool::new(sidecars.clone());
+        for s in 0..config.slots_per_node {
+            let index = pool.add_slot();
+            let pool = pool.clone();
+            let name = slot_name(n, s);
+            sim.host(name.clone(), move || {
+                pool.clone().run_slot(index, name.clone())
+            });
+        }
+        let kube_url = kube_url.clone();
+        let runtime = Arc::new(SlotRuntime::new(pool));
+        sim.host(node_name(n), move || {
+            let kube_url = kube_url.clone();
+            let runtime = runtime.clone();
+            async move {
+                let agent_client = kube_client(kube_url.clone(), KUBE_TOKEN, NAMESPACE);
+                let agent_config = crate::components::node_agent_config(&node_name(n));
+                tokio::spawn(spawner_localcluster::node::run(
+                    agent_client,
+                    agent_config,
+                    runtime,
+                    std::future::pending(),
+                ));
+                let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
+                let http = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .pool_max_idle_per_host(0)
+                .build(SimConnector);
+                let config = crate::components::sweeper_config(&node_name(n), EVENTS_SECRET);
+                let listener = SimListener::bind(("0.0.0.0", 8081)).await?;
+                spawner_sweeper::run(client, listener, http, config, std::future::pending())
+                    .await?;
+                Ok(())
+            }
+        });
+    }
+
+    // Users, spread over client hosts by session.
+    let report = SharedReport::default();
+    let mut shares: Vec<Vec<_>> = vec![Vec::new(); config.user_hosts.max(1)];
+    for event in &config.workload.events {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        event.session.hash(&mut h);
+        let share = (h.finish() as usize) % shares.len();
+        shares[share].push(event.clone());
+    }
+    let users_config = UsersConfig {
+        api: "http://api:7070".into(),
+        token: API_TOKEN.into(),
+        spawn_template: serde_json::json!({
+            "command": [APP_COMMAND],
+            "port": crate::pods::APP_PORT,
+            "gracePeriodSeconds": config.grace_seconds,
+        }),
+        ready_timeout: Duration::from_secs(30),
+        poll_interval: Duration::from_millis(100),
+    };
+    for (k, share) in shares.into_iter().enumerate() {
+        let users_config = users_config.clone();
+        let report = report.clone();
+        sim.client(format!("users-{k}"), async move {
+            crate::users::play(share, users_config, report).await;
+            Ok(())
+        });
+    }
+    // Keeps the world running after the users are done, for sweeps and cleanup.
+    sim.client("drain", async move {
+        tokio::time::sleep(horizon).await;
+        Ok(())
+    });
+
+    let mut observer = Observer::new(cluster, sidecars, config.clone());
+    let mut faults = FaultRunner::new(config.faults.clone());
+    loop {
+        let done = match sim.step() {
+            Ok(done) => done,
+            Err(e) => {
+                return Err(Box::new(Failure {
+                    seed: config.seed,
+                    violation: Violation {
+                        at: sim.elapsed(),
+                        invariant: "the simulation runs",
+                        detail: e.to_string(),
+                    },
+                    faults: config.faults.clone(),
+                    last_events: observer.last_events(),
+                }));
+            }
+        };
+        let now = sim.elapsed();
+        faults.apply(&mut sim, now, &config);
+        if let Err(violation) = observer.observe(now, faults.healed_at(now)) {
+            return Err(Box::new(Failure {
+                seed: config.seed,
+                violation,
+                faults: config.faults.clone(),
+                last_events: observer.last_events(),
+            }));
+        }
+        if done {
+            break;
+        }
+    }
+    let now = sim.elapsed();
+    let leftovers = observer.leftovers();
+    if let Err(violation) = observer.checker.check_drained(now, &leftovers) {
+        return Err(Box::new(Failure {
+            seed: config.seed,
+            violation,
+            faults: config.faults.clone(),
+            last_events: observer.last_events(),
+        }));
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    observer.events.hash(&mut hasher);
+    Ok(Summary {
+        seed: config.seed,
+        users: report.snapshot(),
+        backends: observer.checker.backends(),
+        ready: observer.checker.reached(Phase::Ready),
+        swept: observer.checker.reached(Phase::Swept),
+        failed: observer.checker.reached(Phase::Failed),
+        sim_time: now,
+        wall_time: wall.elapsed(),
+        trace_hash: hasher.finish(),
+        events: observer.events,
+    })
+}
+
+/// Reads the API server's store and the sidecars after every step and feeds the checker.
+struct Observer {
+    cluster: Cluster,
+    sidecars: SidecarRegistry,
+    checker: InvariantChecker,
+    last_rv: u64,
+    known: BTreeMap<String, (Phase, Option<String>)>,
+    live: BTreeMap<String, u64>,
+    events: Vec<String>,
+}
+
+impl Observer {
+    fn new(cluster: Cluster, sidecars: SidecarRegistry, _config: WorldConfig) -> Self {
+        Self {
+            cluster,
+            sidecars,
+            checker: InvariantChecker::new(),
+            last_rv: 0,
+            known: BTreeMap::new(),
+            live: BTreeMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, now: Duration, line: String) {
+        self.events
+            .push(format!("{:>9.3} {line}", now.as_secs_f64()));
+    }
+
+    fn last_events(&self) -> Vec<String> {
+        self.events.iter().rev().take(30).rev().cloned().collect()
+    }
+
+    fn observe(&mut self, now: Duration, healed_at: Option<Duration>) -> Result<(), Violation> {
+        // Sidecars first: a connection opened in this step counts before a sweep seen in it.
+        for (pod, live) in self.sidecars.live() {
+            let backend = pod.rsplit('/').next().unwrap_or(&pod).to_string();
+            if self.live.get(&backend) != Some(&live) {
+                self.live.insert(backend.clone(), live);
+                self.checker
+                    .observe(now, Observation::Live { backend, live })?;
+            }
+        }
+        let rv = self.cluster.resource_version();
+        if rv != self.last_rv {
+            self.last_rv = rv;
+            let objects = self.cluster.snapshot("spawner.dev", "sessionlivedbackends");
+            let mut present = BTreeSet::new();
+            for object in &objects {
+                let Some(name) = object["metadata"]["name"].as_str() else {
+                    continue;
+                };
+                present.insert(name.to_string());
+                let phase: Phase =
+                    serde_json::from_value(object["status"]["phase"].clone()).unwrap_or_default();
+                let reason = object["status"]["reason"].as_str().map(str::to_string);
+                match self.known.get(name) {
+                    None => {
+                        let key = object["spec"]["key"].as_str().map(str::to_string);
+                        let grace = object["spec"]["gracePeriodSeconds"].as_u64().unwrap_or(300);
+                        self.record(now, format!("{name} created key={key:?}"));
+                        self.checker.observe(
+                            now,
+                            Observation::Created {
+                                backend: name.to_string(),
+                                key,
+                                grace: Duration::from_secs(grace),
+                            },
+                        )?;
+                        self.known
+                            .insert(name.to_string(), (Phase::Submitted, None));
+                    }
+                    Some((known, _)) if *known == phase => continue,
+                    Some(_) => {}
+                }
+                if phase != Phase::Submitted {
+                    self.record(
+                        now,
+                        format!("{name} {phase} {}", reason.as_deref().unwrap_or("")),
+                    );
+                    self.checker.observe(
+                        now,
+                        Observation::Phase {
+                            backend: name.to_string(),
+                            phase,
+                            reason: reason.clone(),
+                        },
+                    )?;
+                }
+                self.known.insert(name.to_string(), (phase, reason));
+            }
+            let gone: Vec<String> = self
+                .known
+                .keys()
+                .filter(|n| !present.contains(*n))
+                .cloned()
+                .collect();
+            for name in gone {
+                self.known.remove(&name);
+                self.record(now, format!("{name} deleted"));
+                self.checker
+                    .observe(now, Observation::Deleted { backend: name })?;
+            }
+        }
+        self.checker.check_deadlines(now, healed_at)
+    }
+
+    /// Backends, pods and services still in the API server.
+    fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        for (group, plural) in [
+            ("spawner.dev", "sessionlivedbackends"),
+            ("", "pods"),
+            ("", "services"),
+        ] {
+            for object in self.cluster.snapshot(group, plural) {
+                if object["metadata"]["namespace"].as_str() == Some(NAMESPACE) {
+                    left.push(format!(
+                        "{plural}/{}",
+                        object["metadata"]["name"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        left
+    }
+}
+
+/// Applies a fault schedule as simulated time passes.
+struct FaultRunner {
+    pending: Vec<Fault>,
+    active: Vec<(Fault, Duration)>,
+    last_healed: Option<Duration>,
+}
+
+impl FaultRunner {
+    fn new(mut faults: Vec<Fault>) -> Self {
+        faults.sort_by_key(|f| std::cmp::Reverse(f.at));
+        Self {
+            pending: faults,
+            active: Vec::new(),
+            last_healed: None,
+        }
+    }
+
+    fn hosts(kind: &FaultKind, config: &WorldConfig) -> Vec<String> {
+        match kind {
+            FaultKind::CrashNode { node } => {
+                let mut hosts = vec![node_name(*node)];
+                hosts.extend((0..config.slots_per_node).map(|s| slot_name(*node, s)));
+                hosts
+            }
+            FaultKind::Crash { host } => vec![host.clone()],
+            FaultKind::Partition { .. } => Vec::new(),
+        }
+    }
+
+    fn apply(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration, config: &WorldConfig) {
+        while self.pending.last().is_some_and(|f| f.at <= now) {
+            let Some(fault) = self.pending.pop() else {
+                break;
+            };
+            match &fault.kind {
+                FaultKind::Partition { a, b } => sim.partition(a.as_str(), b.as_str()),
+                kind => {
+                    for host in Self::hosts(kind, config) {
+                        sim.crash(host.as_str());
+                    }
+                }
+            }
+            self.active.push((fault.clone(), fault.at + fault.duration));
+        }
+        let mut still = Vec::new();
+        for (fault, until) in std::mem::take(&mut self.active) {
+            if until > now {
+                still.push((fault, until));
+                continue;
+            }
+            match &fault.kind {
+                FaultKind::Partition { a, b } => sim.repair(a.as_str(), b.as_str()),
+                kind => {
+                    for host in Self::hosts(kind, config) {
+                        sim.bounce(host.as_str());
+                    }
+                }
+            }
+            self.last_healed = Some(now);
+        }
+        self.active = still;
+    }
+
+    /// `None` when no fault ever happened; the time the last one healed otherwise (or now,
+    /// while one is active: deadlines are suspended during faults).
+    fn healed_at(&self, now: Duration) -> Option<Duration> {
+        if !self.active.is_empty() {
+            return Some(now);
+        }
+        self.last_healed
+    }
+}
