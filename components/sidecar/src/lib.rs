@@ -16,6 +16,7 @@
 mod body;
 mod drain;
 mod frames;
+mod lean;
 mod monitor;
 mod proxy;
 mod readiness;

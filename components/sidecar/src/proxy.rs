@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1 as client_http1;
 use hyper::server::conn::http1 as server_http1;
@@ -23,13 +23,15 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::body::{BodyTooLarge, RequestBody, ResponseBody};
 use crate::drain::{DrainState, TaskGuard};
+use crate::lean::{self, LeanConn, LeanError, LeanResponse};
+use crate::monitor::LiveGuard;
 use crate::reserved::{self, RESERVED_PREFIX};
 use crate::{Connect, Listener, Shared, websocket};
 
 type Sender = client_http1::SendRequest<RequestBody>;
 
 /// A client connection's state shared by its requests.
-pub(crate) struct ClientConn<C> {
+pub(crate) struct ClientConn<C: Connect> {
     pub shared: Arc<Shared<C>>,
     /// The client's address as an `X-Forwarded-For` entry, formatted once.
     pub peer_ip: HeaderValue,
@@ -37,11 +39,23 @@ pub(crate) struct ClientConn<C> {
     /// The keep-alive upstream connection's I/O future. The client connection's task polls it
     /// next to the server side, so a request and its response never hop between tasks.
     upstream_driver: Mutex<Option<Driver>>,
+    /// The kept connection of the lean client (bodyless requests).
+    lean: Mutex<Option<LeanConn<C::Io>>>,
 }
 
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-impl<C> ClientConn<C> {
+impl<C: Connect> ClientConn<C> {
+    pub(crate) fn take_lean(&self) -> Option<LeanConn<C::Io>> {
+        self.lean.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    pub(crate) fn keep_lean(&self, conn: LeanConn<C::Io>) {
+        if let Ok(mut slot) = self.lean.lock() {
+            *slot = Some(conn);
+        }
+    }
+
     /// Polls the upstream connection, if there is one. Never completes: a finished upstream
     /// connection is just removed (the next request dials a new one).
     fn poll_upstream_driver(&self, cx: &mut Context<'_>) -> Poll<()> {
@@ -72,6 +86,7 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
         peer_ip,
         upstream: Mutex::new(None),
         upstream_driver: Mutex::new(None),
+        lean: Mutex::new(None),
     });
     let driver_state = Arc::clone(&conn_state);
     let upstream_driver = std::future::poll_fn(move |cx| driver_state.poll_upstream_driver(cx));
@@ -128,7 +143,7 @@ async fn route<L: Listener, C: Connect>(
 
 /// Proxies one plain HTTP request over the connection's keep-alive connection to the app.
 async fn forward<C: Connect>(
-    conn: &ClientConn<C>,
+    conn: &Arc<ClientConn<C>>,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let shared = &conn.shared;
@@ -142,6 +157,9 @@ async fn forward<C: Connect>(
     let (mut parts, body) = req.into_parts();
     prepare_request_headers(&mut parts.headers, &conn.peer_ip, false);
     parts.uri = origin_form(&parts.uri);
+    if http_body::Body::is_end_stream(&body) && parts.method != Method::CONNECT {
+        return forward_bodyless(conn, parts, guard).await;
+    }
     let req = Request::from_parts(
         parts,
         RequestBody::from_client(body, &shared.monitor, limit),
@@ -161,6 +179,56 @@ async fn forward<C: Connect>(
             )
         }
         Err(e) => e.into_response(shared),
+    }
+}
+
+/// A request without a body goes through the lean client.
+async fn forward_bodyless<C: Connect>(
+    conn: &Arc<ClientConn<C>>,
+    parts: http::request::Parts,
+    guard: LiveGuard,
+) -> Response<ResponseBody> {
+    let shared = &conn.shared;
+    match lean::exchange(conn, &parts).await {
+        Ok(LeanResponse::Whole(mut parts, data)) => {
+            remove_hop_by_hop(&mut parts.headers);
+            Response::from_parts(
+                parts,
+                ResponseBody::Buffered {
+                    data: Some(data),
+                    guard,
+                    sent: 0,
+                },
+            )
+        }
+        Ok(LeanResponse::Streaming(mut parts, body)) => {
+            remove_hop_by_hop(&mut parts.headers);
+            Response::from_parts(
+                parts,
+                ResponseBody::Streaming {
+                    inner: Box::pin(body),
+                    guard,
+                    sent: 0,
+                },
+            )
+        }
+        Err(LeanError::Connect(e)) => UpstreamError::Connect(e).into_response(shared),
+        Err(e) => {
+            shared
+                .monitor
+                .counters
+                .upstream_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let detail = match e {
+                LeanError::Io(e) => e.to_string(),
+                LeanError::Protocol(p) => p.to_string(),
+                LeanError::Connect(e) => e.to_string(),
+            };
+            tracing::debug!(error = %detail, "upstream exchange failed");
+            bad_gateway(format!(
+                "502 Bad Gateway: the application failed to answer ({detail})\n"
+            ))
+        }
     }
 }
 
@@ -259,7 +327,7 @@ async fn send<C: Connect>(
     Ok(response)
 }
 
-impl<C> ClientConn<C> {
+impl<C: Connect> ClientConn<C> {
     fn keep(&self, sender: Sender) {
         if let Ok(mut slot) = self.upstream.lock() {
             *slot = Some(sender);

@@ -199,6 +199,19 @@ async fn app_handle(
             );
             response
         }
+        "/nocontent" => {
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        "/close" => {
+            let mut r = Response::new(full("closing"));
+            r.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            r
+        }
         "/slow" => {
             control.release.notified().await;
             Response::new(full("finally"))
