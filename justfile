@@ -32,3 +32,27 @@ bench-localcluster:
 # The sweeper with thousands of backends: memory and subscription time.
 bench-sweeper backends="2000":
     cargo run --release -p spawner-sweeper --example scale -- {{backends}}
+
+# Sidecar vs nginx vs the app directly (needs `apt-get install nginx wrk`); writes target/bench/sidecar.json.
+bench-sidecar:
+    components/sidecar/bench/run.sh
+
+# Build the container image (Docker with BuildKit).
+image tag="spawner:dev":
+    DOCKER_BUILDKIT=1 docker build -t {{tag}} .
+
+# Check that deploy/ and the kind overlay render.
+manifests:
+    kubectl kustomize deploy > /dev/null && kubectl kustomize deploy/overlays/kind > /dev/null && echo "deploy/ renders"
+
+# deploy/ against a real kube-apiserver (server-side dry run) and the CLI's flags.
+e2e-manifests:
+    cargo test -p spawner-e2e --test controlplane_manifests
+
+# End-to-end scenarios against `spawner dev` (no cluster).
+e2e-local:
+    cargo test -p spawner-e2e --test scenarios_local -- --nocapture
+
+# End-to-end scenarios on a kind cluster (needs docker, kind, kubectl).
+e2e:
+    scripts/e2e-kind.sh
