@@ -1,6 +1,10 @@
 # Spawner's recipes. `just --list` shows them.
 
-# Run the whole test suite (the README's test command).
+# Run Spawner on this machine, no cluster needed (open the printed demo URL in two tabs).
+dev:
+    cargo run --release -p spawner -- dev --demo
+
+# Run the whole test suite (the README's test command; CI runs it through .ci/run).
 test:
     cargo test --workspace
 
@@ -16,3 +20,43 @@ crd-write:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# Build (or reuse) the real kube-apiserver, kube-controller-manager and etcd used by the tests.
+controlplane:
+    e2e/controlplane/build.sh
+
+# localcluster's API server benchmark: creates/s, patches/s, watch fan-out latency.
+bench-localcluster:
+    cargo run --release -p spawner-localcluster --example bench
+
+# The sweeper with thousands of backends: memory and subscription time.
+bench-sweeper backends="2000":
+    cargo run --release -p spawner-sweeper --example scale -- {{backends}}
+
+# Sidecar vs nginx vs the app directly (needs `apt-get install nginx wrk`); writes target/bench/sidecar.json.
+bench-sidecar:
+    components/sidecar/bench/run.sh
+
+# Build the container image (Docker with BuildKit).
+image tag="spawner:dev":
+    DOCKER_BUILDKIT=1 docker build -t {{tag}} .
+
+# Check that deploy/ and the kind overlay render.
+manifests:
+    kubectl kustomize deploy > /dev/null && kubectl kustomize deploy/overlays/kind > /dev/null && echo "deploy/ renders"
+
+# deploy/ against a real kube-apiserver (server-side dry run) and the CLI's flags.
+e2e-manifests:
+    cargo test -p spawner-e2e --test controlplane_manifests
+
+# End-to-end scenarios against `spawner dev` (no cluster).
+e2e-local:
+    cargo test -p spawner-e2e --test scenarios_local -- --nocapture
+
+# End-to-end scenarios on a kind cluster (needs docker, kind, kubectl).
+e2e:
+    scripts/e2e-kind.sh
+
+# Spawn-to-ready latency of `spawner dev` (release): writes target/bench/spawn.md and spawn.json.
+bench-spawn:
+    cargo bench -p spawner --bench spawn

@@ -150,11 +150,12 @@ fn expected_grants(identity: Identity) -> BTreeSet<Permission> {
             grant("events.k8s.io", "events", "", &["create", "patch"]),
         ],
         Identity::Api => vec![
+            // `patch`: terminate sets an annotation with a metadata merge patch.
             grant(
                 "spawner.dev",
                 "sessionlivedbackends",
                 "",
-                &["create", "get", "list", "watch", "delete"],
+                &["create", "get", "list", "watch", "patch", "delete"],
             ),
             grant("events.k8s.io", "events", "", &["get", "list", "watch"]),
         ],

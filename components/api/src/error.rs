@@ -166,6 +166,15 @@ impl ApiError {
                 tracing::warn!(action, name, %error, "the Kubernetes API is throttling");
                 Self::unavailable()
             }
+            Some(401 | 403) => {
+                // Retrying cannot help: the api's ServiceAccount lacks a grant (deploy/rbac).
+                tracing::error!(action, name, %error, "the Kubernetes API refused the api's credentials or role");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "misconfigured",
+                    "the api is not allowed to do this in its cluster; its operator must fix its RBAC (the api's log names the call)",
+                )
+            }
             _ => {
                 tracing::error!(action, name, %error, "Kubernetes API call failed");
                 Self::unavailable()
@@ -261,7 +270,8 @@ mod tests {
             (400, StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
             (429, StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             (500, StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            (403, StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            (403, StatusCode::INTERNAL_SERVER_ERROR, "misconfigured"),
+            (401, StatusCode::INTERNAL_SERVER_ERROR, "misconfigured"),
         ] {
             let error = ApiError::from_kube("get", Some("slab-x"), &kube_error(code, secret));
             assert_eq!(error.status, status, "{code}");

@@ -218,16 +218,23 @@ impl PhaseStream {
             let params = WatchParams::default()
                 .fields(&format!("metadata.name={}", self.name))
                 .timeout(WATCH_SERVER_TIMEOUT_SECONDS);
-            match self
-                .state
-                .backends
-                .watch(&params, &self.resource_version)
-                .await
-            {
-                Ok(stream) => self.watch = Some(stream.boxed()),
-                Err(e) => {
+            // Bounded like every read here: the client may have no read timeout of its own,
+            // and a pooled connection may lead into a partition.
+            let started = tokio::time::timeout(
+                idle_timeout,
+                self.state.backends.watch(&params, &self.resource_version),
+            )
+            .await;
+            match started {
+                Ok(Ok(stream)) => self.watch = Some(stream.boxed()),
+                Ok(Err(e)) => {
                     tracing::warn!(name = self.name, error = %e, "cannot watch backend");
                     tokio::time::sleep(RETRY_DELAY).await;
+                    self.resync().await;
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(name = self.name, "starting a watch timed out");
                     self.resync().await;
                     return;
                 }
@@ -284,13 +291,15 @@ impl PhaseStream {
 
     /// A fresh read of the backend: catches up on anything a lost watch missed.
     async fn resync(&mut self) {
-        match self.state.backends.get_opt(&self.name).await {
-            Ok(Some(backend)) => self.observe(&backend),
-            Ok(None) => self.backend_gone(),
-            Err(e) => {
+        let idle_timeout = self.state.config.watch_idle_timeout;
+        match tokio::time::timeout(idle_timeout, self.state.backends.get_opt(&self.name)).await {
+            Ok(Ok(Some(backend))) => self.observe(&backend),
+            Ok(Ok(None)) => self.backend_gone(),
+            Ok(Err(e)) => {
                 tracing::warn!(name = self.name, error = %e, "cannot read backend");
                 tokio::time::sleep(RETRY_DELAY).await;
             }
+            Err(_) => tracing::warn!(name = self.name, "reading the backend timed out"),
         }
     }
 

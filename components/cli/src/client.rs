@@ -263,6 +263,8 @@ pub fn error_line(status: http::StatusCode, body: &Value) -> String {
                 f["message"].as_str()?
             ))
         })
+        // The api's message may already spell the problems out; say each once.
+        .filter(|problem| !message.contains(problem.as_str()))
         .collect();
     let mut line = message;
     if !fields.is_empty() {
@@ -477,6 +479,17 @@ mod tests {
         assert_eq!(
             error_line(http::StatusCode::BAD_GATEWAY, &Value::Null),
             "the api answered 502 Bad Gateway"
+        );
+    }
+
+    #[test]
+    fn field_problems_already_in_the_message_are_not_repeated() {
+        let body = json!({"error": {"code": "invalid",
+            "message": "invalid request: port: must be between 1 and 65535",
+            "fields": [{"field": "port", "message": "must be between 1 and 65535"}]}});
+        assert_eq!(
+            error_line(http::StatusCode::UNPROCESSABLE_ENTITY, &body),
+            "invalid request: port: must be between 1 and 65535"
         );
     }
 

@@ -107,7 +107,7 @@ impl Subject {
     fn matches(&self, who: &Identity, binding_ns: Option<&str>) -> bool {
         match self.kind.as_str() {
             "User" => self.name == who.user,
-            "Group" => who.groups.iter().any(|g| *g == self.name),
+            "Group" => who.groups.contains(&self.name),
             "ServiceAccount" => {
                 let ns = self.namespace.as_deref().or(binding_ns).unwrap_or("");
                 who.user == format!("system:serviceaccount:{ns}:{}", self.name)

@@ -4,6 +4,9 @@ use serde_json::{Value, json};
 
 use crate::resources::ResourceType;
 
+/// Marks [`ApiError::page_not_found`], rendered as plain text.
+pub const PAGE_NOT_FOUND: &str = "PageNotFound";
+
 /// An API error, rendered as a `meta/v1 Status` with the HTTP code it carries.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{code} {reason}: {message}")]
@@ -108,6 +111,22 @@ impl ApiError {
         .with_details(details)
     }
 
+    /// 422 for an update without `metadata.resourceVersion` where one is required; worded
+    /// with the resource (not the kind), as the real server does.
+    pub fn resource_version_required(rt: &ResourceType, name: &str) -> Self {
+        let mut details = rt.details(name);
+        details["causes"] = json!([{"reason": "FieldValueInvalid", "message": "Invalid value: 0: must be specified for an update", "field": "metadata.resourceVersion"}]);
+        Self::new(
+            422,
+            "Invalid",
+            format!(
+                "{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0: must be specified for an update",
+                rt.qualified_plural()
+            ),
+        )
+        .with_details(details)
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }
@@ -129,22 +148,23 @@ impl ApiError {
         .with_details(json!({"causes": [{"reason": "UnexpectedServerResponse", "message": "404 page not found"}]}))
     }
 
+    /// A path no handler serves: answered in plain text, not as a `Status`.
+    pub fn page_not_found() -> Self {
+        Self::new(404, PAGE_NOT_FOUND, "404 page not found")
+    }
+
     pub fn method_not_allowed() -> Self {
         Self::new(
             405,
             "MethodNotAllowed",
             "the server does not allow this method on the requested resource",
         )
+        .with_details(json!({}))
     }
 
-    pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self::new(
-            415,
-            "UnsupportedMediaType",
-            format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {content_type:?})"
-            ),
-        )
+    pub fn unsupported_media_type(_content_type: &str) -> Self {
+        Self::new(415, "UnsupportedMediaType", "415: Unsupported Media Type")
+            .with_details(json!({}))
     }
 
     pub fn too_large(limit: usize) -> Self {

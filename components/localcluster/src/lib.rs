@@ -11,10 +11,12 @@
 pub mod auth;
 pub mod clock;
 pub mod error;
+pub mod events;
 pub mod kubeconfig;
 pub mod node;
 pub mod patch;
 pub mod resources;
+pub mod schema;
 pub mod selector;
 pub mod server;
 pub mod store;

@@ -1,5 +1,7 @@
 //! The resource types localcluster serves, with what discovery, validation and printing need.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 
 /// How the `status` of a new object is treated on create, as each real registry strategy does.
@@ -44,6 +46,11 @@ pub struct ResourceType {
     pub name_rule: NameRule,
     /// Field selector labels this type supports besides `metadata.name`/`metadata.namespace`.
     pub field_labels: &'static [&'static str],
+    /// The structural schema of a custom resource (its CRD's `openAPIV3Schema`).
+    pub schema: Option<Arc<Value>>,
+    /// A completed DELETE answers with the deleted object (Pods, Services, Namespaces);
+    /// otherwise with a `Status` of `Success` (the registry's `ReturnDeletedObject`).
+    pub return_deleted_object: bool,
 }
 
 impl ResourceType {
@@ -179,10 +186,13 @@ pub fn all() -> Vec<ResourceType> {
         unconditional_update: true,
         name_rule: NameRule::Dns1123Subdomain,
         field_labels: &[],
+        schema: None,
+        return_deleted_object: false,
     };
     vec![
         ResourceType {
             kind: "Namespace",
+            return_deleted_object: true,
             plural: "namespaces",
             singular: "namespace",
             short_names: &["ns"],
@@ -205,6 +215,7 @@ pub fn all() -> Vec<ResourceType> {
         },
         ResourceType {
             kind: "Pod",
+            return_deleted_object: true,
             plural: "pods",
             singular: "pod",
             short_names: &["po"],
@@ -217,6 +228,7 @@ pub fn all() -> Vec<ResourceType> {
         },
         ResourceType {
             kind: "Service",
+            return_deleted_object: true,
             plural: "services",
             singular: "service",
             short_names: &["svc"],
@@ -224,6 +236,7 @@ pub fn all() -> Vec<ResourceType> {
             status_subresource: true,
             status_on_create: StatusOnCreate::Drop,
             name_rule: NameRule::Dns1035Label,
+            field_labels: &["spec.clusterIP", "spec.type"],
             ..base.clone()
         },
         ResourceType {
@@ -261,9 +274,19 @@ pub fn all() -> Vec<ResourceType> {
             status_on_create: StatusOnCreate::Drop,
             has_generation: true,
             unconditional_update: false,
+            schema: backend_schema(),
             ..base
         },
     ]
+}
+
+/// The SessionLivedBackend CRD's schema, from the CRD core generates (`deploy/crd.yaml`).
+fn backend_schema() -> Option<Arc<Value>> {
+    let yaml = spawner_core::resource::crd_yaml().ok()?;
+    let crd: Value = serde_yaml::from_str(&yaml).ok()?;
+    crd.pointer("/spec/versions/0/schema/openAPIV3Schema")
+        .cloned()
+        .map(Arc::new)
 }
 
 /// Index of the Namespace type in [`all`].
@@ -272,6 +295,10 @@ pub const NAMESPACES: usize = 0;
 pub const PODS: usize = 2;
 /// Index of the Service type in [`all`].
 pub const SERVICES: usize = 3;
+/// Index of the core/v1 Event type in [`all`].
+pub const CORE_EVENTS: usize = 4;
+/// Index of the events.k8s.io/v1 Event type in [`all`]: stored as core Events.
+pub const NEW_EVENTS: usize = 5;
 
 /// `(group, version)` pairs served under `/apis`, in discovery order.
 pub fn groups(types: &[ResourceType]) -> Vec<(&'static str, &'static str)> {
@@ -294,6 +321,13 @@ mod tests {
         assert_eq!(types[NAMESPACES].kind, "Namespace");
         assert_eq!(types[PODS].kind, "Pod");
         assert_eq!(types[SERVICES].kind, "Service");
+        assert_eq!(
+            (types[CORE_EVENTS].group, types[CORE_EVENTS].kind),
+            ("", "Event")
+        );
+        assert_eq!(types[NEW_EVENTS].group, "events.k8s.io");
+        let slab = types.iter().find(|t| t.group == "spawner.dev").unwrap();
+        assert!(slab.schema.is_some(), "the backend CRD schema loads");
     }
 
     #[test]

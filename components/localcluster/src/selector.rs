@@ -135,9 +135,16 @@ impl FieldSelector {
             };
             let field = field.trim();
             if !rt.supports_field(field) {
-                return Err(ApiError::bad_request(format!(
-                    "field label not supported: {field}"
-                )));
+                // Core types and custom resources word this error one way; groups using the
+                // default conversion function (Leases) another.
+                let message = if rt.group != "coordination.k8s.io" {
+                    format!("field label not supported: {field}")
+                } else {
+                    format!(
+                        "\"{field}\" is not a known field selector: only \"metadata.name\", \"metadata.namespace\""
+                    )
+                };
+                return Err(ApiError::bad_request(message));
             }
             reqs.push((field.to_string(), equal, value.trim().to_string()));
         }

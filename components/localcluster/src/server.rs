@@ -20,7 +20,7 @@ use crate::resources::{self, ResourceType};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{
     DeleteOptions, Event, EventType, Filter, Obj, PatchKind, Propagation, Store, StoreConfig,
-    Target, encode_watch_line,
+    Target, View, encode_watch_line,
 };
 use crate::table::{self, IncludeObject};
 
@@ -149,6 +149,15 @@ fn value_response(code: u16, v: &Value) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.reason == crate::error::PAGE_NOT_FOUND {
+            let mut r = Response::new(Body::from("404 page not found\n"));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            return r;
+        }
         value_response(self.code, &self.to_status())
     }
 }
@@ -228,6 +237,16 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Unknown resources of built-in groups get a `Status`; paths under custom-resource or
+/// unknown groups fall through to the plain-text `404 page not found` of the real server.
+fn not_found_for_group(group: &str) -> ApiError {
+    if matches!(group, "" | "coordination.k8s.io" | "events.k8s.io") {
+        ApiError::resource_not_found()
+    } else {
+        ApiError::page_not_found()
+    }
+}
+
 /// A parsed resource path.
 #[derive(Debug)]
 struct ResourcePath {
@@ -271,10 +290,10 @@ fn parse_resource_path(
         [p] => (*p, None, None),
         [p, n] => (*p, Some(percent_decode(n)), None),
         [p, n, s] => (*p, Some(percent_decode(n)), Some(s.to_string())),
-        _ => return Some(Err(ApiError::resource_not_found())),
+        _ => return Some(Err(not_found_for_group(group))),
     };
     let Some(kind) = find(plural) else {
-        return Some(Err(ApiError::resource_not_found()));
+        return Some(Err(not_found_for_group(group)));
     };
     if types[kind].namespaced != ns.is_some() && !(types[kind].namespaced && name.is_none()) {
         return Some(Err(ApiError::resource_not_found()));
@@ -300,17 +319,26 @@ async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let path = parts.uri.path().to_string();
+    // Health and version are public, as the real server's system:public-info-viewer role
+    // makes them.
+    if matches!(
+        path.trim_end_matches('/'),
+        "/healthz" | "/livez" | "/readyz" | "/version"
+    ) && let Some(r) = discovery(&cluster, &path)
+    {
+        return r;
+    }
     let who = match auth.authenticate(authorization) {
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
-    let path = parts.uri.path().to_string();
     let query = parse_query(parts.uri.query());
     if let Some(r) = discovery(&cluster, &path) {
         return r;
     }
     let rp = match parse_resource_path(&cluster.shared.types, &path) {
-        None => return ApiError::resource_not_found().into_response(),
+        None => return ApiError::page_not_found().into_response(),
         Some(Err(e)) => return e.into_response(),
         Some(Ok(rp)) => rp,
     };
@@ -347,6 +375,23 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
             "gitCommit": "", "gitTreeState": "clean", "buildDate": "",
             "goVersion": "", "compiler": "rustc", "platform": "linux/amd64",
         })),
+        "/openapi/v3" => {
+            let mut paths = serde_json::Map::new();
+            let mut gvs = vec![("", "v1")];
+            gvs.extend(resources::groups(types));
+            for (g, v) in gvs {
+                let key = if g.is_empty() {
+                    format!("api/{v}")
+                } else {
+                    format!("apis/{g}/{v}")
+                };
+                paths.insert(
+                    key.clone(),
+                    json!({"serverRelativeURL": format!("/openapi/v3/{key}?hash=localcluster")}),
+                );
+            }
+            ok(json!({"paths": paths}))
+        }
         "/api" => ok(json!({
             "kind": "APIVersions",
             "versions": ["v1"],
@@ -362,6 +407,7 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
                 .collect();
             ok(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
         }
+        _ if path.starts_with("/openapi/v3/") => openapi_v3(types, &path["/openapi/v3/".len()..]),
         _ => {
             let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
             let (group, version) = match segs.as_slice() {
@@ -396,9 +442,85 @@ fn discovery(cluster: &Cluster, path: &str) -> Option<Response> {
     }
 }
 
-fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+/// A minimal OpenAPI v3 document of one group/version: for each type, its PATCH operation
+/// with the `fieldValidation` parameter. That is what kubectl looks up to decide that the
+/// server validates fields itself (then it sends `fieldValidation=Strict` and needs no schema).
+fn openapi_v3(types: &[ResourceType], gv: &str) -> Option<Response> {
+    let segs: Vec<&str> = gv.trim_matches('/').split('/').collect();
+    let (group, version) = match segs.as_slice() {
+        ["api", v] => ("", *v),
+        ["apis", g, v] => (*g, *v),
+        _ => return None,
+    };
+    let mut paths = serde_json::Map::new();
+    for t in types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+    {
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        let path = if t.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", t.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", t.plural)
+        };
+        paths.insert(
+            path,
+            json!({"patch": {
+                "x-kubernetes-group-version-kind": {"group": t.group, "version": t.version, "kind": t.kind},
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}}],
+                "responses": {"200": {"description": "OK"}},
+            }}),
+        );
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(value_response(
+        200,
+        &json!({"openapi": "3.0.0", "info": {"title": "localcluster", "version": "v1.34.0"}, "paths": paths, "components": {"schemas": {}}}),
+    ))
+}
+
+/// `fieldValidation=Strict` (what kubectl sends): unknown fields of a custom resource are a
+/// 400 instead of being pruned.
+fn strict_check(q: &Query, rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    let (Some("Strict"), Some(schema)) = (q.get("fieldValidation"), &rt.schema) else {
+        return Ok(());
+    };
+    let mut unknown = Vec::new();
+    let mut body = obj.clone();
+    if let Some(m) = body.as_object_mut() {
+        for k in ["apiVersion", "kind", "metadata"] {
+            m.remove(k);
+        }
+    }
+    crate::schema::unknown_fields(schema, &body, "", &mut unknown);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let list = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(ApiError::bad_request(format!(
+        "{kind} in version \"{}\" cannot be handled as a {kind}: strict decoding error: {list}",
+        rt.version,
+        kind = rt.kind
+    )))
+}
+
+fn parse_json(body: &Bytes, rt: &ResourceType) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+        ApiError::bad_request(format!(
+            "the object provided is unrecognized (must be of type {}): couldn't get version/kind; json parse error: {e} ({})",
+            rt.kind,
+            String::from_utf8_lossy(&body[..body.len().min(64)])
+        ))
     })
 }
 
@@ -451,6 +573,81 @@ async fn handle_resource(
         .config
         .auth
         .authorize(who, &attrs, (rt.plural, rt.group))?;
+    if rp.kind == resources::NEW_EVENTS {
+        let new_rt = types[rp.kind].clone();
+        let mut rp = rp;
+        rp.kind = resources::CORE_EVENTS;
+        let result = Box::pin(serve_resource(
+            cluster,
+            method,
+            headers,
+            q,
+            rp,
+            body,
+            verb,
+            Some(&new_rt),
+        ))
+        .await;
+        return result.map_err(|mut e| {
+            // Errors name the resource the client asked for.
+            e.message = e
+                .message
+                .replacen("events \"", "events.events.k8s.io \"", 1);
+            e.message = e.message.replacen("Event \"", "Event.events.k8s.io \"", 1);
+            if let Some(d) = e.details.as_mut()
+                && d.get("kind").is_some()
+            {
+                d["group"] = json!("events.k8s.io");
+            }
+            e
+        });
+    }
+    serve_resource(cluster, method, headers, q, rp, body, verb, None).await
+}
+
+fn new_events_view() -> View {
+    View {
+        to_view: crate::events::to_new,
+        from_view: crate::events::to_core,
+    }
+}
+
+/// Serves a resource request; `view` is set when the client sees the stored type through
+/// another representation (events.k8s.io Events).
+#[allow(clippy::too_many_arguments)]
+async fn serve_resource(
+    cluster: &Cluster,
+    method: &Method,
+    headers: &HeaderMap,
+    q: &Query,
+    rp: ResourcePath,
+    body: Bytes,
+    verb: &'static str,
+    view: Option<&ResourceType>,
+) -> Result<Response, ApiError> {
+    let _ = method;
+    let types = cluster.shared.types.clone();
+    let stored_rt = &types[rp.kind];
+    // The type the client sees (for list kinds, tables and bookmarks).
+    let rt = view.unwrap_or(stored_rt);
+    let convert_in = |v: Value| {
+        if view.is_some() {
+            crate::events::to_core(&v)
+        } else {
+            v
+        }
+    };
+    let convert_out = |o: Obj| -> Obj {
+        if view.is_some() {
+            Arc::new(crate::events::to_new(&o))
+        } else {
+            o
+        }
+    };
+    let field_selector = match (view, q.get("fieldSelector")) {
+        (Some(_), Some(f)) => crate::events::field_selector_to_core(f),
+        (_, f) => f.unwrap_or("").to_string(),
+    };
     let ns = rp.namespace.clone().unwrap_or_default();
     let now = cluster.now();
     let target = match rp.subresource.as_deref() {
@@ -462,12 +659,12 @@ async fn handle_resource(
     let repr = repr(headers, q.get("includeObject"));
     match (verb, rp.name.as_deref()) {
         ("get", Some(name)) => {
-            let obj = cluster.store().get(rp.kind, &ns, name)?;
+            let obj = convert_out(cluster.store().get(rp.kind, &ns, name)?);
             Ok(object_response(cluster, rt, 200, &obj, repr))
         }
         ("list", None) => {
             let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
-            let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""), rt)?;
+            let fields = FieldSelector::parse(&field_selector, stored_rt)?;
             let filter = Filter {
                 namespace: rp.namespace.as_deref(),
                 labels: &labels,
@@ -483,11 +680,15 @@ async fn handle_resource(
                 limit,
                 q.get("continue").filter(|c| !c.is_empty()),
             )?;
+            let mut result = result;
+            if view.is_some() {
+                result.items = result.items.into_iter().map(convert_out).collect();
+            }
             Ok(list_response(cluster, rt, result, repr))
         }
-        ("watch", _) => watch_response(cluster, rp, q, repr),
+        ("watch", _) => watch_response(cluster, rp, q, repr, &field_selector, view.is_some()),
         ("create", Some(name)) if rp.subresource.as_deref() == Some("binding") => {
-            let binding = parse_json(&body)?;
+            let binding = parse_json(&body, rt)?;
             let node = binding
                 .pointer("/target/name")
                 .and_then(Value::as_str)
@@ -507,19 +708,23 @@ async fn handle_resource(
             ))
         }
         ("create", None) => {
-            let obj = parse_json(&body)?;
+            let obj = convert_in(parse_json(&body, rt)?);
+            strict_check(q, stored_rt, &obj)?;
             let created =
                 cluster
                     .store()
                     .create(rp.kind, rp.namespace.as_deref(), obj, &now, dry_run(q))?;
+            let created = convert_out(created);
             Ok(object_response(cluster, rt, 201, &created, repr))
         }
         ("update", Some(name)) => {
-            let obj = parse_json(&body)?;
+            let obj = convert_in(parse_json(&body, rt)?);
+            strict_check(q, stored_rt, &obj)?;
             let updated =
                 cluster
                     .store()
                     .update(rp.kind, &ns, name, obj, target, &now, dry_run(q))?;
+            let updated = convert_out(updated);
             Ok(object_response(cluster, rt, 200, &updated, repr))
         }
         ("patch", Some(name)) => {
@@ -558,7 +763,9 @@ async fn handle_resource(
                 target,
                 &now,
                 dry_run(q),
+                view.map(|_| new_events_view()).as_ref(),
             )?;
+            let patched = convert_out(patched);
             Ok(object_response(cluster, rt, 200, &patched, repr))
         }
         ("delete", Some(name)) => {
@@ -569,20 +776,25 @@ async fn handle_resource(
                 .delete(rp.kind, &ns, name, &opts, &now, |secs| {
                     format_time(clock.now() + chrono::Duration::seconds(secs))
                 })?;
-            let still_there = deleted.pointer("/metadata/deletionTimestamp").is_some()
-                && cluster.store().get(rp.kind, &ns, name).is_ok();
-            Ok(object_response(
-                cluster,
-                rt,
-                if still_there { 202 } else { 200 },
-                &deleted,
-                repr,
-            ))
+            let still_there = cluster.store().get(rp.kind, &ns, name).is_ok();
+            let deleted = convert_out(deleted);
+            if !still_there && !rt.return_deleted_object {
+                let mut details = rt.details(name);
+                details["uid"] = deleted
+                    .pointer("/metadata/uid")
+                    .cloned()
+                    .unwrap_or_default();
+                return Ok(value_response(
+                    200,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}),
+                ));
+            }
+            Ok(object_response(cluster, rt, 200, &deleted, repr))
         }
         ("deletecollection", None) => {
             let opts = delete_options(q, &body)?;
             let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
-            let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""), rt)?;
+            let fields = FieldSelector::parse(&field_selector, stored_rt)?;
             let filter = Filter {
                 namespace: rp.namespace.as_deref(),
                 labels: &labels,
@@ -598,7 +810,7 @@ async fn handle_resource(
                 if let Ok(d) = store.delete(rp.kind, &ns, &name, &opts, &now, |secs| {
                     format_time(clock.now() + chrono::Duration::seconds(secs))
                 }) {
-                    items.push(d);
+                    items.push(convert_out(d));
                 }
             }
             let rv = store.resource_version();
@@ -751,7 +963,6 @@ fn list_response(
 
 struct WatchState {
     cluster: Cluster,
-    kind: usize,
     backlog: VecDeque<Arc<Event>>,
     rx: broadcast::Receiver<Arc<Event>>,
     namespace: Option<String>,
@@ -762,6 +973,10 @@ struct WatchState {
     initial_events_end: Option<u64>,
     last_rv: u64,
     repr: Repr,
+    /// Objects are shown in another representation (events.k8s.io Events).
+    convert: bool,
+    /// The type the client watches (for bookmarks and tables).
+    view_kind: usize,
     first: bool,
     done: bool,
 }
@@ -789,8 +1004,12 @@ impl WatchState {
             EventType::Deleted if was_matching || now_matches => EventType::Deleted,
             _ => return None,
         };
-        if etype == ev.etype && self.repr == Repr::Full {
+        if etype == ev.etype && self.repr == Repr::Full && !self.convert {
             return Some(ev.encoded().clone());
+        }
+        if self.convert {
+            let shown = crate::events::to_new(&ev.object);
+            return Some(self.encode(etype.as_str(), &shown));
         }
         Some(self.encode(etype.as_str(), &ev.object))
     }
@@ -800,7 +1019,7 @@ impl WatchState {
             Repr::Full => encode_watch_line(etype, obj),
             Repr::Metadata => encode_watch_line(etype, &table::partial_metadata(obj)),
             Repr::Table(include) => {
-                let rt = &self.cluster.shared.types[self.kind];
+                let rt = &self.cluster.shared.types[self.view_kind];
                 let t = table::table(
                     rt,
                     &[obj],
@@ -816,7 +1035,7 @@ impl WatchState {
     }
 
     fn bookmark(&mut self, rv: u64, initial_end: bool) -> Bytes {
-        let rt = &self.cluster.shared.types[self.kind];
+        let rt = &self.cluster.shared.types[self.view_kind];
         let mut obj = json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
         if initial_end {
             obj["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
@@ -888,11 +1107,13 @@ fn watch_response(
     rp: ResourcePath,
     q: &Query,
     repr: Repr,
+    field_selector: &str,
+    convert: bool,
 ) -> Result<Response, ApiError> {
     let types = cluster.shared.types.clone();
     let rt = &types[rp.kind];
     let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))?;
-    let mut fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""), rt)?;
+    let mut fields = FieldSelector::parse(field_selector, rt)?;
     if let Some(name) = &rp.name {
         // GET .../watch/pods/name watches one object.
         fields = FieldSelector::parse(&format!("metadata.name={name}"), rt)?;
@@ -933,13 +1154,19 @@ fn watch_response(
     };
     let interval = cluster.shared.config.bookmark_interval;
     let bookmarks = bookmarks_wanted.then(|| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        // Like the real watch cache, a watch with a deadline gets a bookmark shortly before
+        // it ends, so that the client resumes from a recent version.
+        let first = if timeout > Duration::from_secs(3) {
+            interval.min(timeout - Duration::from_secs(2))
+        } else {
+            interval
+        };
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + first, interval);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
     let state = WatchState {
         cluster: cluster.clone(),
-        kind: rp.kind,
         backlog: backlog.into(),
         rx,
         namespace: rp.namespace.clone(),
@@ -950,6 +1177,12 @@ fn watch_response(
         initial_events_end: (send_initial && bookmarks_wanted).then_some(start_rv),
         last_rv: from.unwrap_or(0),
         repr,
+        convert,
+        view_kind: if convert {
+            resources::NEW_EVENTS
+        } else {
+            rp.kind
+        },
         first: true,
         done: false,
     };
@@ -972,6 +1205,12 @@ impl Cluster {
         else {
             return Vec::new();
         };
+        // events.k8s.io Events are stored as core Events and shown converted.
+        let stored = if kind == resources::NEW_EVENTS {
+            resources::CORE_EVENTS
+        } else {
+            kind
+        };
         let labels = crate::selector::LabelSelector::default();
         let fields = crate::selector::FieldSelector::default();
         let filter = crate::store::Filter {
@@ -979,10 +1218,19 @@ impl Cluster {
             labels: &labels,
             fields: &fields,
         };
-        self.store()
-            .list(kind, &filter, None, None)
+        let items = self
+            .store()
+            .list(stored, &filter, None, None)
             .map(|list| list.items)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if kind == resources::NEW_EVENTS {
+            items
+                .into_iter()
+                .map(|o| Arc::new(crate::events::to_new(&o)))
+                .collect()
+        } else {
+            items
+        }
     }
 }
 

@@ -164,6 +164,9 @@ struct KindStore {
     tx: broadcast::Sender<Arc<Event>>,
 }
 
+/// The start of a watch: events to replay first, then the live feed.
+pub type WatchStart = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+
 /// Tunables of the store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -220,6 +223,13 @@ pub enum PatchKind {
     Json,
     StrategicMerge,
     Apply,
+}
+
+/// Another representation of a stored type (events.k8s.io Events over core Events): patches
+/// apply to the representation the client sees.
+pub struct View {
+    pub to_view: fn(&Value) -> Value,
+    pub from_view: fn(&Value) -> Value,
 }
 
 /// The result of a list.
@@ -434,7 +444,9 @@ impl Store {
             .map(|_| KindStore {
                 objects: BTreeMap::new(),
                 history: VecDeque::new(),
-                compacted_rv: config.initial_resource_version,
+                // Nothing is compacted until history overflows or `compact` is called: like a
+                // fresh etcd, a watch from any earlier version replays everything.
+                compacted_rv: 0,
                 tx: broadcast::channel(config.watch_buffer.max(16)).0,
             })
             .collect();
@@ -543,11 +555,7 @@ impl Store {
 
     /// Subscribes to a type's changes. Without a version, the current objects come back as
     /// synthetic ADDED events; with one, the retained events after it (or 410 Expired).
-    pub fn watch(
-        &self,
-        kind: usize,
-        from: Option<u64>,
-    ) -> Result<(Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>), ApiError> {
+    pub fn watch(&self, kind: usize, from: Option<u64>) -> Result<WatchStart, ApiError> {
         let ks = &self.kinds[kind];
         let backlog = match from {
             None => ks
@@ -704,10 +712,17 @@ impl Store {
         Ok(())
     }
 
-    fn validate(&self, kind: usize, obj: &Value) -> Result<(), ApiError> {
+    /// Prunes, defaults and validates a custom resource against its schema, then validates
+    /// names and the rest as the built-in registries do.
+    fn validate(&self, kind: usize, obj: &mut Value) -> Result<(), ApiError> {
         let rt = &self.types[kind];
+        let schema_causes = match &rt.schema {
+            Some(schema) => crate::schema::apply(schema, obj),
+            None => Vec::new(),
+        };
         let name = name_of(obj);
         let mut causes = name_causes(rt.name_rule, name);
+        causes.extend(schema_causes);
         if let Some(refs) = obj
             .pointer("/metadata/ownerReferences")
             .and_then(Value::as_array)
@@ -903,7 +918,12 @@ impl Store {
             meta_mut(&mut obj).insert("name".into(), json!(generated));
         }
         let name = name_of(&obj).to_string();
-        self.validate(kind, &obj)?;
+        if rt.status_on_create == StatusOnCreate::Drop
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
+        }
+        self.validate(kind, &mut obj)?;
         if rt.namespaced {
             self.check_namespace(&ns)?;
         }
@@ -1008,18 +1028,7 @@ impl Store {
         let new_rv = rv_of(&new);
         if new_rv.is_empty() {
             if !rt.unconditional_update {
-                return Err(ApiError::invalid(
-                    &rt,
-                    name,
-                    vec![
-                        FieldCause::invalid_value(
-                            "metadata.resourceVersion",
-                            "0x0",
-                            "must be specified for an update",
-                        )
-                        .without_quotes(),
-                    ],
-                ));
+                return Err(ApiError::resource_version_required(&rt, name));
             }
         } else if new_rv != rv_of(&old) {
             return Err(ApiError::conflict(&rt, name));
@@ -1115,7 +1124,7 @@ impl Store {
                 vec![FieldCause::forbidden("spec", POD_MUTABLE_SPEC)],
             ));
         }
-        self.validate(kind, &merged)?;
+        self.validate(kind, &mut merged)?;
         if rt.has_generation && spec_part(&merged) != spec_part(&old) {
             let g = old
                 .pointer("/metadata/generation")
@@ -1164,8 +1173,17 @@ impl Store {
         target: Target,
         now: &str,
         dry_run: bool,
+        view: Option<&View>,
     ) -> Result<Obj, ApiError> {
         let rt = self.types[kind].clone();
+        let converted;
+        let body = match view {
+            Some(v) if patch_kind == PatchKind::Apply => {
+                converted = (v.from_view)(body);
+                &converted
+            }
+            _ => body,
+        };
         let old = match self.get(kind, ns, name) {
             Ok(o) => o,
             Err(e) => {
@@ -1188,9 +1206,24 @@ impl Store {
                 return Err(e);
             }
         };
-        let mut doc = (*old).clone();
+        let mut doc = match view {
+            Some(v) => (v.to_view)(&old),
+            None => (*old).clone(),
+        };
         match patch_kind {
-            PatchKind::Merge | PatchKind::StrategicMerge | PatchKind::Apply => {
+            PatchKind::StrategicMerge => {
+                // Custom resources have no patch strategies: the real server refuses these.
+                if rt.schema.is_some() {
+                    return Err(ApiError::unsupported_media_type(
+                        "application/strategic-merge-patch+json",
+                    ));
+                }
+                if !body.is_object() {
+                    return Err(ApiError::bad_request("the patch is not a JSON object"));
+                }
+                patch::strategic_merge_patch(&mut doc, body);
+            }
+            PatchKind::Merge | PatchKind::Apply => {
                 if !body.is_object() {
                     return Err(ApiError::bad_request("the patch is not a JSON object"));
                 }
@@ -1207,6 +1240,9 @@ impl Store {
                     });
                 }
             }
+        }
+        if let Some(v) = view {
+            doc = (v.from_view)(&doc);
         }
         let patched_rv = rv_of(&doc).to_string();
         if patched_rv != rv_of(&old) {
@@ -1301,6 +1337,16 @@ impl Store {
             if opts.dry_run {
                 return Ok(old);
             }
+            if kind == resources::PODS && !is_deleting(&old) {
+                // Pods support graceful deletion: even a zero grace period is first written
+                // (deletionTimestamp set, one MODIFIED event) and then removed, as the real
+                // registry does.
+                let mut marked = (*old).clone();
+                let meta = meta_mut(&mut marked);
+                meta.insert("deletionTimestamp".into(), json!(now_plus(0)));
+                meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+                self.put(&key, marked, EventType::Modified);
+            }
             let last = self.remove(&key).unwrap_or(old);
             self.run_pending(now);
             return Ok(last);
@@ -1394,6 +1440,20 @@ impl Store {
         let stored = self.put(&key, obj, EventType::Modified);
         self.run_pending(now);
         Ok(stored)
+    }
+
+    fn blocks_owner(&self, dep: &ObjKey, owner_uid: &str) -> bool {
+        self.kinds[dep.kind]
+            .objects
+            .get(&(dep.ns.clone(), dep.name.clone()))
+            .and_then(|o| o.pointer("/metadata/ownerReferences"))
+            .and_then(Value::as_array)
+            .is_some_and(|refs| {
+                refs.iter().any(|r| {
+                    r.get("uid").and_then(Value::as_str) == Some(owner_uid)
+                        && r.get("blockOwnerDeletion").and_then(Value::as_bool) == Some(true)
+                })
+            })
     }
 
     fn lookup_uid(&self, uid: &str) -> Option<(ObjKey, Obj)> {
@@ -1538,10 +1598,13 @@ impl Store {
                                     });
                             }
                         }
-                        if self.dependents.get(&uid).is_none_or(|s| s.is_empty()) {
-                            if let Some((key, obj)) = self.lookup_uid(&uid) {
-                                self.remove_finalizer(&key, &obj, FOREGROUND, now);
-                            }
+                        // Only dependents whose reference has `blockOwnerDeletion` hold the owner.
+                        let blocking = self
+                            .dependents
+                            .get(&uid)
+                            .is_some_and(|deps| deps.iter().any(|d| self.blocks_owner(d, &uid)));
+                        if !blocking && let Some((key, obj)) = self.lookup_uid(&uid) {
+                            self.remove_finalizer(&key, &obj, FOREGROUND, now);
                         }
                     }
                 }
@@ -1600,14 +1663,6 @@ impl Store {
     }
 }
 
-impl FieldCause {
-    /// Go prints some invalid values unquoted (`Invalid value: 0x0`).
-    fn without_quotes(mut self) -> Self {
-        self.message = self.message.replacen("\"0x0\"", "0x0", 1);
-        self
-    }
-}
-
 impl ResourceType {
     /// Whether PUT on a missing object creates it (the registry's `AllowCreateOnUpdate`).
     pub fn create_on_update(&self) -> bool {
@@ -1620,7 +1675,7 @@ fn hex(s: &str) -> String {
 }
 
 fn unhex(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..s.len())

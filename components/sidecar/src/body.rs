@@ -106,7 +106,6 @@ impl Body for RequestBody {
 }
 
 /// The body sent to the client.
-#[derive(Debug)]
 pub(crate) enum ResponseBody {
     /// A response of the sidecar itself.
     Full(Option<Bytes>),
@@ -116,8 +115,33 @@ pub(crate) enum ResponseBody {
         guard: LiveGuard,
         sent: u64,
     },
+    /// The application's response, read whole already (small bodies).
+    Buffered {
+        data: Option<Bytes>,
+        guard: LiveGuard,
+        sent: u64,
+    },
+    /// The application's response streamed from the lean client's connection.
+    Streaming {
+        inner: Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>,
+        guard: LiveGuard,
+        sent: u64,
+    },
     /// The event stream, fed by its task.
     Events(mpsc::Receiver<Bytes>),
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            ResponseBody::Full(_) => "Full",
+            ResponseBody::Proxied { .. } => "Proxied",
+            ResponseBody::Buffered { .. } => "Buffered",
+            ResponseBody::Streaming { .. } => "Streaming",
+            ResponseBody::Events(_) => "Events",
+        };
+        f.write_str(kind)
+    }
 }
 
 impl ResponseBody {
@@ -132,7 +156,9 @@ impl ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        if let ResponseBody::Proxied { guard, sent, .. } = self
+        if let ResponseBody::Proxied { guard, sent, .. }
+        | ResponseBody::Buffered { guard, sent, .. }
+        | ResponseBody::Streaming { guard, sent, .. } = self
             && *sent > 0
         {
             guard
@@ -165,6 +191,19 @@ impl Body for ResponseBody {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
+            ResponseBody::Buffered { data, sent, .. } => Poll::Ready(data.take().map(|b| {
+                *sent += b.len() as u64;
+                Ok(Frame::data(b))
+            })),
+            ResponseBody::Streaming { inner, sent, .. } => {
+                let frame = std::task::ready!(inner.as_mut().poll_frame(cx));
+                if let Some(Ok(frame)) = &frame
+                    && let Some(data) = frame.data_ref()
+                {
+                    *sent += data.len() as u64;
+                }
+                Poll::Ready(frame)
+            }
             ResponseBody::Events(rx) => rx.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b)))),
         }
     }
@@ -173,6 +212,8 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Full(bytes) => bytes.is_none(),
             ResponseBody::Proxied { inner, .. } => inner.is_end_stream(),
+            ResponseBody::Buffered { data, .. } => data.is_none(),
+            ResponseBody::Streaming { inner, .. } => inner.is_end_stream(),
             ResponseBody::Events(_) => false,
         }
     }
@@ -182,6 +223,10 @@ impl Body for ResponseBody {
             ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
             ResponseBody::Proxied { inner, .. } => inner.size_hint(),
+            ResponseBody::Buffered { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            ResponseBody::Streaming { inner, .. } => inner.size_hint(),
             ResponseBody::Events(_) => SizeHint::default(),
         }
     }

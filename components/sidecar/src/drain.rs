@@ -1,68 +1,85 @@
-//! Graceful shutdown: a signal every connection task watches, and a count of those tasks.
+//! Graceful shutdown: the connection tasks, counted, each with its own wake-up for the drain
+//! signal. A per-task `Notify` keeps the data path's polls free of a lock that every
+//! connection would share; the event streams (few) watch a channel instead.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, watch};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub(crate) enum DrainState {
-    Running,
+    Running = 0,
     /// Stop taking new requests; let live ones finish.
-    Draining,
+    Draining = 1,
     /// The drain period is over: close now.
-    Abort,
+    Abort = 2,
+    /// The drain is over; listeners' runtimes may stop.
+    Finished = 3,
 }
 
-#[derive(Clone, Debug)]
-pub(crate) struct Drain(Arc<watch::Sender<DrainState>>);
-
-impl Drain {
-    pub fn new() -> Self {
-        Self(Arc::new(watch::Sender::new(DrainState::Running)))
-    }
-
-    pub fn set(&self, state: DrainState) {
-        self.0.send_replace(state);
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<DrainState> {
-        self.0.subscribe()
-    }
-}
-
-/// Resolves once the drain state reaches at least `level`.
-pub(crate) async fn reached(rx: &mut watch::Receiver<DrainState>, level: DrainState) {
-    let rank = |s: DrainState| match s {
-        DrainState::Running => 0,
-        DrainState::Draining => 1,
-        DrainState::Abort => 2,
-    };
-    if rx.wait_for(|s| rank(*s) >= rank(level)).await.is_err() {
-        // The sender is gone: the sidecar is not running any more.
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Counts the running connection tasks.
-#[derive(Debug, Default)]
-pub(crate) struct TaskCount {
-    running: AtomicUsize,
+/// The running connection tasks and the drain signal.
+#[derive(Debug)]
+pub(crate) struct Tasks {
+    state: AtomicU8,
+    watch: watch::Sender<DrainState>,
+    next_id: AtomicU64,
+    running: Mutex<HashMap<u64, Arc<Notify>>>,
     idle: Notify,
 }
 
-impl TaskCount {
+impl Tasks {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new(Self {
+            state: AtomicU8::new(DrainState::Running as u8),
+            watch: watch::Sender::new(DrainState::Running),
+            next_id: AtomicU64::new(0),
+            running: Mutex::new(HashMap::new()),
+            idle: Notify::new(),
+        })
     }
 
+    fn state(&self) -> DrainState {
+        match self.state.load(Ordering::SeqCst) {
+            0 => DrainState::Running,
+            1 => DrainState::Draining,
+            2 => DrainState::Abort,
+            _ => DrainState::Finished,
+        }
+    }
+
+    /// Registers a task; it counts until the guard drops.
     pub fn start(self: &Arc<Self>) -> TaskGuard {
-        self.running.fetch_add(1, Ordering::SeqCst);
-        TaskGuard(Arc::clone(self))
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let wake = Arc::new(Notify::new());
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(id, Arc::clone(&wake));
+        }
+        TaskGuard {
+            tasks: Arc::clone(self),
+            id,
+            wake,
+        }
+    }
+
+    pub fn set(&self, state: DrainState) {
+        self.state.store(state as u8, Ordering::SeqCst);
+        self.watch.send_replace(state);
+        if let Ok(running) = self.running.lock() {
+            for wake in running.values() {
+                wake.notify_one();
+            }
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<DrainState> {
+        self.watch.subscribe()
     }
 
     pub fn count(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
+        self.running.lock().map(|r| r.len()).unwrap_or(0)
     }
 
     pub async fn all_done(&self) {
@@ -78,12 +95,80 @@ impl TaskCount {
 
 /// Held by one connection task.
 #[derive(Debug)]
-pub(crate) struct TaskGuard(Arc<TaskCount>);
+pub(crate) struct TaskGuard {
+    tasks: Arc<Tasks>,
+    id: u64,
+    wake: Arc<Notify>,
+}
+
+impl TaskGuard {
+    /// Resolves once the drain state reaches at least `level`.
+    pub async fn reached(&self, level: DrainState) {
+        loop {
+            let woken = self.wake.notified();
+            if self.tasks.state() >= level {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    pub fn state(&self) -> DrainState {
+        self.tasks.state()
+    }
+}
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
+        let empty = match self.tasks.running.lock() {
+            Ok(mut running) => {
+                running.remove(&self.id);
+                running.is_empty()
+            }
+            Err(_) => false,
+        };
+        if empty {
+            self.tasks.idle.notify_waiters();
         }
+    }
+}
+
+/// Resolves once a watched drain state reaches at least `level` (for the event streams).
+pub(crate) async fn reached(rx: &mut watch::Receiver<DrainState>, level: DrainState) {
+    if rx.wait_for(|s| *s >= level).await.is_err() {
+        // The sender is gone: the sidecar is not running any more.
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tasks_see_each_stage_and_the_count_reaches_zero() {
+        let tasks = Tasks::new();
+        let a = tasks.start();
+        let b = tasks.start();
+        assert_eq!(tasks.count(), 2);
+        let waiting = tokio::spawn(async move {
+            a.reached(DrainState::Draining).await;
+            assert_eq!(a.state(), DrainState::Draining);
+            a.reached(DrainState::Abort).await;
+        });
+        tokio::task::yield_now().await;
+        tasks.set(DrainState::Draining);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        tasks.set(DrainState::Abort);
+        waiting.await.unwrap();
+        assert_eq!(tasks.count(), 1);
+        let done = tokio::spawn({
+            let tasks = Arc::clone(&tasks);
+            async move { tasks.all_done().await }
+        });
+        drop(b);
+        done.await.unwrap();
+        assert_eq!(tasks.count(), 0);
     }
 }

@@ -16,6 +16,7 @@
 mod body;
 mod drain;
 mod frames;
+mod lean;
 mod monitor;
 #[cfg_attr(not(feature = "sim-mutants"), allow(dead_code))]
 pub mod mutants;
@@ -37,9 +38,11 @@ use spawner_core::events::SidecarState;
 use tokio::sync::watch;
 
 pub use monitor::Activity;
+#[cfg(feature = "turmoil")]
+pub use transport::TurmoilConnector;
 pub use transport::{Connect, Listener, TcpConnector};
 
-use crate::drain::{Drain, DrainState, TaskCount};
+use crate::drain::{DrainState, Tasks};
 use crate::monitor::Monitor;
 
 /// Everything the sidecar needs besides its sockets.
@@ -55,6 +58,9 @@ pub struct SidecarConfig {
     /// Consecutive unanswered pings after which a WebSocket client is dropped. A client that
     /// vanished is dropped within `ws_ping_interval × (ws_max_missed_pongs + 1)` of its last byte.
     pub ws_max_missed_pongs: u32,
+    /// After one side of a WebSocket closed its connection, how long the other side gets to
+    /// close too before the sidecar closes it.
+    pub ws_close_linger: Duration,
     /// Period of the event stream's heartbeat.
     pub heartbeat_interval: Duration,
     /// First and longest pause between readiness probes while the application does not accept.
@@ -87,6 +93,7 @@ impl SidecarConfig {
             events_token: None,
             ws_ping_interval: Duration::from_secs(15),
             ws_max_missed_pongs: 2,
+            ws_close_linger: Duration::from_secs(2),
             heartbeat_interval: Duration::from_secs(5),
             probe_backoff_min: Duration::from_millis(20),
             probe_backoff_max: Duration::from_secs(1),
@@ -267,15 +274,101 @@ pub fn run_with_handle<L: Listener, C: Connect>(
     ),
     SidecarError,
 > {
-    config.validate()?;
-    let monitor = Monitor::new();
-    let handle = SidecarHandle {
-        monitor: Arc::clone(&monitor),
+    let (sidecar, handle) = Sidecar::new(connector, config)?;
+    let serve = async move {
+        let (_, result) = tokio::join!(sidecar.serve(listener), sidecar.supervise(shutdown));
+        result
     };
-    Ok((
-        handle,
-        serve(listener, connector, config, monitor, shutdown),
-    ))
+    Ok((handle, serve))
+}
+
+/// One sidecar that may accept on several listeners, each on its own runtime (the binary runs
+/// one single-threaded runtime per core, like nginx's workers, with `SO_REUSEPORT` listeners).
+/// All of them share one monitor, one readiness probe and one drain.
+///
+/// Drive [`Sidecar::serve`] once per listener and [`Sidecar::supervise`] exactly once; [`run`]
+/// does that for one listener.
+#[derive(Clone)]
+pub struct Sidecar<C: Connect> {
+    shared: Arc<Shared<C>>,
+}
+
+impl<C: Connect> Sidecar<C> {
+    pub fn new(connector: C, config: SidecarConfig) -> Result<(Self, SidecarHandle), SidecarError> {
+        config.validate()?;
+        let monitor = Monitor::new();
+        let handle = SidecarHandle {
+            monitor: Arc::clone(&monitor),
+        };
+        let shared = Arc::new(Shared {
+            config,
+            connector,
+            monitor,
+            tasks: Tasks::new(),
+        });
+        Ok((Self { shared }, handle))
+    }
+
+    /// Accepts on `listener` until shutdown begins, then waits until the drain is over (the
+    /// connections it accepted run as tasks of the current runtime, which must stay alive).
+    pub async fn serve<L: Listener>(&self, mut listener: L) {
+        let shared = &self.shared;
+        let mut drain = shared.tasks.subscribe();
+        loop {
+            tokio::select! {
+                biased;
+                () = drain::reached(&mut drain, DrainState::Draining) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((io, peer)) => {
+                        let task = shared.tasks.start();
+                        tokio::spawn(proxy::serve_connection::<L, C>(Arc::clone(shared), io, peer, task));
+                    }
+                    Err(e) => {
+                        // Out of descriptors or a connection reset before accept: not fatal,
+                        // but do not spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        drain::reached(&mut drain, DrainState::Finished).await;
+    }
+
+    /// Runs the state publisher and the readiness probe until `shutdown` completes, then
+    /// drains: stops the listeners, lets live connections finish for at most
+    /// `config.drain_timeout`, and closes what remains.
+    pub async fn supervise(
+        &self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), SidecarError> {
+        let shared = &self.shared;
+        let monitor = &shared.monitor;
+        let _publisher = AbortOnDrop(tokio::spawn(
+            Arc::clone(monitor).publish(shared.config.publish_coalesce),
+        ));
+        let _probe = AbortOnDrop(tokio::spawn(readiness::probe(Arc::clone(shared))));
+        shutdown.await;
+        tracing::info!(
+            live = monitor.activity().live_connections,
+            "shutting down: draining connections"
+        );
+        shared.tasks.set(DrainState::Draining);
+        let drained =
+            tokio::time::timeout(shared.config.drain_timeout, shared.tasks.all_done()).await;
+        if drained.is_err() {
+            tracing::warn!(
+                remaining = shared.tasks.count(),
+                "drain timeout: closing remaining connections"
+            );
+            shared.tasks.set(DrainState::Abort);
+            // Tasks close on the abort signal at their next poll; give them a moment to do so.
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.all_done()).await;
+        }
+        shared.tasks.set(DrainState::Finished);
+        Ok(())
+    }
 }
 
 /// State shared by every connection of one sidecar.
@@ -283,8 +376,7 @@ pub(crate) struct Shared<C> {
     pub config: SidecarConfig,
     pub connector: C,
     pub monitor: Arc<Monitor>,
-    pub drain: Drain,
-    pub tasks: Arc<TaskCount>,
+    pub tasks: Arc<Tasks>,
 }
 
 /// Aborts a background task when dropped.
@@ -294,64 +386,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-async fn serve<L: Listener, C: Connect>(
-    mut listener: L,
-    connector: C,
-    config: SidecarConfig,
-    monitor: Arc<Monitor>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), SidecarError> {
-    let drain = Drain::new();
-    let shared = Arc::new(Shared {
-        config,
-        connector,
-        monitor: Arc::clone(&monitor),
-        drain: drain.clone(),
-        tasks: TaskCount::new(),
-    });
-    let _publisher = AbortOnDrop(tokio::spawn(
-        Arc::clone(&monitor).publish(shared.config.publish_coalesce),
-    ));
-    let _probe = AbortOnDrop(tokio::spawn(readiness::probe(Arc::clone(&shared))));
-
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((io, peer)) => {
-                    let task = shared.tasks.start();
-                    tokio::spawn(proxy::serve_connection::<L, C>(Arc::clone(&shared), io, peer, task));
-                }
-                Err(e) => {
-                    // Out of descriptors or a connection reset before accept: not fatal, but
-                    // do not spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            },
-        }
-    }
-    drop(listener);
-    tracing::info!(
-        live = monitor.activity().live_connections,
-        "shutting down: draining connections"
-    );
-    drain.set(DrainState::Draining);
-    let drained = tokio::time::timeout(shared.config.drain_timeout, shared.tasks.all_done()).await;
-    if drained.is_err() {
-        tracing::warn!(
-            remaining = shared.tasks.count(),
-            "drain timeout: closing remaining connections"
-        );
-        drain.set(DrainState::Abort);
-        // Tasks close on the abort signal at their next poll; give them a moment to do so.
-        let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.all_done()).await;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -395,11 +429,15 @@ mod tests {
 
     #[test]
     fn invalid_configs_are_rejected() {
-        let mut config = SidecarConfig::default();
-        config.ws_max_missed_pongs = 0;
+        let config = SidecarConfig {
+            ws_max_missed_pongs: 0,
+            ..SidecarConfig::default()
+        };
         assert!(config.validate().is_err());
-        let mut config = SidecarConfig::default();
-        config.probe_backoff_max = Duration::from_millis(1);
+        let config = SidecarConfig {
+            probe_backoff_max: Duration::from_millis(1),
+            ..SidecarConfig::default()
+        };
         assert!(config.validate().is_err());
     }
 }

@@ -1,9 +1,15 @@
 //! `spawner-sidecar`: parses its configuration, binds the serve port and runs the sidecar until
 //! SIGTERM or SIGINT, then drains.
+//!
+//! Like nginx's workers, it runs one single-threaded runtime per core, each accepting on its own
+//! `SO_REUSEPORT` listener: a connection's tasks never hop between threads. All of them share
+//! one sidecar (monitor, readiness, drain).
+
+use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::Parser;
-use spawner_sidecar::{SidecarArgs, TcpConnector};
+use spawner_sidecar::{Sidecar, SidecarArgs, TcpConnector};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -15,10 +21,12 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(flatten)]
     sidecar: SidecarArgs,
+    /// Single-threaded runtimes (accepting threads); default: one per core.
+    #[arg(long, env = "SPAWNER_SIDECAR_THREADS")]
+    threads: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -27,13 +35,61 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let addr = cli.sidecar.serve_addr();
     let config = cli.sidecar.to_config();
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, upstream = %config.upstream, "spawner sidecar serving");
-    spawner_sidecar::run(listener, TcpConnector, config, shutdown_signal()).await?;
+    let threads = cli
+        .threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1);
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime")
+    };
+    tracing::info!(%addr, upstream = %config.upstream, threads, "spawner sidecar serving");
+    let (sidecar, _handle) = Sidecar::new(TcpConnector, config)?;
+
+    // The first listener is bound before any thread starts, so a port in use fails fast.
+    let main_runtime = runtime()?;
+    let first = main_runtime.block_on(async { bind(addr) })?;
+    let mut workers = Vec::new();
+    for i in 1..threads {
+        let sidecar = sidecar.clone();
+        let worker_runtime = runtime()?;
+        let listener = worker_runtime.block_on(async { bind(addr) })?;
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("sidecar-{i}"))
+                .spawn(move || worker_runtime.block_on(sidecar.serve(listener)))
+                .context("starting a thread")?,
+        );
+    }
+    let result = main_runtime.block_on(async {
+        let (_, result) = tokio::join!(sidecar.serve(first), sidecar.supervise(shutdown_signal()));
+        result
+    });
+    for worker in workers {
+        let _ = worker.join();
+    }
+    result?;
     tracing::info!("spawner sidecar stopped");
     Ok(())
+}
+
+/// A listener on `addr` that shares the port with the other threads' listeners.
+fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding {addr}"))?;
+    Ok(socket.listen(1024)?)
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT.

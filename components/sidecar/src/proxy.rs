@@ -7,11 +7,14 @@
 
 use std::convert::Infallible;
 use std::error::Error as _;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1 as client_http1;
 use hyper::server::conn::http1 as server_http1;
@@ -19,35 +22,75 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::body::{BodyTooLarge, RequestBody, ResponseBody};
-use crate::drain::{self, DrainState, TaskGuard};
+use crate::drain::{DrainState, TaskGuard};
+use crate::lean::{self, LeanConn, LeanError, LeanResponse};
+use crate::monitor::LiveGuard;
 use crate::reserved::{self, RESERVED_PREFIX};
 use crate::{Connect, Listener, Shared, websocket};
 
 type Sender = client_http1::SendRequest<RequestBody>;
 
 /// A client connection's state shared by its requests.
-pub(crate) struct ClientConn<C> {
+pub(crate) struct ClientConn<C: Connect> {
     pub shared: Arc<Shared<C>>,
-    pub peer: SocketAddr,
+    /// The client's address as an `X-Forwarded-For` entry, formatted once.
+    pub peer_ip: HeaderValue,
     upstream: Mutex<Option<Sender>>,
+    /// The keep-alive upstream connection's I/O future. The client connection's task polls it
+    /// next to the server side, so a request and its response never hop between tasks.
+    upstream_driver: Mutex<Option<Driver>>,
+    /// The kept connection of the lean client (bodyless requests).
+    lean: Mutex<Option<LeanConn<C::Io>>>,
+}
+
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl<C: Connect> ClientConn<C> {
+    pub(crate) fn take_lean(&self) -> Option<LeanConn<C::Io>> {
+        self.lean.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    pub(crate) fn keep_lean(&self, conn: LeanConn<C::Io>) {
+        if let Ok(mut slot) = self.lean.lock() {
+            *slot = Some(conn);
+        }
+    }
+
+    /// Polls the upstream connection, if there is one. Never completes: a finished upstream
+    /// connection is just removed (the next request dials a new one).
+    fn poll_upstream_driver(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Ok(mut slot) = self.upstream_driver.lock()
+            && let Some(driver) = slot.as_mut()
+            && driver.as_mut().poll(cx).is_ready()
+        {
+            *slot = None;
+        }
+        Poll::Pending
+    }
 }
 
 pub(crate) async fn serve_connection<L: Listener, C: Connect>(
     shared: Arc<Shared<C>>,
     io: L::Io,
     peer: SocketAddr,
-    _task: TaskGuard,
+    task: TaskGuard,
 ) {
-    let mut drain = shared.drain.subscribe();
-    if *drain.borrow() != DrainState::Running {
+    if task.state() != DrainState::Running {
         return;
     }
     let config = &shared.config;
+    let peer_ip = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+        .unwrap_or(HeaderValue::from_static("unknown"));
     let conn_state = Arc::new(ClientConn {
         shared: Arc::clone(&shared),
-        peer,
+        peer_ip,
         upstream: Mutex::new(None),
+        upstream_driver: Mutex::new(None),
+        lean: Mutex::new(None),
     });
+    let driver_state = Arc::clone(&conn_state);
+    let upstream_driver = std::future::poll_fn(move |cx| driver_state.poll_upstream_driver(cx));
+    tokio::pin!(upstream_driver);
     let service = service_fn(move |req| {
         let conn_state = Arc::clone(&conn_state);
         async move { Ok::<_, Infallible>(route::<L, C>(conn_state, req).await) }
@@ -62,20 +105,26 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
+    // `biased`: the server side runs first, so an upstream connection its request just opened
+    // is polled in the same pass.
     tokio::select! {
+        biased;
         result = conn.as_mut() => {
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
             return;
         }
-        () = drain::reached(&mut drain, DrainState::Draining) => {}
+        () = upstream_driver.as_mut() => {}
+        () = task.reached(DrainState::Draining) => {}
     }
     // Draining: finish the request in flight, then close instead of keeping alive.
     conn.as_mut().graceful_shutdown();
     tokio::select! {
+        biased;
         _ = conn.as_mut() => {}
-        () = drain::reached(&mut drain, DrainState::Abort) => {}
+        () = upstream_driver.as_mut() => {}
+        () = task.reached(DrainState::Abort) => {}
     }
 }
 
@@ -94,7 +143,7 @@ async fn route<L: Listener, C: Connect>(
 
 /// Proxies one plain HTTP request over the connection's keep-alive connection to the app.
 async fn forward<C: Connect>(
-    conn: &ClientConn<C>,
+    conn: &Arc<ClientConn<C>>,
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let shared = &conn.shared;
@@ -106,8 +155,11 @@ async fn forward<C: Connect>(
         return reserved::plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     }
     let (mut parts, body) = req.into_parts();
-    prepare_request_headers(&mut parts.headers, conn.peer, false);
+    prepare_request_headers(&mut parts.headers, &conn.peer_ip, false);
     parts.uri = origin_form(&parts.uri);
+    if http_body::Body::is_end_stream(&body) && parts.method != Method::CONNECT {
+        return forward_bodyless(conn, parts, guard).await;
+    }
     let req = Request::from_parts(
         parts,
         RequestBody::from_client(body, &shared.monitor, limit),
@@ -127,6 +179,56 @@ async fn forward<C: Connect>(
             )
         }
         Err(e) => e.into_response(shared),
+    }
+}
+
+/// A request without a body goes through the lean client.
+async fn forward_bodyless<C: Connect>(
+    conn: &Arc<ClientConn<C>>,
+    parts: http::request::Parts,
+    guard: LiveGuard,
+) -> Response<ResponseBody> {
+    let shared = &conn.shared;
+    match lean::exchange(conn, &parts).await {
+        Ok(LeanResponse::Whole(mut parts, data)) => {
+            remove_hop_by_hop(&mut parts.headers);
+            Response::from_parts(
+                parts,
+                ResponseBody::Buffered {
+                    data: Some(data),
+                    guard,
+                    sent: 0,
+                },
+            )
+        }
+        Ok(LeanResponse::Streaming(mut parts, body)) => {
+            remove_hop_by_hop(&mut parts.headers);
+            Response::from_parts(
+                parts,
+                ResponseBody::Streaming {
+                    inner: Box::pin(body),
+                    guard,
+                    sent: 0,
+                },
+            )
+        }
+        Err(LeanError::Connect(e)) => UpstreamError::Connect(e).into_response(shared),
+        Err(e) => {
+            shared
+                .monitor
+                .counters
+                .upstream_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let detail = match e {
+                LeanError::Io(e) => e.to_string(),
+                LeanError::Protocol(p) => p.to_string(),
+                LeanError::Connect(e) => e.to_string(),
+            };
+            tracing::debug!(error = %detail, "upstream exchange failed");
+            bad_gateway(format!(
+                "502 Bad Gateway: the application failed to answer ({detail})\n"
+            ))
+        }
     }
 }
 
@@ -214,13 +316,18 @@ async fn send<C: Connect>(
             },
         }
     }
-    let mut sender = dial(&conn.shared, false).await?;
+    let (mut sender, driver) = dial(&conn.shared).await?;
+    if let Ok(mut slot) = conn.upstream_driver.lock() {
+        *slot = Some(Box::pin(async move {
+            let _ = driver.await;
+        }));
+    }
     let response = sender.send_request(req).await.map_err(classify)?;
     conn.keep(sender);
     Ok(response)
 }
 
-impl<C> ClientConn<C> {
+impl<C: Connect> ClientConn<C> {
     fn keep(&self, sender: Sender) {
         if let Ok(mut slot) = self.upstream.lock() {
             *slot = Some(sender);
@@ -228,30 +335,26 @@ impl<C> ClientConn<C> {
     }
 }
 
-/// Opens a connection to the application and starts its HTTP/1.1 client.
+/// Opens a connection to the application: its HTTP/1.1 client and the future doing its I/O,
+/// which the caller must poll.
 pub(crate) async fn dial<C: Connect>(
     shared: &Shared<C>,
-    upgrades: bool,
-) -> Result<Sender, UpstreamError> {
+) -> Result<
+    (
+        Sender,
+        client_http1::Connection<TokioIo<C::Io>, RequestBody>,
+    ),
+    UpstreamError,
+> {
     let io = shared
         .connector
         .connect(&shared.config.upstream)
         .await
         .map_err(UpstreamError::Connect)?;
-    let (sender, connection) = client_http1::Builder::new()
+    client_http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
-        .map_err(UpstreamError::Exchange)?;
-    if upgrades {
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
-    } else {
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-    }
-    Ok(sender)
+        .map_err(UpstreamError::Exchange)
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -308,14 +411,20 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Hop-by-hop headers removed and `X-Forwarded-*` set. `X-Forwarded-For` gets the client's
 /// address appended; `-Proto` and `-Host` are kept when a proxy in front already set them.
-pub(crate) fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, websocket: bool) {
+pub(crate) fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    peer_ip: &HeaderValue,
+    websocket: bool,
+) {
     remove_hop_by_hop(headers);
-    let ip = peer.ip().to_canonical().to_string();
-    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
-        _ => ip,
+    let appended = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => {
+            let ip = peer_ip.to_str().unwrap_or("unknown");
+            HeaderValue::from_str(&format!("{existing}, {ip}")).ok()
+        }
+        _ => Some(peer_ip.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = appended {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !headers.contains_key(X_FORWARDED_PROTO) {
@@ -350,7 +459,7 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
-        prepare_request_headers(&mut h, "[::ffff:127.0.0.2]:5000".parse().unwrap(), false);
+        prepare_request_headers(&mut h, &HeaderValue::from_static("127.0.0.2"), false);
         assert!(h.get(header::CONNECTION).is_none());
         assert!(h.get("x-secret").is_none());
         assert!(h.get("keep-alive").is_none());

@@ -110,7 +110,7 @@ fn events<C: Connect>(shared: &Arc<Shared<C>>, headers: &HeaderMap) -> Response<
 /// `heartbeat_interval`. Ends when the subscriber goes away or the sidecar drains.
 async fn stream_events<C: Connect>(shared: Arc<Shared<C>>, tx: mpsc::Sender<Bytes>) {
     let mut changes = shared.monitor.subscribe();
-    let mut drain = shared.drain.subscribe();
+    let mut drain = shared.tasks.subscribe();
     let period = shared.config.heartbeat_interval;
     let mut heartbeat = tokio::time::interval_at(Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);

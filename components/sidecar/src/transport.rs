@@ -48,3 +48,32 @@ impl Connect for TcpConnector {
         Ok(stream)
     }
 }
+
+#[cfg(feature = "turmoil")]
+mod simulated {
+    use super::*;
+
+    impl Listener for turmoil::net::TcpListener {
+        type Io = turmoil::net::TcpStream;
+
+        async fn accept(&mut self) -> io::Result<(Self::Io, SocketAddr)> {
+            turmoil::net::TcpListener::accept(self).await
+        }
+    }
+
+    /// Dials the application over turmoil's simulated network (`host:port`, host names
+    /// resolved by turmoil).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct TurmoilConnector;
+
+    impl Connect for TurmoilConnector {
+        type Io = turmoil::net::TcpStream;
+
+        async fn connect(&self, addr: &str) -> io::Result<Self::Io> {
+            turmoil::net::TcpStream::connect(addr).await
+        }
+    }
+}
+
+#[cfg(feature = "turmoil")]
+pub use simulated::TurmoilConnector;

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::body::{RequestBody, ResponseBody};
-use crate::drain::{self, DrainState, TaskGuard};
+use crate::drain::{DrainState, TaskGuard};
 use crate::frames::{ClientFilter, FILTER_HEADROOM, FrameCursor, going_away_frame, ping_frame};
 use crate::monitor::{LiveGuard, Monitor};
 use crate::proxy::{
@@ -30,8 +30,24 @@ use crate::proxy::{
 };
 use crate::{Connect, Listener, Shared};
 
-/// Bytes read per poll; lives on the stack only while a read is processed.
+/// Bytes read per poll.
 const CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// One read buffer per worker thread, shared by every relay polled on it: a relay only
+    /// uses it within one synchronous poll, so idle WebSockets own no buffer at all, and no
+    /// poll pays for zeroing a fresh one.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; FILTER_HEADROOM + CHUNK].into_boxed_slice());
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        // Not reachable (polls do not nest), but a fresh buffer is a correct fallback.
+        Err(_) => f(&mut vec![0u8; FILTER_HEADROOM + CHUNK]),
+    })
+}
 
 fn has_token(req_headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
     req_headers
@@ -63,15 +79,21 @@ pub(crate) async fn proxy<L: Listener, C: Connect>(
         .get(header::UPGRADE)
         .cloned()
         .unwrap_or(HeaderValue::from_static("websocket"));
-    prepare_request_headers(&mut parts.headers, conn.peer, true);
+    prepare_request_headers(&mut parts.headers, &conn.peer_ip, true);
     parts
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     parts.headers.insert(header::UPGRADE, upgrade);
     parts.uri = origin_form(&parts.uri);
 
-    let mut sender = match dial(shared, true).await {
-        Ok(sender) => sender,
+    let mut sender = match dial(shared).await {
+        Ok((sender, connection)) => {
+            // Runs until the handshake response is read and the connection handed over.
+            tokio::spawn(async move {
+                let _ = connection.with_upgrades().await;
+            });
+            sender
+        }
         Err(e) => return e.into_response(shared),
     };
     let mut response = match sender
@@ -125,7 +147,7 @@ async fn relay_when_upgraded<L: Listener, C: Connect>(
     upstream: OnUpgrade,
     sender: hyper::client::conn::http1::SendRequest<RequestBody>,
     guard: LiveGuard,
-    _task: TaskGuard,
+    task: TaskGuard,
 ) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(c), Ok(u)) => (c, u),
@@ -147,7 +169,9 @@ async fn relay_when_upgraded<L: Listener, C: Connect>(
         .websockets
         .fetch_add(1, Ordering::Relaxed);
     let relay = Relay::new(client, upstream, &client_early, &upstream_early);
-    let ended_cleanly = run_relay(&shared, relay).await;
+    // These share hyper's read buffers; holding them would pin kilobytes per idle WebSocket.
+    drop((client_early, upstream_early));
+    let ended_cleanly = run_relay(&shared, relay, &task).await;
     crate::mutants::count_down(guard, ended_cleanly);
 }
 
@@ -159,6 +183,11 @@ fn into_parts<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     Some((parts.io.into_inner(), parts.read_buf))
 }
 
+enum Progress {
+    OneClosed,
+    BothClosed,
+}
+
 /// How a relay ended.
 #[derive(Debug)]
 enum Ended {
@@ -168,7 +197,11 @@ enum Ended {
 }
 
 /// Relays until either side ends; `true` when it ended with a clean close or a drain.
-async fn run_relay<C: Connect, A, B>(shared: &Shared<C>, mut relay: Relay<A, B>) -> bool
+async fn run_relay<C: Connect, A, B>(
+    shared: &Shared<C>,
+    mut relay: Relay<A, B>,
+    task: &TaskGuard,
+) -> bool
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -177,12 +210,25 @@ where
     let period = config.ws_ping_interval;
     let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut drain = shared.drain.subscribe();
     let mut missed = 0u32;
     let mut awaiting_pong = false;
+    // Once one side has closed, the other gets `ws_close_linger` to follow before it is closed.
+    let mut linger: Option<Instant> = None;
     let ended = loop {
+        let lingering = linger.is_some();
+        let linger_over = async {
+            match linger {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            result = std::future::poll_fn(|cx| relay.poll_relay(cx)) => break Ended::Closed(result),
+            result = std::future::poll_fn(|cx| relay.poll_relay(cx, lingering)) => match result {
+                Ok(Progress::BothClosed) => break Ended::Closed(Ok(())),
+                Ok(Progress::OneClosed) => linger = Some(Instant::now() + config.ws_close_linger),
+                Err(e) => break Ended::Closed(Err(e)),
+            },
+            () = linger_over => break Ended::Closed(Ok(())),
             _ = ticker.tick() => {
                 relay.flush_counters(&shared.monitor);
                 if relay.client_seen {
@@ -200,7 +246,7 @@ where
                 }
                 relay.client_seen = false;
             }
-            () = drain::reached(&mut drain, DrainState::Abort) => break Ended::Aborted,
+            () = task.reached(DrainState::Abort) => break Ended::Aborted,
         }
     };
     relay.flush_counters(&shared.monitor);
@@ -346,14 +392,15 @@ where
         relay
     }
 
-    /// Moves bytes both ways; `Ready` when both directions are finished, or on an error.
-    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Moves bytes both ways; `Ready` when both directions are finished, when the first one
+    /// finishes (unless `lingering` says that was already reported), or on an error.
+    fn poll_relay(&mut self, cx: &mut Context<'_>, lingering: bool) -> Poll<io::Result<Progress>> {
         let up = self.poll_to_upstream(cx)?;
         let down = self.poll_to_client(cx)?;
-        if up.is_ready() && down.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+        match (up.is_ready(), down.is_ready()) {
+            (true, true) => Poll::Ready(Ok(Progress::BothClosed)),
+            (true, false) | (false, true) if !lingering => Poll::Ready(Ok(Progress::OneClosed)),
+            _ => Poll::Pending,
         }
     }
 
@@ -367,20 +414,24 @@ where
             if pump.eof {
                 return pump.poll_finish(cx, &mut self.upstream);
             }
-            let mut buf = [0u8; FILTER_HEADROOM + CHUNK];
-            let mut read = ReadBuf::new(&mut buf[FILTER_HEADROOM..]);
-            ready!(Pin::new(&mut self.client).poll_read(cx, &mut read))?;
-            let n = read.filled().len();
+            let client = &mut self.client;
+            let upstream = &mut self.upstream;
+            let filter = &mut self.filter;
+            let n = with_scratch(|buf| -> Poll<io::Result<usize>> {
+                let mut read = ReadBuf::new(&mut buf[FILTER_HEADROOM..]);
+                ready!(Pin::new(&mut *client).poll_read(cx, &mut read))?;
+                let n = read.filled().len();
+                let (a, b) = filter.filter(buf, FILTER_HEADROOM, FILTER_HEADROOM + n);
+                pump.write_through(cx, upstream, &buf[a..b])?;
+                Poll::Ready(Ok(n))
+            });
+            let n = ready!(n)?;
             if n == 0 {
                 pump.eof = true;
                 continue;
             }
             self.client_seen = true;
             pump.bytes += n as u64;
-            let (a, b) = self
-                .filter
-                .filter(&mut buf, FILTER_HEADROOM, FILTER_HEADROOM + n);
-            pump.write_through(cx, &mut self.upstream, &buf[a..b])?;
         }
     }
 
@@ -399,17 +450,23 @@ where
                 pump.write_through(cx, &mut self.client, &ping_frame())?;
                 continue;
             }
-            let mut buf = [0u8; CHUNK];
-            let mut read = ReadBuf::new(&mut buf);
-            ready!(Pin::new(&mut self.upstream).poll_read(cx, &mut read))?;
-            let data = read.filled();
-            if data.is_empty() {
+            let client = &mut self.client;
+            let upstream = &mut self.upstream;
+            let cursor = &mut self.cursor;
+            let n = with_scratch(|buf| -> Poll<io::Result<usize>> {
+                let mut read = ReadBuf::new(&mut buf[..CHUNK]);
+                ready!(Pin::new(&mut *upstream).poll_read(cx, &mut read))?;
+                let data = read.filled();
+                cursor.advance(data);
+                pump.write_through(cx, client, data)?;
+                Poll::Ready(Ok(data.len()))
+            });
+            let n = ready!(n)?;
+            if n == 0 {
                 pump.eof = true;
                 continue;
             }
-            pump.bytes += data.len() as u64;
-            self.cursor.advance(data);
-            pump.write_through(cx, &mut self.client, data)?;
+            pump.bytes += n as u64;
         }
     }
 

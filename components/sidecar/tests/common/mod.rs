@@ -199,6 +199,19 @@ async fn app_handle(
             );
             response
         }
+        "/nocontent" => {
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        "/close" => {
+            let mut r = Response::new(full("closing"));
+            r.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            r
+        }
         "/slow" => {
             control.release.notified().await;
             Response::new(full("finally"))
@@ -269,6 +282,7 @@ impl WsApp {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                #[allow(clippy::result_large_err)] // tungstenite's callback signature
                 tokio::spawn(async move {
                     let mut path = String::new();
                     let ws = tokio_tungstenite::accept_hdr_async(

@@ -1,0 +1,332 @@
+//! `just bench-spawn`: spawn-to-ready latency of `spawner dev` as a client sees it.
+//!
+//! Starts the release `spawner dev`, then spawns `spawner demo-backend` (binds its port at once)
+//! over the api and follows each backend's status stream to Ready:
+//! - sequential: 200 spawns, one at a time;
+//! - concurrent: 50 spawns started together;
+//! - sustained: 8 clients spawning back to back for 10 s (spawns/s).
+//!
+//! Latency is from just before `POST /spawn` to the Ready event on the stream. Each Ready
+//! backend is then terminated (outside the measured time) so at most a few dozen processes run.
+//! The phase conditions' times split each spawn into steps, to show where the time goes.
+//! Writes `target/bench/spawn.md` (table) and `target/bench/spawn.json`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{Api, Dev, DevOptions, SPAWNER};
+use serde_json::{Value, json};
+
+const SEQUENTIAL: usize = 200;
+const CONCURRENT: usize = 50;
+const SUSTAINED_CLIENTS: usize = 8;
+const SUSTAINED_FOR: Duration = Duration::from_secs(10);
+const WARM_UP: usize = 5;
+const TARGET_P99_MS: f64 = 150.0;
+
+/// The steps of a spawn, from the client's request to the client seeing Ready.
+const STEPS: [&str; 6] = [
+    "request→Constructed",
+    "Constructed→Scheduled",
+    "Scheduled→Running",
+    "Running→Ready",
+    "Ready→client sees it",
+    "total",
+];
+
+struct Sample {
+    total_ms: f64,
+    /// Milliseconds of each step of `STEPS` but the last.
+    steps_ms: Vec<f64>,
+}
+
+fn condition_time(status: &Value, phase: &str) -> Option<SystemTime> {
+    let time = status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == phase)?["lastTransitionTime"]
+        .as_str()?;
+    let parsed = chrono::DateTime::parse_from_rfc3339(time).ok()?;
+    let nanos = u64::try_from(parsed.timestamp_nanos_opt()?).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos))
+}
+
+fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
+    match to.duration_since(from) {
+        Ok(d) => d.as_secs_f64() * 1e3,
+        Err(e) => -(e.duration().as_secs_f64() * 1e3),
+    }
+}
+
+/// One spawn, followed to Ready, then terminated.
+async fn spawn_once(api: &Api) -> Sample {
+    let body = json!({"command": [SPAWNER, "demo-backend"], "gracePeriodSeconds": 60});
+    let requested_at = SystemTime::now();
+    let started = Instant::now();
+    let name = api.spawn(&body).await;
+    let events = api.follow(&name, Duration::from_secs(30)).await;
+    let total = started.elapsed();
+    let seen_at = requested_at + total;
+    let last = common::phases(&events).pop().unwrap_or_default();
+    assert_eq!(last, "Ready", "{name} ended {last}");
+    let status = api.status(&name).await;
+    let times: Vec<SystemTime> = ["Constructed", "Scheduled", "Running", "Ready"]
+        .iter()
+        .map(|p| condition_time(&status, p).unwrap_or(requested_at))
+        .collect();
+    let mut steps_ms = vec![ms_between(requested_at, times[0])];
+    steps_ms.extend(times.windows(2).map(|w| ms_between(w[0], w[1])));
+    steps_ms.push(ms_between(times[3], seen_at));
+    let (code, answer) = api.call("DELETE", &format!("/backend/{name}"), None).await;
+    assert!(code < 300, "terminating {name}: {code} {answer}");
+    Sample {
+        total_ms: total.as_secs_f64() * 1e3,
+        steps_ms,
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    // Nearest rank.
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+struct Summary {
+    name: &'static str,
+    count: usize,
+    wall_s: f64,
+    /// Per step of `STEPS`: (p50, p99, mean).
+    steps: Vec<(f64, f64, f64)>,
+}
+
+impl Summary {
+    fn of(name: &'static str, samples: &[Sample], wall: Duration) -> Summary {
+        let column = |i: usize| -> Vec<f64> {
+            let mut v: Vec<f64> = samples
+                .iter()
+                .map(|s| {
+                    if i < STEPS.len() - 1 {
+                        s.steps_ms[i]
+                    } else {
+                        s.total_ms
+                    }
+                })
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let steps = (0..STEPS.len())
+            .map(|i| {
+                let v = column(i);
+                let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+                (percentile(&v, 50.0), percentile(&v, 99.0), mean)
+            })
+            .collect();
+        Summary {
+            name,
+            count: samples.len(),
+            wall_s: wall.as_secs_f64(),
+            steps,
+        }
+    }
+
+    fn total(&self) -> (f64, f64) {
+        let (p50, p99, _) = self.steps[STEPS.len() - 1];
+        (p50, p99)
+    }
+
+    fn json(&self) -> Value {
+        let (p50, p99) = self.total();
+        let steps: BTreeMap<&str, Value> = STEPS
+            .iter()
+            .zip(&self.steps)
+            .map(|(name, (p50, p99, mean))| {
+                (
+                    *name,
+                    json!({"p50_ms": round(*p50), "p99_ms": round(*p99), "mean_ms": round(*mean)}),
+                )
+            })
+            .collect();
+        json!({
+            "spawns": self.count,
+            "wall_seconds": round(self.wall_s),
+            "spawns_per_second": round(self.count as f64 / self.wall_s),
+            "p50_ms": round(p50),
+            "p99_ms": round(p99),
+            "steps": steps,
+        })
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+async fn sequential(api: &Api, count: usize) -> (Vec<Sample>, Duration) {
+    let started = Instant::now();
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        samples.push(spawn_once(api).await);
+    }
+    (samples, started.elapsed())
+}
+
+async fn concurrent(api: &Arc<Api>, count: usize) -> (Vec<Sample>, Duration) {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move { spawn_once(&api).await })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(count);
+    for task in tasks {
+        samples.push(task.await.expect("spawn task"));
+    }
+    (samples, started.elapsed())
+}
+
+async fn sustained(api: &Arc<Api>, clients: usize, duration: Duration) -> (Vec<Sample>, Duration) {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while Instant::now() < deadline {
+                    samples.push(spawn_once(&api).await);
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await.expect("client task"));
+    }
+    (samples, started.elapsed())
+}
+
+fn table(summaries: &[Summary]) -> String {
+    let mut out = String::new();
+    out.push_str("| run | spawns | p50 ms | p99 ms | spawns/s |\n|---|---:|---:|---:|---:|\n");
+    for s in summaries {
+        let (p50, p99) = s.total();
+        out.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} |\n",
+            s.name,
+            s.count,
+            p50,
+            p99,
+            s.count as f64 / s.wall_s
+        ));
+    }
+    out.push_str("\nWhere the time goes (p50 / p99 / mean, ms):\n\n| step |");
+    for s in summaries {
+        out.push_str(&format!(" {} |", s.name));
+    }
+    out.push_str("\n|---|");
+    for _ in summaries {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for (i, step) in STEPS.iter().enumerate() {
+        out.push_str(&format!("| {step} |"));
+        for s in summaries {
+            let (p50, p99, mean) = s.steps[i];
+            out.push_str(&format!(" {p50:.1} / {p99:.1} / {mean:.1} |"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let dev = Dev::start(DevOptions {
+            retention_seconds: Some(5),
+            ..Default::default()
+        });
+        let api = Arc::new(dev.api());
+        eprintln!("spawner dev at {}; warming up", dev.api_url);
+        sequential(&api, WARM_UP).await;
+
+        eprintln!("{SEQUENTIAL} sequential spawns…");
+        let (samples, wall) = sequential(&api, SEQUENTIAL).await;
+        let seq = Summary::of("sequential", &samples, wall);
+        eprintln!("{CONCURRENT} concurrent spawns…");
+        let (samples, wall) = concurrent(&api, CONCURRENT).await;
+        let conc = Summary::of("concurrent", &samples, wall);
+        eprintln!("{SUSTAINED_CLIENTS} clients for {SUSTAINED_FOR:?}…");
+        let (samples, wall) = sustained(&api, SUSTAINED_CLIENTS, SUSTAINED_FOR).await;
+        let sust = Summary::of("sustained", &samples, wall);
+        let summaries = [seq, conc, sust];
+
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .expect("target directory")
+            .join("bench");
+        std::fs::create_dir_all(&dir).expect("create target/bench");
+        // The machine may be shared: say how busy it was.
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "?".into());
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let table = table(&summaries);
+        let verdict = |s: &Summary| {
+            if s.total().1 < TARGET_P99_MS {
+                "met"
+            } else {
+                "missed"
+            }
+        };
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        let report = format!(
+            "# spawn-to-ready, `spawner dev` ({profile}), backend `spawner demo-backend`\n\n{table}\n\
+             Target p99 < {TARGET_P99_MS} ms: sequential {}, concurrent {}. {cores} cores, \
+             load average {load} at the end.\n",
+            verdict(&summaries[0]),
+            verdict(&summaries[1]),
+        );
+        let json = json!({
+            "backend": "spawner demo-backend",
+            "profile": profile,
+            "cores": cores,
+            "load_average_1m": load,
+            "target_p99_ms": TARGET_P99_MS,
+            "sequential": summaries[0].json(),
+            "concurrent": summaries[1].json(),
+            "sustained": {
+                "clients": SUSTAINED_CLIENTS,
+                "result": summaries[2].json(),
+            },
+        });
+        std::fs::write(dir.join("spawn.md"), &report).expect("write spawn.md");
+        std::fs::write(
+            dir.join("spawn.json"),
+            serde_json::to_string_pretty(&json).expect("json"),
+        )
+        .expect("write spawn.json");
+        println!("{report}");
+        println!("written: {}/spawn.md and spawn.json", dir.display());
+        drop(dev);
+    });
+}

@@ -1,0 +1,136 @@
+//! A new user's first minutes, driven from outside as they would: start `spawner dev`, read the
+//! URL and token it prints, spawn a backend over HTTP, follow its status stream to Ready, talk
+//! to it over a WebSocket through its URL, leave, see it swept after the grace period with its
+//! process gone, and stop everything with Ctrl-C.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    Dev, DevOptions, PHASES_TO_READY, SPAWNER, app_pid, descendants, next_json, phases, process,
+    processes_with_env, wait_gone,
+};
+use futures::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+const GRACE_SECONDS: u64 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_talk_leave_swept_then_ctrl_c_leaves_nothing() {
+    let mut dev = Dev::start(DevOptions::default());
+    let api = dev.api();
+    let marker = format!("SPAWNER_JOURNEY_MARK={}-{}", std::process::id(), dev.pid);
+    let (mark_name, mark_value) = marker.split_once('=').expect("marker");
+
+    // A backend running the demo app (HTTP page + WebSocket room), swept 2 s after its last
+    // connection closes.
+    let name = api
+        .spawn(&json!({
+            "command": [SPAWNER, "demo-backend"],
+            "env": {mark_name: mark_value, "SPAWNER_BACKEND_NAME": "journey"},
+            "gracePeriodSeconds": GRACE_SECONDS,
+        }))
+        .await;
+    let events = api.follow(&name, Duration::from_secs(30)).await;
+    assert_eq!(
+        phases(&events),
+        PHASES_TO_READY,
+        "phases of {name} on its status stream"
+    );
+    let url = events
+        .last()
+        .and_then(|ready| ready["url"].as_str())
+        .expect("the Ready event carries the URL")
+        .to_string();
+    assert!(url.starts_with("http://127."), "a loopback URL: {url}");
+
+    // The application process, as the node agent reports it in the pod.
+    let pid = app_pid(&dev.kubeconfig, &name).await;
+    let app = process(pid).expect("the app process runs while the backend is Ready");
+    assert!(
+        app.cmdline.contains("demo-backend"),
+        "pid {pid} is the app: {}",
+        app.cmdline
+    );
+
+    // The page, through the backend's URL (the sidecar proxies to the app).
+    let page = common::Api::new(&url, None);
+    let (status, _) = page.call("GET", "/", None).await;
+    assert_eq!(status, 200, "the page at {url}");
+
+    // The WebSocket room, through the same URL.
+    let ws_url = format!("{}/ws", url.replacen("http://", "ws://", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+        .await
+        .expect("WebSocket through the backend URL");
+    let joined = next_json(&mut ws).await;
+    assert_eq!(joined["peers"], 1, "{joined}");
+    ws.send(Message::Text(r#"{"op":"increment"}"#.into()))
+        .await
+        .expect("send");
+    let clicked = next_json(&mut ws).await;
+    assert_eq!(clicked["count"], 1, "{clicked}");
+
+    // Connected for longer than the grace period: never swept while someone is there.
+    tokio::time::sleep(Duration::from_secs(GRACE_SECONDS + 2)).await;
+    let during = api.status(&name).await;
+    assert_eq!(
+        during["phase"], "Ready",
+        "a backend with a live connection stays Ready: {during}"
+    );
+
+    // Leave; the backend is swept after the grace period and its process ends.
+    ws.close(None).await.expect("close");
+    drop(ws);
+    let left_at = Instant::now();
+    let swept = api
+        .wait_status(&name, Duration::from_secs(GRACE_SECONDS + 15), |s| {
+            s["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Swept"))
+        })
+        .await;
+    let after = left_at.elapsed();
+    assert!(
+        after >= Duration::from_secs(GRACE_SECONDS) - Duration::from_millis(200),
+        "swept only after the grace period ({after:?}): {swept}"
+    );
+    assert_eq!(swept["reason"], "IdlePastGracePeriod", "{swept}");
+    let still = wait_gone(std::slice::from_ref(&app), Duration::from_secs(10));
+    assert!(
+        still.is_empty(),
+        "the app process of a swept backend ends: {still:?}"
+    );
+
+    // A second backend, in python, left running for Ctrl-C to stop; `$(PORT)` is expanded by
+    // the node agent.
+    let python = api
+        .spawn(&json!({
+            "command": ["python3", "-m", "http.server", "$(PORT)", "--bind", "0.0.0.0"],
+            "env": {mark_name: mark_value},
+            "gracePeriodSeconds": 300,
+        }))
+        .await;
+    let events = api.follow(&python, Duration::from_secs(30)).await;
+    assert_eq!(phases(&events).last().map(String::as_str), Some("Ready"));
+    let python_pid = app_pid(&dev.kubeconfig, &python).await;
+    let python_process = process(python_pid).expect("python runs");
+    assert!(python_process.cmdline.contains("http.server"));
+
+    // Ctrl-C: everything `spawner dev` started goes away, and it exits successfully.
+    let started = descendants(dev.pid);
+    assert!(
+        started.iter().any(|p| p.pid == python_pid),
+        "python is a child of spawner dev: {started:?}"
+    );
+    let exit = dev
+        .interrupt(Duration::from_secs(40))
+        .expect("spawner dev exits within 40 s of SIGINT");
+    assert!(exit.success(), "spawner dev exits 0 after Ctrl-C: {exit:?}");
+    let left = wait_gone(&started, Duration::from_secs(5));
+    assert!(left.is_empty(), "processes left after Ctrl-C: {left:?}");
+    let marked = processes_with_env(&marker);
+    assert!(marked.is_empty(), "backend processes left: {marked:?}");
+}

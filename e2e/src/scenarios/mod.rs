@@ -1,0 +1,474 @@
+//! End-to-end scenarios: what a web application does with Spawner, run against a live
+//! deployment through its public surfaces only (the api over HTTP, the backend through its
+//! sidecar). The same scenarios run against `spawner dev` on this machine
+//! (`tests/scenarios_local.rs`, in CI) and against a kind cluster (`tests/scenarios_kind.rs`).
+//!
+//! A [`Target`] says where the api is, how to open a byte stream to a backend's `status.url`
+//! (direct TCP locally; a Kubernetes port-forward to the pod in a cluster, since the backend's
+//! Service is only reachable inside it), and which commands the test applications are.
+
+pub mod client;
+pub mod kind;
+pub mod local;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use spawner_core::Phase;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::Message;
+
+pub use client::{ApiClient, BackendStatus, PhaseEvent};
+
+/// Why a scenario failed, in words a person can act on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Failure(String);
+
+impl Failure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failure> {
+    if condition {
+        Ok(())
+    } else {
+        Err(Failure(message()))
+    }
+}
+
+/// A byte stream to a backend's sidecar.
+pub trait BackendStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> BackendStream for T {}
+
+pub type BoxedStream = Box<dyn BackendStream>;
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Opens a stream to the sidecar at `backend.url`.
+pub trait Connect: Send + Sync {
+    fn connect<'a>(
+        &'a self,
+        backend: &'a BackendStatus,
+    ) -> BoxFuture<'a, Result<BoxedStream, Failure>>;
+}
+
+/// An application to spawn: an image (Kubernetes) and a command (both modes; local mode runs
+/// commands as processes and ignores the image).
+#[derive(Clone, Debug)]
+pub struct App {
+    pub image: Option<String>,
+    pub command: Vec<String>,
+}
+
+impl App {
+    fn request(&self, extra: Value) -> Value {
+        let mut request = json!({ "command": self.command });
+        if let Some(image) = &self.image {
+            request["image"] = json!(image);
+        }
+        if let (Some(request), Some(extra)) = (request.as_object_mut(), extra.as_object()) {
+            request.extend(extra.clone());
+        }
+        request
+    }
+}
+
+/// The applications the scenarios spawn.
+#[derive(Clone, Debug)]
+pub struct Apps {
+    /// `spawner demo-backend`: HTTP and a WebSocket room at `/ws` on `$PORT`.
+    pub demo: App,
+    /// Exits at once with code [`CRASH_EXIT_CODE`].
+    pub crash: App,
+    /// Runs but never listens, so it never becomes Ready.
+    pub never_ready: App,
+}
+
+/// Exit code of [`Apps::crash`].
+pub const CRASH_EXIT_CODE: i32 = 3;
+
+/// A live Spawner deployment to run scenarios against.
+#[derive(Clone)]
+pub struct Target {
+    /// `local` or `kind`, for messages.
+    pub name: String,
+    pub api: ApiClient,
+    pub connector: Arc<dyn Connect>,
+    pub apps: Apps,
+    /// Longest wait from spawn to Ready (image pulls make a cluster slower than local).
+    pub ready_timeout: Duration,
+}
+
+/// Durations a scenario observed, printed by the suites (never asserted: no wall-clock speed
+/// in tests).
+#[derive(Debug, Default)]
+pub struct Timings(pub Vec<(&'static str, Duration)>);
+
+impl Timings {
+    fn record(&mut self, what: &'static str, since: Instant) {
+        self.0.push((what, since.elapsed()));
+    }
+}
+
+impl fmt::Display for Timings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|(what, d)| format!("{what} {:.2}s", d.as_secs_f64()))
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// A short random suffix, so scenarios running at once (or twice against one cluster) never
+/// share a key.
+pub fn unique(prefix: &str) -> String {
+    let mut bytes = [0u8; 5];
+    // The OS generator is always there on the platforms the suites run on; fall back to the
+    // time so a failure to read it cannot fail a scenario.
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        bytes[..4].copy_from_slice(&nanos.to_le_bytes());
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}-{hex}")
+}
+
+/// The `host[:port]` part of an `http://` URL.
+pub fn authority(url: &str) -> Result<&str, Failure> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| Failure::new(format!("backend url {url:?} is not http://")))?;
+    let end = rest.find('/').unwrap_or(rest.len());
+    ensure(end > 0, || format!("backend url {url:?} has no host"))?;
+    Ok(&rest[..end])
+}
+
+/// Waits for `name` to be Ready; a Failure names the phases seen and the reason.
+async fn wait_ready(target: &Target, name: &str) -> Result<(), Failure> {
+    let events = target
+        .api
+        .follow_phases(name, target.ready_timeout, |p| p == Phase::Ready)
+        .await?;
+    let last = events.last();
+    ensure(last.is_some_and(|e| e.phase == Phase::Ready), || {
+        format!(
+            "{name} never became Ready: phases {:?}, last reason {:?}: {:?}",
+            client::phases(&events),
+            last.and_then(|e| e.reason.clone()),
+            last.and_then(|e| e.message.clone()),
+        )
+    })
+}
+
+/// Waits for a terminal phase and returns the phase events.
+async fn wait_terminal(
+    target: &Target,
+    name: &str,
+    timeout: Duration,
+) -> Result<Vec<PhaseEvent>, Failure> {
+    target.api.follow_phases(name, timeout, |_| false).await
+}
+
+type WebSocket = tokio_tungstenite::WebSocketStream<BoxedStream>;
+
+/// The demo room's state as the backend sends it.
+#[derive(Debug, serde::Deserialize)]
+struct RoomState {
+    count: u64,
+    peers: u64,
+}
+
+async fn next_room_state(ws: &mut WebSocket) -> Result<RoomState, Failure> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .map_err(|_| Failure::new("the demo backend sent nothing for 30 s"))?
+            .ok_or_else(|| Failure::new("the WebSocket closed"))?
+            .map_err(|e| Failure::new(format!("WebSocket: {e}")))?;
+        if let Message::Text(text) = message {
+            return serde_json::from_str(text.as_str())
+                .map_err(|e| Failure::new(format!("demo state {text:?}: {e}")));
+        }
+    }
+}
+
+/// Opens the demo room's WebSocket on `backend` through its sidecar.
+async fn open_room(target: &Target, backend: &BackendStatus) -> Result<WebSocket, Failure> {
+    let url = backend
+        .url
+        .as_deref()
+        .ok_or_else(|| Failure::new(format!("{} is Ready without a url", backend.name)))?;
+    let host = authority(url)?;
+    let stream = target.connector.connect(backend).await?;
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio_tungstenite::client_async(format!("ws://{host}/ws"), stream),
+    )
+    .await
+    .map_err(|_| Failure::new("WebSocket handshake through the sidecar: no answer in 30 s"))?
+    .map_err(|e| Failure::new(format!("WebSocket handshake through the sidecar: {e}")))?;
+    Ok(ws)
+}
+
+/// Spawn → Ready (seen on the status stream) → a WebSocket through the sidecar that works and
+/// keeps the backend alive past its grace period → disconnect → Swept after the grace period.
+pub async fn spawn_connect_disconnect_swept(target: &Target) -> Result<Timings, Failure> {
+    const GRACE: Duration = Duration::from_secs(3);
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let spawned = target
+        .api
+        .spawn(
+            &target
+                .apps
+                .demo
+                .request(json!({ "gracePeriodSeconds": GRACE.as_secs() })),
+        )
+        .await?;
+    ensure(spawned.spawned, || {
+        format!("{}: spawn without a key must create", spawned.name)
+    })?;
+    let name = spawned.name;
+    wait_ready(target, &name).await?;
+    timings.record("spawn→Ready", start);
+
+    let status = target.api.status(&name).await?;
+    let mut ws = open_room(target, &status).await?;
+    let joined = next_room_state(&mut ws).await?;
+    ensure(joined.peers == 1, || {
+        format!("{name}: first peer sees {} peers", joined.peers)
+    })?;
+    ws.send(Message::Text(r#"{"op":"increment"}"#.into()))
+        .await
+        .map_err(|e| Failure::new(format!("sending through the sidecar: {e}")))?;
+    let clicked = next_room_state(&mut ws).await?;
+    ensure(clicked.count == 1, || {
+        format!("{name}: count after one increment is {}", clicked.count)
+    })?;
+
+    // Safety: a live connection keeps the backend, however long it stays quiet. Keep reading
+    // (pings from the sidecar are answered while reading) for longer than the grace period.
+    let held_until = tokio::time::Instant::now() + GRACE + Duration::from_secs(4);
+    while let Ok(message) = tokio::time::timeout_at(held_until, ws.next()).await {
+        match message {
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                return Err(Failure::new(format!(
+                    "{name}: the WebSocket ended while held open: {message:?}"
+                )));
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    let during = target.api.status(&name).await?;
+    ensure(during.phase == Phase::Ready, || {
+        format!(
+            "{name} is {:?} while a WebSocket is open ({:?})",
+            during.phase, during.reason
+        )
+    })?;
+
+    let _ = ws.close(None).await;
+    drop(ws);
+    let closed = Instant::now();
+    let events = wait_terminal(target, &name, GRACE + Duration::from_secs(60)).await?;
+    let last = events.last().map(|e| e.phase);
+    ensure(last == Some(Phase::Swept), || {
+        format!(
+            "{name} ended {last:?} after its WebSocket closed (phases {:?})",
+            client::phases(&events)
+        )
+    })?;
+    timings.record("disconnect→Swept", closed);
+    Ok(timings)
+}
+
+/// 20 concurrent get-or-create requests for one new key give one backend: every answer names
+/// it, exactly one created it, listing by key finds only it, and it becomes Ready.
+pub async fn get_or_create_concurrently(target: &Target) -> Result<Timings, Failure> {
+    const REQUESTS: usize = 20;
+    let mut timings = Timings::default();
+    let key = unique("e2e-room");
+    let request = target
+        .apps
+        .demo
+        .request(json!({ "key": key, "gracePeriodSeconds": 30 }));
+    let start = Instant::now();
+    let answers = futures::future::join_all((0..REQUESTS).map(|_| {
+        let api = target.api.clone();
+        let request = request.clone();
+        async move { api.connect(&request).await }
+    }))
+    .await;
+    timings.record("20 concurrent /connect", start);
+    let answers: Vec<_> = answers.into_iter().collect::<Result<_, _>>()?;
+    let name = answers[0].name.clone();
+    ensure(answers.iter().all(|a| a.name == name), || {
+        let names: std::collections::BTreeSet<_> = answers.iter().map(|a| &a.name).collect();
+        format!("key {key} gave several backends: {names:?}")
+    })?;
+    let created = answers.iter().filter(|a| a.spawned).count();
+    ensure(created == 1, || {
+        format!("{created} of {REQUESTS} answers for key {key} say they created {name}")
+    })?;
+    let listed = target.api.list_by_key(&key).await?;
+    ensure(listed.len() == 1 && listed[0].name == name, || {
+        let names: Vec<_> = listed.iter().map(|b| &b.name).collect();
+        format!("backends listed for key {key}: {names:?}, expected [{name}]")
+    })?;
+    wait_ready(target, &name).await?;
+    timings.record("spawn→Ready", start);
+
+    // Once Ready, the key still leads to the same backend.
+    let again = target.api.connect(&request).await?;
+    ensure(again.name == name && !again.spawned, || {
+        format!(
+            "a later /connect for {key} gave {} (spawned {})",
+            again.name, again.spawned
+        )
+    })?;
+    target.api.terminate(&name).await?;
+    let events = wait_terminal(target, &name, Duration::from_secs(60)).await?;
+    ensure(
+        events.last().map(|e| e.phase) == Some(Phase::Terminated),
+        || format!("{name} after terminate: {:?}", client::phases(&events)),
+    )?;
+    Ok(timings)
+}
+
+/// An application that exits with code 3 makes its backend Failed, with that exit code on the
+/// status stream and in the status.
+pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let spawned = target
+        .api
+        .spawn(
+            &target
+                .apps
+                .crash
+                .request(json!({ "gracePeriodSeconds": 30 })),
+        )
+        .await?;
+    let name = spawned.name;
+    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    timings.record("spawn→Failed", start);
+    let last = events
+        .last()
+        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
+    ensure(last.phase == Phase::Failed, || {
+        format!(
+            "{name}: an app exiting {CRASH_EXIT_CODE} ended {:?} (phases {:?})",
+            last.phase,
+            client::phases(&events)
+        )
+    })?;
+    ensure(last.exit_code == Some(CRASH_EXIT_CODE), || {
+        format!(
+            "{name}: Failed event has exit code {:?} ({:?}: {:?})",
+            last.exit_code, last.reason, last.message
+        )
+    })?;
+    let status = target.api.status(&name).await?;
+    ensure(
+        status.phase == Phase::Failed && status.exit_code == Some(CRASH_EXIT_CODE),
+        || {
+            format!(
+                "{name}: status says {:?} with exit code {:?}",
+                status.phase, status.exit_code
+            )
+        },
+    )?;
+    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
+        format!("{name} was Ready: {:?}", client::phases(&events))
+    })?;
+    Ok(timings)
+}
+
+/// A terminate sent right after the spawn (the backend is still starting) is never lost: the
+/// backend ends Terminated and is never Ready.
+pub async fn terminate_while_starting(target: &Target) -> Result<Timings, Failure> {
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let spawned = target
+        .api
+        .spawn(
+            &target
+                .apps
+                .never_ready
+                .request(json!({ "gracePeriodSeconds": 30 })),
+        )
+        .await?;
+    let name = spawned.name;
+    ensure(!spawned.phase.is_terminal(), || {
+        format!("{name} is {:?} right after its spawn", spawned.phase)
+    })?;
+    target.api.terminate(&name).await?;
+    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    timings.record("spawn→Terminated", start);
+    let last = events.last().map(|e| e.phase);
+    ensure(last == Some(Phase::Terminated), || {
+        format!(
+            "{name} terminated while starting ended {last:?} (phases {:?})",
+            client::phases(&events)
+        )
+    })?;
+    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
+        format!("{name} became Ready: {:?}", client::phases(&events))
+    })?;
+    Ok(timings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_is_host_and_port() {
+        assert_eq!(
+            authority("http://127.0.3.7:9090").unwrap(),
+            "127.0.3.7:9090"
+        );
+        assert_eq!(
+            authority("http://slab-x.ns.svc.cluster.local/").unwrap(),
+            "slab-x.ns.svc.cluster.local"
+        );
+        assert!(authority("https://x").is_err());
+        assert!(authority("http:///path").is_err());
+    }
+
+    #[test]
+    fn app_requests_merge_extra_fields() {
+        let app = App {
+            image: Some("spawner:dev".into()),
+            command: vec!["/bin/sleep".into(), "5".into()],
+        };
+        let request = app.request(json!({ "key": "k", "gracePeriodSeconds": 3 }));
+        assert_eq!(
+            request,
+            json!({
+                "image": "spawner:dev",
+                "command": ["/bin/sleep", "5"],
+                "key": "k",
+                "gracePeriodSeconds": 3,
+            })
+        );
+    }
+
+    #[test]
+    fn unique_names_differ() {
+        assert_ne!(unique("a"), unique("a"));
+        assert!(unique("e2e").starts_with("e2e-"));
+    }
+}

@@ -1,0 +1,58 @@
+//! The end-to-end scenarios against Spawner deployed on a kind cluster by
+//! `scripts/e2e-kind.sh` (which sets `SPAWNER_E2E_KIND=1`). Without that variable each test
+//! prints one line and passes: there is no cluster to test. Configuration: see
+//! `spawner_e2e::scenarios::kind`.
+
+use spawner_e2e::scenarios::{self, Failure, Target, Timings};
+
+async fn run<F, Fut>(test: &str, scenario: F)
+where
+    F: FnOnce(Target) -> Fut,
+    Fut: std::future::Future<Output = Result<Timings, Failure>>,
+{
+    if std::env::var("SPAWNER_E2E_KIND").as_deref() != Ok("1") {
+        eprintln!("skipping {test}: SPAWNER_E2E_KIND is not 1 (run scripts/e2e-kind.sh)");
+        return;
+    }
+    let target = scenarios::kind::target()
+        .await
+        .unwrap_or_else(|e| panic!("{test} (kind): {e}"));
+    match scenario(target).await {
+        Ok(timings) => eprintln!("{test} (kind): {timings}"),
+        Err(failure) => panic!(
+            "{test} (kind): {failure}\n(see `kubectl -n spawner-system logs deploy/spawner-controller` and `kubectl -n spawner-backends get slab,pods`)"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_connect_disconnect_swept() {
+    run("spawn_connect_disconnect_swept", |t| async move {
+        scenarios::spawn_connect_disconnect_swept(&t).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_or_create_concurrently() {
+    run("get_or_create_concurrently", |t| async move {
+        scenarios::get_or_create_concurrently(&t).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashing_app_fails() {
+    run("crashing_app_fails", |t| async move {
+        scenarios::crashing_app_fails(&t).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_while_starting() {
+    run("terminate_while_starting", |t| async move {
+        scenarios::terminate_while_starting(&t).await
+    })
+    .await;
+}
