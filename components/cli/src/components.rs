@@ -5,10 +5,18 @@
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+/// How long a Kubernetes connection may stay silent before it is dropped and re-established.
+/// The API server sends watch bookmarks about once a minute, so a healthy watch is never silent
+/// longer than that; a silently partitioned one is noticed after this long instead of when the
+/// server's watch timeout (up to ~5 minutes) ends it.
+pub const KUBE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
+
 async fn kube_client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default()
+    let mut config = kube::Config::infer()
         .await
-        .context("no Kubernetes client: not in a pod and no usable KUBECONFIG")
+        .context("no Kubernetes client: not in a pod and no usable KUBECONFIG")?;
+    config.read_timeout = Some(KUBE_READ_TIMEOUT);
+    Ok(kube::Client::try_from(config)?)
 }
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {

@@ -70,9 +70,16 @@ fn random_token() -> anyhow::Result<String> {
     Ok(spawner_core::id::new_backend_id("t")?[1..].to_string())
 }
 
+/// How often the embedded API server sends watch bookmarks, and how long a silent connection
+/// to it may last before a component drops it and reconnects: a stalled watch is noticed within
+/// seconds (the agreement for every long-lived stream).
+const BOOKMARK_INTERVAL: Duration = Duration::from_secs(5);
+const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A kube client for `url` (plain HTTP, localcluster) authenticated by `token`.
 pub fn kube_client(url: &str, token: &str) -> anyhow::Result<kube::Client> {
     let mut config = kube::Config::new(url.parse().context("kube url")?);
+    config.read_timeout = Some(KUBE_READ_TIMEOUT);
     config.default_namespace = "default".into();
     config.auth_info.token = Some(token.to_string().into());
     Ok(kube::Client::try_from(config)?)
@@ -128,6 +135,7 @@ pub async fn run(
     let cluster = Cluster::new(
         ServerConfig {
             auth: Auth { tokens, rbac: None },
+            bookmark_interval: BOOKMARK_INTERVAL,
             ..ServerConfig::default()
         },
         Arc::new(SystemClock),
