@@ -33,19 +33,8 @@ fn timestamp() -> k8s_openapi::jiff::Timestamp {
         .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
 }
 
-impl spawner_localcluster::node::Clock for SimClock {
-    fn now(&self) -> k8s_openapi::jiff::Timestamp {
-        timestamp()
-    }
-}
-
-impl spawner_controller::Clock for SimClock {
-    fn now(&self) -> k8s_openapi::jiff::Timestamp {
-        timestamp()
-    }
-}
-
-impl spawner_sweeper::Clock for SimClock {
+/// One trait for the controller, the sweeper and the node agent.
+impl spawner_core::clock::Clock for SimClock {
     fn now(&self) -> k8s_openapi::jiff::Timestamp {
         timestamp()
     }

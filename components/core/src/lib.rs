@@ -6,6 +6,7 @@
 //! the sidecar's event protocol and the idle deadline the sweeper acts on.
 
 pub mod children;
+pub mod clock;
 pub mod events;
 pub mod id;
 pub mod idle;
