@@ -63,8 +63,7 @@ impl SidecarRegistry {
             .iter()
             .map(|(pod, (h, alive))| {
                 let live = match alive.upgrade() {
-                    // The monitor's atomic count, not the coalesced snapshot: exact after every step.
-                    Some(_) => h.state().live_connections,
+                    Some(_) => h.subscribe().borrow().live_connections,
                     None => 0,
                 };
                 (pod.clone(), live)
