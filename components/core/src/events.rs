@@ -32,6 +32,20 @@ pub struct SidecarState {
     pub live_connections: u64,
     /// Whole seconds since the last connect, disconnect or request.
     pub seconds_since_active: u64,
+    /// The same in milliseconds, from writers that know it (readers fall back to
+    /// `seconds_since_active`, which loses up to a second of the countdown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub millis_since_active: Option<u64>,
+}
+
+impl SidecarState {
+    /// Time since the last activity, as precisely as the writer reported it.
+    pub fn idle(&self) -> std::time::Duration {
+        match self.millis_since_active {
+            Some(ms) => std::time::Duration::from_millis(ms),
+            None => std::time::Duration::from_secs(self.seconds_since_active),
+        }
+    }
 }
 
 fn default_version() -> u32 {
@@ -198,6 +212,7 @@ mod tests {
             ready: true,
             live_connections: 2,
             seconds_since_active: 0,
+            millis_since_active: Some(250),
         }
     }
 
@@ -288,6 +303,7 @@ mod tests {
                 .iter()
                 .map(|&(ready, live, idle)| SidecarEvent::State(SidecarState {
                     v: PROTOCOL_VERSION, ready, live_connections: live, seconds_since_active: idle,
+                    millis_since_active: Some(idle * 1000),
                 }))
                 .collect();
             let wire: String = events.iter().map(SidecarEvent::to_sse).collect();

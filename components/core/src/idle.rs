@@ -28,7 +28,7 @@ pub fn idle_verdict(
     if state.live_connections > 0 {
         return IdleVerdict::Active;
     }
-    let idle = Duration::from_secs(state.seconds_since_active).saturating_add(elapsed_since_report);
+    let idle = state.idle().saturating_add(elapsed_since_report);
     if idle > grace {
         IdleVerdict::PastGrace { idle }
     } else {
@@ -50,6 +50,7 @@ mod tests {
             ready: true,
             live_connections: live,
             seconds_since_active: idle,
+            millis_since_active: None,
         }
     }
 

@@ -32,6 +32,10 @@ impl Activity {
             ready: self.ready,
             live_connections: self.live_connections,
             seconds_since_active: now.saturating_duration_since(self.last_active).as_secs(),
+            millis_since_active: Some(
+                u64::try_from(now.saturating_duration_since(self.last_active).as_millis())
+                    .unwrap_or(u64::MAX),
+            ),
         }
     }
 }

@@ -76,6 +76,7 @@ async fn main() {
                     ready: true,
                     live_connections: 1,
                     seconds_since_active: 0,
+                    millis_since_active: None,
                 };
                 let stream = futures::stream::unfold(true, move |first| async move {
                     if !first {

@@ -108,6 +108,7 @@ mod tests {
             ready,
             live_connections: live,
             seconds_since_active: idle,
+            millis_since_active: None,
         }
     }
 

@@ -124,6 +124,7 @@ impl FakeSidecar {
                 } else {
                     c.last_active.elapsed().as_secs()
                 },
+                millis_since_active: None,
             },
             c.silent,
             c.version,
