@@ -85,12 +85,11 @@ impl Backend {
     }
 }
 
-/// A connection that opens this close to a sweep cannot be seen by it: the sweeper decides on
-/// the sidecar's last report, and the user looked the backend up while it was still Ready.
-/// Such a connection is cut when the swept pod stops (the user reconnects to a new backend);
-/// closing the race would need the sidecar to refuse connections once swept — see
-/// docs/simulation.md. A connection older than this at the time of the sweep is a violation.
-pub const RACE_WINDOW: Duration = Duration::from_secs(1);
+/// How long before a sweep a connection may have opened without breaking the invariant: zero.
+/// The sweeper seals the sidecar before it writes the sweep (`spawner_core::events::SEAL_PATH`),
+/// and a sealed sidecar refuses every new connection, so no connection can be live when a
+/// backend is swept, however close to the sweep it was attempted.
+pub const RACE_WINDOW: Duration = Duration::ZERO;
 
 /// Reasons that stop a backend on purpose, whatever its connections.
 const REQUESTED_STOPS: [&str; 2] = ["TerminateRequested", "MaxLifetimeExceeded"];
@@ -377,23 +376,21 @@ mod tests {
     }
 
     #[test]
-    fn connections_racing_the_sweep_are_not_violations() {
+    fn a_connection_racing_the_sweep_is_a_violation() {
+        // The sidecar is sealed before the sweep, so even a connection opened half a second
+        // earlier and still live means the sweep did not wait for it.
         let mut c = InvariantChecker::new();
         created(&mut c, "b1", "k");
         c.observe(S(1), phase("b1", Phase::Ready)).expect("ready");
         c.observe(Duration::from_millis(3_500), live("b1", 1))
             .expect("live");
-        c.observe(S(4), phase("b1", Phase::Swept))
-            .expect("opened within the race window");
-        c.observe(S(6), phase("b1", Phase::Terminated))
-            .expect("stopped since the sweep");
-        c.observe(
-            S(9),
-            Observation::Deleted {
-                backend: "b1".into(),
-            },
-        )
-        .expect("the connection came after the sweep");
+        let v = c
+            .observe(S(4), phase("b1", Phase::Swept))
+            .expect_err("swept with a live connection");
+        assert_eq!(
+            v.invariant,
+            "no backend is swept or terminated with a live connection"
+        );
     }
 
     #[test]

@@ -63,7 +63,8 @@ impl SidecarRegistry {
             .iter()
             .map(|(pod, (h, alive))| {
                 let live = match alive.upgrade() {
-                    Some(_) => h.subscribe().borrow().live_connections,
+                    // The monitor's atomic count, not the coalesced snapshot: exact after every step.
+                    Some(_) => h.state().live_connections,
                     None => 0,
                 };
                 (pod.clone(), live)

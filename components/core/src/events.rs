@@ -17,6 +17,15 @@ pub const EVENT_STATE: &str = "state";
 pub const EVENT_HEARTBEAT: &str = "heartbeat";
 /// Path of the event stream on the sidecar's serve port.
 pub const EVENTS_PATH: &str = "/_spawner/events";
+/// Path where the sweeper seals a backend before it sweeps it (`POST`, with the events token):
+/// the sidecar answers `200` and refuses every new connection from then on (for
+/// [`SEAL_HOLD_SECONDS`]) if it has no live connection, or `409` if it has one. Sealing closes
+/// the race between the sweeper deciding a backend is idle and a user connecting to it while
+/// the sweep is written: no connection can be accepted once the sweep is decided.
+pub const SEAL_PATH: &str = "/_spawner/seal";
+/// How long a seal holds: long enough for the sweep to be written and the pod to be stopped;
+/// a sweep that could not be written does not leave the backend refusing users for good.
+pub const SEAL_HOLD_SECONDS: u64 = 30;
 /// Header carrying the events token (`Authorization: Bearer <token>` works too).
 pub const EVENTS_TOKEN_HEADER: &str = "x-spawner-token";
 

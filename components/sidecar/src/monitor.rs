@@ -62,6 +62,8 @@ pub(crate) struct Monitor {
     /// false → true edge so the hot path rarely touches the notifier.
     dirty: AtomicBool,
     changed: Notify,
+    /// Milliseconds since `epoch` until which new connections are refused (0: not sealed).
+    sealed_until_ms: AtomicU64,
     /// Woken when the proxy sees the application refuse a connection.
     pub probe_wake: Notify,
     pub counters: Counters,
@@ -83,6 +85,7 @@ impl Monitor {
             last_active_ms: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             changed: Notify::new(),
+            sealed_until_ms: AtomicU64::new(0),
             probe_wake: Notify::new(),
             counters: Counters::default(),
             published,
@@ -120,6 +123,35 @@ impl Monitor {
             .fetch_add(1, Ordering::Relaxed);
         self.set_ready(false);
         self.probe_wake.notify_one();
+    }
+
+    fn now_ms(&self) -> u64 {
+        let ms = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX)
+    }
+
+    /// Whether new connections are refused because the backend is being swept.
+    pub fn is_sealed(&self) -> bool {
+        let until = self.sealed_until_ms.load(Ordering::SeqCst);
+        until != 0 && self.now_ms() < until
+    }
+
+    /// Seals the backend for `hold` if it has no live connection; `false` (and nothing sealed)
+    /// when it has one. Together with the check after [`Monitor::connection_started`] this is
+    /// race-free: a connection either sees the seal or is seen by it (both use SeqCst).
+    pub fn try_seal(&self, hold: Duration) -> bool {
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX))
+            .max(1);
+        self.sealed_until_ms.store(until, Ordering::SeqCst);
+        if self.live.load(Ordering::SeqCst) > 0 {
+            self.sealed_until_ms.store(0, Ordering::SeqCst);
+            return false;
+        }
+        true
     }
 
     fn touch(&self) {

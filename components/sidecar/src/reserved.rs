@@ -9,7 +9,9 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use spawner_core::children::HEALTH_PATH;
-use spawner_core::events::{EVENTS_PATH, EVENTS_TOKEN_HEADER, SidecarEvent};
+use spawner_core::events::{
+    EVENTS_PATH, EVENTS_TOKEN_HEADER, SEAL_HOLD_SECONDS, SEAL_PATH, SidecarEvent,
+};
 use spawner_core::token::tokens_match;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -26,6 +28,9 @@ pub(crate) fn handle<C: Connect, B>(
     req: &Request<B>,
 ) -> Response<ResponseBody> {
     let path = req.uri().path();
+    if path == SEAL_PATH {
+        return seal(shared, req);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n");
     }
@@ -54,6 +59,39 @@ pub(crate) fn handle<C: Connect, B>(
             "no such sidecar path (paths under /_spawner/ are reserved)\n",
         ),
     }
+}
+
+/// `POST /_spawner/seal`: see `spawner_core::events::SEAL_PATH`.
+fn seal<C: Connect, B>(shared: &Arc<Shared<C>>, req: &Request<B>) -> Response<ResponseBody> {
+    if req.method() != Method::POST {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only POST here\n");
+    }
+    if !authorized(shared.config.events_token.as_deref(), req.headers()) {
+        return plain(
+            StatusCode::UNAUTHORIZED,
+            "a valid events token is required\n",
+        );
+    }
+    if shared
+        .monitor
+        .try_seal(std::time::Duration::from_secs(SEAL_HOLD_SECONDS))
+    {
+        tracing::info!("sealed: refusing new connections while the backend is swept");
+        plain(StatusCode::OK, "sealed\n")
+    } else {
+        plain(
+            StatusCode::CONFLICT,
+            "not sealed: the backend has live connections\n",
+        )
+    }
+}
+
+/// What a connection to a sealed (being swept) backend gets.
+pub(crate) fn sealed_response() -> Response<ResponseBody> {
+    plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "this backend has been swept; ask for a new one\n",
+    )
 }
 
 pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {

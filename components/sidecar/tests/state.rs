@@ -198,3 +198,59 @@ async fn the_binary_serves_and_drains_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Sealing: refused while a connection is live, then once idle it succeeds and every new
+/// connection is refused, so a sweep never races with a user connecting.
+#[tokio::test]
+async fn sealing_is_refused_while_live_and_then_refuses_new_connections() {
+    let app = WsApp::start().await;
+    let mut config = test_config(app.addr);
+    config.events_token = Some("t0ken".into());
+    let sidecar = TestSidecar::ready_with(config).await;
+    let seal = |token: Option<&'static str>| async move {
+        let mut request = post("/_spawner/seal", "");
+        if let Some(token) = token {
+            request
+                .headers_mut()
+                .insert("x-spawner-token", token.parse().unwrap());
+        }
+        HttpClient::connect(sidecar.addr)
+            .await
+            .request(request)
+            .await
+            .status
+    };
+
+    assert_eq!(seal(None).await, StatusCode::UNAUTHORIZED);
+    let mut ws = ws_connect(sidecar.addr, "/").await;
+    ws_echo(&mut ws, "hello").await;
+    assert_eq!(seal(Some("t0ken")).await, StatusCode::CONFLICT);
+    // A refused seal leaves the backend open.
+    let mut second = ws_connect(sidecar.addr, "/").await;
+    ws_echo(&mut second, "still open").await;
+    drop(ws);
+    drop(second);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while sidecar.handle.state().live_connections > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seal(Some("t0ken")).await, StatusCode::OK);
+    assert_eq!(
+        fetch(sidecar.addr, "/anything").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let refused = tokio_tungstenite::client_async(
+        format!("ws://{}/", sidecar.addr),
+        tokio::net::TcpStream::connect(sidecar.addr).await.unwrap(),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "a WebSocket to a sealed backend must be refused"
+    );
+    assert_eq!(sidecar.handle.state().live_connections, 0);
+}

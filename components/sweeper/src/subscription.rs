@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::Connect;
 use kube::Api;
-use spawner_core::events::{EVENTS_PATH, EVENTS_TOKEN_HEADER, SidecarEvent, SseParser};
+use spawner_core::events::{EVENTS_PATH, EVENTS_TOKEN_HEADER, SEAL_PATH, SidecarEvent, SseParser};
 use spawner_core::phase::Observation;
 use spawner_core::resource::SessionLivedBackend;
 use tokio::sync::watch;
@@ -262,7 +262,7 @@ where
             }
             _ = cancel.changed() => return End::Done,
         };
-        match act(step, target, api, tracker, shared).await {
+        match act(step, target, token, api, tracker, shared).await {
             Some(end) => return end,
             None => wake_at = step.wake_at,
         }
@@ -273,6 +273,7 @@ where
 async fn act<C>(
     step: Step,
     target: &Target,
+    token: &str,
     api: &Api<SessionLivedBackend>,
     tracker: &mut Tracker,
     shared: &Shared<C>,
@@ -313,6 +314,20 @@ where
         }
     }
     if let Some(idle) = step.sweep {
+        // Seal first: once the sidecar has sealed, no user can connect, so the sweep cannot
+        // race with a connection the event stream has not reported yet.
+        match seal(target, token, shared).await {
+            Seal::Sealed => {}
+            Seal::Live => {
+                tracing::info!(backend = %target.name, "not swept: a connection arrived");
+                return None;
+            }
+            Seal::Failed(reason) => {
+                metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = %target.name, %reason, "not swept: the sidecar could not be sealed");
+                return None;
+            }
+        }
         let observation = Observation::IdlePastGrace {
             idle_seconds: idle.as_secs(),
         };
@@ -332,6 +347,40 @@ where
         }
     }
     None
+}
+
+enum Seal {
+    Sealed,
+    Live,
+    Failed(String),
+}
+
+/// Asks the sidecar to refuse new connections before the sweep is written
+/// (`spawner_core::events::SEAL_PATH`).
+async fn seal<C>(target: &Target, token: &str, shared: &Shared<C>) -> Seal
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let uri: Uri = match format!("{}{SEAL_PATH}", target.url.trim_end_matches('/')).parse() {
+        Ok(uri) => uri,
+        Err(e) => return Seal::Failed(format!("bad seal URI: {e}")),
+    };
+    let request = match Request::post(uri)
+        .header(EVENTS_TOKEN_HEADER, token)
+        .body(Empty::new())
+    {
+        Ok(r) => r,
+        Err(e) => return Seal::Failed(e.to_string()),
+    };
+    match timeout(shared.config.read_timeout(), shared.http.request(request)).await {
+        Ok(Ok(response)) => match response.status() {
+            StatusCode::OK => Seal::Sealed,
+            StatusCode::CONFLICT => Seal::Live,
+            other => Seal::Failed(format!("the sidecar answered {other}")),
+        },
+        Ok(Err(e)) => Seal::Failed(e.to_string()),
+        Err(_) => Seal::Failed("the sidecar did not answer in time".into()),
+    }
 }
 
 #[cfg(test)]

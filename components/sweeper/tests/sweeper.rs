@@ -126,6 +126,10 @@ async fn marks_ready_never_sweeps_a_live_backend_and_sweeps_after_grace() {
     assert_eq!(phase_of(&client, "slab-live").await, Phase::Ready);
     wait_for_phase(&client, "slab-live", Phase::Swept, Duration::from_secs(10)).await;
     assert!(left.elapsed() >= Duration::from_secs(2));
+    assert!(
+        sidecar.control.lock().expect("lock").sealed,
+        "the sidecar is sealed before the sweep is written"
+    );
 
     let api: kube::Api<spawner_core::SessionLivedBackend> =
         kube::Api::default_namespaced(client.clone());

@@ -56,6 +56,8 @@ pub struct SidecarControl {
     /// A silent sidecar keeps connections open and sends nothing (a partition dropping packets).
     pub silent: bool,
     pub connections: u64,
+    /// Set when the sweeper sealed this sidecar (it refuses seals while `live > 0`).
+    pub sealed: bool,
     version: u64,
 }
 
@@ -78,18 +80,28 @@ impl FakeSidecar {
                 last_active: Instant::now(),
                 silent: false,
                 connections: 0,
+                sealed: false,
                 version: 0,
             })),
             token: Arc::new(Mutex::new(None)),
         };
-        let app = Router::new()
-            .route(
-                "/_spawner/events",
-                get(move |State(s): State<FakeSidecar>, headers: HeaderMap| {
-                    events(s, headers, heartbeat)
-                }),
-            )
-            .with_state(sidecar.clone());
+        let app =
+            Router::new()
+                .route(
+                    "/_spawner/events",
+                    get(move |State(s): State<FakeSidecar>, headers: HeaderMap| {
+                        events(s, headers, heartbeat)
+                    }),
+                )
+                .route(
+                    "/_spawner/seal",
+                    axum::routing::post(
+                        |State(s): State<FakeSidecar>, headers: HeaderMap| async move {
+                            seal(s, headers)
+                        },
+                    ),
+                )
+                .with_state(sidecar.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         sidecar
     }
@@ -130,6 +142,24 @@ impl FakeSidecar {
             c.version,
         )
     }
+}
+
+/// As the real sidecar: 409 while a connection is live, else sealed.
+fn seal(sidecar: FakeSidecar, headers: HeaderMap) -> Response {
+    let expected = sidecar.token.lock().expect("lock").clone();
+    let given = headers
+        .get(EVENTS_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if expected.is_none() || expected != given {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut control = sidecar.control.lock().expect("lock");
+    if control.live > 0 {
+        return StatusCode::CONFLICT.into_response();
+    }
+    control.sealed = true;
+    StatusCode::OK.into_response()
 }
 
 async fn events(sidecar: FakeSidecar, headers: HeaderMap, heartbeat: Duration) -> Response {
