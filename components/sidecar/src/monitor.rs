@@ -179,6 +179,21 @@ impl Monitor {
         }
     }
 
+    /// [`Monitor::connection_started`] unless the backend is sealed. The seal is checked before
+    /// counting and again after: a seal that raced with this connection either saw it (and
+    /// failed) or is seen here (and the connection is refused).
+    pub(crate) fn connection_started_unless_sealed(self: &Arc<Self>) -> Option<LiveGuard> {
+        if self.is_sealed() {
+            return None;
+        }
+        let guard = self.connection_started();
+        if self.is_sealed() {
+            drop(guard);
+            return None;
+        }
+        Some(guard)
+    }
+
     /// Publishes changes to the watch channel, at most one snapshot per `coalesce`.
     pub async fn publish(self: Arc<Self>, coalesce: Duration) {
         loop {

@@ -147,15 +147,9 @@ async fn forward<C: Connect>(
     req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let shared = &conn.shared;
-    if shared.monitor.is_sealed() {
+    let Some(guard) = shared.monitor.connection_started_unless_sealed() else {
         return reserved::sealed_response();
-    }
-    let guard = shared.monitor.connection_started();
-    // Checked again once counted: a seal that raced with this connection saw it or is seen here.
-    if shared.monitor.is_sealed() {
-        drop(guard);
-        return reserved::sealed_response();
-    }
+    };
     let limit = shared.config.max_request_body_bytes;
     if let Some(limit) = limit
         && content_length(req.headers()).is_some_and(|len| len > limit)

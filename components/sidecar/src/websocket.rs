@@ -71,15 +71,9 @@ pub(crate) async fn proxy<L: Listener, C: Connect>(
 ) -> Response<ResponseBody> {
     let shared = &conn.shared;
     // Live from the handshake until the relay ends, whichever side ends it.
-    if shared.monitor.is_sealed() {
+    let Some(guard) = shared.monitor.connection_started_unless_sealed() else {
         return crate::reserved::sealed_response();
-    }
-    let guard = shared.monitor.connection_started();
-    // Checked again once counted: a seal that raced with this connection saw it or is seen here.
-    if shared.monitor.is_sealed() {
-        drop(guard);
-        return crate::reserved::sealed_response();
-    }
+    };
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, _empty) = req.into_parts();
     let upgrade = parts
