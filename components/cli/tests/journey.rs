@@ -134,3 +134,38 @@ async fn spawn_talk_leave_swept_then_ctrl_c_leaves_nothing() {
     let marked = processes_with_env(&marker);
     assert!(marked.is_empty(), "backend processes left: {marked:?}");
 }
+
+/// If `spawner dev` itself is killed (SIGKILL: no chance to stop its pods), the kernel still
+/// takes the backends' processes with it: the node agent starts them with a parent-death
+/// signal (util-linux `setpriv --pdeathsig`, which `.ci/run`'s machines have).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_spawner_dev_outright_takes_its_backends_with_it() {
+    assert!(
+        std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "this test needs util-linux's setpriv (Debian: util-linux)"
+    );
+    let dev = Dev::start(DevOptions::default());
+    let api = dev.api();
+    let name = api
+        .spawn(&json!({"command": [SPAWNER, "demo-backend"], "gracePeriodSeconds": 60}))
+        .await;
+    let events = api.follow(&name, Duration::from_secs(30)).await;
+    assert_eq!(phases(&events), PHASES_TO_READY, "phases of {name}");
+    let pid = app_pid(&dev.kubeconfig, &name).await;
+    let app = process(pid).expect("the app process runs while the backend is Ready");
+    assert_eq!(
+        app.ppid, dev.pid as i32,
+        "the app is spawner dev's own child (setpriv execs in place)"
+    );
+
+    // SAFETY: kill has no memory-safety preconditions; only the dev process, not its group.
+    unsafe { libc::kill(dev.pid as i32, libc::SIGKILL) };
+    let alive = wait_gone(&[app], Duration::from_secs(10));
+    assert!(
+        alive.is_empty(),
+        "backend processes outlived a killed spawner dev: {alive:?}"
+    );
+}

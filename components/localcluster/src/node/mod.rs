@@ -11,6 +11,7 @@
 
 mod agent;
 pub mod clock;
+mod launch;
 pub mod plan;
 pub mod process;
 pub mod registration;

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::launch;
 use super::runtime::{
     ContainerExit, ContainerPlan, ContainerRun, ContainerStart, PodRuntime, PodSandbox,
     ProbeTarget, RunningPod, RuntimeError, SandboxRequest, SidecarPlan,
@@ -248,29 +249,19 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
             env,
             working_dir,
         } = process;
-        let Some((program, args)) = argv.split_first() else {
-            return Err("empty command".into());
-        };
-        let mut command = tokio::process::Command::new(program);
+        let (program, args) =
+            launch::command_line(argv, env, working_dir.map(std::path::Path::new))?;
+        // No `pre_exec` hook here: it would make the standard library fork the agent instead
+        // of using posix_spawn (see `launch`).
+        let mut command = tokio::process::Command::new(&program);
         command
-            .args(args)
+            .args(&args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             // Its own process group, so the whole tree can be signalled at once.
             .process_group(0);
         if let Some(dir) = working_dir {
             command.current_dir(dir);
-        }
-        // If the agent dies without stopping its pods, the kernel kills the group leaders.
-        #[cfg(target_os = "linux")]
-        // SAFETY: prctl is async-signal-safe; the closure touches no shared state.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
         }
         let piped = match self.output(sandbox, name)? {
             Some((stdout, stderr)) => {
@@ -284,7 +275,7 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
         };
         let mut child = command
             .spawn()
-            .map_err(|e| format!("cannot start {program:?}: {e}"))?;
+            .map_err(|e| format!("cannot start {:?}: {e}", argv[0]))?;
         let pid = child
             .id()
             .ok_or("process exited before it could be observed")?;
