@@ -167,7 +167,7 @@ pub async fn run(
         let kube_shutdown = kube_shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
-                r = spawner_localcluster::serve(kube_listener, cluster) => r.map_err(anyhow::Error::from),
+                r = spawner_localcluster::serve(crate::components::without_nagle(kube_listener), cluster) => r.map_err(anyhow::Error::from),
                 _ = kube_shutdown.cancelled() => Ok(()),
             }
             .context("localcluster")
@@ -259,7 +259,7 @@ pub async fn run(
         let config = api_args.config()?;
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            spawner_api::run(client, api_listener, config, shutdown.cancelled_owned())
+            spawner_api::run(client, crate::components::without_nagle(api_listener), config, shutdown.cancelled_owned())
                 .await
                 .context("api")
         });

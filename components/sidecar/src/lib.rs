@@ -64,6 +64,8 @@ pub struct SidecarConfig {
     /// Period of the event stream's heartbeat.
     pub heartbeat_interval: Duration,
     /// First and longest pause between readiness probes while the application does not accept.
+    /// The first is short because a loopback connect costs microseconds and most apps bind
+    /// within milliseconds of starting: every millisecond here is spawn-to-ready latency.
     pub probe_backoff_min: Duration,
     pub probe_backoff_max: Duration,
     /// A readiness probe that has not connected by then counts as failed.
@@ -95,7 +97,7 @@ impl SidecarConfig {
             ws_max_missed_pongs: 2,
             ws_close_linger: Duration::from_secs(2),
             heartbeat_interval: Duration::from_secs(5),
-            probe_backoff_min: Duration::from_millis(20),
+            probe_backoff_min: Duration::from_millis(2),
             probe_backoff_max: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(2),
             ready_check_interval: Duration::from_secs(5),
