@@ -307,7 +307,27 @@ fn parse_resource_path(
     }))
 }
 
+/// Logs every request at debug level (`RUST_LOG=spawner_localcluster::server=debug`), like the
+/// real server's audit log at level Metadata: who asked what, and the answer.
 async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return serve_request(cluster, req).await;
+    }
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let started = std::time::Instant::now();
+    let response = serve_request(cluster, req).await;
+    tracing::debug!(
+        %method,
+        %uri,
+        status = response.status().as_u16(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}
+
+async fn serve_request(cluster: Cluster, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let limit = cluster.shared.config.max_request_bytes;
     let body = match axum::body::to_bytes(body, limit).await {

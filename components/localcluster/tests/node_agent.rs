@@ -54,9 +54,20 @@ fn start_agent(
     policy: SchedulingPolicy,
     first_ip: Ipv4Addr,
 ) -> RunningAgent {
+    start_agent_with(client, nodes, policy, first_ip, 110)
+}
+
+fn start_agent_with(
+    client: &Client,
+    nodes: &[&str],
+    policy: SchedulingPolicy,
+    first_ip: Ipv4Addr,
+    max_pods: u32,
+) -> RunningAgent {
     let config = NodeAgentConfig {
         nodes: nodes.iter().map(|n| n.to_string()).collect(),
         scheduling: Some(policy),
+        max_pods,
         heartbeat_interval: Duration::from_millis(500),
         shutdown_grace: Duration::from_secs(2),
         ..NodeAgentConfig::default()
@@ -568,4 +579,100 @@ async fn http_get(addr: &str, path: &str) -> String {
         .expect("response in time")
         .unwrap();
     String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Bindings run concurrently, so a burst must still respect each node's capacity: pods whose
+/// binding is in flight count on their node. Ten pods at once on two nodes of three pods each:
+/// exactly six are bound (three per node), four wait Unschedulable, and they are bound as
+/// room frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_pods_never_overfills_a_node() {
+    let client = start_cluster().await;
+    let agent = start_agent_with(
+        &client,
+        &["n1", "n2"],
+        SchedulingPolicy::LeastLoaded,
+        Ipv4Addr::new(127, 9, 0, 1),
+        3,
+    );
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    // The nodes first, so no pod is bound before both exist.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while nodes.list(&Default::default()).await.unwrap().items.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "nodes registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let names: Vec<String> = (0..10).map(|i| format!("burst-{i}")).collect();
+    let creates = names.iter().map(|name| {
+        let pods = pods.clone();
+        let pod = process_pod(name, "exec sleep 300", 1);
+        async move { pods.create(&PostParams::default(), &pod).await.unwrap() }
+    });
+    futures::future::join_all(creates).await;
+
+    let per_node = |list: &[Pod]| {
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for pod in list {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                *counts.entry(node).or_default() += 1;
+            }
+        }
+        counts
+    };
+    // Wait until the four that do not fit are reported Unschedulable.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let list = loop {
+        let list = pods.list(&Default::default()).await.unwrap().items;
+        let unschedulable = list
+            .iter()
+            .filter(|p| condition(p, "PodScheduled").as_deref() == Some("False"))
+            .count();
+        let counts = per_node(&list);
+        assert!(
+            counts.values().all(|&n| n <= 3),
+            "a node got more than its 3 pods: {counts:?}"
+        );
+        if unschedulable == 4 && counts.values().sum::<usize>() == 6 {
+            break list;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never settled at 6 bound + 4 unschedulable: {counts:?}, {unschedulable} unschedulable"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        per_node(&list).into_values().collect::<Vec<_>>(),
+        vec![3, 3],
+        "least loaded spreads the burst evenly"
+    );
+
+    // Room frees up: the waiting pods are bound, still never beyond capacity.
+    let bound: Vec<String> = list
+        .iter()
+        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    for name in &bound {
+        pods.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    for name in &bound {
+        wait_gone(&pods, name).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let list = pods.list(&Default::default()).await.unwrap().items;
+        let counts = per_node(&list);
+        assert!(counts.values().all(|&n| n <= 3), "{counts:?}");
+        if list.len() == 4 && counts.values().sum::<usize>() == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting pods were never bound: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.stop().await;
 }

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{Future, StreamExt};
@@ -44,8 +45,21 @@ struct Agent<R> {
     /// Pods already reported Unschedulable.
     unschedulable: HashSet<String>,
     round_robin: usize,
-    binding_supported: bool,
+    /// Pods whose binding request is in flight, by uid, with the node they are bound to: they
+    /// count as that node's load, and are not scheduled again meanwhile.
+    binding: HashMap<String, String>,
+    /// The bindings in flight. Binding is concurrent because one request per pod, one after the
+    /// other in the watch loop, was the slowest step of a burst of spawns (docs/node-agent.md).
+    bindings: JoinSet<BindOutcome>,
+    binding_supported: Arc<AtomicBool>,
     tasks: JoinSet<String>,
+}
+
+/// How one binding request ended.
+struct BindOutcome {
+    uid: String,
+    node: String,
+    result: Result<(), kube::Error>,
 }
 
 fn uid_of(pod: &Pod) -> String {
@@ -114,9 +128,13 @@ impl<R: PodRuntime> Agent<R> {
                 labels: node.all_labels(),
                 pods: self
                     .pods
-                    .values()
-                    .filter(|p| {
-                        node_of(p) == Some(node.name.as_str()) && schedule::counts_as_load(p)
+                    .iter()
+                    .filter(|(uid, p)| {
+                        let on_node = match node_of(p) {
+                            Some(bound) => bound == node.name,
+                            None => self.binding.get(*uid) == Some(&node.name),
+                        };
+                        on_node && schedule::counts_as_load(p)
                     })
                     .count()
                     .try_into()
@@ -127,8 +145,9 @@ impl<R: PodRuntime> Agent<R> {
     }
 
     /// Bind `uid` to one of the agent's nodes, as kube-scheduler does: POST to the pod's
-    /// `binding` subresource (the API server sets spec.nodeName and PodScheduled).
-    async fn schedule(&mut self, uid: &str) {
+    /// `binding` subresource (the API server sets spec.nodeName and PodScheduled). The request
+    /// runs as its own task; [`Agent::bound`] takes its outcome.
+    fn schedule(&mut self, uid: &str) {
         let Some(policy) = self.config.scheduling else {
             return;
         };
@@ -137,6 +156,9 @@ impl<R: PodRuntime> Agent<R> {
         };
         if !schedule::wants_scheduling(&pod, &self.config.scheduler_name) {
             self.retry_scheduling.remove(uid);
+            return;
+        }
+        if self.binding.contains_key(uid) {
             return;
         }
         let name = pod.metadata.name.clone().unwrap_or_default();
@@ -156,91 +178,71 @@ impl<R: PodRuntime> Agent<R> {
                     "message": message,
                     "lastTransitionTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(self.ctx.clock.now()),
                 }]}});
-                if let Err(e) = api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    tracing::debug!(pod = %name, error = %e, "cannot mark pod unschedulable");
-                }
+                tokio::spawn(async move {
+                    if let Err(e) = api
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                    {
+                        tracing::debug!(pod = %name, error = %e, "cannot mark pod unschedulable");
+                    }
+                });
             }
             return;
         };
         let node = loads[chosen].name.clone();
-        match self.bind(&api, &name, uid, &node).await {
-            Ok(()) => {
-                tracing::info!(pod = %format!("{namespace}/{name}"), %node, "pod scheduled");
-                self.retry_scheduling.remove(uid);
-                // Count it on its node before the watch shows the binding.
-                let mut bound = (*pod).clone();
-                if let Some(spec) = bound.spec.as_mut() {
-                    spec.node_name = Some(node);
-                }
-                self.apply(bound);
-            }
-            Err(e) if api_code(&e) == Some(409) => {
+        self.retry_scheduling.remove(uid);
+        self.binding.insert(uid.to_string(), node.clone());
+        let supported = self.binding_supported.clone();
+        let uid = uid.to_string();
+        self.bindings.spawn(async move {
+            let result = bind(&api, &name, &uid, &node, &supported).await;
+            let pod = format!("{namespace}/{name}");
+            match &result {
+                Ok(()) => tracing::info!(%pod, %node, "pod scheduled"),
                 // Another scheduler bound it first; the watch will show where.
-                self.retry_scheduling.remove(uid);
+                Err(e) if api_code(e) == Some(409) => {}
+                Err(e) => tracing::warn!(%pod, error = %e, "binding failed; retrying"),
             }
-            Err(e) => {
-                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "binding failed; retrying");
-                self.retry_scheduling.insert(uid.to_string());
-            }
-        }
+            BindOutcome { uid, node, result }
+        });
     }
 
-    async fn bind(
-        &mut self,
-        api: &Api<Pod>,
-        name: &str,
-        uid: &str,
-        node: &str,
-    ) -> Result<(), kube::Error> {
-        if self.binding_supported {
-            let binding = json!({
-                "apiVersion": "v1",
-                "kind": "Binding",
-                "metadata": {"name": name, "uid": uid},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
-            });
-            match api
-                .create_subresource::<_, serde_json::Value>(
-                    "binding",
-                    name,
-                    &PostParams::default(),
-                    &binding,
-                )
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(e) if matches!(api_code(&e), Some(404 | 405)) => {
-                    // Either the pod is gone or the server has no binding subresource.
-                    let current = api.get_opt(name).await?;
-                    if current.as_ref().and_then(|p| p.metadata.uid.as_deref()) != Some(uid) {
-                        return Err(e);
+    /// Takes the outcome of a binding request.
+    fn bound(&mut self, outcome: BindOutcome) {
+        let BindOutcome { uid, node, result } = outcome;
+        self.binding.remove(&uid);
+        match result {
+            Ok(()) => {
+                // Count it on its node before the watch shows the binding (unless it already
+                // did, or the pod is gone).
+                if let Some(pod) = self.pods.get(&uid)
+                    && node_of(pod).is_none_or(str::is_empty)
+                {
+                    let mut bound = (**pod).clone();
+                    if let Some(spec) = bound.spec.as_mut() {
+                        spec.node_name = Some(node);
                     }
-                    tracing::warn!(
-                        "the API server has no pods/binding; scheduling by patching spec.nodeName"
-                    );
-                    self.binding_supported = false;
+                    self.apply(bound);
                 }
-                Err(e) => return Err(e),
+            }
+            Err(e) if api_code(&e) == Some(409) => {}
+            Err(_) => {
+                if self.pods.contains_key(&uid) {
+                    self.retry_scheduling.insert(uid);
+                }
             }
         }
-        let patch = json!({"metadata": {"uid": uid}, "spec": {"nodeName": node}});
-        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        Ok(())
     }
 
-    async fn retry_pending(&mut self) {
+    fn retry_pending(&mut self) {
         let mut pending: Vec<String> = self.retry_scheduling.iter().cloned().collect();
         pending.sort();
         for uid in pending {
-            self.schedule(&uid).await;
+            self.schedule(&uid);
         }
     }
 
-    async fn handle(&mut self, event: Event<Pod>) {
+    fn handle(&mut self, event: Event<Pod>) {
         match event {
             Event::Init => self.relist = Some(HashSet::new()),
             Event::InitApply(pod) => {
@@ -274,7 +276,7 @@ impl<R: PodRuntime> Agent<R> {
                     .collect();
                 pending.sort();
                 for (_, uid) in pending {
-                    self.schedule(&uid).await;
+                    self.schedule(&uid);
                 }
             }
             Event::Apply(pod) => {
@@ -282,12 +284,59 @@ impl<R: PodRuntime> Agent<R> {
                 let pending = schedule::wants_scheduling(&pod, &self.config.scheduler_name);
                 self.apply(pod);
                 if pending && self.relist.is_none() {
-                    self.schedule(&uid).await;
+                    self.schedule(&uid);
                 }
             }
             Event::Delete(pod) => self.remove(&uid_of(&pod)),
         }
     }
+}
+
+/// Binds pod `name` (with `uid`) to `node`: through `pods/binding` while the server has it,
+/// else by patching `spec.nodeName` (then `supported` turns false for every later binding).
+async fn bind(
+    api: &Api<Pod>,
+    name: &str,
+    uid: &str,
+    node: &str,
+    supported: &AtomicBool,
+) -> Result<(), kube::Error> {
+    if supported.load(Ordering::Relaxed) {
+        let binding = json!({
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "uid": uid},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        });
+        match api
+            .create_subresource::<_, serde_json::Value>(
+                "binding",
+                name,
+                &PostParams::default(),
+                &binding,
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if matches!(api_code(&e), Some(404 | 405)) => {
+                // Either the pod is gone or the server has no binding subresource.
+                let current = api.get_opt(name).await?;
+                if current.as_ref().and_then(|p| p.metadata.uid.as_deref()) != Some(uid) {
+                    return Err(e);
+                }
+                if supported.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the API server has no pods/binding; scheduling by patching spec.nodeName"
+                    );
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let patch = json!({"metadata": {"uid": uid}, "spec": {"nodeName": node}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }
 
 async fn register_all(
@@ -398,7 +447,9 @@ pub(crate) async fn run<R: PodRuntime>(
         retry_scheduling: HashSet::new(),
         unschedulable: HashSet::new(),
         round_robin: 0,
-        binding_supported: true,
+        binding: HashMap::new(),
+        bindings: JoinSet::new(),
+        binding_supported: Arc::new(AtomicBool::new(true)),
         tasks: JoinSet::new(),
     };
 
@@ -410,7 +461,7 @@ pub(crate) async fn run<R: PodRuntime>(
         tokio::select! {
             () = &mut shutdown => break,
             event = events.next() => match event {
-                Some(Ok(event)) => agent.handle(event).await,
+                Some(Ok(event)) => agent.handle(event),
                 Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; restarting it"),
                 None => break,
             },
@@ -418,7 +469,11 @@ pub(crate) async fn run<R: PodRuntime>(
                 Ok(uid) => agent.worker_done(uid),
                 Err(e) => tracing::error!(error = %e, "pod worker failed"),
             },
-            _ = retry.tick(), if !agent.retry_scheduling.is_empty() => agent.retry_pending().await,
+            Some(done) = agent.bindings.join_next() => match done {
+                Ok(outcome) => agent.bound(outcome),
+                Err(e) => tracing::error!(error = %e, "binding task failed"),
+            },
+            _ = retry.tick(), if !agent.retry_scheduling.is_empty() => agent.retry_pending(),
         }
     }
 
