@@ -13,6 +13,7 @@
 //! [`run`] receives its listener and its upstream connector ([`Listener`], [`Connect`]), so tests
 //! use loopback sockets and the simulator turmoil's; all waiting is `tokio::time`.
 
+pub mod balance;
 mod body;
 mod drain;
 mod frames;

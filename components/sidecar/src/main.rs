@@ -1,15 +1,16 @@
 //! `spawner-sidecar`: parses its configuration, binds the serve port and runs the sidecar until
 //! SIGTERM or SIGINT, then drains.
 //!
-//! Like nginx's workers, it runs one single-threaded runtime per core, each accepting on its own
-//! `SO_REUSEPORT` listener: a connection's tasks never hop between threads. All of them share
-//! one sidecar (monitor, readiness, drain).
+//! Like nginx's workers, it runs one single-threaded runtime per core: a connection's tasks never
+//! hop between threads. One listener feeds them all, each new connection going to the runtime
+//! with the fewest live ones (`balance`). All of them share one sidecar (monitor, readiness,
+//! drain).
 
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::Parser;
-use spawner_sidecar::{Sidecar, SidecarArgs, TcpConnector};
+use spawner_sidecar::{Sidecar, SidecarArgs, TcpConnector, balance};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -49,23 +50,28 @@ fn main() -> anyhow::Result<()> {
     tracing::info!(%addr, upstream = %config.upstream, threads, "spawner sidecar serving");
     let (sidecar, _handle) = Sidecar::new(TcpConnector, config)?;
 
-    // The first listener is bound before any thread starts, so a port in use fails fast.
+    // The listener is bound before any thread starts, so a port in use fails fast.
     let main_runtime = runtime()?;
-    let first = main_runtime.block_on(async { bind(addr) })?;
+    let listener = main_runtime.block_on(async { bind(addr) })?;
+    let (acceptor, mut lanes) = balance::balanced(listener, threads);
+    let main_lane = lanes.remove(0);
     let mut workers = Vec::new();
-    for i in 1..threads {
+    for (i, lane) in lanes.into_iter().enumerate() {
         let sidecar = sidecar.clone();
         let worker_runtime = runtime()?;
-        let listener = worker_runtime.block_on(async { bind(addr) })?;
         workers.push(
             std::thread::Builder::new()
-                .name(format!("sidecar-{i}"))
-                .spawn(move || worker_runtime.block_on(sidecar.serve(listener)))
+                .name(format!("sidecar-{}", i + 1))
+                .spawn(move || worker_runtime.block_on(sidecar.serve(lane)))
                 .context("starting a thread")?,
         );
     }
     let result = main_runtime.block_on(async {
-        let (_, result) = tokio::join!(sidecar.serve(first), sidecar.supervise(shutdown_signal()));
+        let (_, _, result) = tokio::join!(
+            acceptor.run(),
+            sidecar.serve(main_lane),
+            sidecar.supervise(shutdown_signal())
+        );
         result
     });
     for worker in workers {
@@ -76,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A listener on `addr` that shares the port with the other threads' listeners.
+/// The listener on `addr`; its connections are dealt out to the threads by `balance`.
 fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
@@ -84,8 +90,6 @@ fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         tokio::net::TcpSocket::new_v6()
     }?;
     socket.set_reuseaddr(true)?;
-    #[cfg(unix)]
-    socket.set_reuseport(true)?;
     socket
         .bind(addr)
         .with_context(|| format!("binding {addr}"))?;
