@@ -71,9 +71,14 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let listener = bind(args.listen).await?;
     let client = kube_client().await?;
-    spawner_api::run(client, without_nagle(listener), config, crate::shutdown_signal())
-        .await
-        .context("api")
+    spawner_api::run(
+        client,
+        without_nagle(listener),
+        config,
+        crate::shutdown_signal(),
+    )
+    .await
+    .context("api")
 }
 
 pub async fn sidecar(args: spawner_sidecar::SidecarArgs) -> anyhow::Result<()> {

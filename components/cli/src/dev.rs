@@ -259,9 +259,14 @@ pub async fn run(
         let config = api_args.config()?;
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            spawner_api::run(client, crate::components::without_nagle(api_listener), config, shutdown.cancelled_owned())
-                .await
-                .context("api")
+            spawner_api::run(
+                client,
+                crate::components::without_nagle(api_listener),
+                config,
+                shutdown.cancelled_owned(),
+            )
+            .await
+            .context("api")
         });
     }
     progress(&format!("api on {api_url}"));

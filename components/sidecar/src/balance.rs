@@ -217,13 +217,11 @@ mod tests {
         for i in 0..6 {
             clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
             let lane = i % 2;
-            let (io, _) = tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                lanes[lane].accept(),
-            )
-            .await
-            .expect("the least-loaded lane gets the connection")
-            .unwrap();
+            let (io, _) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), lanes[lane].accept())
+                    .await
+                    .expect("the least-loaded lane gets the connection")
+                    .unwrap();
             served.push(io);
         }
         assert_eq!(lanes[0].live.load(Ordering::Relaxed), 3);
@@ -242,13 +240,11 @@ mod tests {
         assert_eq!(lanes[0].live.load(Ordering::Relaxed), 0);
         for _ in 0..3 {
             clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
-            let (io, _) = tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                lanes[0].accept(),
-            )
-            .await
-            .expect("lane 0 is the least loaded")
-            .unwrap();
+            let (io, _) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), lanes[0].accept())
+                    .await
+                    .expect("lane 0 is the least loaded")
+                    .unwrap();
             kept.push(io);
         }
         assert_eq!(lanes[0].live.load(Ordering::Relaxed), 3);

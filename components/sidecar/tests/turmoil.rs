@@ -99,7 +99,10 @@ fn the_sidecar_runs_on_the_simulated_network_and_clock() -> turmoil::Result {
             .iter()
             .find(|(_, e)| e.state().ready)
             .expect("ready once the app binds");
-        assert!(*became_ready_at >= Duration::from_secs(3), "ready at {became_ready_at:?}");
+        assert!(
+            *became_ready_at >= Duration::from_secs(3),
+            "ready at {became_ready_at:?}"
+        );
         // Simulated time drives the idle clock: a few simulated seconds after the request.
         let (_, last) = events.last().expect("events");
         assert_eq!(last.state().live_connections, 0);

@@ -91,9 +91,7 @@ pub(crate) fn command_line(
         find_in_path(OsStr::new(program), &path)
     };
     let Some(resolved) = resolved else {
-        return Err(format!(
-            "cannot start {program:?}: no such executable file"
-        ));
+        return Err(format!("cannot start {program:?}: no such executable file"));
     };
     match setpriv() {
         Some(setpriv) => {
