@@ -254,7 +254,8 @@ impl InvariantChecker {
 
     /// Every backend idle past its grace period is swept within [`SWEEP_SLACK`]. Only checked
     /// while no fault is active (after a fault heals, sweeping must resume eventually: the
-    /// caller checks with `faults_healed_at` = the time the last fault ended).
+    /// caller passes `faults_healed_at`, the time from which the countdowns are owed again —
+    /// when the last fault healed, plus the time the world needs to recover from it).
     pub fn check_deadlines(
         &self,
         now: Duration,

@@ -12,10 +12,10 @@ use spawner_core::trace::Trace;
 use spawner_localcluster::{Cluster, ServerConfig};
 
 use crate::clock::{SimClock, sim_epoch};
-use crate::faults::{Fault, FaultKind};
+use crate::faults::{Fault, FaultKind, host_matches};
 use crate::invariants::{InvariantChecker, Observation, Violation};
 use crate::mutants::{DuplicatePodCreates, Mutant};
-use crate::net::{SimConnector, SimListener, kube_client, kube_client_over};
+use crate::net::{KUBE_READ_TIMEOUT, SimConnector, SimListener, kube_client, kube_client_over};
 use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
 use crate::users::{SharedReport, UsersConfig, UsersReport};
 
@@ -23,6 +23,12 @@ const API_TOKEN: &str = "sim-api-token";
 const KUBE_TOKEN: &str = "sim-admin";
 pub const EVENTS_SECRET: &str = "sim-events-secret";
 const NAMESPACE: &str = "default";
+/// Latency of every link while no fault slows it: turmoil draws each message's delay between
+/// these.
+pub const LINK_MIN_LATENCY: Duration = Duration::from_micros(200);
+pub const LINK_MAX_LATENCY: Duration = Duration::from_millis(5);
+/// turmoil's accept queue and receive buffer, in segments (its default is 64).
+const TCP_CAPACITY: usize = 4096;
 
 /// What to build and run.
 #[derive(Clone, Debug)]
@@ -159,6 +165,19 @@ fn slot_name(node: usize, slot: usize) -> String {
     format!("node-{node}-pod-{slot}")
 }
 
+/// Every host of the world `config` builds, by name.
+pub fn host_names(config: &WorldConfig) -> Vec<String> {
+    let mut hosts = vec!["apiserver".to_string(), "api".to_string()];
+    hosts.extend((0..config.controllers).map(|i| format!("controller-{i}")));
+    for n in 0..config.nodes {
+        hosts.push(node_name(n));
+        hosts.extend((0..config.slots_per_node).map(|s| slot_name(n, s)));
+    }
+    hosts.extend((0..config.user_hosts.max(1)).map(|k| format!("users-{k}")));
+    hosts.push("drain".into());
+    hosts
+}
+
 /// Builds the world of `config` and runs it to the end.
 pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
     let wall = Instant::now();
@@ -176,8 +195,11 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         .rng_seed(config.seed)
         .simulation_duration(horizon + Duration::from_secs(60))
         .tick_duration(config.tick)
-        .min_message_latency(Duration::from_micros(200))
-        .max_message_latency(Duration::from_millis(5))
+        // turmoil panics when a listener's accept queue overflows (a real one drops the SYN):
+        // after the api restarts, hundreds of waiting users reconnect in the same step.
+        .tcp_capacity(TCP_CAPACITY)
+        .min_message_latency(LINK_MIN_LATENCY)
+        .max_message_latency(LINK_MAX_LATENCY)
         .build();
 
     // The API server: its state lives outside the host, so crashing the host keeps it.
@@ -321,7 +343,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
     });
 
     let mut observer = Observer::new(cluster, sidecars, config.clone());
-    let mut faults = FaultRunner::new(config.faults.clone());
+    let mut faults = FaultRunner::new(config.faults.clone(), host_names(&config));
     loop {
         let done = match sim.step() {
             Ok(done) => done,
@@ -342,7 +364,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         };
         let now = sim.elapsed();
         faults.apply(&mut sim, now, &config);
-        if let Err(violation) = observer.observe(now, faults.healed_at(now)) {
+        if let Err(violation) = observer.observe(now, faults.deadlines_from(now)) {
             return Err(Box::new(Failure {
                 seed: config.seed,
                 violation,
@@ -417,7 +439,11 @@ impl Observer {
         self.events.iter().rev().take(30).rev().cloned().collect()
     }
 
-    fn observe(&mut self, now: Duration, healed_at: Option<Duration>) -> Result<(), Violation> {
+    fn observe(
+        &mut self,
+        now: Duration,
+        deadlines_from: Option<Duration>,
+    ) -> Result<(), Violation> {
         // Sidecars first: a connection opened in this step counts before a sweep seen in it.
         for (pod, live) in self.sidecars.live() {
             let backend = pod.rsplit('/').next().unwrap_or(&pod).to_string();
@@ -503,7 +529,7 @@ impl Observer {
             }
             self.checker.check_pods(now, &pods)?;
         }
-        self.checker.check_deadlines(now, healed_at)
+        self.checker.check_deadlines(now, deadlines_from)
     }
 
     /// Backends, pods and services still in the API server.
@@ -527,20 +553,66 @@ impl Observer {
     }
 }
 
+/// How long after `fault` heals the world may still be catching up, before sweeps are owed on
+/// time again.
+///
+/// A fault that drops traffic (a crash, a partition) leaves connections that carried it dead:
+/// turmoil, like a network that loses segments for good, never delivers what it dropped, so a
+/// request or stream in flight then only ends at its read timeout (the kube clients' and the
+/// sweeper's event streams', 15 s), after which the sweeper's next reconnect (up to its longest
+/// backoff, 10 s + 25 %) and the sidecar's next report (a heartbeat, 5 s) let it sweep. A slow
+/// link only delays what is in flight by its longest latency.
+fn recovery(fault: &FaultKind) -> Duration {
+    match fault {
+        FaultKind::Latency { max, .. } => *max,
+        _ => {
+            let sweeper = crate::components::sweeper_config("node", EVENTS_SECRET);
+            KUBE_READ_TIMEOUT.max(sweeper.read_timeout())
+                + sweeper.reconnect_max.mul_f64(1.25)
+                + sweeper.heartbeat
+        }
+    }
+}
+
 /// Applies a fault schedule as simulated time passes.
 struct FaultRunner {
     pending: Vec<Fault>,
     active: Vec<(Fault, Duration)>,
-    last_healed: Option<Duration>,
+    /// When the deadlines suspended by the faults that healed are owed again.
+    owed_from: Option<Duration>,
+    /// Every host of the world, for faults that name hosts by pattern.
+    hosts: Vec<String>,
 }
 
 impl FaultRunner {
-    fn new(mut faults: Vec<Fault>) -> Self {
+    fn new(mut faults: Vec<Fault>, hosts: Vec<String>) -> Self {
         faults.sort_by_key(|f| std::cmp::Reverse(f.at));
         Self {
             pending: faults,
             active: Vec::new(),
-            last_healed: None,
+            owed_from: None,
+            hosts,
+        }
+    }
+
+    /// Every pair of distinct hosts matching `a` and `b`.
+    fn links(&self, a: &str, b: &str) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        for x in self.hosts.iter().filter(|h| host_matches(a, h)) {
+            for y in self.hosts.iter().filter(|h| host_matches(b, h)) {
+                if x != y {
+                    pairs.push((x.clone(), y.clone()));
+                }
+            }
+        }
+        pairs
+    }
+
+    fn set_latency(&self, sim: &turmoil::Sim<'_>, a: &str, b: &str, min: Duration, max: Duration) {
+        for (x, y) in self.links(a, b) {
+            // Sets min and max to `min`, then raises max.
+            sim.set_link_latency(x.as_str(), y.as_str(), min);
+            sim.set_link_max_message_latency(x.as_str(), y.as_str(), max);
         }
     }
 
@@ -552,7 +624,7 @@ impl FaultRunner {
                 hosts
             }
             FaultKind::Crash { host } => vec![host.clone()],
-            FaultKind::Partition { .. } => Vec::new(),
+            FaultKind::Partition { .. } | FaultKind::Latency { .. } => Vec::new(),
         }
     }
 
@@ -563,6 +635,7 @@ impl FaultRunner {
             };
             match &fault.kind {
                 FaultKind::Partition { a, b } => sim.partition(a.as_str(), b.as_str()),
+                FaultKind::Latency { a, b, min, max } => self.set_latency(sim, a, b, *min, *max),
                 kind => {
                     for host in Self::hosts(kind, config) {
                         sim.crash(host.as_str());
@@ -572,6 +645,7 @@ impl FaultRunner {
             self.active.push((fault.clone(), fault.at + fault.duration));
         }
         let mut still = Vec::new();
+        let mut latency_healed = false;
         for (fault, until) in std::mem::take(&mut self.active) {
             if until > now {
                 still.push((fault, until));
@@ -579,23 +653,36 @@ impl FaultRunner {
             }
             match &fault.kind {
                 FaultKind::Partition { a, b } => sim.repair(a.as_str(), b.as_str()),
+                FaultKind::Latency { a, b, .. } => {
+                    self.set_latency(sim, a, b, LINK_MIN_LATENCY, LINK_MAX_LATENCY);
+                    latency_healed = true;
+                }
                 kind => {
                     for host in Self::hosts(kind, config) {
                         sim.bounce(host.as_str());
                     }
                 }
             }
-            self.last_healed = Some(now);
+            let owed = now + recovery(&fault.kind);
+            self.owed_from = Some(self.owed_from.map_or(owed, |o| o.max(owed)));
+        }
+        if latency_healed {
+            // Links that another latency fault still slows keep its latency.
+            for (fault, _) in &still {
+                if let FaultKind::Latency { a, b, min, max } = &fault.kind {
+                    self.set_latency(sim, a, b, *min, *max);
+                }
+            }
         }
         self.active = still;
     }
 
-    /// `None` when no fault ever happened; the time the last one healed otherwise (or now,
-    /// while one is active: deadlines are suspended during faults).
-    fn healed_at(&self, now: Duration) -> Option<Duration> {
+    /// `None` when no fault ever happened; otherwise when the idle deadlines are owed again
+    /// (now, while a fault is active: deadlines are suspended during faults).
+    fn deadlines_from(&self, now: Duration) -> Option<Duration> {
         if !self.active.is_empty() {
             return Some(now);
         }
-        self.last_healed
+        self.owed_from
     }
 }

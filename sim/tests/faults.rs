@@ -1,5 +1,6 @@
-//! Crashes and partitions of every component while users come and go: every invariant is
-//! checked at every step, sweeping resumes after the fault heals, and nothing leaks.
+//! Crashes, partitions and slow links of every component while users come and go: every
+//! invariant is checked at every step, sweeping resumes after the fault heals, and nothing
+//! leaks.
 
 use std::time::Duration;
 
@@ -56,6 +57,15 @@ fn crash(host: &str) -> FaultKind {
     FaultKind::Crash { host: host.into() }
 }
 
+fn latency(a: &str, b: &str, min_ms: u64, max_ms: u64) -> FaultKind {
+    FaultKind::Latency {
+        a: a.into(),
+        b: b.into(),
+        min: Duration::from_millis(min_ms),
+        max: Duration::from_millis(max_ms),
+    }
+}
+
 fn partition(a: &str, b: &str) -> FaultKind {
     FaultKind::Partition {
         a: a.into(),
@@ -108,6 +118,25 @@ fn components_are_partitioned_from_the_api_server() {
             (6, 10, partition("node-0", "apiserver")),
             (14, 8, partition("controller-0", "apiserver")),
             (22, 6, partition("api", "apiserver")),
+        ],
+    );
+}
+
+#[test]
+fn links_are_slow_and_jittery() {
+    // 200 ms to 2 s per message, drawn per message (segments overtake each other): between the
+    // sweepers and their sidecars, between every component and the API server, and then
+    // between the users and everything, in overlapping windows.
+    with_faults(
+        38,
+        vec![
+            (5, 25, latency("node-0", "node-0-pod-*", 200, 2_000)),
+            (5, 25, latency("node-1", "node-1-pod-*", 200, 2_000)),
+            (8, 20, latency("controller-0", "apiserver", 200, 2_000)),
+            (8, 20, latency("api", "apiserver", 200, 2_000)),
+            (8, 20, latency("node-0", "apiserver", 200, 2_000)),
+            (8, 20, latency("node-1", "apiserver", 200, 2_000)),
+            (20, 15, latency("users-*", "*", 200, 2_000)),
         ],
     );
 }
