@@ -1,5 +1,6 @@
 //! Fault schedules: crashes and restarts of components, API server or whole nodes, network
-//! partitions between hosts and slow, jittery links, at chosen simulated times.
+//! partitions between hosts, slow and jittery links, and clock steps, at chosen simulated
+//! times.
 
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ pub enum FaultKind {
         min: Duration,
         max: Duration,
     },
+    /// The wall clock of `host` jumps by `by_ms` milliseconds (negative: back), and is
+    /// corrected (jumps back by as much) when the fault ends. Timers and countdowns run on
+    /// monotonic time and do not move: only wall-clock readings do.
+    ClockStep { host: String, by_ms: i64 },
 }
 
 /// Whether host `name` matches `pattern`: the same name, or a prefix followed by `*`.
@@ -57,7 +62,7 @@ pub fn random_schedule(
             let at = start + Duration::from_millis(rng.below(span));
             let duration = Duration::from_millis(1_000 + rng.below(14_000));
             let node = rng.below(nodes.max(1) as u64) as usize;
-            let kind = match rng.below(8) {
+            let kind = match rng.below(9) {
                 0 => FaultKind::Crash {
                     host: format!("controller-{}", rng.below(controllers.max(1) as u64)),
                 },
@@ -81,6 +86,16 @@ pub fn random_schedule(
                     b: format!("node-{node}-pod-*"),
                     min: Duration::from_millis(50 + rng.below(450)),
                     max: Duration::from_millis(500 + rng.below(1_500)),
+                },
+                7 => FaultKind::ClockStep {
+                    host: match rng.below(4) {
+                        0 => format!("controller-{}", rng.below(controllers.max(1) as u64)),
+                        1 => format!("node-{node}"),
+                        2 => "api".into(),
+                        _ => "apiserver".into(),
+                    },
+                    // Up to ten minutes either way.
+                    by_ms: rng.below(1_200_001) as i64 - 600_000,
                 },
                 _ => FaultKind::Latency {
                     a: match rng.below(3) {

@@ -80,7 +80,10 @@ fn invariants_hold_for_any_workload_and_faults() {
             config.reproduce = format!("(property case {case:?})");
             let summary = common::run_world(config);
             prop_assert_eq!(summary.users.sessions, case.params.users as u64);
-            prop_assert_eq!(summary.swept + summary.failed, summary.backends);
+            prop_assert_eq!(
+                summary.swept + summary.failed + summary.terminated,
+                summary.backends
+            );
             Ok(())
         })
         .expect("every case holds");
