@@ -84,6 +84,8 @@ struct StartPod {
 struct Slot {
     ip: IpAddr,
     busy: bool,
+    /// The pod (`namespace/name`) holding the slot, while busy.
+    pod: Option<String>,
     /// Sender into the slot host's current incarnation (replaced when the host restarts).
     commands: Option<mpsc::UnboundedSender<StartPod>>,
 }
@@ -113,6 +115,7 @@ impl SlotPool {
         slots.push(Slot {
             ip: IpAddr::from([0, 0, 0, 0]),
             busy: false,
+            pod: None,
             commands: None,
         });
         slots.len() - 1
@@ -301,12 +304,15 @@ impl PodRuntime for SlotRuntime {
             .enumerate()
             .find(|(_, s)| !s.busy && s.commands.as_ref().is_some_and(|c| !c.is_closed()));
         let Some((index, slot)) = free else {
+            let holders: Vec<_> = slots.iter().filter_map(|s| s.pod.clone()).collect();
             return Err(RuntimeError::NoAddress(format!(
-                "all {} simulated pod slots of this node are in use",
-                slots.len()
+                "all {} simulated pod slots of this node are in use (by {})",
+                slots.len(),
+                holders.join(", ")
             )));
         };
         slot.busy = true;
+        slot.pod = Some(format!("{}/{}", request.namespace, request.name));
         Ok(SlotSandbox {
             index,
             ip: slot.ip,
@@ -475,6 +481,7 @@ impl Drop for SlotPod {
         }
         if let Some(slot) = self.pool.lock().get_mut(self.index) {
             slot.busy = false;
+            slot.pod = None;
         }
     }
 }

@@ -112,12 +112,13 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {}: {} sessions, {} connections ({} failed, {} gave up waiting for Ready), {} messages echoed; {} backends ({} ready, {} swept, {} failed, {} terminated); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
+            "seed {}: {} sessions, {} connections ({} failed, {} gave up waiting for Ready, {} retried), {} messages echoed; {} backends ({} ready, {} swept, {} failed, {} terminated); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
             self.seed,
             self.users.sessions,
             self.users.connected,
             self.users.connect_failures,
             self.users.ready_timeouts,
+            self.users.retries,
             self.users.messages_echoed,
             self.backends,
             self.ready,
