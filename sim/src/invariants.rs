@@ -345,6 +345,30 @@ impl InvariantChecker {
         }
     }
 
+    /// No node has more unfinished pods bound to it than its capacity (`max-pods`, the
+    /// simulated node's slots): `bound` names the unfinished pods bound to each node, from the
+    /// API server's store. The scheduler counts a node's pods from its own view, which may lag
+    /// a pod finishing but must never miss a pod it bound.
+    pub fn check_node_capacity(
+        &self,
+        now: Duration,
+        bound: &BTreeMap<String, Vec<String>>,
+        capacity: usize,
+    ) -> Result<(), Violation> {
+        match bound.iter().find(|(_, pods)| pods.len() > capacity) {
+            Some((node, pods)) => Err(Self::violation(
+                now,
+                "no node gets more pods than its capacity",
+                format!(
+                    "{node} has {} unfinished pods bound for {capacity} slots: {}",
+                    pods.len(),
+                    pods.join(", ")
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// At the end of a drained run: every backend became Ready or Failed (or was stopped on
     /// request — a terminate or its lifetime — before either), and nothing is left in the API
     /// server (`leftovers` names what the caller still found there).
@@ -584,6 +608,18 @@ mod tests {
         pods.insert("b1".into(), vec!["b1".into(), "b1-retry".into()]);
         let v = c.check_pods(S(2), &pods).expect_err("two pods");
         assert_eq!(v.invariant, "at most one pod per backend");
+    }
+
+    #[test]
+    fn a_node_bound_past_its_capacity_is_caught() {
+        let c = InvariantChecker::new();
+        let mut bound = BTreeMap::from([("node-0".to_string(), vec!["a".to_string()])]);
+        c.check_node_capacity(S(1), &bound, 1).expect("full");
+        bound.insert("node-0".into(), vec!["a".into(), "b".into()]);
+        let v = c
+            .check_node_capacity(S(2), &bound, 1)
+            .expect_err("over capacity");
+        assert_eq!(v.invariant, "no node gets more pods than its capacity");
     }
 
     #[test]

@@ -453,6 +453,7 @@ struct Observer {
     clocks: HostClocks,
     controllers: Vec<String>,
     retention: Duration,
+    slots_per_node: usize,
 }
 
 impl Observer {
@@ -475,6 +476,7 @@ impl Observer {
                 .map(|i| format!("controller-{i}"))
                 .collect(),
             retention: config.retention,
+            slots_per_node: config.slots_per_node,
         }
     }
 
@@ -596,7 +598,19 @@ impl Observer {
                     .observe(now, Observation::Deleted { backend: name })?;
             }
             let mut pods: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut bound: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for pod in self.cluster.snapshot("", "pods") {
+                let phase = pod["status"]["phase"].as_str().unwrap_or("Pending");
+                if let (Some(node), Some(name)) = (
+                    pod["spec"]["nodeName"].as_str(),
+                    pod["metadata"]["name"].as_str(),
+                ) && !matches!(phase, "Succeeded" | "Failed")
+                {
+                    bound
+                        .entry(node.to_string())
+                        .or_default()
+                        .push(name.to_string());
+                }
                 if let (Some(backend), Some(name)) = (
                     pod["metadata"]["labels"][spawner_core::resource::BACKEND_LABEL].as_str(),
                     pod["metadata"]["name"].as_str(),
@@ -607,6 +621,8 @@ impl Observer {
                 }
             }
             self.checker.check_pods(now, &pods)?;
+            self.checker
+                .check_node_capacity(now, &bound, self.slots_per_node)?;
         }
         self.checker.check_deadlines(now, deadlines_from)
     }

@@ -43,6 +43,11 @@ struct Agent<R> {
     retry_scheduling: HashSet<String>,
     /// Pods already reported Unschedulable.
     unschedulable: HashSet<String>,
+    /// Pods this agent bound, by uid, with their node, until the watch shows the binding (as
+    /// kube-scheduler's assume cache): an event written before the binding (another agent's
+    /// Unschedulable mark, say) can arrive after it, and must not make the pod look unbound,
+    /// or the node would get more pods than its capacity.
+    assumed: HashMap<String, String>,
     round_robin: usize,
     binding_supported: bool,
     tasks: JoinSet<String>,
@@ -68,8 +73,14 @@ impl<R: PodRuntime> Agent<R> {
         node_of(pod).is_some_and(|n| self.nodes.iter().any(|s| s.name == n))
     }
 
-    fn apply(&mut self, pod: Pod) {
+    fn apply(&mut self, mut pod: Pod) {
         let uid = uid_of(&pod);
+        if node_of(&pod).is_some_and(|n| !n.is_empty()) {
+            self.assumed.remove(&uid);
+        } else if let (Some(node), Some(spec)) = (self.assumed.get(&uid), pod.spec.as_mut()) {
+            // Older than our binding: a pod's node never changes once bound.
+            spec.node_name = Some(node.clone());
+        }
         let pod = Arc::new(pod);
         self.pods.insert(uid.clone(), pod.clone());
         if !self.is_mine(&pod) {
@@ -91,6 +102,7 @@ impl<R: PodRuntime> Agent<R> {
 
     fn remove(&mut self, uid: &str) {
         self.pods.remove(uid);
+        self.assumed.remove(uid);
         self.finished.remove(uid);
         self.retry_scheduling.remove(uid);
         self.unschedulable.remove(uid);
@@ -171,11 +183,8 @@ impl<R: PodRuntime> Agent<R> {
                 tracing::info!(pod = %format!("{namespace}/{name}"), %node, "pod scheduled");
                 self.retry_scheduling.remove(uid);
                 // Count it on its node before the watch shows the binding.
-                let mut bound = (*pod).clone();
-                if let Some(spec) = bound.spec.as_mut() {
-                    spec.node_name = Some(node);
-                }
-                self.apply(bound);
+                self.assumed.insert(uid.to_string(), node);
+                self.apply((*pod).clone());
             }
             Err(e) if api_code(&e) == Some(409) => {
                 // Another scheduler bound it first; the watch will show where.
@@ -397,6 +406,7 @@ pub(crate) async fn run<R: PodRuntime>(
         relist: None,
         retry_scheduling: HashSet::new(),
         unschedulable: HashSet::new(),
+        assumed: HashMap::new(),
         round_robin: 0,
         binding_supported: true,
         tasks: JoinSet::new(),
