@@ -1,5 +1,5 @@
 //! The production components' configurations as the simulator runs them: parsed from the same
-//! command-line arguments as in production, then given the simulated clock.
+//! command-line arguments as in production, then given their host's simulated clock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +27,7 @@ pub fn controller_config(
     replica: usize,
     leader_election: bool,
     retention: Duration,
+    clock: SimClock,
 ) -> spawner_controller::ControllerConfig {
     let identity = format!("controller-{replica}");
     let retention = retention.as_secs().max(1).to_string();
@@ -44,11 +45,15 @@ pub fn controller_config(
         argv.push("--no-leader-election");
     }
     let mut config = args_of::<spawner_controller::ControllerArgs>(&argv).into_config();
-    config.clock = Arc::new(SimClock);
+    config.clock = Arc::new(clock);
     config
 }
 
-pub fn sweeper_config(node: &str, events_secret: &str) -> spawner_sweeper::SweeperConfig {
+pub fn sweeper_config(
+    node: &str,
+    events_secret: &str,
+    clock: SimClock,
+) -> spawner_sweeper::SweeperConfig {
     let mut config = args_of::<spawner_sweeper::SweeperArgs>(&[
         "--node-name",
         node,
@@ -56,11 +61,14 @@ pub fn sweeper_config(node: &str, events_secret: &str) -> spawner_sweeper::Sweep
         events_secret,
     ])
     .into_config();
-    config.clock = Arc::new(SimClock);
+    config.clock = Arc::new(clock);
     config
 }
 
-pub fn api_config(token: &str) -> Result<spawner_api::ApiConfig, spawner_api::ConfigError> {
+pub fn api_config(
+    token: &str,
+    clock: SimClock,
+) -> Result<spawner_api::ApiConfig, spawner_api::ConfigError> {
     let mut config = args_of::<spawner_api::ApiArgs>(&[
         "--token",
         token,
@@ -68,13 +76,17 @@ pub fn api_config(token: &str) -> Result<spawner_api::ApiConfig, spawner_api::Co
         "http://api:7070",
     ])
     .config()?;
-    config.clock = Arc::new(SimClock);
+    config.clock = Arc::new(clock);
     Ok(config)
 }
 
 /// A node agent for `node`, whose capacity is its `slots` pod slots: its scheduler binds no
 /// more pods to it than the simulated node can run.
-pub fn node_agent_config(node: &str, slots: usize) -> spawner_localcluster::node::NodeAgentConfig {
+pub fn node_agent_config(
+    node: &str,
+    slots: usize,
+    clock: SimClock,
+) -> spawner_localcluster::node::NodeAgentConfig {
     let slots = slots.to_string();
     let mut config = args_of::<spawner_localcluster::node::NodeAgentArgs>(&[
         "--node",
@@ -83,7 +95,7 @@ pub fn node_agent_config(node: &str, slots: usize) -> spawner_localcluster::node
         &slots,
     ])
     .config();
-    config.clock = Arc::new(SimClock);
+    config.clock = Arc::new(clock);
     config.host_ip = turmoil::lookup(node);
     config
 }

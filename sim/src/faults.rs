@@ -1,5 +1,6 @@
-//! Fault schedules: crashes and restarts of components, API server or whole nodes, and network
-//! partitions between hosts, at chosen simulated times.
+//! Fault schedules: crashes and restarts of components, API server or whole nodes, network
+//! partitions between hosts, slow and jittery links, and clock steps, at chosen simulated
+//! times.
 
 use std::time::Duration;
 
@@ -14,6 +15,29 @@ pub enum FaultKind {
     CrashNode { node: usize },
     /// Drop all traffic between two hosts (silently: no reset), then repair.
     Partition { a: String, b: String },
+    /// Slow, jittery links between every host matching `a` and every host matching `b` (a
+    /// host name, or a prefix ending in `*`: `node-0-pod-*`, `*`): each message takes between
+    /// `min` and `max` (turmoil draws the delay from its exponential curve over that range,
+    /// per message, so segments overtake each other), then the links return to the world's
+    /// latency.
+    Latency {
+        a: String,
+        b: String,
+        min: Duration,
+        max: Duration,
+    },
+    /// The wall clock of `host` jumps by `by_ms` milliseconds (negative: back), and is
+    /// corrected (jumps back by as much) when the fault ends. Timers and countdowns run on
+    /// monotonic time and do not move: only wall-clock readings do.
+    ClockStep { host: String, by_ms: i64 },
+}
+
+/// Whether host `name` matches `pattern`: the same name, or a prefix followed by `*`.
+pub fn host_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +62,7 @@ pub fn random_schedule(
             let at = start + Duration::from_millis(rng.below(span));
             let duration = Duration::from_millis(1_000 + rng.below(14_000));
             let node = rng.below(nodes.max(1) as u64) as usize;
-            let kind = match rng.below(6) {
+            let kind = match rng.below(9) {
                 0 => FaultKind::Crash {
                     host: format!("controller-{}", rng.below(controllers.max(1) as u64)),
                 },
@@ -53,12 +77,74 @@ pub fn random_schedule(
                     a: format!("node-{node}"),
                     b: format!("node-{node}-pod-{}", rng.below(4)),
                 },
-                _ => FaultKind::Partition {
+                5 => FaultKind::Partition {
                     a: format!("node-{node}"),
                     b: "apiserver".into(),
+                },
+                6 => FaultKind::Latency {
+                    a: format!("node-{node}"),
+                    b: format!("node-{node}-pod-*"),
+                    min: Duration::from_millis(50 + rng.below(450)),
+                    max: Duration::from_millis(500 + rng.below(1_500)),
+                },
+                7 => FaultKind::ClockStep {
+                    host: match rng.below(4) {
+                        0 => format!("controller-{}", rng.below(controllers.max(1) as u64)),
+                        1 => format!("node-{node}"),
+                        2 => "api".into(),
+                        _ => "apiserver".into(),
+                    },
+                    // Up to ten minutes either way.
+                    by_ms: rng.below(1_200_001) as i64 - 600_000,
+                },
+                _ => FaultKind::Latency {
+                    a: match rng.below(3) {
+                        0 => format!("controller-{}", rng.below(controllers.max(1) as u64)),
+                        1 => format!("node-{node}"),
+                        _ => "api".into(),
+                    },
+                    b: "apiserver".into(),
+                    min: Duration::from_millis(50 + rng.below(450)),
+                    max: Duration::from_millis(500 + rng.below(1_500)),
                 },
             };
             Fault { at, duration, kind }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns_match_names_or_prefixes() {
+        assert!(host_matches("api", "api"));
+        assert!(!host_matches("api", "apiserver"));
+        assert!(host_matches("node-0-pod-*", "node-0-pod-11"));
+        assert!(!host_matches("node-0-pod-*", "node-1-pod-0"));
+        assert!(host_matches("*", "users-1"));
+    }
+
+    #[test]
+    fn random_latency_ranges_are_ordered() {
+        let mut rng = SimRng::new(7);
+        let faults = random_schedule(
+            &mut rng,
+            200,
+            Duration::from_secs(1),
+            Duration::from_secs(100),
+            2,
+            1,
+        );
+        let latencies: Vec<_> = faults
+            .iter()
+            .filter_map(|f| match &f.kind {
+                FaultKind::Latency { min, max, .. } => Some((*min, *max)),
+                _ => None,
+            })
+            .collect();
+        assert!(latencies.len() > 20, "{}", latencies.len());
+        assert!(latencies.iter().all(|(min, max)| min < max));
+    }
 }

@@ -31,6 +31,9 @@ pub enum Observation {
     Live { backend: String, live: u64 },
     /// The backend object is gone from the API server.
     Deleted { backend: String },
+    /// The backend has a `maxLifetimeSeconds`: its `creationTimestamp` plus that, in
+    /// milliseconds since the UNIX epoch (the deadline as the controller computes it).
+    Lifetime { backend: String, deadline_ms: i64 },
 }
 
 /// An invariant broken, with what led to it.
@@ -66,6 +69,10 @@ struct Backend {
     live_since: Option<Duration>,
     /// When it was first seen swept or stopped for a reason other than a request.
     stopped_at: Option<Duration>,
+    /// When its lifetime ends by the controller's rule, in ms since the UNIX epoch.
+    lifetime_deadline_ms: Option<i64>,
+    /// Whether it ended by request (terminate, lifetime) rather than by its own doing.
+    stopped_on_request: bool,
     deleted: bool,
 }
 
@@ -103,6 +110,9 @@ pub struct InvariantChecker {
     /// Deleted backends whose name was used again (the api reuses a key's names once they are
     /// gone): kept for the counts.
     retired: Vec<Backend>,
+    /// The latest reading any controller's wall clock can have made so far, in ms since the
+    /// UNIX epoch ([`InvariantChecker::note_controller_clock`]).
+    controller_clock_ms: i64,
 }
 
 impl InvariantChecker {
@@ -121,6 +131,12 @@ impl InvariantChecker {
             .chain(&self.retired)
             .filter(|b| b.phases_seen.contains(&phase))
             .count()
+    }
+
+    /// A controller's wall clock reads `ms` (ms since the UNIX epoch) now. The checker keeps
+    /// the highest reading: a clock stepped back can still have acted on what it read before.
+    pub fn note_controller_clock(&mut self, ms: i64) {
+        self.controller_clock_ms = self.controller_clock_ms.max(ms);
     }
 
     fn violation(at: Duration, invariant: &'static str, detail: String) -> Violation {
@@ -169,6 +185,8 @@ impl InvariantChecker {
                         idle_since: at,
                         live_since: None,
                         stopped_at: None,
+                        lifetime_deadline_ms: None,
+                        stopped_on_request: false,
                         deleted: false,
                     },
                 );
@@ -198,6 +216,23 @@ impl InvariantChecker {
                 let stops = phase == Phase::Swept || (phase == Phase::Terminated && !requested);
                 if stops {
                     b.stopped_at.get_or_insert(at);
+                }
+                if phase == Phase::Terminated && requested {
+                    b.stopped_on_request = true;
+                }
+                if phase == Phase::Terminated
+                    && reason.as_deref() == Some("MaxLifetimeExceeded")
+                    && let Some(deadline) = b.lifetime_deadline_ms
+                    && deadline > self.controller_clock_ms
+                {
+                    return Err(Self::violation(
+                        at,
+                        "lifetimes are never cut short (by the controller's clock)",
+                        format!(
+                            "{backend} ended for its lifetime {:.3}s before its deadline by any controller's clock",
+                            (deadline - self.controller_clock_ms) as f64 / 1000.0
+                        ),
+                    ));
                 }
                 if stops && b.live_before_stop() {
                     return Err(Self::violation(
@@ -231,6 +266,15 @@ impl InvariantChecker {
                 b.live = live;
                 Ok(())
             }
+            Observation::Lifetime {
+                backend,
+                deadline_ms,
+            } => {
+                if let Some(b) = self.backends.get_mut(&backend) {
+                    b.lifetime_deadline_ms = Some(deadline_ms);
+                }
+                Ok(())
+            }
             Observation::Deleted { backend } => {
                 let Some(b) = self.backends.get_mut(&backend) else {
                     return Ok(());
@@ -254,7 +298,8 @@ impl InvariantChecker {
 
     /// Every backend idle past its grace period is swept within [`SWEEP_SLACK`]. Only checked
     /// while no fault is active (after a fault heals, sweeping must resume eventually: the
-    /// caller checks with `faults_healed_at` = the time the last fault ended).
+    /// caller passes `faults_healed_at`, the time from which the countdowns are owed again —
+    /// when the last fault healed, plus the time the world needs to recover from it).
     pub fn check_deadlines(
         &self,
         now: Duration,
@@ -300,11 +345,39 @@ impl InvariantChecker {
         }
     }
 
-    /// At the end of a drained run: every backend ended Ready-then-Swept or Failed, and nothing
-    /// is left in the API server (`leftovers` names what the caller still found there).
+    /// No node has more unfinished pods bound to it than its capacity (`max-pods`, the
+    /// simulated node's slots): `bound` names the unfinished pods bound to each node, from the
+    /// API server's store. The scheduler counts a node's pods from its own view, which may lag
+    /// a pod finishing but must never miss a pod it bound.
+    pub fn check_node_capacity(
+        &self,
+        now: Duration,
+        bound: &BTreeMap<String, Vec<String>>,
+        capacity: usize,
+    ) -> Result<(), Violation> {
+        match bound.iter().find(|(_, pods)| pods.len() > capacity) {
+            Some((node, pods)) => Err(Self::violation(
+                now,
+                "no node gets more pods than its capacity",
+                format!(
+                    "{node} has {} unfinished pods bound for {capacity} slots: {}",
+                    pods.len(),
+                    pods.join(", ")
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// At the end of a drained run: every backend became Ready or Failed (or was stopped on
+    /// request — a terminate or its lifetime — before either), and nothing is left in the API
+    /// server (`leftovers` names what the caller still found there).
     pub fn check_drained(&self, now: Duration, leftovers: &[String]) -> Result<(), Violation> {
         for (name, b) in &self.backends {
-            if !(b.phases_seen.contains(&Phase::Ready) || b.phases_seen.contains(&Phase::Failed)) {
+            if !(b.phases_seen.contains(&Phase::Ready)
+                || b.phases_seen.contains(&Phase::Failed)
+                || b.stopped_on_request)
+            {
                 return Err(Self::violation(
                     now,
                     "every spawn ends Ready or Failed",
@@ -496,6 +569,38 @@ mod tests {
     }
 
     #[test]
+    fn a_lifetime_ends_only_once_a_controllers_clock_says_so() {
+        let lifetime_ended = || Observation::Phase {
+            backend: "b1".into(),
+            phase: Phase::Terminated,
+            reason: Some("MaxLifetimeExceeded".into()),
+        };
+        let mut c = InvariantChecker::new();
+        created(&mut c, "b1", "k");
+        c.observe(
+            S(0),
+            Observation::Lifetime {
+                backend: "b1".into(),
+                deadline_ms: 60_000,
+            },
+        )
+        .expect("lifetime");
+        c.note_controller_clock(59_000);
+        let v = c.observe(S(59), lifetime_ended()).expect_err("early");
+        assert_eq!(
+            v.invariant,
+            "lifetimes are never cut short (by the controller's clock)"
+        );
+        // The controller's clock was stepped ahead (then back): what it read counts.
+        c.note_controller_clock(660_000);
+        c.note_controller_clock(61_000);
+        c.observe(S(61), lifetime_ended())
+            .expect("due by the clock");
+        c.check_drained(S(70), &[])
+            .expect("stopped on request before Ready is an end");
+    }
+
+    #[test]
     fn a_second_pod_for_a_backend_is_caught() {
         let c = InvariantChecker::new();
         let mut pods = BTreeMap::from([("b1".to_string(), vec!["b1".to_string()])]);
@@ -503,6 +608,18 @@ mod tests {
         pods.insert("b1".into(), vec!["b1".into(), "b1-retry".into()]);
         let v = c.check_pods(S(2), &pods).expect_err("two pods");
         assert_eq!(v.invariant, "at most one pod per backend");
+    }
+
+    #[test]
+    fn a_node_bound_past_its_capacity_is_caught() {
+        let c = InvariantChecker::new();
+        let mut bound = BTreeMap::from([("node-0".to_string(), vec!["a".to_string()])]);
+        c.check_node_capacity(S(1), &bound, 1).expect("full");
+        bound.insert("node-0".into(), vec!["a".into(), "b".into()]);
+        let v = c
+            .check_node_capacity(S(2), &bound, 1)
+            .expect_err("over capacity");
+        assert_eq!(v.invariant, "no node gets more pods than its capacity");
     }
 
     #[test]

@@ -39,8 +39,29 @@ struct Args {
     events: bool,
 }
 
+/// Log lines stamped with simulated time (the world's clock), not the machine's.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(t) => write!(w, "{:>9.3}", t.as_secs_f64()),
+            None => write!(w, "{:>9}", "-"),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The components' own logs, when asked for (`RUST_LOG=spawner_sweeper=debug` ...).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_timer(SimTime)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     // Seed before anything creates a thread or a hash map: see spawner_sim::entropy.
     spawner_sim::entropy::seed(args.seed);
     let mut config = scenario::world(args.seed, args.users, args.faults);
@@ -75,7 +96,14 @@ fn main() -> ExitCode {
     if !config.faults.is_empty() {
         println!("faults: {}", scenario::describe(&config.faults));
     }
-    match spawner_sim::world::run(config) {
+    // A fresh thread: std draws a thread's hash keys at its first map, from the seeded stream
+    // (the main thread may have drawn its keys before the seed, e.g. for the log filter).
+    let run = std::thread::spawn(move || spawner_sim::world::run(config)).join();
+    let Ok(result) = run else {
+        eprintln!("the world's thread panicked");
+        return ExitCode::FAILURE;
+    };
+    match result {
         Ok(summary) => {
             if args.events {
                 for event in &summary.events {

@@ -31,6 +31,12 @@ pub const APP_COMMAND: &str = "sim-app";
 pub const CRASH_COMMAND: &str = "sim-crash";
 /// Port the application listens on in its slot.
 pub const APP_PORT: u16 = 8080;
+/// How long a new pod waits for a slot whose pod is stopping: longer than a pod's default
+/// termination grace period (30 s), after which a stopping pod's slot is released whatever
+/// its containers do.
+const SLOT_WAIT: Duration = Duration::from_secs(35);
+/// How often a waiting pod looks for a released slot.
+const SLOT_POLL: Duration = Duration::from_millis(20);
 
 /// Sidecars by pod name (`namespace/name`), for the invariant checker.
 #[derive(Clone, Default)]
@@ -84,6 +90,11 @@ struct StartPod {
 struct Slot {
     ip: IpAddr,
     busy: bool,
+    /// The pod (`namespace/name`) holding the slot, while busy.
+    pod: Option<String>,
+    /// Its pod is being stopped: the slot is free once its containers have exited (within the
+    /// pod's grace period).
+    stopping: bool,
     /// Sender into the slot host's current incarnation (replaced when the host restarts).
     commands: Option<mpsc::UnboundedSender<StartPod>>,
 }
@@ -113,9 +124,27 @@ impl SlotPool {
         slots.push(Slot {
             ip: IpAddr::from([0, 0, 0, 0]),
             busy: false,
+            pod: None,
+            stopping: false,
             commands: None,
         });
         slots.len() - 1
+    }
+
+    /// Marks slot `index` as held by a pod that is being stopped.
+    fn mark_stopping(&self, index: usize) {
+        if let Some(slot) = self.lock().get_mut(index) {
+            slot.stopping = true;
+        }
+    }
+
+    /// Frees slot `index` (its pod's containers are gone).
+    fn release(&self, index: usize) {
+        if let Some(slot) = self.lock().get_mut(index) {
+            slot.busy = false;
+            slot.pod = None;
+            slot.stopping = false;
+        }
     }
 
     /// The body of slot host `index`, named `host`: serves pods sent to it until the host is
@@ -295,24 +324,41 @@ impl PodRuntime for SlotRuntime {
     type Pod = SlotPod;
 
     async fn create_sandbox(&self, request: SandboxRequest) -> Result<SlotSandbox, RuntimeError> {
-        let mut slots = self.pool.lock();
-        let free = slots
-            .iter_mut()
-            .enumerate()
-            .find(|(_, s)| !s.busy && s.commands.as_ref().is_some_and(|c| !c.is_closed()));
-        let Some((index, slot)) = free else {
-            return Err(RuntimeError::NoAddress(format!(
-                "all {} simulated pod slots of this node are in use",
-                slots.len()
-            )));
-        };
-        slot.busy = true;
-        Ok(SlotSandbox {
-            index,
-            ip: slot.ip,
-            pod: format!("{}/{}", request.namespace, request.name),
-            wants_app_port: request.wants_app_port,
-        })
+        let pod = format!("{}/{}", request.namespace, request.name);
+        let give_up = tokio::time::Instant::now() + SLOT_WAIT;
+        loop {
+            {
+                let mut slots = self.pool.lock();
+                let free = slots
+                    .iter_mut()
+                    .enumerate()
+                    .find(|(_, s)| !s.busy && s.commands.as_ref().is_some_and(|c| !c.is_closed()));
+                if let Some((index, slot)) = free {
+                    slot.busy = true;
+                    slot.pod = Some(pod.clone());
+                    return Ok(SlotSandbox {
+                        index,
+                        ip: slot.ip,
+                        pod,
+                        wants_app_port: request.wants_app_port,
+                    });
+                }
+                // The node agent counts a pod's capacity as free once the pod is gone from
+                // the API server, which can come before its containers have stopped (a pod
+                // removed without graceful deletion is stopped after it is gone): wait for
+                // such a slot rather than fail the pod.
+                let releasing = slots.iter().any(|s| s.busy && s.stopping);
+                if !releasing || tokio::time::Instant::now() >= give_up {
+                    let holders: Vec<_> = slots.iter().filter_map(|s| s.pod.clone()).collect();
+                    return Err(RuntimeError::NoAddress(format!(
+                        "all {} simulated pod slots of this node are in use (by {})",
+                        slots.len(),
+                        holders.join(", ")
+                    )));
+                }
+            }
+            tokio::time::sleep(SLOT_POLL).await;
+        }
     }
 
     async fn start(&self, sandbox: SlotSandbox, containers: Vec<ContainerPlan>) -> SlotPod {
@@ -463,6 +509,7 @@ impl RunningPod for SlotPod {
     }
 
     fn stop_all(&mut self, grace: Duration) -> impl std::future::Future<Output = ()> + Send {
+        self.pool.mark_stopping(self.index);
         let all = (0..self.stops.len()).collect();
         self.stop_indices(all, grace)
     }
@@ -473,8 +520,58 @@ impl Drop for SlotPod {
         for stop in &self.stops {
             stop.cancel();
         }
-        if let Some(slot) = self.pool.lock().get_mut(self.index) {
-            slot.busy = false;
+        self.pool.release(self.index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(name: &str) -> SandboxRequest {
+        SandboxRequest {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            listen_ports: vec![9090],
+            wants_app_port: true,
         }
+    }
+
+    /// A pool of one slot whose host is up (its command channel open).
+    fn one_slot() -> (SlotPool, SlotRuntime, mpsc::UnboundedReceiver<StartPod>) {
+        let pool = SlotPool::new(SidecarRegistry::default());
+        let index = pool.add_slot();
+        let (tx, rx) = mpsc::unbounded_channel();
+        pool.lock()[index].commands = Some(tx);
+        (pool.clone(), SlotRuntime::new(pool), rx)
+    }
+
+    #[tokio::test]
+    async fn a_new_pod_waits_for_a_slot_whose_pod_is_stopping() {
+        let (pool, runtime, _host) = one_slot();
+        let first = runtime.create_sandbox(request("a")).await.expect("free");
+        pool.mark_stopping(first.index);
+        let waiting = tokio::spawn({
+            let runtime = runtime.clone();
+            async move { runtime.create_sandbox(request("b")).await }
+        });
+        tokio::time::sleep(SLOT_POLL * 5).await;
+        assert!(!waiting.is_finished(), "waits while the old pod stops");
+        pool.release(first.index);
+        let second = waiting.await.expect("task").expect("the released slot");
+        assert_eq!(second.index, first.index);
+        assert_eq!(second.pod, "default/b");
+    }
+
+    #[tokio::test]
+    async fn a_full_node_with_nothing_stopping_fails_the_pod_at_once() {
+        let (_pool, runtime, _host) = one_slot();
+        runtime.create_sandbox(request("a")).await.expect("free");
+        let error = match runtime.create_sandbox(request("b")).await {
+            Ok(_) => panic!("no slot is free"),
+            Err(e) => e.to_string(),
+        };
+        assert!(error.contains("in use (by default/a)"), "{error}");
     }
 }

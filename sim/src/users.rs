@@ -1,6 +1,8 @@
 //! Simulated users: they replay a trace's sessions against the api and the backends' sidecars,
 //! over turmoil, as browsers would — get-or-create a backend by key, wait until it is Ready,
-//! open WebSockets through the sidecar, send messages, refresh, leave or vanish.
+//! open WebSockets through the sidecar, send messages, refresh, leave or vanish. Like a real web
+//! app, a user whose backend ended or refused the connection (a sidecar sealed for its sweep
+//! answers 503) asks the api for the key's backend again, with a short backoff, a few times.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,9 @@ pub struct UsersReport {
     pub messages_echoed: u64,
     pub connect_failures: u64,
     pub ready_timeouts: u64,
+    /// Connections tried again through a fresh get-or-create (the backend had ended, or its
+    /// sidecar refused: sealed for a sweep).
+    pub retries: u64,
     pub api_errors: u64,
     /// Backend name by key, as the api answered last.
     pub backends_by_key: BTreeMap<String, String>,
@@ -93,6 +98,23 @@ struct Backend {
     name: String,
 }
 
+/// Times a user asks for the key's backend again after a failed connection, and the first
+/// pause (doubled each time): 0.25 + 0.5 + 1 + 2 s, enough for a sweep in progress to finish
+/// and the key to get a fresh backend.
+const RECONNECT_ATTEMPTS: u32 = 4;
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Why a connection could not be opened.
+#[derive(Debug, PartialEq, Eq)]
+enum OpenError {
+    /// The backend was not Ready within the user's patience: the user gives up.
+    ReadyTimeout,
+    /// The backend ended before the user connected (swept, failed, terminated).
+    Ended,
+    /// The sidecar refused the WebSocket (503 while sealed) or could not be reached.
+    Refused,
+}
+
 async fn session(
     events: Vec<TraceEvent>,
     start: Instant,
@@ -102,7 +124,8 @@ async fn session(
 ) {
     report.update(|r| r.sessions += 1);
     let mut backend: Option<Backend> = None;
-    let mut sockets: HashMap<String, Socket> = HashMap::new();
+    // Each connection with the backend it was opened to.
+    let mut sockets: HashMap<String, (Socket, String)> = HashMap::new();
     for event in events {
         tokio::time::sleep_until(start + Duration::from_millis(event.t_ms)).await;
         match event.kind {
@@ -110,20 +133,48 @@ async fn session(
                 backend = get_or_create(client, config, report, &event.key).await;
             }
             TraceEventKind::Connect { conn } => {
-                let Some(b) = &backend else { continue };
-                match open(b, config, client, report).await {
-                    Some(socket) => {
+                let mut attempt = 0;
+                let outcome = loop {
+                    let result = match &backend {
+                        Some(b) => open(b, config, client).await.map(|s| (s, b.name.clone())),
+                        // The spawn failed (the api was unreachable): ask again.
+                        None => Err(OpenError::Ended),
+                    };
+                    match result {
+                        Err(OpenError::Ended | OpenError::Refused)
+                            if attempt < RECONNECT_ATTEMPTS =>
+                        {
+                            report.update(|r| r.retries += 1);
+                            tokio::time::sleep(RECONNECT_BACKOFF * 2u32.pow(attempt)).await;
+                            attempt += 1;
+                            // Get-or-create by key: the same backend while it lives, a fresh one
+                            // once it is swept.
+                            if let Some(b) = get_or_create(client, config, report, &event.key).await
+                            {
+                                backend = Some(b);
+                            }
+                        }
+                        other => break other,
+                    }
+                };
+                match outcome {
+                    Ok((socket, name)) => {
                         report.update(|r| {
                             r.connected += 1;
-                            *r.open_by_backend.entry(b.name.clone()).or_default() += 1;
+                            *r.open_by_backend.entry(name.clone()).or_default() += 1;
                         });
-                        sockets.insert(conn, socket);
+                        sockets.insert(conn, (socket, name));
                     }
-                    None => report.update(|r| r.connect_failures += 1),
+                    Err(error) => report.update(|r| {
+                        r.connect_failures += 1;
+                        if error == OpenError::ReadyTimeout {
+                            r.ready_timeouts += 1;
+                        }
+                    }),
                 }
             }
             TraceEventKind::Message { conn, bytes } => {
-                let Some(socket) = sockets.get_mut(&conn) else {
+                let Some((socket, _)) = sockets.get_mut(&conn) else {
                     continue;
                 };
                 let text = "x".repeat(bytes.clamp(1, 4096) as usize);
@@ -135,16 +186,14 @@ async fn session(
                 }
             }
             TraceEventKind::Disconnect { conn, clean } => {
-                let Some(mut socket) = sockets.remove(&conn) else {
+                let Some((mut socket, name)) = sockets.remove(&conn) else {
                     continue;
                 };
-                if let Some(b) = &backend {
-                    report.update(|r| {
-                        if let Some(n) = r.open_by_backend.get_mut(&b.name) {
-                            *n = n.saturating_sub(1);
-                        }
-                    });
-                }
+                report.update(|r| {
+                    if let Some(n) = r.open_by_backend.get_mut(&name) {
+                        *n = n.saturating_sub(1);
+                    }
+                });
                 if clean {
                     let _ = socket.close(None).await;
                 } else {
@@ -237,43 +286,45 @@ async fn open(
     backend: &Backend,
     config: &UsersConfig,
     client: &HttpClient,
-    report: &SharedReport,
-) -> Option<Socket> {
+) -> Result<Socket, OpenError> {
     let deadline = Instant::now() + config.ready_timeout;
     let url = loop {
-        if let Ok((status, json)) = request(
+        let read = request(
             client,
             config,
             http::Method::GET,
             &format!("/backend/{}/status", backend.name),
             None,
         )
-        .await
-            && status.is_success()
-        {
-            match json["phase"].as_str() {
+        .await;
+        match read {
+            Ok((status, json)) if status.is_success() => match json["phase"].as_str() {
                 Some("Ready") => {
                     if let Some(url) = json["url"].as_str() {
                         break url.to_string();
                     }
                 }
-                Some("Swept" | "Failed" | "Terminated") => return None,
+                Some("Swept" | "Failed" | "Terminated") => return Err(OpenError::Ended),
                 _ => {}
-            }
+            },
+            // Gone already (deleted after its retention).
+            Ok((http::StatusCode::NOT_FOUND, _)) => return Err(OpenError::Ended),
+            _ => {}
         }
         if Instant::now() > deadline {
-            report.update(|r| r.ready_timeouts += 1);
-            return None;
+            return Err(OpenError::ReadyTimeout);
         }
         tokio::time::sleep(config.poll_interval).await;
     };
-    let uri: http::Uri = url.parse().ok()?;
-    let host = uri.host()?.to_string();
+    let uri: http::Uri = url.parse().map_err(|_| OpenError::Refused)?;
+    let host = uri.host().ok_or(OpenError::Refused)?.to_string();
     let port = uri.port_u16().unwrap_or(80);
     let stream = turmoil::net::TcpStream::connect((host.as_str(), port))
         .await
-        .ok()?;
+        .map_err(|_| OpenError::Refused)?;
     let ws_url = format!("ws://{host}:{port}/ws");
-    let (socket, _) = tokio_tungstenite::client_async(ws_url, stream).await.ok()?;
-    Some(socket)
+    let (socket, _) = tokio_tungstenite::client_async(ws_url, stream)
+        .await
+        .map_err(|_| OpenError::Refused)?;
+    Ok(socket)
 }

@@ -11,11 +11,11 @@ use spawner_core::Phase;
 use spawner_core::trace::Trace;
 use spawner_localcluster::{Cluster, ServerConfig};
 
-use crate::clock::{SimClock, sim_epoch};
-use crate::faults::{Fault, FaultKind};
+use crate::clock::{HostClocks, sim_epoch, sim_epoch_ms};
+use crate::faults::{Fault, FaultKind, host_matches};
 use crate::invariants::{InvariantChecker, Observation, Violation};
 use crate::mutants::{DuplicatePodCreates, Mutant};
-use crate::net::{SimConnector, SimListener, kube_client, kube_client_over};
+use crate::net::{KUBE_READ_TIMEOUT, SimConnector, SimListener, kube_client, kube_client_over};
 use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
 use crate::users::{SharedReport, UsersConfig, UsersReport};
 
@@ -23,6 +23,12 @@ const API_TOKEN: &str = "sim-api-token";
 const KUBE_TOKEN: &str = "sim-admin";
 pub const EVENTS_SECRET: &str = "sim-events-secret";
 const NAMESPACE: &str = "default";
+/// Latency of every link while no fault slows it: turmoil draws each message's delay between
+/// these.
+pub const LINK_MIN_LATENCY: Duration = Duration::from_micros(200);
+pub const LINK_MAX_LATENCY: Duration = Duration::from_millis(5);
+/// turmoil's accept queue and receive buffer, in segments (its default is 64).
+const TCP_CAPACITY: usize = 4096;
 
 /// What to build and run.
 #[derive(Clone, Debug)]
@@ -37,6 +43,8 @@ pub struct WorldConfig {
     pub user_hosts: usize,
     /// Grace period of every backend, in seconds.
     pub grace_seconds: u32,
+    /// `maxLifetimeSeconds` of every backend, if any.
+    pub max_lifetime_seconds: Option<u32>,
     /// The sessions to replay.
     pub workload: Trace,
     pub faults: Vec<Fault>,
@@ -65,6 +73,7 @@ impl WorldConfig {
             controllers: 1,
             user_hosts: 2,
             grace_seconds: 10,
+            max_lifetime_seconds: None,
             workload,
             faults: Vec::new(),
             drain: Duration::from_secs(60),
@@ -86,6 +95,11 @@ pub struct Summary {
     pub ready: usize,
     pub swept: usize,
     pub failed: usize,
+    /// Stopped on request (a terminate, or the lifetime).
+    pub terminated: usize,
+    /// Finished backends still kept at the end because their retention is not over by the
+    /// controller's clock (a clock ahead stamped their terminal phase).
+    pub retained: usize,
     pub sim_time: Duration,
     pub wall_time: Duration,
     /// Hash of the observable events (phase transitions and deletions with their times).
@@ -98,21 +112,31 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {}: {} sessions, {} connections ({} failed, {} gave up waiting for Ready), {} messages echoed; {} backends ({} ready, {} swept, {} failed); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
+            "seed {}: {} sessions, {} connections ({} failed, {} gave up waiting for Ready, {} retried), {} messages echoed; {} backends ({} ready, {} swept, {} failed, {} terminated); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
             self.seed,
             self.users.sessions,
             self.users.connected,
             self.users.connect_failures,
             self.users.ready_timeouts,
+            self.users.retries,
             self.users.messages_echoed,
             self.backends,
             self.ready,
             self.swept,
             self.failed,
+            self.terminated,
             self.sim_time.as_secs_f64(),
             self.wall_time.as_secs_f64(),
             self.trace_hash
-        )
+        )?;
+        if self.retained > 0 {
+            write!(
+                f,
+                "; {} finished backends kept for a retention stamped ahead",
+                self.retained
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -159,6 +183,19 @@ fn slot_name(node: usize, slot: usize) -> String {
     format!("node-{node}-pod-{slot}")
 }
 
+/// Every host of the world `config` builds, by name.
+pub fn host_names(config: &WorldConfig) -> Vec<String> {
+    let mut hosts = vec!["apiserver".to_string(), "api".to_string()];
+    hosts.extend((0..config.controllers).map(|i| format!("controller-{i}")));
+    for n in 0..config.nodes {
+        hosts.push(node_name(n));
+        hosts.extend((0..config.slots_per_node).map(|s| slot_name(n, s)));
+    }
+    hosts.extend((0..config.user_hosts.max(1)).map(|k| format!("users-{k}")));
+    hosts.push("drain".into());
+    hosts
+}
+
 /// Builds the world of `config` and runs it to the end.
 pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
     let wall = Instant::now();
@@ -176,8 +213,11 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         .rng_seed(config.seed)
         .simulation_duration(horizon + Duration::from_secs(60))
         .tick_duration(config.tick)
-        .min_message_latency(Duration::from_micros(200))
-        .max_message_latency(Duration::from_millis(5))
+        // turmoil panics when a listener's accept queue overflows (a real one drops the SYN):
+        // after the api restarts, hundreds of waiting users reconnect in the same step.
+        .tcp_capacity(TCP_CAPACITY)
+        .min_message_latency(LINK_MIN_LATENCY)
+        .max_message_latency(LINK_MAX_LATENCY)
         .build();
 
     // The API server: its state lives outside the host, so crashing the host keeps it.
@@ -186,13 +226,14 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         KUBE_TOKEN.to_string(),
         spawner_localcluster::Identity::admin(),
     );
+    let clocks = HostClocks::default();
     let cluster = Cluster::new(
         ServerConfig {
             auth: spawner_localcluster::Auth { tokens, rbac: None },
             bookmark_interval: Duration::from_secs(5),
             ..ServerConfig::default()
         },
-        Arc::new(SimClock),
+        Arc::new(clocks.of("apiserver")),
     );
     {
         let cluster = cluster.clone();
@@ -211,15 +252,18 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         let kube_url = kube_url.clone();
         let leader_election = config.controllers > 1;
         let retention = config.retention;
+        let clock = clocks.of(&format!("controller-{i}"));
         sim.host(format!("controller-{i}"), move || {
             let kube_url = kube_url.clone();
+            let clock = clock.clone();
             async move {
                 let client = if mutant == Some(Mutant::ControllerCreatesPodTwice) {
                     kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, DuplicatePodCreates)
                 } else {
                     kube_client(kube_url, KUBE_TOKEN, NAMESPACE)
                 };
-                let config = crate::components::controller_config(i, leader_election, retention);
+                let config =
+                    crate::components::controller_config(i, leader_election, retention, clock);
                 let listener = SimListener::bind(("0.0.0.0", 8080)).await?;
                 spawner_controller::run(client, listener, config, std::future::pending()).await?;
                 Ok(())
@@ -229,11 +273,13 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
 
     {
         let kube_url = kube_url.clone();
+        let clock = clocks.of("api");
         sim.host("api", move || {
             let kube_url = kube_url.clone();
+            let clock = clock.clone();
             async move {
                 let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
-                let config = crate::components::api_config(API_TOKEN)?;
+                let config = crate::components::api_config(API_TOKEN, clock)?;
                 let listener = SimListener::bind(("0.0.0.0", 7070)).await?;
                 if mutant == Some(Mutant::RacyKeyLookup) {
                     crate::mutants::racy_api(client, NAMESPACE, listener).await?;
@@ -259,12 +305,15 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         let kube_url = kube_url.clone();
         let slots = config.slots_per_node;
         let runtime = Arc::new(SlotRuntime::new(pool));
+        let clock = clocks.of(&node_name(n));
         sim.host(node_name(n), move || {
             let kube_url = kube_url.clone();
             let runtime = runtime.clone();
+            let clock = clock.clone();
             async move {
                 let agent_client = kube_client(kube_url.clone(), KUBE_TOKEN, NAMESPACE);
-                let agent_config = crate::components::node_agent_config(&node_name(n), slots);
+                let agent_config =
+                    crate::components::node_agent_config(&node_name(n), slots, clock.clone());
                 tokio::spawn(spawner_localcluster::node::run(
                     agent_client,
                     agent_config,
@@ -277,7 +326,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                 )
                 .pool_max_idle_per_host(0)
                 .build(SimConnector);
-                let config = crate::components::sweeper_config(&node_name(n), EVENTS_SECRET);
+                let config = crate::components::sweeper_config(&node_name(n), EVENTS_SECRET, clock);
                 let listener = SimListener::bind(("0.0.0.0", 8081)).await?;
                 spawner_sweeper::run(client, listener, http, config, std::future::pending())
                     .await?;
@@ -295,14 +344,18 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         let share = (h.finish() as usize) % shares.len();
         shares[share].push(event.clone());
     }
+    let mut spawn_template = serde_json::json!({
+        "command": [APP_COMMAND],
+        "port": crate::pods::APP_PORT,
+        "gracePeriodSeconds": config.grace_seconds,
+    });
+    if let Some(lifetime) = config.max_lifetime_seconds {
+        spawn_template["maxLifetimeSeconds"] = lifetime.into();
+    }
     let users_config = UsersConfig {
         api: "http://api:7070".into(),
         token: API_TOKEN.into(),
-        spawn_template: serde_json::json!({
-            "command": [APP_COMMAND],
-            "port": crate::pods::APP_PORT,
-            "gracePeriodSeconds": config.grace_seconds,
-        }),
+        spawn_template,
         ready_timeout: Duration::from_secs(30),
         poll_interval: config.poll_interval,
     };
@@ -320,8 +373,8 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         Ok(())
     });
 
-    let mut observer = Observer::new(cluster, sidecars, config.clone());
-    let mut faults = FaultRunner::new(config.faults.clone());
+    let mut observer = Observer::new(cluster, sidecars, clocks.clone(), &config);
+    let mut faults = FaultRunner::new(config.faults.clone(), host_names(&config), clocks.clone());
     loop {
         let done = match sim.step() {
             Ok(done) => done,
@@ -341,8 +394,10 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             }
         };
         let now = sim.elapsed();
+        // What the controllers' clocks read during the step, before a fault steps one.
+        observer.note_clocks(now);
         faults.apply(&mut sim, now, &config);
-        if let Err(violation) = observer.observe(now, faults.healed_at(now)) {
+        if let Err(violation) = observer.observe(now, faults.deadlines_from(now)) {
             return Err(Box::new(Failure {
                 seed: config.seed,
                 violation,
@@ -357,7 +412,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         }
     }
     let now = sim.elapsed();
-    let leftovers = observer.leftovers();
+    let (leftovers, retained) = observer.leftovers(now);
     if let Err(violation) = observer.checker.check_drained(now, &leftovers) {
         return Err(Box::new(Failure {
             seed: config.seed,
@@ -377,6 +432,8 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         ready: observer.checker.reached(Phase::Ready),
         swept: observer.checker.reached(Phase::Swept),
         failed: observer.checker.reached(Phase::Failed),
+        terminated: observer.checker.reached(Phase::Terminated),
+        retained,
         sim_time: now,
         wall_time: wall.elapsed(),
         trace_hash: hasher.finish(),
@@ -393,10 +450,19 @@ struct Observer {
     known: BTreeMap<String, (Phase, Option<String>)>,
     live: BTreeMap<String, u64>,
     events: Vec<String>,
+    clocks: HostClocks,
+    controllers: Vec<String>,
+    retention: Duration,
+    slots_per_node: usize,
 }
 
 impl Observer {
-    fn new(cluster: Cluster, sidecars: SidecarRegistry, _config: WorldConfig) -> Self {
+    fn new(
+        cluster: Cluster,
+        sidecars: SidecarRegistry,
+        clocks: HostClocks,
+        config: &WorldConfig,
+    ) -> Self {
         Self {
             cluster,
             sidecars,
@@ -405,6 +471,28 @@ impl Observer {
             known: BTreeMap::new(),
             live: BTreeMap::new(),
             events: Vec::new(),
+            clocks,
+            controllers: (0..config.controllers)
+                .map(|i| format!("controller-{i}"))
+                .collect(),
+            retention: config.retention,
+            slots_per_node: config.slots_per_node,
+        }
+    }
+
+    /// The controllers' wall clocks at sim time `now`, in ms since the UNIX epoch (at the end
+    /// of the step: no reading made during it was later).
+    fn controller_clocks(&self, now: Duration) -> impl Iterator<Item = i64> + '_ {
+        let world = sim_epoch_ms() + now.as_millis() as i64;
+        self.controllers
+            .iter()
+            .map(move |c| world + self.clocks.offset_ms(c))
+    }
+
+    /// Tells the checker what the controllers' clocks can have read by `now`.
+    fn note_clocks(&mut self, now: Duration) {
+        if let Some(latest) = self.controller_clocks(now).max() {
+            self.checker.note_controller_clock(latest);
         }
     }
 
@@ -417,7 +505,12 @@ impl Observer {
         self.events.iter().rev().take(30).rev().cloned().collect()
     }
 
-    fn observe(&mut self, now: Duration, healed_at: Option<Duration>) -> Result<(), Violation> {
+    fn observe(
+        &mut self,
+        now: Duration,
+        deadlines_from: Option<Duration>,
+    ) -> Result<(), Violation> {
+        self.note_clocks(now);
         // Sidecars first: a connection opened in this step counts before a sweep seen in it.
         for (pod, live) in self.sidecars.live() {
             let backend = pod.rsplit('/').next().unwrap_or(&pod).to_string();
@@ -454,6 +547,20 @@ impl Observer {
                                 grace: Duration::from_secs(grace),
                             },
                         )?;
+                        if let (Some(created), Some(lifetime)) = (
+                            object["metadata"]["creationTimestamp"]
+                                .as_str()
+                                .and_then(wall_ms),
+                            object["spec"]["maxLifetimeSeconds"].as_i64(),
+                        ) {
+                            self.checker.observe(
+                                now,
+                                Observation::Lifetime {
+                                    backend: name.to_string(),
+                                    deadline_ms: created + lifetime * 1000,
+                                },
+                            )?;
+                        }
                         self.known
                             .insert(name.to_string(), (Phase::Submitted, None));
                     }
@@ -491,7 +598,19 @@ impl Observer {
                     .observe(now, Observation::Deleted { backend: name })?;
             }
             let mut pods: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut bound: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for pod in self.cluster.snapshot("", "pods") {
+                let phase = pod["status"]["phase"].as_str().unwrap_or("Pending");
+                if let (Some(node), Some(name)) = (
+                    pod["spec"]["nodeName"].as_str(),
+                    pod["metadata"]["name"].as_str(),
+                ) && !matches!(phase, "Succeeded" | "Failed")
+                {
+                    bound
+                        .entry(node.to_string())
+                        .or_default()
+                        .push(name.to_string());
+                }
                 if let (Some(backend), Some(name)) = (
                     pod["metadata"]["labels"][spawner_core::resource::BACKEND_LABEL].as_str(),
                     pod["metadata"]["name"].as_str(),
@@ -502,45 +621,142 @@ impl Observer {
                 }
             }
             self.checker.check_pods(now, &pods)?;
+            self.checker
+                .check_node_capacity(now, &bound, self.slots_per_node)?;
         }
-        self.checker.check_deadlines(now, healed_at)
+        self.checker.check_deadlines(now, deadlines_from)
     }
 
-    /// Backends, pods and services still in the API server.
-    fn leftovers(&self) -> Vec<String> {
+    /// Backends, pods and services still in the API server, and how many finished backends the
+    /// controller rightly still keeps.
+    ///
+    /// A finished backend the controller is right to keep is not left behind: its retention
+    /// (counted from its terminal condition's time, which the host that wrote it stamped with
+    /// its own clock) has not yet passed by the controller's clock. That happens when the writer's
+    /// clock was ahead of the controller's (docs/simulation.md, clock steps). Its pod and
+    /// service are never excused.
+    fn leftovers(&self, now: Duration) -> (Vec<String>, usize) {
+        let controller_now = self.controller_clocks(now).min().unwrap_or(i64::MAX);
+        let retention = self.retention.as_millis() as i64;
         let mut left = Vec::new();
+        let mut retained = 0;
         for (group, plural) in [
             ("spawner.dev", "sessionlivedbackends"),
             ("", "pods"),
             ("", "services"),
         ] {
             for object in self.cluster.snapshot(group, plural) {
-                if object["metadata"]["namespace"].as_str() == Some(NAMESPACE) {
-                    left.push(format!(
-                        "{plural}/{}",
-                        object["metadata"]["name"].as_str().unwrap_or("?")
-                    ));
+                if object["metadata"]["namespace"].as_str() != Some(NAMESPACE) {
+                    continue;
                 }
+                if plural == "sessionlivedbackends"
+                    && finished_at_ms(&object).is_some_and(|t| t + retention > controller_now)
+                {
+                    retained += 1;
+                    continue;
+                }
+                left.push(format!(
+                    "{plural}/{}",
+                    object["metadata"]["name"].as_str().unwrap_or("?")
+                ));
             }
         }
-        left
+        (left, retained)
     }
+}
+
+/// An RFC 3339 time in ms since the UNIX epoch.
+fn wall_ms(time: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(time)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// When a finished backend reached its terminal phase, by its condition's time (ms since the
+/// UNIX epoch); `None` while it is not finished.
+fn finished_at_ms(backend: &serde_json::Value) -> Option<i64> {
+    let phase: Phase = serde_json::from_value(backend["status"]["phase"].clone()).ok()?;
+    if !phase.is_terminal() {
+        return None;
+    }
+    backend["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"].as_str() == Some(phase.as_str()))
+        .and_then(|c| c["lastTransitionTime"].as_str())
+        .and_then(wall_ms)
+}
+
+/// How long after a fault that drops traffic (a crash, a partition) heals the world may still
+/// be catching up, before sweeps are owed on time again.
+///
+/// Such a fault leaves the connections that carried traffic dead: turmoil, like a network that
+/// loses segments for good, never delivers what it dropped, so a request or stream in flight
+/// then only ends at its read timeout (the kube clients' and the sweeper's event streams',
+/// 15 s), after which the sweeper's next reconnect (up to its longest backoff, 10 s + 25 %)
+/// and the sidecar's next report (a heartbeat, 5 s) let it sweep.
+fn stall_recovery() -> Duration {
+    let sweeper =
+        crate::components::sweeper_config("node", EVENTS_SECRET, crate::clock::SimClock::new());
+    KUBE_READ_TIMEOUT.max(sweeper.read_timeout())
+        + sweeper.reconnect_max.mul_f64(1.25)
+        + sweeper.heartbeat
 }
 
 /// Applies a fault schedule as simulated time passes.
 struct FaultRunner {
     pending: Vec<Fault>,
     active: Vec<(Fault, Duration)>,
-    last_healed: Option<Duration>,
+    /// When the deadlines suspended by the faults that healed are owed again.
+    owed_from: Option<Duration>,
+    /// Every host of the world, for faults that name hosts by pattern.
+    hosts: Vec<String>,
+    clocks: HostClocks,
+    stall_recovery: Duration,
 }
 
 impl FaultRunner {
-    fn new(mut faults: Vec<Fault>) -> Self {
+    fn new(mut faults: Vec<Fault>, hosts: Vec<String>, clocks: HostClocks) -> Self {
         faults.sort_by_key(|f| std::cmp::Reverse(f.at));
         Self {
             pending: faults,
             active: Vec::new(),
-            last_healed: None,
+            owed_from: None,
+            hosts,
+            clocks,
+            stall_recovery: stall_recovery(),
+        }
+    }
+
+    /// How long after `fault` heals sweeps may still be late, or `None` when it does not
+    /// suspend them: a slow link delays what is in flight by its longest latency; a clock step
+    /// suspends nothing, because the sweeper counts idle time on monotonic time.
+    fn recovery(&self, fault: &FaultKind) -> Option<Duration> {
+        match fault {
+            FaultKind::ClockStep { .. } => None,
+            FaultKind::Latency { max, .. } => Some(*max),
+            _ => Some(self.stall_recovery),
+        }
+    }
+
+    /// Every pair of distinct hosts matching `a` and `b`.
+    fn links(&self, a: &str, b: &str) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        for x in self.hosts.iter().filter(|h| host_matches(a, h)) {
+            for y in self.hosts.iter().filter(|h| host_matches(b, h)) {
+                if x != y {
+                    pairs.push((x.clone(), y.clone()));
+                }
+            }
+        }
+        pairs
+    }
+
+    fn set_latency(&self, sim: &turmoil::Sim<'_>, a: &str, b: &str, min: Duration, max: Duration) {
+        for (x, y) in self.links(a, b) {
+            // Sets min and max to `min`, then raises max.
+            sim.set_link_latency(x.as_str(), y.as_str(), min);
+            sim.set_link_max_message_latency(x.as_str(), y.as_str(), max);
         }
     }
 
@@ -552,7 +768,9 @@ impl FaultRunner {
                 hosts
             }
             FaultKind::Crash { host } => vec![host.clone()],
-            FaultKind::Partition { .. } => Vec::new(),
+            FaultKind::Partition { .. }
+            | FaultKind::Latency { .. }
+            | FaultKind::ClockStep { .. } => Vec::new(),
         }
     }
 
@@ -563,6 +781,8 @@ impl FaultRunner {
             };
             match &fault.kind {
                 FaultKind::Partition { a, b } => sim.partition(a.as_str(), b.as_str()),
+                FaultKind::Latency { a, b, min, max } => self.set_latency(sim, a, b, *min, *max),
+                FaultKind::ClockStep { host, by_ms } => self.clocks.step(host, *by_ms),
                 kind => {
                     for host in Self::hosts(kind, config) {
                         sim.crash(host.as_str());
@@ -572,6 +792,7 @@ impl FaultRunner {
             self.active.push((fault.clone(), fault.at + fault.duration));
         }
         let mut still = Vec::new();
+        let mut latency_healed = false;
         for (fault, until) in std::mem::take(&mut self.active) {
             if until > now {
                 still.push((fault, until));
@@ -579,23 +800,44 @@ impl FaultRunner {
             }
             match &fault.kind {
                 FaultKind::Partition { a, b } => sim.repair(a.as_str(), b.as_str()),
+                FaultKind::Latency { a, b, .. } => {
+                    self.set_latency(sim, a, b, LINK_MIN_LATENCY, LINK_MAX_LATENCY);
+                    latency_healed = true;
+                }
+                // Corrected: back by as much as it jumped.
+                FaultKind::ClockStep { host, by_ms } => self.clocks.step(host, -by_ms),
                 kind => {
                     for host in Self::hosts(kind, config) {
                         sim.bounce(host.as_str());
                     }
                 }
             }
-            self.last_healed = Some(now);
+            if let Some(recovery) = self.recovery(&fault.kind) {
+                let owed = now + recovery;
+                self.owed_from = Some(self.owed_from.map_or(owed, |o| o.max(owed)));
+            }
+        }
+        if latency_healed {
+            // Links that another latency fault still slows keep its latency.
+            for (fault, _) in &still {
+                if let FaultKind::Latency { a, b, min, max } = &fault.kind {
+                    self.set_latency(sim, a, b, *min, *max);
+                }
+            }
         }
         self.active = still;
     }
 
-    /// `None` when no fault ever happened; the time the last one healed otherwise (or now,
-    /// while one is active: deadlines are suspended during faults).
-    fn healed_at(&self, now: Duration) -> Option<Duration> {
-        if !self.active.is_empty() {
+    /// `None` when no fault ever happened; otherwise when the idle deadlines are owed again
+    /// (now, while a fault is active: deadlines are suspended during faults).
+    fn deadlines_from(&self, now: Duration) -> Option<Duration> {
+        if self
+            .active
+            .iter()
+            .any(|(fault, _)| !matches!(fault.kind, FaultKind::ClockStep { .. }))
+        {
             return Some(now);
         }
-        self.last_healed
+        self.owed_from
     }
 }

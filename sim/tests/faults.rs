@@ -1,12 +1,13 @@
-//! Crashes and partitions of every component while users come and go: every invariant is
-//! checked at every step, sweeping resumes after the fault heals, and nothing leaks.
+//! Crashes, partitions and slow links of every component while users come and go: every
+//! invariant is checked at every step, sweeping resumes after the fault heals, and nothing
+//! leaks.
 
 use std::time::Duration;
 
 use spawner_sim::faults::{Fault, FaultKind};
 use spawner_sim::rng::SimRng;
 use spawner_sim::workload::{WorkloadParams, generate};
-use spawner_sim::world::{WorldConfig, run};
+use spawner_sim::world::{Summary, WorldConfig, run};
 
 spawner_sim::install_entropy_hook!();
 
@@ -20,7 +21,17 @@ fn params() -> WorkloadParams {
     }
 }
 
-fn with_faults(seed: u64, faults: Vec<(u64, u64, FaultKind)>) {
+fn with_faults(seed: u64, faults: Vec<(u64, u64, FaultKind)>) -> Summary {
+    with_faults_in(seed, faults, |_| {})
+}
+
+/// Runs the standard fault world of `seed`, changed by `shape`, with `faults` (at, duration
+/// in seconds, fault).
+fn with_faults_in(
+    seed: u64,
+    faults: Vec<(u64, u64, FaultKind)>,
+    shape: impl FnOnce(&mut WorldConfig),
+) -> Summary {
     let trace = generate(&params(), &mut SimRng::new(seed));
     let mut config = WorldConfig::new(seed, trace);
     config.nodes = 2;
@@ -34,15 +45,17 @@ fn with_faults(seed: u64, faults: Vec<(u64, u64, FaultKind)>) {
             kind,
         })
         .collect();
+    shape(&mut config);
     match run(config) {
         Ok(summary) => {
             println!("{summary}");
             assert!(summary.ready > 0, "{summary}");
             assert_eq!(
-                summary.swept + summary.failed,
+                summary.swept + summary.failed + summary.terminated,
                 summary.backends,
                 "{summary}"
             );
+            summary
         }
         Err(failure) => {
             let path = std::env::temp_dir().join(format!("spawner-sim-faults-{seed}.events"));
@@ -54,6 +67,22 @@ fn with_faults(seed: u64, faults: Vec<(u64, u64, FaultKind)>) {
 
 fn crash(host: &str) -> FaultKind {
     FaultKind::Crash { host: host.into() }
+}
+
+fn latency(a: &str, b: &str, min_ms: u64, max_ms: u64) -> FaultKind {
+    FaultKind::Latency {
+        a: a.into(),
+        b: b.into(),
+        min: Duration::from_millis(min_ms),
+        max: Duration::from_millis(max_ms),
+    }
+}
+
+fn clock_step(host: &str, by_seconds: i64) -> FaultKind {
+    FaultKind::ClockStep {
+        host: host.into(),
+        by_ms: by_seconds * 1_000,
+    }
 }
 
 fn partition(a: &str, b: &str) -> FaultKind {
@@ -109,5 +138,81 @@ fn components_are_partitioned_from_the_api_server() {
             (14, 8, partition("controller-0", "apiserver")),
             (22, 6, partition("api", "apiserver")),
         ],
+    );
+}
+
+#[test]
+fn links_are_slow_and_jittery() {
+    // 200 ms to 2 s per message, drawn per message (segments overtake each other): between the
+    // sweepers and their sidecars, between every component and the API server, and then
+    // between the users and everything, in overlapping windows.
+    with_faults(
+        38,
+        vec![
+            (5, 25, latency("node-0", "node-0-pod-*", 200, 2_000)),
+            (5, 25, latency("node-1", "node-1-pod-*", 200, 2_000)),
+            (8, 20, latency("controller-0", "apiserver", 200, 2_000)),
+            (8, 20, latency("api", "apiserver", 200, 2_000)),
+            (8, 20, latency("node-0", "apiserver", 200, 2_000)),
+            (8, 20, latency("node-1", "apiserver", 200, 2_000)),
+            (20, 15, latency("users-*", "*", 200, 2_000)),
+        ],
+    );
+}
+
+#[test]
+fn the_controllers_clock_steps_forward_then_back() {
+    // Backends live at most 5 minutes. With the controller's clock 10 minutes ahead, every
+    // lifetime is over by its clock: the backends alive end at once (MaxLifetimeExceeded, with
+    // their users connected: a lifetime is a hard bound the client asked for), and so does each
+    // backend created meanwhile, before it is Ready. With the clock 10 minutes behind, nothing
+    // ends early, and finished backends wait for their retention until the clock is corrected.
+    // Sweeps stay on time throughout (a clock step suspends no deadline).
+    let summary = with_faults_in(
+        39,
+        vec![
+            (10, 10, clock_step("controller-0", 600)),
+            (30, 20, clock_step("controller-0", -600)),
+        ],
+        |config| config.max_lifetime_seconds = Some(300),
+    );
+    assert!(
+        summary.terminated > 0,
+        "the step ended lifetimes: {summary}"
+    );
+}
+
+#[test]
+fn the_nodes_clocks_step_forward_and_back() {
+    // The node agents and sweepers stamp pod statuses and Ready/Swept conditions with clocks
+    // 10 minutes off. Idle countdowns are monotonic: sweeps stay on time. Backends swept by
+    // the node ahead are stamped 10 minutes in the future, so the controller keeps them for
+    // their retention counted from that stamp (their pods and services go at once).
+    let summary = with_faults(
+        40,
+        vec![
+            (8, 30, clock_step("node-0", 600)),
+            (8, 30, clock_step("node-1", -600)),
+        ],
+    );
+    assert!(summary.retained > 0, "swept with a clock ahead: {summary}");
+}
+
+#[test]
+fn the_api_servers_and_the_apis_clocks_step() {
+    // The API server stamps creation 10 minutes in the past: by the controller's clock, the
+    // 5-minute lifetime of every backend created meanwhile is already over. The api's clock
+    // only stamps terminate requests.
+    let summary = with_faults_in(
+        41,
+        vec![
+            (10, 10, clock_step("apiserver", -600)),
+            (25, 20, clock_step("api", 600)),
+        ],
+        |config| config.max_lifetime_seconds = Some(300),
+    );
+    assert!(
+        summary.terminated > 0,
+        "the step ended lifetimes: {summary}"
     );
 }

@@ -1,5 +1,6 @@
 //! Property tests over workload and fault parameters and seeds: whatever the users do and
-//! whatever fails, every invariant holds at every step. Each case is one world; a failing case
+//! whatever fails (crashes, partitions, slow links, clock steps: `faults::random_schedule`),
+//! every invariant holds at every step. Each case is one world; a failing case
 //! prints its world's seed and parameters. `SPAWNER_SIM_SEEDS=N` runs N cases (default 3) and
 //! `SPAWNER_SIM_USERS=N` sets the largest user count (default 60).
 
@@ -80,7 +81,10 @@ fn invariants_hold_for_any_workload_and_faults() {
             config.reproduce = format!("(property case {case:?})");
             let summary = common::run_world(config);
             prop_assert_eq!(summary.users.sessions, case.params.users as u64);
-            prop_assert_eq!(summary.swept + summary.failed, summary.backends);
+            prop_assert_eq!(
+                summary.swept + summary.failed + summary.terminated,
+                summary.backends
+            );
             Ok(())
         })
         .expect("every case holds");

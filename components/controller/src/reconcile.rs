@@ -378,8 +378,13 @@ async fn finish(
     let deadline = retention_deadline(backend, ctx.config.retention)
         .unwrap_or_else(|| add(now, ctx.config.retention));
     if now < deadline {
+        // Never later than one retention period from now: a deadline further away means a
+        // clock is off (ours stepped back, or the terminal phase was stamped by a clock ahead),
+        // and once it is corrected the backend is due within a period, not after the error.
         return Ok(Action::requeue(
-            until(now, deadline).max(Duration::from_millis(100)),
+            until(now, deadline)
+                .min(ctx.config.retention)
+                .max(Duration::from_millis(100)),
         ));
     }
     let params = DeleteParams {

@@ -32,6 +32,9 @@ pub type EventsClient<C> = HyperClient<C, Empty<Bytes>>;
 /// Longest SSE line accepted from a sidecar; its messages are a few dozen bytes.
 const MAX_SSE_LINE: usize = 16 * 1024;
 
+/// How soon a Ready write that failed is tried again (also the next report or deadline retries).
+const READY_RETRY: Duration = Duration::from_secs(1);
+
 /// The backend a subscription follows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -263,13 +266,27 @@ where
             _ = cancel.changed() => return End::Done,
         };
         match act(step, target, token, api, tracker, shared).await {
-            Some(end) => return end,
-            None => wake_at = step.wake_at,
+            After::End(end) => return end,
+            After::Wait => wake_at = step.wake_at,
+            After::RetryReady => {
+                let retry = Instant::now() + READY_RETRY;
+                wake_at = Some(step.wake_at.map_or(retry, |at| at.min(retry)));
+            }
         }
     }
 }
 
-/// Carries out a step's writes. `Some(End::Done)` when the backend needs no more following.
+/// What the stream does after a step's writes.
+enum After {
+    /// The backend needs no more following.
+    End(End),
+    /// Wait for the next report or the step's deadline.
+    Wait,
+    /// The Ready write failed: try again soon.
+    RetryReady,
+}
+
+/// Carries out a step's writes.
 async fn act<C>(
     step: Step,
     target: &Target,
@@ -277,7 +294,7 @@ async fn act<C>(
     api: &Api<SessionLivedBackend>,
     tracker: &mut Tracker,
     shared: &Shared<C>,
-) -> Option<End>
+) -> After
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
@@ -303,13 +320,17 @@ where
                 tracker.ready_written();
                 tracing::info!(backend = %target.name, "marked Ready");
             }
-            Ok(WriteOutcome::Unchanged(phase)) if phase.is_terminal() => return Some(End::Done),
+            Ok(WriteOutcome::Unchanged(phase)) if phase.is_terminal() => {
+                return After::End(End::Done);
+            }
             Ok(WriteOutcome::Unchanged(_)) => tracker.ready_written(),
-            Ok(WriteOutcome::Gone) => return Some(End::Done),
+            Ok(WriteOutcome::Gone) => return After::End(End::Done),
             Err(e) => {
-                // Tried again on the next report.
+                // Not swept before it is Ready: a backend that ran goes through Ready (users
+                // wait for it), so the sweep waits for the retry.
                 metrics.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %target.name, error = %e, "could not mark Ready");
+                return After::RetryReady;
             }
         }
     }
@@ -320,12 +341,12 @@ where
             Seal::Sealed => {}
             Seal::Live => {
                 tracing::info!(backend = %target.name, "not swept: a connection arrived");
-                return None;
+                return After::Wait;
             }
             Seal::Failed(reason) => {
                 metrics.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %target.name, %reason, "not swept: the sidecar could not be sealed");
-                return None;
+                return After::Wait;
             }
         }
         let observation = Observation::IdlePastGrace {
@@ -335,18 +356,20 @@ where
             Ok(WriteOutcome::Written(_)) => {
                 metrics.swept.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(backend = %target.name, idle_seconds = idle.as_secs(), "marked Swept");
-                return Some(End::Done);
+                return After::End(End::Done);
             }
-            Ok(WriteOutcome::Unchanged(phase)) if phase.is_terminal() => return Some(End::Done),
+            Ok(WriteOutcome::Unchanged(phase)) if phase.is_terminal() => {
+                return After::End(End::Done);
+            }
             Ok(WriteOutcome::Unchanged(_)) => {}
-            Ok(WriteOutcome::Gone) => return Some(End::Done),
+            Ok(WriteOutcome::Gone) => return After::End(End::Done),
             Err(e) => {
                 metrics.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %target.name, error = %e, "could not mark Swept");
             }
         }
     }
-    None
+    After::Wait
 }
 
 enum Seal {

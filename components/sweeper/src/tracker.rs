@@ -88,7 +88,11 @@ impl Tracker {
             // The stream went quiet: wait for the next message or the read timeout.
             return Step::default();
         }
-        self.verdict_step(&state, elapsed, now)
+        let mut step = self.verdict_step(&state, elapsed, now);
+        // A Ready write that failed is tried again here too, not only on the next report: with a
+        // grace period shorter than the heartbeat, the sweep would otherwise come first.
+        step.mark_ready = state.ready && !self.ready_marked;
+        step
     }
 
     /// The stream ended or failed: nothing it said counts any more.
@@ -187,6 +191,21 @@ mod tests {
             tracker.on_wake(t0 + Duration::from_secs(2)),
             Step::default()
         );
+    }
+
+    #[test]
+    fn a_ready_mark_not_yet_written_comes_with_the_sweep() {
+        // The Ready write after the first report failed; the sweep step must carry it again, so
+        // the backend goes through Ready before it is swept.
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(Duration::from_secs(2), FRESH, false);
+        let step = tracker.on_report(state(true, 0, 0), t0);
+        assert!(step.mark_ready);
+        let wake = step.wake_at.expect("countdown");
+        let step = tracker.on_wake(wake);
+        assert!(step.mark_ready && step.sweep.is_some(), "{step:?}");
+        tracker.ready_written();
+        assert!(!tracker.on_wake(wake).mark_ready);
     }
 
     #[test]

@@ -34,5 +34,8 @@ pub fn scale_world(seed: u64, users: usize) {
             summary.backends,
             "{summary}"
         );
+        // Without faults nothing makes a pod fail: a failure is a bug (a pod bound past its
+        // node's capacity failed for a slot before the node agent kept its bindings).
+        assert_eq!(summary.failed, 0, "{summary}");
     }
 }

@@ -44,6 +44,11 @@ struct Agent<R> {
     retry_scheduling: HashSet<String>,
     /// Pods already reported Unschedulable.
     unschedulable: HashSet<String>,
+    /// Pods this agent bound, by uid, with their node, until the watch shows the binding (as
+    /// kube-scheduler's assume cache): an event written before the binding (another agent's
+    /// Unschedulable mark, say) can arrive after it, and must not make the pod look unbound,
+    /// or the node would get more pods than its capacity.
+    assumed: HashMap<String, String>,
     round_robin: usize,
     /// Pods whose binding request is in flight, by uid, with the node they are bound to: they
     /// count as that node's load, and are not scheduled again meanwhile.
@@ -82,8 +87,14 @@ impl<R: PodRuntime> Agent<R> {
         node_of(pod).is_some_and(|n| self.nodes.iter().any(|s| s.name == n))
     }
 
-    fn apply(&mut self, pod: Pod) {
+    fn apply(&mut self, mut pod: Pod) {
         let uid = uid_of(&pod);
+        if node_of(&pod).is_some_and(|n| !n.is_empty()) {
+            self.assumed.remove(&uid);
+        } else if let (Some(node), Some(spec)) = (self.assumed.get(&uid), pod.spec.as_mut()) {
+            // Older than our binding: a pod's node never changes once bound.
+            spec.node_name = Some(node.clone());
+        }
         let pod = Arc::new(pod);
         self.pods.insert(uid.clone(), pod.clone());
         if !self.is_mine(&pod) {
@@ -105,6 +116,7 @@ impl<R: PodRuntime> Agent<R> {
 
     fn remove(&mut self, uid: &str) {
         self.pods.remove(uid);
+        self.assumed.remove(uid);
         self.finished.remove(uid);
         self.retry_scheduling.remove(uid);
         self.unschedulable.remove(uid);
@@ -214,15 +226,13 @@ impl<R: PodRuntime> Agent<R> {
         match result {
             Ok(()) => {
                 // Count it on its node before the watch shows the binding (unless it already
-                // did, or the pod is gone).
-                if let Some(pod) = self.pods.get(&uid)
-                    && node_of(pod).is_none_or(str::is_empty)
+                // did, or the pod is gone), and keep it there against events older than the
+                // binding that may still arrive.
+                if let Some(pod) = self.pods.get(&uid).cloned()
+                    && node_of(&pod).is_none_or(str::is_empty)
                 {
-                    let mut bound = (**pod).clone();
-                    if let Some(spec) = bound.spec.as_mut() {
-                        spec.node_name = Some(node);
-                    }
-                    self.apply(bound);
+                    self.assumed.insert(uid, node);
+                    self.apply((*pod).clone());
                 }
             }
             Err(e) if api_code(&e) == Some(409) => {}
@@ -446,6 +456,7 @@ pub(crate) async fn run<R: PodRuntime>(
         relist: None,
         retry_scheduling: HashSet::new(),
         unschedulable: HashSet::new(),
+        assumed: HashMap::new(),
         round_robin: 0,
         binding: HashMap::new(),
         bindings: JoinSet::new(),
