@@ -6,7 +6,7 @@
 //! application gets a free port in `PORT` because apps bind `0.0.0.0:$PORT`; its sidecar's
 //! upstream points there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -67,7 +67,29 @@ pub struct ProcessRuntime<S> {
     config: ProcessRuntimeConfig,
     next_ip: Mutex<u32>,
     sidecar: Arc<S>,
+    /// Application ports handed to pods that still exist. A free port is found by binding port
+    /// 0 and closing it, so until the app binds it the kernel may offer the same port again to
+    /// the next pod: two apps would then race for one port and one would fail at start.
+    app_ports: Arc<Mutex<HashSet<u16>>>,
 }
+
+/// An application port reserved for one pod until the pod is dropped.
+struct PortLease {
+    port: u16,
+    leased: Arc<Mutex<HashSet<u16>>>,
+}
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        self.leased
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.port);
+    }
+}
+
+/// How many ports the kernel may offer before one that no live pod holds is found.
+const PORT_ATTEMPTS: usize = 64;
 
 impl<S: InProcessSidecar> ProcessRuntime<S> {
     pub fn new(config: ProcessRuntimeConfig, sidecar: S) -> Self {
@@ -76,7 +98,30 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
             config,
             next_ip: Mutex::new(first),
             sidecar: Arc::new(sidecar),
+            app_ports: Arc::default(),
         }
+    }
+
+    /// A port no other process listens on and no live pod was given.
+    fn lease_app_port(&self) -> Result<PortLease, RuntimeError> {
+        for _ in 0..PORT_ATTEMPTS {
+            let probe = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+                .map_err(|e| RuntimeError::Other(format!("no free application port: {e}")))?;
+            let port = probe
+                .local_addr()
+                .map_err(|e| RuntimeError::Other(e.to_string()))?
+                .port();
+            let mut leased = self.app_ports.lock().unwrap_or_else(|e| e.into_inner());
+            if leased.insert(port) {
+                return Ok(PortLease {
+                    port,
+                    leased: self.app_ports.clone(),
+                });
+            }
+        }
+        Err(RuntimeError::Other(format!(
+            "no free application port: the kernel offered only ports of live pods ({PORT_ATTEMPTS} tries)"
+        )))
     }
 
     /// The next candidate address: within 127.0.0.0/8, skipping `.0` and `.255`.
@@ -101,7 +146,7 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
 /// A pod's address, its reserved listeners and its application port.
 pub struct ProcessSandbox {
     ip: Ipv4Addr,
-    app_port: Option<u16>,
+    app_port_lease: Option<PortLease>,
     listeners: HashMap<u16, std::net::TcpListener>,
     uid: String,
     log_name: String,
@@ -113,7 +158,7 @@ impl PodSandbox for ProcessSandbox {
     }
 
     fn app_port(&self) -> Option<u16> {
-        self.app_port
+        self.app_port_lease.as_ref().map(|lease| lease.port)
     }
 }
 
@@ -141,6 +186,8 @@ struct ProcessSpec<'a> {
 /// A pod whose containers the process runtime started.
 pub struct ProcessPod {
     ip: Ipv4Addr,
+    /// Held for the pod's life: its application port is not given to another pod meanwhile.
+    _app_port: Option<PortLease>,
     starts: Vec<ContainerStart>,
     handles: Vec<Handle>,
     exits: mpsc::UnboundedReceiver<ContainerExit>,
@@ -395,15 +442,8 @@ impl<S: InProcessSidecar> PodRuntime for ProcessRuntime<S> {
         request: SandboxRequest,
     ) -> impl Future<Output = Result<ProcessSandbox, RuntimeError>> + Send {
         let result = (|| {
-            let app_port = if request.wants_app_port {
-                let probe = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
-                    .map_err(|e| RuntimeError::Other(format!("no free application port: {e}")))?;
-                Some(
-                    probe
-                        .local_addr()
-                        .map_err(|e| RuntimeError::Other(e.to_string()))?
-                        .port(),
-                )
+            let app_port_lease = if request.wants_app_port {
+                Some(self.lease_app_port()?)
             } else {
                 None
             };
@@ -426,7 +466,7 @@ impl<S: InProcessSidecar> PodRuntime for ProcessRuntime<S> {
                 }
                 return Ok(ProcessSandbox {
                     ip,
-                    app_port,
+                    app_port_lease,
                     listeners,
                     uid: request.uid.clone(),
                     log_name,
@@ -488,6 +528,7 @@ impl<S: InProcessSidecar> PodRuntime for ProcessRuntime<S> {
             .count();
         std::future::ready(ProcessPod {
             ip: sandbox.ip,
+            _app_port: sandbox.app_port_lease.take(),
             starts,
             handles,
             exits,
@@ -625,6 +666,35 @@ impl Drop for ProcessPod {
     fn drop(&mut self) {
         for index in 0..self.handles.len() {
             self.force_stop(index);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::SpawnerSidecar;
+
+    #[test]
+    fn an_application_port_is_never_given_to_two_live_pods() {
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig::default(), SpawnerSidecar);
+        let leases: Vec<PortLease> = (0..200)
+            .map(|_| runtime.lease_app_port().expect("a free port"))
+            .collect();
+        let ports: HashSet<u16> = leases.iter().map(|l| l.port).collect();
+        assert_eq!(ports.len(), leases.len(), "every live pod has its own port");
+        assert_eq!(*runtime.app_ports.lock().unwrap(), ports);
+
+        // A pod that is gone gives its port back.
+        let first = leases[0].port;
+        drop(leases);
+        assert!(runtime.app_ports.lock().unwrap().is_empty());
+
+        // A port a live pod holds is skipped even if the kernel offers it again.
+        runtime.app_ports.lock().unwrap().insert(first);
+        for _ in 0..100 {
+            let lease = runtime.lease_app_port().expect("a free port");
+            assert_ne!(lease.port, first);
         }
     }
 }
