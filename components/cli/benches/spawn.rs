@@ -7,7 +7,9 @@
 //! - sustained: 8 clients spawning back to back for 10 s (spawns/s).
 //!
 //! Latency is from just before `POST /spawn` to the Ready event on the stream. Each Ready
-//! backend is then terminated (outside the measured time) so at most a few dozen processes run.
+//! backend is then terminated (outside the measured time; in the burst, once all 50 are Ready)
+//! so at most a few dozen processes run, and each run starts once the last run's backends are
+//! gone.
 //! The phase conditions' times split each spawn into steps, to show where the time goes.
 //! Writes `target/bench/spawn.md` (table) and `target/bench/spawn.json`.
 
@@ -62,9 +64,30 @@ fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
     }
 }
 
+/// The backend to spawn: `SPAWNER_BENCH_BACKEND` (a command line, split on spaces) or
+/// `spawner demo-backend`.
+fn backend_command() -> Vec<String> {
+    match std::env::var("SPAWNER_BENCH_BACKEND") {
+        Ok(line) if !line.trim().is_empty() => line.split_whitespace().map(String::from).collect(),
+        _ => vec![SPAWNER.to_string(), "demo-backend".to_string()],
+    }
+}
+
 /// One spawn, followed to Ready, then terminated.
 async fn spawn_once(api: &Api) -> Sample {
-    let body = json!({"command": [SPAWNER, "demo-backend"], "gracePeriodSeconds": 60});
+    let (sample, name) = spawn_to_ready(api).await;
+    terminate(api, &name).await;
+    sample
+}
+
+async fn terminate(api: &Api, name: &str) {
+    let (code, answer) = api.call("DELETE", &format!("/backend/{name}"), None).await;
+    assert!(code < 300, "terminating {name}: {code} {answer}");
+}
+
+/// One spawn, followed to Ready; the backend is left running.
+async fn spawn_to_ready(api: &Api) -> (Sample, String) {
+    let body = json!({"command": backend_command(), "gracePeriodSeconds": 60});
     let requested_at = SystemTime::now();
     let started = Instant::now();
     let name = api.spawn(&body).await;
@@ -81,11 +104,79 @@ async fn spawn_once(api: &Api) -> Sample {
     let mut steps_ms = vec![ms_between(requested_at, times[0])];
     steps_ms.extend(times.windows(2).map(|w| ms_between(w[0], w[1])));
     steps_ms.push(ms_between(times[3], seen_at));
-    let (code, answer) = api.call("DELETE", &format!("/backend/{name}"), None).await;
-    assert!(code < 300, "terminating {name}: {code} {answer}");
-    Sample {
+    let sample = Sample {
         total_ms: total.as_secs_f64() * 1e3,
         steps_ms,
+    };
+    (sample, name)
+}
+
+/// Waits until every earlier backend is gone (terminated and deleted after its retention), so
+/// one run's teardown does not land on the next run's measurements.
+async fn settle(api: &Api) {
+    let started = Instant::now();
+    loop {
+        let (code, list) = api.call("GET", "/backends", None).await;
+        assert_eq!(code, 200, "listing backends: {list}");
+        let left = list["items"].as_array().map_or(0, Vec::len);
+        if left == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{left} backends still there after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// CPU time used so far, in seconds: by `spawner dev` itself, by its reaped children (the
+/// backends, once terminated) and by the whole machine (busy time of all cores).
+#[derive(Clone, Copy)]
+struct Cpu {
+    dev: f64,
+    backends: f64,
+    machine: f64,
+}
+
+impl Cpu {
+    fn now(dev_pid: u32) -> Cpu {
+        // Both files count in clock ticks, which are 1/100 s on Linux.
+        const TICK: f64 = 0.01;
+        let stat = std::fs::read_to_string(format!("/proc/{dev_pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at the state, field 3.
+        let fields: Vec<f64> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0.0))
+            .collect();
+        let field = |n: usize| fields.get(n - 3).copied().unwrap_or(0.0);
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let cpu = s.lines().next()?.split_whitespace().skip(1);
+                let v: Vec<f64> = cpu.map(|f| f.parse().unwrap_or(0.0)).collect();
+                // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+                Some(v.iter().take(8).sum::<f64>() - v.get(3)? - v.get(4)?)
+            })
+            .unwrap_or(0.0);
+        Cpu {
+            dev: (field(14) + field(15)) * TICK,
+            backends: (field(16) + field(17)) * TICK,
+            machine: machine * TICK,
+        }
+    }
+
+    /// Milliseconds per spawn between `self` and `later`: (dev, backends, machine).
+    fn per_spawn(self, later: Cpu, spawns: usize) -> (f64, f64, f64) {
+        let ms = |a: f64, b: f64| (b - a) * 1e3 / spawns.max(1) as f64;
+        (
+            ms(self.dev, later.dev),
+            ms(self.backends, later.backends),
+            ms(self.machine, later.machine),
+        )
     }
 }
 
@@ -178,19 +269,28 @@ async fn sequential(api: &Api, count: usize) -> (Vec<Sample>, Duration) {
     (samples, started.elapsed())
 }
 
+/// `count` spawns at once; all are terminated once the last is Ready, so the burst is measured
+/// alone rather than against the teardown of its own first backends.
 async fn concurrent(api: &Arc<Api>, count: usize) -> (Vec<Sample>, Duration) {
     let started = Instant::now();
     let tasks: Vec<_> = (0..count)
         .map(|_| {
             let api = api.clone();
-            tokio::spawn(async move { spawn_once(&api).await })
+            tokio::spawn(async move { spawn_to_ready(&api).await })
         })
         .collect();
     let mut samples = Vec::with_capacity(count);
+    let mut names = Vec::with_capacity(count);
     for task in tasks {
-        samples.push(task.await.expect("spawn task"));
+        let (sample, name) = task.await.expect("spawn task");
+        samples.push(sample);
+        names.push(name);
     }
-    (samples, started.elapsed())
+    let wall = started.elapsed();
+    for name in names {
+        terminate(api, &name).await;
+    }
+    (samples, wall)
 }
 
 async fn sustained(api: &Arc<Api>, clients: usize, duration: Duration) -> (Vec<Sample>, Duration) {
@@ -264,12 +364,19 @@ fn main() {
         eprintln!("spawner dev at {}; warming up", dev.api_url);
         sequential(&api, WARM_UP).await;
 
+        settle(&api).await;
         eprintln!("{SEQUENTIAL} sequential spawns…");
+        let before = Cpu::now(dev.pid);
         let (samples, wall) = sequential(&api, SEQUENTIAL).await;
         let seq = Summary::of("sequential", &samples, wall);
+        eprintln!("waiting for the sequential backends to be deleted…");
+        settle(&api).await;
+        // Spawn and teardown both, all the way to deletion after retention.
+        let (cpu_dev, cpu_backends, cpu_machine) = before.per_spawn(Cpu::now(dev.pid), SEQUENTIAL);
         eprintln!("{CONCURRENT} concurrent spawns…");
         let (samples, wall) = concurrent(&api, CONCURRENT).await;
         let conc = Summary::of("concurrent", &samples, wall);
+        settle(&api).await;
         eprintln!("{SUSTAINED_CLIENTS} clients for {SUSTAINED_FOR:?}…");
         let (samples, wall) = sustained(&api, SUSTAINED_CLIENTS, SUSTAINED_FOR).await;
         let sust = Summary::of("sustained", &samples, wall);
@@ -299,19 +406,28 @@ fn main() {
         } else {
             "release"
         };
+        let backend = backend_command().join(" ");
         let report = format!(
-            "# spawn-to-ready, `spawner dev` ({profile}), backend `spawner demo-backend`\n\n{table}\n\
+            "# spawn-to-ready, `spawner dev` ({profile}), backend `{backend}`\n\n{table}\n\
+             CPU per spawn (the sequential run, from the request to the backend's deletion): \
+             `spawner dev` {cpu_dev:.2} ms, the backend process {cpu_backends:.2} ms, the whole \
+             machine {cpu_machine:.2} ms (this client and anything else running included).\n\n\
              Target p99 < {TARGET_P99_MS} ms: sequential {}, concurrent {}. {cores} cores, \
              load average {load} at the end.\n",
             verdict(&summaries[0]),
             verdict(&summaries[1]),
         );
         let json = json!({
-            "backend": "spawner demo-backend",
+            "backend": backend,
             "profile": profile,
             "cores": cores,
             "load_average_1m": load,
             "target_p99_ms": TARGET_P99_MS,
+            "cpu_ms_per_spawn": {
+                "spawner_dev": round(cpu_dev),
+                "backend": round(cpu_backends),
+                "machine": round(cpu_machine),
+            },
             "sequential": summaries[0].json(),
             "concurrent": summaries[1].json(),
             "sustained": {
@@ -320,6 +436,9 @@ fn main() {
             },
         });
         std::fs::write(dir.join("spawn.md"), &report).expect("write spawn.md");
+        if std::env::var_os("SPAWNER_DEV_LOG").is_some() {
+            std::fs::write(dir.join("spawn-dev.log"), dev.stderr()).expect("write spawn-dev.log");
+        }
         std::fs::write(
             dir.join("spawn.json"),
             serde_json::to_string_pretty(&json).expect("json"),

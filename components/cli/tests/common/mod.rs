@@ -110,7 +110,11 @@ impl Dev {
         command
             .env_remove("SPAWNER_TOKEN")
             .env_remove("SPAWNER_API_URL")
-            .env("RUST_LOG", "info")
+            // `SPAWNER_DEV_LOG` (a `RUST_LOG` filter) to see more of what `spawner dev` does.
+            .env(
+                "RUST_LOG",
+                std::env::var("SPAWNER_DEV_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
