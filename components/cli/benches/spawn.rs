@@ -26,7 +26,14 @@ use serde_json::{Value, json};
 const SEQUENTIAL: usize = 200;
 const CONCURRENT: usize = 50;
 const SUSTAINED_CLIENTS: usize = 8;
-const SUSTAINED_FOR: Duration = Duration::from_secs(10);
+/// How long the sustained run lasts: `SPAWNER_BENCH_SUSTAINED_SECONDS`, else 10 s.
+fn sustained_for() -> Duration {
+    let seconds = std::env::var("SPAWNER_BENCH_SUSTAINED_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    Duration::from_secs(seconds)
+}
 const WARM_UP: usize = 5;
 const TARGET_P99_MS: f64 = 150.0;
 
@@ -377,8 +384,8 @@ fn main() {
         let (samples, wall) = concurrent(&api, CONCURRENT).await;
         let conc = Summary::of("concurrent", &samples, wall);
         settle(&api).await;
-        eprintln!("{SUSTAINED_CLIENTS} clients for {SUSTAINED_FOR:?}…");
-        let (samples, wall) = sustained(&api, SUSTAINED_CLIENTS, SUSTAINED_FOR).await;
+        eprintln!("{SUSTAINED_CLIENTS} clients for {:?}…", sustained_for());
+        let (samples, wall) = sustained(&api, SUSTAINED_CLIENTS, sustained_for()).await;
         let sust = Summary::of("sustained", &samples, wall);
         let summaries = [seq, conc, sust];
 
