@@ -11,7 +11,13 @@
 //! so at most a few dozen processes run, and each run starts once the last run's backends are
 //! gone.
 //! The phase conditions' times split each spawn into steps, to show where the time goes.
-//! Writes `target/bench/spawn.md` (table) and `target/bench/spawn.json`.
+//! Writes `target/bench/<name>.md` (table) and `target/bench/<name>.json`, where the name is
+//! `SPAWNER_BENCH_NAME` or `spawn`.
+//!
+//! Knobs (environment): `SPAWNER_BENCH_BACKEND` (the backend's command line, split on spaces;
+//! `$(PORT)` is expanded by the node agent; default `spawner demo-backend`),
+//! `SPAWNER_BENCH_SUSTAINED_SECONDS` (default 10), `SPAWNER_DEV_LOG` (a `RUST_LOG` filter for
+//! `spawner dev`, whose log then goes to `target/bench/<name>-dev.log`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -442,17 +448,22 @@ fn main() {
                 "result": summaries[2].json(),
             },
         });
-        std::fs::write(dir.join("spawn.md"), &report).expect("write spawn.md");
+        let stem = std::env::var("SPAWNER_BENCH_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "spawn".into());
+        std::fs::write(dir.join(format!("{stem}.md")), &report).expect("write the table");
         if std::env::var_os("SPAWNER_DEV_LOG").is_some() {
-            std::fs::write(dir.join("spawn-dev.log"), dev.stderr()).expect("write spawn-dev.log");
+            std::fs::write(dir.join(format!("{stem}-dev.log")), dev.stderr())
+                .expect("write the log");
         }
         std::fs::write(
-            dir.join("spawn.json"),
+            dir.join(format!("{stem}.json")),
             serde_json::to_string_pretty(&json).expect("json"),
         )
-        .expect("write spawn.json");
+        .expect("write the json");
         println!("{report}");
-        println!("written: {}/spawn.md and spawn.json", dir.display());
+        println!("written: {}/{stem}.md and {stem}.json", dir.display());
         drop(dev);
     });
 }
