@@ -24,8 +24,9 @@ pub struct EventReporter {
 }
 
 /// The Event for `transition` of `backend`, observed at `now` by `reporter`. Warning when the
-/// backend failed, Normal otherwise. Its name is the backend's, a dot and `now` in hexadecimal
-/// nanoseconds (as client-go and kube-runtime name theirs), unique per backend and instant.
+/// backend failed, Normal otherwise. Its name is the backend's, the phase reached and `now` in
+/// hexadecimal nanoseconds: one reconcile can make several transitions at the same instant
+/// (Constructed to Scheduled to Running), and each needs its own Event.
 pub fn transition_event(
     backend: &SessionLivedBackend,
     transition: &Transition,
@@ -36,7 +37,11 @@ pub fn transition_event(
     let name = backend.name_any();
     Event {
         metadata: ObjectMeta {
-            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            name: Some(format!(
+                "{name}.{}.{:x}",
+                transition.to.as_str().to_ascii_lowercase(),
+                now.as_nanosecond()
+            )),
             namespace: backend.namespace(),
             ..Default::default()
         },
@@ -101,7 +106,7 @@ mod tests {
         assert_eq!(event.metadata.namespace.as_deref(), Some("apps"));
         assert_eq!(
             event.metadata.name,
-            Some(format!("slab-1.{:x}", now.as_nanosecond()))
+            Some(format!("slab-1.ready.{:x}", now.as_nanosecond()))
         );
         assert_eq!(event.action.as_deref(), Some("Ready"));
         assert_eq!(event.reason.as_deref(), Some("Because"));
@@ -128,5 +133,23 @@ mod tests {
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(event.type_.as_deref(), Some("Warning"));
+    }
+
+    #[test]
+    fn transitions_at_the_same_instant_get_distinct_names() {
+        let reporter = EventReporter {
+            controller: "c".into(),
+            instance: "i".into(),
+        };
+        let now = Timestamp::UNIX_EPOCH;
+        let names: std::collections::HashSet<_> = [Phase::Scheduled, Phase::Running]
+            .into_iter()
+            .map(|to| {
+                transition_event(&backend(), &transition(to), &reporter, now)
+                    .metadata
+                    .name
+            })
+            .collect();
+        assert_eq!(names.len(), 2);
     }
 }
