@@ -137,16 +137,9 @@ async fn spawn_talk_leave_swept_then_ctrl_c_leaves_nothing() {
 
 /// If `spawner dev` itself is killed (SIGKILL: no chance to stop its pods), the kernel still
 /// takes the backends' processes with it: the node agent starts them with a parent-death
-/// signal (util-linux `setpriv --pdeathsig`, which `.ci/run`'s machines have).
+/// signal (`PR_SET_PDEATHSIG`, set between its clone and its exec).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_spawner_dev_outright_takes_its_backends_with_it() {
-    assert!(
-        std::process::Command::new("setpriv")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success()),
-        "this test needs util-linux's setpriv (Debian: util-linux)"
-    );
     let dev = Dev::start(DevOptions::default());
     let api = dev.api();
     let name = api
@@ -158,7 +151,7 @@ async fn killing_spawner_dev_outright_takes_its_backends_with_it() {
     let app = process(pid).expect("the app process runs while the backend is Ready");
     assert_eq!(
         app.ppid, dev.pid as i32,
-        "the app is spawner dev's own child (setpriv execs in place)"
+        "the app is spawner dev's own child"
     );
 
     // SAFETY: kill has no memory-safety preconditions; only the dev process, not its group.

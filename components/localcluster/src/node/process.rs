@@ -9,8 +9,8 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -216,6 +216,31 @@ async fn all_exited(receivers: &mut [(usize, watch::Receiver<bool>)]) {
     futures::future::join_all(receivers.iter_mut().map(|(_, r)| wait_exited(r))).await;
 }
 
+/// Where a container's stdout and stderr go.
+enum Output {
+    /// Both to this log file.
+    File(OwnedFd),
+    /// To these pipes, whose read ends are forwarded to the agent's log.
+    Piped {
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        readers: (OwnedFd, OwnedFd),
+    },
+}
+
+/// A pipe, both ends close-on-exec (the child gets the write end through dup2) and blocking
+/// (the reader is made non-blocking when tokio takes it): (read, write).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors, which are then owned here.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
 fn exit_of(index: usize, status: std::io::Result<std::process::ExitStatus>) -> ContainerExit {
     use std::os::unix::process::ExitStatusExt;
     match status {
@@ -263,13 +288,17 @@ fn forward_output<R: AsyncRead + Unpin + Send + 'static>(
 }
 
 impl<S: InProcessSidecar> ProcessRuntime<S> {
-    fn output(
-        &self,
-        sandbox: &ProcessSandbox,
-        container: &str,
-    ) -> Result<Option<(Stdio, Stdio)>, String> {
+    /// The container's stdout and stderr: its log file (both), or two pipes whose read ends
+    /// are forwarded to the agent's log when there is no log directory.
+    fn output(&self, sandbox: &ProcessSandbox, container: &str) -> Result<Output, String> {
         let Some(dir) = &self.config.log_dir else {
-            return Ok(None);
+            let (stdout_read, stdout) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
+            let (stderr_read, stderr) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
+            return Ok(Output::Piped {
+                stdout,
+                stderr,
+                readers: (stdout_read, stderr_read),
+            });
         };
         let path = dir.join(format!("{}_{container}.log", sandbox.log_name));
         let file = std::fs::OpenOptions::new()
@@ -277,10 +306,7 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
             .append(true)
             .open(&path)
             .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-        let second = file
-            .try_clone()
-            .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-        Ok(Some((Stdio::from(file), Stdio::from(second))))
+        Ok(Output::File(OwnedFd::from(file)))
     }
 
     fn start_process(
@@ -296,43 +322,42 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
             env,
             working_dir,
         } = process;
-        let (program, args) =
-            launch::command_line(argv, env, working_dir.map(std::path::Path::new))?;
-        // No `pre_exec` hook here: it would make the standard library fork the agent instead
-        // of using posix_spawn (see `launch`).
-        let mut command = tokio::process::Command::new(&program);
-        command
-            .args(&args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            // Its own process group, so the whole tree can be signalled at once.
-            .process_group(0);
-        if let Some(dir) = working_dir {
-            command.current_dir(dir);
-        }
-        let piped = match self.output(sandbox, name)? {
-            Some((stdout, stderr)) => {
-                command.stdout(stdout).stderr(stderr);
-                false
-            }
-            None => {
-                command.stdout(Stdio::piped()).stderr(Stdio::piped());
-                true
-            }
+        let (program, _) = launch::command_line(argv, env, working_dir.map(std::path::Path::new))?;
+        let stdin = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        let output = self.output(sandbox, name)?;
+        let (stdout, stderr) = match &output {
+            Output::File(file) => (file.as_raw_fd(), file.as_raw_fd()),
+            Output::Piped { stdout, stderr, .. } => (stdout.as_raw_fd(), stderr.as_raw_fd()),
         };
-        let mut child = command
-            .spawn()
-            .map_err(|e| format!("cannot start {:?}: {e}", argv[0]))?;
-        let pid = child
-            .id()
-            .ok_or("process exited before it could be observed")?;
+        // Its own process group (so the whole tree can be signalled at once), the agent's
+        // death signal, then exec (see `launch`).
+        let child = launch::spawn(&launch::Launch {
+            program: &program,
+            argv,
+            env,
+            working_dir: working_dir.map(std::path::Path::new),
+            stdio: [stdin.as_raw_fd(), stdout, stderr],
+        })
+        .map_err(|e| format!("cannot start {:?}: {e}", argv[0]))?;
+        let pid = child.pid;
         let pgid = i32::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
-        if piped {
-            if let Some(stdout) = child.stdout.take() {
-                forward_output(stdout, sandbox.log_name.clone(), name.into(), "stdout");
-            }
-            if let Some(stderr) = child.stderr.take() {
-                forward_output(stderr, sandbox.log_name.clone(), name.into(), "stderr");
+        // The child has its own copies now; the write ends must close here so the readers see
+        // the end of the output when the process ends.
+        drop(stdin);
+        if let Output::Piped {
+            readers: (stdout, stderr),
+            stdout: stdout_write,
+            stderr: stderr_write,
+        } = output
+        {
+            drop((stdout_write, stderr_write));
+            for (reader, stream) in [(stdout, "stdout"), (stderr, "stderr")] {
+                match tokio::net::unix::pipe::Receiver::from_owned_fd(reader) {
+                    Ok(reader) => {
+                        forward_output(reader, sandbox.log_name.clone(), name.into(), stream)
+                    }
+                    Err(e) => tracing::warn!(error = %e, stream, "cannot forward the output"),
+                }
             }
         }
         let (exited_tx, exited_rx) = watch::channel(false);
