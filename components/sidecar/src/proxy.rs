@@ -99,8 +99,12 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
-        .max_headers(config.max_headers);
+        .max_buf_size(config.max_header_bytes.max(8192));
+    // hyper's own limit is the same 100 fields, kept in an inline array; a configured limit
+    // (even an equal one) makes it build two 100-element heap vectors for every request head.
+    if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+        builder.max_headers(config.max_headers);
+    }
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -157,11 +161,13 @@ async fn forward<C: Connect>(
         return reserved::plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     }
     let (mut parts, body) = req.into_parts();
-    prepare_request_headers(&mut parts.headers, &conn.peer_ip, false);
-    parts.uri = origin_form(&parts.uri);
     if http_body::Body::is_end_stream(&body) && parts.method != Method::CONNECT {
+        // The lean client writes the head itself: hop-by-hop headers are skipped and
+        // `X-Forwarded-*` added while encoding (`lean::encode_head`), not in the map.
         return forward_bodyless(conn, parts, guard).await;
     }
+    prepare_request_headers(&mut parts.headers, &conn.peer_ip, false);
+    parts.uri = origin_form(&parts.uri);
     let req = Request::from_parts(
         parts,
         RequestBody::from_client(body, &shared.monitor, limit),
@@ -191,7 +197,7 @@ async fn forward_bodyless<C: Connect>(
     guard: LiveGuard,
 ) -> Response<ResponseBody> {
     let shared = &conn.shared;
-    match lean::exchange(conn, &parts).await {
+    match lean::exchange(conn, &parts, &conn.peer_ip).await {
         Ok(LeanResponse::Whole(mut parts, data)) => {
             remove_hop_by_hop(&mut parts.headers);
             Response::from_parts(
@@ -389,10 +395,32 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// hyper's default limit on request header fields (`hyper::proto::h1::role::DEFAULT_MAX_HEADERS`).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Whether `name` is removed by [`remove_hop_by_hop`] whatever `Connection` says: the fixed
+/// hop-by-hop headers, `Upgrade`, and `Connection` itself.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`, and
 /// `Upgrade` (re-added by the WebSocket path where it belongs).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.is_empty() {
+    // Most messages carry none: one pass over the names is cheaper than nine removals, each
+    // hashing its name. Headers named by `Connection` only go when a `Connection` is there.
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -440,9 +468,9 @@ pub(crate) fn prepare_request_headers(
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 #[cfg(test)]
 mod tests {
@@ -470,6 +498,27 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.example");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_the_removed_ones() {
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [header::HOST, header::CONTENT_LENGTH, X_FORWARDED_FOR] {
+            assert!(!is_hop_by_hop(&name), "{name}");
+        }
+        // Nothing hop-by-hop: the map is left alone; a `Connection` naming others removes them.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("x"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        let before = h.clone();
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-a"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[header::HOST], "x");
     }
 
     #[test]

@@ -224,6 +224,55 @@ async fn malformed_oversized_and_garbage_requests_get_4xx_and_disturb_nothing() 
     sidecar.wait_live(0).await;
 }
 
+/// A request head with `fields` header fields (a `host` and fillers).
+fn head_with_fields(fields: usize) -> Vec<u8> {
+    let mut head = b"GET /hello HTTP/1.1\r\nhost: a\r\n".to_vec();
+    for i in 1..fields {
+        head.extend_from_slice(format!("x-f{i}: v\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// `spawner_sidecar_requests_total`: requests the sidecar proxied.
+async fn proxied_requests(sidecar: &TestSidecar) -> u64 {
+    let metrics = fetch(sidecar.addr, "/_spawner/metrics").await.text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("spawner_sidecar_requests_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("requests_total in the metrics")
+}
+
+#[tokio::test]
+async fn requests_with_more_header_fields_than_max_headers_get_431() {
+    let app = HttpApp::start().await;
+    // The default limit, 100 (left to hyper's inline default). At 100 fields the sidecar
+    // proxies the request (the application, at its own limit of 100, refuses the three
+    // `X-Forwarded-*` more); at 101 the sidecar refuses it without proxying.
+    let sidecar = TestSidecar::ready(app.addr).await;
+    let answer = raw_exchange(sidecar.addr, &head_with_fields(97)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hello from the app"), "{answer}");
+    assert_eq!(proxied_requests(&sidecar).await, 1);
+    raw_exchange(sidecar.addr, &head_with_fields(100)).await;
+    assert_eq!(proxied_requests(&sidecar).await, 2);
+    let answer = raw_exchange(sidecar.addr, &head_with_fields(101)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(proxied_requests(&sidecar).await, 2);
+    sidecar.stop().await;
+    // A configured limit.
+    let mut config = test_config(app.addr);
+    config.max_headers = 10;
+    let sidecar = TestSidecar::ready_with(config).await;
+    let answer = raw_exchange(sidecar.addr, &head_with_fields(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = raw_exchange(sidecar.addr, &head_with_fields(11)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(proxied_requests(&sidecar).await, 1);
+    sidecar.wait_live(0).await;
+}
+
 #[tokio::test]
 async fn reserved_paths_are_not_proxied_and_not_counted() {
     let app = HttpApp::start().await;
