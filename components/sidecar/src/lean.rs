@@ -6,6 +6,7 @@
 //! with `httparse`, and hand a small response over whole (or stream a large one straight from
 //! the socket). Requests with a body keep using hyper's client.
 
+use std::cell::Cell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -87,7 +88,13 @@ fn is_idempotent(method: &Method) -> bool {
 /// and `X-Forwarded-*` added, written in one pass instead of editing the header map. The result
 /// is the head of `proxy::prepare_request_headers(.., websocket: false)` applied to the map (up
 /// to the order of fields with different names, which carries no meaning; the tests compare).
-fn encode_head(parts: &http::request::Parts, peer_ip: &HeaderValue, head: &mut Vec<u8>) {
+fn encode_head(
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    peer_ip: &HeaderValue,
+    head: &mut Vec<u8>,
+) {
     fn field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
         head.extend_from_slice(name);
         head.extend_from_slice(b": ");
@@ -95,17 +102,12 @@ fn encode_head(parts: &http::request::Parts, peer_ip: &HeaderValue, head: &mut V
         head.extend_from_slice(b"\r\n");
     }
     head.clear();
-    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
+    let target = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
 
-    let headers = &parts.headers;
     // Headers named by `Connection` are hop-by-hop too (rare: only when one is there).
     let named: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) {
         headers
@@ -167,19 +169,17 @@ fn encode_head(parts: &http::request::Parts, peer_ip: &HeaderValue, head: &mut V
 }
 
 /// Sends a bodyless request over the client connection's kept connection (or a new one).
-pub(crate) async fn exchange<C: Connect>(
+pub(crate) async fn exchange<C: Connect, B>(
     owner: &Arc<ClientConn<C>>,
-    parts: &http::request::Parts,
+    req: &http::Request<B>,
     peer_ip: &HeaderValue,
 ) -> Result<LeanResponse<C>, LeanError> {
-    let mut head = Vec::with_capacity(256);
-    encode_head(parts, peer_ip, &mut head);
     if let Some(conn) = owner.take_lean() {
-        match exchange_on(owner, conn, &head, &parts.method).await {
+        match exchange_on(owner, conn, req, peer_ip).await {
             Ok(response) => return Ok(response),
             // A kept connection the application closed while idle: nothing was answered, so an
             // idempotent request goes again on a fresh connection.
-            Err(LeanError::Io(e)) if is_idempotent(&parts.method) => {
+            Err(LeanError::Io(e)) if is_idempotent(req.method()) => {
                 tracing::trace!(error = %e, "kept upstream connection failed; redialling");
             }
             Err(e) => return Err(e),
@@ -195,16 +195,43 @@ pub(crate) async fn exchange<C: Connect>(
         io,
         buf: BytesMut::new(),
     };
-    exchange_on(owner, conn, &head, &parts.method).await
+    exchange_on(owner, conn, req, peer_ip).await
 }
 
-async fn exchange_on<C: Connect>(
+thread_local! {
+    /// The buffer request heads are encoded into, reused by every request of the thread: taken
+    /// while a head is written (a write that has to wait keeps it; another request meanwhile
+    /// uses a new one).
+    static HEAD_SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A head buffer larger than this (a request with huge headers) is not kept for reuse.
+const MAX_SCRATCH_HEAD: usize = 16 * 1024;
+
+async fn write_head<Io: AsyncWriteExt + Unpin, B>(
+    io: &mut Io,
+    req: &http::Request<B>,
+    peer_ip: &HeaderValue,
+) -> io::Result<()> {
+    let mut head = HEAD_SCRATCH.take();
+    encode_head(req.method(), req.uri(), req.headers(), peer_ip, &mut head);
+    let written = io.write_all(&head).await;
+    if head.capacity() <= MAX_SCRATCH_HEAD {
+        HEAD_SCRATCH.set(head);
+    }
+    written
+}
+
+async fn exchange_on<C: Connect, B>(
     owner: &Arc<ClientConn<C>>,
     mut conn: LeanConn<C::Io>,
-    head: &[u8],
-    method: &Method,
+    req: &http::Request<B>,
+    peer_ip: &HeaderValue,
 ) -> Result<LeanResponse<C>, LeanError> {
-    conn.io.write_all(head).await.map_err(LeanError::Io)?;
+    write_head(&mut conn.io, req, peer_ip)
+        .await
+        .map_err(LeanError::Io)?;
+    let method = req.method();
     loop {
         if let Some((parts, head_len, framing, keep_alive)) = parse_head(&conn.buf, method)? {
             conn.buf.advance(head_len);
@@ -539,7 +566,13 @@ mod tests {
 
     fn encoded(parts: &http::request::Parts, peer_ip: &'static str) -> String {
         let mut head = Vec::new();
-        encode_head(parts, &HeaderValue::from_static(peer_ip), &mut head);
+        encode_head(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &HeaderValue::from_static(peer_ip),
+            &mut head,
+        );
         String::from_utf8(head).expect("ascii")
     }
 

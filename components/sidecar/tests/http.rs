@@ -273,6 +273,51 @@ async fn requests_with_more_header_fields_than_max_headers_get_431() {
     sidecar.wait_live(0).await;
 }
 
+/// Reads until the sidecar closes the connection; what it sent before.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("connection still open after {PATIENCE:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn header_read_timeout_closes_slow_and_idle_connections_but_not_busy_ones() {
+    use tokio::io::AsyncWriteExt;
+    let app = HttpApp::start().await;
+    let mut config = test_config(app.addr);
+    config.header_read_timeout = Duration::from_millis(300);
+    let sidecar = TestSidecar::ready_with(config).await;
+
+    // A busy keep-alive connection outlives many timeout periods.
+    let mut busy = HttpClient::connect(sidecar.addr).await;
+    for _ in 0..12 {
+        assert_eq!(busy.get("/hello").await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A head that never finishes.
+    let mut slow = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    slow.write_all(b"GET /hello HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    assert!(until_closed(&mut slow).await.is_empty());
+    // A keep-alive connection that goes quiet after its request.
+    let mut idle = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    idle.write_all(b"GET /hello HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = String::from_utf8(until_closed(&mut idle).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hello from the app"), "{answer}");
+    sidecar.wait_live(0).await;
+}
+
 #[tokio::test]
 async fn reserved_paths_are_not_proxied_and_not_counted() {
     let app = HttpApp::start().await;
