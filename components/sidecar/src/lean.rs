@@ -361,14 +361,10 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Option<Head>, LeanError> {
         Framing::UntilClose
     };
     let keep_alive = !close && framing != Framing::UntilClose;
-    let mut builder = http::Response::builder().status(status).version(version);
-    if let Some(h) = builder.headers_mut() {
-        *h = map;
-    }
-    let (parts, ()) = builder
-        .body(())
-        .map_err(|_| LeanError::Protocol("bad response"))?
-        .into_parts();
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    parts.headers = map;
     Ok(Some((parts, head_len, framing, keep_alive)))
 }
 
