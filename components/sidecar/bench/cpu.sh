@@ -82,9 +82,9 @@ for bin in "${BINS[@]}"; do
     if [ "$CALLGRIND" = 1 ] && command -v valgrind >/dev/null; then
         start_sidecar valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$bin"
         wrk -t1 -c8 -d2s "$URL" >/dev/null
-        callgrind_control -z "$SIDECAR_PID" >/dev/null
+        callgrind_control -z "$SIDECAR_PID" >/dev/null 2>&1
         n=$(wrk -t1 -c8 -d5s "$URL" | requests)
-        callgrind_control -d "$SIDECAR_PID" >/dev/null
+        callgrind_control -d "$SIDECAR_PID" >/dev/null 2>&1
         sleep 0.5
         ir=$(awk '/^summary:/ {print $2}' "$(ls -t "$WORK"/cg.*.1 | head -1)")
         stop_sidecar
