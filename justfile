@@ -57,6 +57,10 @@ e2e-local:
 e2e:
     scripts/e2e-kind.sh
 
-# Spawn-to-ready latency of `spawner dev` (release): writes target/bench/spawn.md and spawn.json.
+# Spawn-to-ready latency of `spawner dev` (release). Measured with a backend that binds at once
+# (the sidecar benchmark's small app: target/bench/spawn.md and spawn.json), then with
+# `spawner demo-backend` (target/bench/spawn-demo.md and spawn-demo.json).
 bench-spawn:
-    cargo bench -p spawner --bench spawn
+    cargo build --release -p spawner-sidecar --example bench_app
+    SPAWNER_BENCH_BACKEND='{{justfile_directory()}}/target/release/examples/bench_app $(PORT)' cargo bench -p spawner --bench spawn
+    SPAWNER_BENCH_NAME=spawn-demo cargo bench -p spawner --bench spawn

@@ -11,7 +11,13 @@
 //! so at most a few dozen processes run, and each run starts once the last run's backends are
 //! gone.
 //! The phase conditions' times split each spawn into steps, to show where the time goes.
-//! Writes `target/bench/spawn.md` (table) and `target/bench/spawn.json`.
+//! Writes `target/bench/<name>.md` (table) and `target/bench/<name>.json`, where the name is
+//! `SPAWNER_BENCH_NAME` or `spawn`.
+//!
+//! Knobs (environment): `SPAWNER_BENCH_BACKEND` (the backend's command line, split on spaces;
+//! `$(PORT)` is expanded by the node agent; default `spawner demo-backend`),
+//! `SPAWNER_BENCH_SUSTAINED_SECONDS` (default 10), `SPAWNER_DEV_LOG` (a `RUST_LOG` filter for
+//! `spawner dev`, whose log then goes to `target/bench/<name>-dev.log`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -26,7 +32,14 @@ use serde_json::{Value, json};
 const SEQUENTIAL: usize = 200;
 const CONCURRENT: usize = 50;
 const SUSTAINED_CLIENTS: usize = 8;
-const SUSTAINED_FOR: Duration = Duration::from_secs(10);
+/// How long the sustained run lasts: `SPAWNER_BENCH_SUSTAINED_SECONDS`, else 10 s.
+fn sustained_for() -> Duration {
+    let seconds = std::env::var("SPAWNER_BENCH_SUSTAINED_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    Duration::from_secs(seconds)
+}
 const WARM_UP: usize = 5;
 const TARGET_P99_MS: f64 = 150.0;
 
@@ -377,8 +390,8 @@ fn main() {
         let (samples, wall) = concurrent(&api, CONCURRENT).await;
         let conc = Summary::of("concurrent", &samples, wall);
         settle(&api).await;
-        eprintln!("{SUSTAINED_CLIENTS} clients for {SUSTAINED_FOR:?}…");
-        let (samples, wall) = sustained(&api, SUSTAINED_CLIENTS, SUSTAINED_FOR).await;
+        eprintln!("{SUSTAINED_CLIENTS} clients for {:?}…", sustained_for());
+        let (samples, wall) = sustained(&api, SUSTAINED_CLIENTS, sustained_for()).await;
         let sust = Summary::of("sustained", &samples, wall);
         let summaries = [seq, conc, sust];
 
@@ -435,17 +448,22 @@ fn main() {
                 "result": summaries[2].json(),
             },
         });
-        std::fs::write(dir.join("spawn.md"), &report).expect("write spawn.md");
+        let stem = std::env::var("SPAWNER_BENCH_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "spawn".into());
+        std::fs::write(dir.join(format!("{stem}.md")), &report).expect("write the table");
         if std::env::var_os("SPAWNER_DEV_LOG").is_some() {
-            std::fs::write(dir.join("spawn-dev.log"), dev.stderr()).expect("write spawn-dev.log");
+            std::fs::write(dir.join(format!("{stem}-dev.log")), dev.stderr())
+                .expect("write the log");
         }
         std::fs::write(
-            dir.join("spawn.json"),
+            dir.join(format!("{stem}.json")),
             serde_json::to_string_pretty(&json).expect("json"),
         )
-        .expect("write spawn.json");
+        .expect("write the json");
         println!("{report}");
-        println!("written: {}/spawn.md and spawn.json", dir.display());
+        println!("written: {}/{stem}.md and {stem}.json", dir.display());
         drop(dev);
     });
 }

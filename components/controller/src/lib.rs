@@ -24,21 +24,22 @@ use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as RuntimeConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use spawner_core::children::{ChildrenConfig, DEFAULT_SIDECAR_PORT};
 use spawner_core::phase::Phase;
 use spawner_core::resource::{BACKEND_LABEL, SessionLivedBackend};
+use spawner_core::transition_event::EventReporter;
 use spawner_core::validation::Limits;
 use tokio::sync::watch;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use leader::{LeaderElector, LeaseSettings};
 pub use metrics::Metrics;
-pub use reconcile::{Context, Error, TERMINATE_ANNOTATION, error_policy, reconcile};
+pub use reconcile::{ChildCaches, Context, Error, TERMINATE_ANNOTATION, error_policy, reconcile};
 
 /// Name the controller reports in Events.
 pub const CONTROLLER_NAME: &str = "spawner-controller";
@@ -265,18 +266,15 @@ where
         }
     };
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: CONTROLLER_NAME.into(),
-            instance: Some(config.identity.clone()),
-        },
-    );
+    let reporter = EventReporter {
+        controller: CONTROLLER_NAME.into(),
+        instance: config.identity.clone(),
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         config.clone(),
         metrics.clone(),
-        recorder,
+        reporter,
     ));
 
     let mut stop = stop_rx.clone();
@@ -294,9 +292,12 @@ where
             break;
         }
         tracing::info!(identity = %config.identity, "leading: starting to reconcile");
-        let controller = build_controller(&client, &config);
+        let (controller, caches) = build_controller(&client, &config);
         if let Ok(mut slot) = store.lock() {
             *slot = Some(controller.store());
+        }
+        if let Ok(mut slot) = ctx.children.lock() {
+            *slot = Some(caches);
         }
         let mut lost = leading_rx.clone();
         let mut stop_inner = stop_rx.clone();
@@ -319,6 +320,9 @@ where
         if let Ok(mut slot) = store.lock() {
             *slot = None;
         }
+        if let Ok(mut slot) = ctx.children.lock() {
+            *slot = None;
+        }
         tracing::info!(identity = %config.identity, "stopped reconciling");
         if *stop.borrow() || config.lease.is_none() {
             break;
@@ -335,25 +339,47 @@ where
     }
 }
 
-fn build_controller(client: &Client, config: &ControllerConfig) -> Controller<SessionLivedBackend> {
-    let (backends, pods, services): (Api<SessionLivedBackend>, Api<Pod>, Api<Service>) =
-        match &config.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        };
+/// The controller of one leadership term, and the caches of children its watches fill.
+fn build_controller(
+    client: &Client,
+    config: &ControllerConfig,
+) -> (Controller<SessionLivedBackend>, ChildCaches) {
+    let (backends, pods, services): (
+        Api<SessionLivedBackend>,
+        Api<Pod>,
+        Api<PartialObjectMeta<Service>>,
+    ) = match &config.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
     let children = watcher::Config::default().labels(BACKEND_LABEL);
-    Controller::new(backends, watcher::Config::default())
-        .owns(pods, children.clone())
-        .owns(services, children)
-        .with_config(RuntimeConfig::default().concurrency(config.concurrency))
+    // The pod watch keeps whole pods (the reconciler reads their status from the cache); the
+    // service watch only metadata (the reconciler only asks whether one exists).
+    let (pod_cache, pod_writer) = reflector::store();
+    let pod_events = reflector(pod_writer, watcher(pods, children.clone()))
+        .default_backoff()
+        .touched_objects();
+    let (service_cache, service_writer) = reflector::store();
+    let service_events = reflector(service_writer, watcher(services, children))
+        .default_backoff()
+        .touched_objects();
+    let controller = Controller::new(backends, watcher::Config::default())
+        .owns_stream(pod_events)
+        .owns_stream(service_events)
+        .with_config(RuntimeConfig::default().concurrency(config.concurrency));
+    let caches = ChildCaches {
+        pods: pod_cache,
+        services: service_cache,
+    };
+    (controller, caches)
 }
 
 #[cfg(test)]

@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use spawner_core::children::{BuildError, build_pod, build_service, service_url};
@@ -19,6 +21,7 @@ use spawner_core::phase::{Observation, Phase, Transition, run as run_phases};
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend, SessionLivedBackendStatus};
 use spawner_core::status::{apply_transition, phase_time, status_patch};
 use spawner_core::token::events_token;
+use spawner_core::transition_event::{EventReporter, transition_event};
 use spawner_core::validation::validate_spec;
 
 use crate::metrics::Metrics;
@@ -52,12 +55,24 @@ impl Error {
     }
 }
 
+/// The controller's watch caches of the backends' children (kube-runtime reflectors fed by the
+/// same watches that trigger reconciles). A reconcile reads a child from here and asks the API
+/// server only when the cache cannot answer safely: a pod missing from the cache may just not
+/// have arrived yet, so "missing" is always confirmed with a read before it counts.
+#[derive(Clone)]
+pub struct ChildCaches {
+    pub pods: Store<Pod>,
+    pub services: Store<PartialObjectMeta<Service>>,
+}
+
 /// What every reconciliation shares.
 pub struct Context {
     pub client: Client,
     pub config: ControllerConfig,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub reporter: EventReporter,
+    /// The caches of the current leadership term; `None` reads everything from the API server.
+    pub children: Mutex<Option<ChildCaches>>,
     /// Consecutive failures per backend uid, for the error policy's backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Backends whose spawn-to-ready time was recorded, so it is recorded once.
@@ -69,13 +84,14 @@ impl Context {
         client: Client,
         config: ControllerConfig,
         metrics: Arc<Metrics>,
-        recorder: Recorder,
+        reporter: EventReporter,
     ) -> Self {
         Self {
             client,
             config,
             metrics,
-            recorder,
+            reporter,
+            children: Mutex::new(None),
             failures: Mutex::new(HashMap::new()),
             ready_recorded: Mutex::new(HashSet::new()),
         }
@@ -141,8 +157,8 @@ fn is_status(e: &kube::Error, check: fn(&kube::core::Status) -> bool) -> bool {
     matches!(e, kube::Error::Api(s) if check(s))
 }
 
-/// Creates `object` unless it exists already.
-async fn create_if_absent<K>(api: &Api<K>, object: &K) -> Result<(), kube::Error>
+/// Creates `object` unless it exists already; whether it was created.
+async fn create_if_absent<K>(api: &Api<K>, object: &K) -> Result<bool, kube::Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
@@ -151,10 +167,73 @@ where
         ..Default::default()
     };
     match api.create(&params, object).await {
-        Ok(_) => Ok(()),
-        Err(e) if is_status(&e, kube::core::Status::is_already_exists) => Ok(()),
+        Ok(_) => Ok(true),
+        Err(e) if is_status(&e, kube::core::Status::is_already_exists) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+impl ChildCaches {
+    fn pod(&self, name: &str, namespace: &str) -> Option<Arc<Pod>> {
+        self.pods.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    fn has_service(&self, name: &str, namespace: &str) -> bool {
+        self.services
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some()
+    }
+}
+
+/// The backend's pod. The cache answers when it holds this backend's pod (a later change of it
+/// triggers another reconcile) or when no pod is expected yet (creating one then tells if it
+/// exists); otherwise the API server does.
+async fn current_pod(
+    pods: &Api<Pod>,
+    caches: Option<&ChildCaches>,
+    (name, namespace, uid): (&str, &str, &str),
+    phase: Phase,
+) -> Result<Option<Pod>, kube::Error> {
+    if let Some(caches) = caches {
+        match caches.pod(name, namespace) {
+            Some(pod) if owned_by(&pod, uid) => return Ok(Some(Pod::clone(&pod))),
+            None if !expects_pod(phase) => return Ok(None),
+            _ => {}
+        }
+    }
+    pods.get_opt(name).await
+}
+
+/// Whether a child may still exist and is not already on its way out. Without a cache, always:
+/// deleting what is gone costs a 404.
+fn may_need_delete<K: Resource>(cached: Option<Arc<K>>, caches: Option<&ChildCaches>) -> bool {
+    match (caches, cached) {
+        (None, _) => true,
+        (Some(_), Some(child)) => child.meta().deletion_timestamp.is_none(),
+        // Not cached: gone, or its creation is still on the way, and its arrival in the cache
+        // triggers another reconcile of its owner.
+        (Some(_), None) => false,
+    }
+}
+
+/// Deletes the backend's pod and service unless the caches know them gone or going.
+async fn delete_children(
+    (pods, services): (&Api<Pod>, &Api<Service>),
+    caches: Option<&ChildCaches>,
+    name: &str,
+    namespace: &str,
+) -> Result<(), kube::Error> {
+    if may_need_delete(caches.and_then(|c| c.pod(name, namespace)), caches) {
+        delete_if_present(pods, name).await?;
+    }
+    let service = caches.and_then(|c| {
+        c.services
+            .get(&ObjectRef::<PartialObjectMeta<Service>>::new(name).within(namespace))
+    });
+    if may_need_delete(service, caches) {
+        delete_if_present(services, name).await?;
+    }
+    Ok(())
 }
 
 /// Deletes `name` unless it is gone already.
@@ -204,9 +283,11 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
     let now = config.clock.now();
     let status = backend.status.clone().unwrap_or_default();
     let phase = status.phase;
+    let caches = ctx.children.lock().ok().and_then(|c| c.clone());
+    let caches = caches.as_ref();
 
     if phase.is_terminal() {
-        return finish(backend, ctx, &backends, &pods, &services, now).await;
+        return finish(backend, ctx, (&backends, &pods, &services), caches, now).await;
     }
     record_spawn_to_ready(backend, ctx);
 
@@ -227,14 +308,16 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             .push(Observation::LifetimeExceeded { lifetime_seconds });
     } else {
         plan.recheck_at.push(lifetime);
-        match pods.get_opt(&name).await? {
+        match current_pod(&pods, caches, (&name, &namespace, &uid), phase).await? {
             Some(pod) if !owned_by(&pod, &uid) => {
                 // A pod of an earlier backend with the same name, on its way out.
                 tracing::info!(backend = %name, "waiting for a foreign pod of the same name to go");
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
             Some(pod) => {
-                if phase <= Phase::Constructed {
+                if phase <= Phase::Constructed
+                    && !caches.is_some_and(|c| c.has_service(&name, &namespace))
+                {
                     create_if_absent(&services, &build_service(backend, &config.children)?).await?;
                 }
                 plan.observations.push(Observation::ChildrenCreated);
@@ -250,10 +333,24 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             None if expects_pod(phase) => plan.observations.push(Observation::PodMissing),
             None => {
                 let token = events_token(&config.events_secret, &uid);
-                create_if_absent(&services, &build_service(backend, &config.children)?).await?;
+                if !caches.is_some_and(|c| c.has_service(&name, &namespace)) {
+                    create_if_absent(&services, &build_service(backend, &config.children)?).await?;
+                }
                 match create_if_absent(&pods, &build_pod(backend, &config.children, &token)?).await
                 {
-                    Ok(()) => plan.observations.push(Observation::ChildrenCreated),
+                    Ok(true) => plan.observations.push(Observation::ChildrenCreated),
+                    // A pod of that name exists after all (the cache had not seen it yet).
+                    Ok(false) => match pods.get_opt(&name).await? {
+                        Some(pod) if owned_by(&pod, &uid) => {
+                            plan.observations.push(Observation::ChildrenCreated)
+                        }
+                        Some(_) => {
+                            tracing::info!(backend = %name,
+                                "waiting for a foreign pod of the same name to go");
+                            return Ok(Action::requeue(Duration::from_secs(1)));
+                        }
+                        None => return Ok(Action::requeue(Duration::from_millis(100))),
+                    },
                     // The API server will never accept this pod: retrying cannot help.
                     Err(kube::Error::Api(s)) if s.is_invalid() => {
                         plan.observations.push(Observation::PodUnstartable {
@@ -280,7 +377,7 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             .await?;
         for transition in &transitions {
             ctx.metrics.count_transition(transition.to);
-            publish(ctx, backend, transition).await;
+            publish(ctx, backend, transition, now).await;
             tracing::info!(backend = %name, from = %transition.from, to = %transition.to,
                 reason = %transition.reason, "phase transition");
         }
@@ -296,8 +393,7 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
     }
     if new_phase.is_terminal() {
         // Stop the pod now rather than on the next reconcile.
-        delete_if_present(&pods, &name).await?;
-        delete_if_present(&services, &name).await?;
+        delete_children((&pods, &services), caches, &name, &namespace).await?;
         return Ok(Action::requeue(
             config.retention.max(Duration::from_millis(100)),
         ));
@@ -367,14 +463,13 @@ fn next_status(
 async fn finish(
     backend: &SessionLivedBackend,
     ctx: &Context,
-    backends: &Api<SessionLivedBackend>,
-    pods: &Api<Pod>,
-    services: &Api<Service>,
+    (backends, pods, services): (&Api<SessionLivedBackend>, &Api<Pod>, &Api<Service>),
+    caches: Option<&ChildCaches>,
     now: Timestamp,
 ) -> Result<Action, Error> {
     let name = backend.name_any();
-    delete_if_present(pods, &name).await?;
-    delete_if_present(services, &name).await?;
+    let namespace = backend.namespace().unwrap_or_default();
+    delete_children((pods, services), caches, &name, &namespace).await?;
     let deadline = retention_deadline(backend, ctx.config.retention)
         .unwrap_or_else(|| add(now, ctx.config.retention));
     if now < deadline {
@@ -427,22 +522,18 @@ fn record_spawn_to_ready(backend: &SessionLivedBackend, ctx: &Context) {
 }
 
 /// One Kubernetes Event per transition; a failure to publish is logged, never fatal.
-async fn publish(ctx: &Context, backend: &SessionLivedBackend, transition: &Transition) {
-    let event = Event {
-        type_: if transition.to == Phase::Failed {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: transition.reason.clone(),
-        note: Some(format!(
-            "{} → {}: {}",
-            transition.from, transition.to, transition.message
-        )),
-        action: transition.to.as_str().to_string(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &backend.object_ref(&())).await {
+async fn publish(
+    ctx: &Context,
+    backend: &SessionLivedBackend,
+    transition: &Transition,
+    now: Timestamp,
+) {
+    let event = transition_event(backend, transition, &ctx.reporter, now);
+    let events: Api<Event> = Api::namespaced(
+        ctx.client.clone(),
+        event.metadata.namespace.as_deref().unwrap_or("default"),
+    );
+    if let Err(e) = events.create(&PostParams::default(), &event).await {
         tracing::warn!(backend = %backend.name_any(), error = %e, "could not publish event");
     }
 }

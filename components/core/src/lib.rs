@@ -3,7 +3,8 @@
 //! Every decision the components make lives here as a pure function, so it can be unit- and
 //! property-tested without a runtime (DESIGN.md, rule 1): the `SessionLivedBackend` resource,
 //! the phase machine, the shape of a backend's Pod and Service, spec validation, backend ids,
-//! the sidecar's event protocol and the idle deadline the sweeper acts on.
+//! the sidecar's event protocol, the idle deadline the sweeper acts on and the Kubernetes Event
+//! that records a phase transition.
 
 pub mod children;
 pub mod clock;
@@ -15,6 +16,7 @@ pub mod resource;
 pub mod status;
 pub mod token;
 pub mod trace;
+pub mod transition_event;
 pub mod validation;
 
 pub use phase::{Observation, Phase, Transition};

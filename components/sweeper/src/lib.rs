@@ -29,11 +29,11 @@ use axum::routing::get;
 use futures::StreamExt;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::rt::TokioExecutor;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use spawner_core::phase::Phase;
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend};
+use spawner_core::transition_event::EventReporter;
 use tokio::sync::watch;
 
 pub use clock::{Clock, SystemClock, TokioClock};
@@ -142,7 +142,8 @@ pub struct Shared<C> {
     pub kube: Client,
     pub config: SweeperConfig,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    /// The reporter of the Events published for each written transition.
+    pub events: EventReporter,
 }
 
 struct Subscription {
@@ -173,6 +174,7 @@ pub fn target_of(backend: &SessionLivedBackend) -> Option<Target> {
         url: status.url.clone()?,
         grace: Duration::from_secs(u64::from(backend.spec.grace_period_seconds)),
         ready: status.phase >= Phase::Ready,
+        seen: Arc::new(backend.clone()),
     })
 }
 
@@ -293,13 +295,10 @@ where
         })
     };
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: SWEEPER_NAME.into(),
-            instance: Some(config.identity.clone()),
-        },
-    );
+    let events = EventReporter {
+        controller: SWEEPER_NAME.into(),
+        instance: config.identity.clone(),
+    };
     let api: Api<SessionLivedBackend> = match &config.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -312,7 +311,7 @@ where
             kube: client,
             config,
             metrics: metrics.clone(),
-            recorder,
+            events,
         }),
         by_uid: HashMap::new(),
     };

@@ -36,7 +36,7 @@ const MAX_SSE_LINE: usize = 16 * 1024;
 const READY_RETRY: Duration = Duration::from_secs(1);
 
 /// The backend a subscription follows.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Target {
     pub namespace: String,
     pub name: String,
@@ -46,7 +46,33 @@ pub struct Target {
     pub grace: Duration,
     /// Whether the backend is already Ready (so Ready is not written again).
     pub ready: bool,
+    /// The backend as the watch showed it when following began: the Ready write starts from
+    /// it instead of a fresh read (nothing else usually writes it between Running and Ready).
+    pub seen: Arc<SessionLivedBackend>,
 }
+
+/// Targets are equal when they follow the same backend the same way, from the same version.
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.namespace,
+            &self.name,
+            &self.uid,
+            &self.url,
+            self.grace,
+            self.ready,
+        ) == (
+            &other.namespace,
+            &other.name,
+            &other.uid,
+            &other.url,
+            other.grace,
+            other.ready,
+        ) && self.seen.metadata.resource_version == other.seen.metadata.resource_version
+    }
+}
+
+impl Eq for Target {}
 
 /// How a stream ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -113,10 +139,10 @@ where
                     };
                     let _ = crate::write::write_observation(
                         &api,
-                        &target.name,
-                        &target.uid,
+                        (&target.name, &target.uid),
                         &idle,
                         config.clock.as_ref(),
+                        None,
                         None,
                     )
                     .await;
@@ -299,22 +325,23 @@ where
     C: Connect + Clone + Send + Sync + 'static,
 {
     let metrics = &shared.metrics;
-    let write = |observation: Observation| {
+    let write = |observation: Observation, seen: Option<&SessionLivedBackend>| {
         let api = api.clone();
+        let seen = seen.cloned();
         async move {
             write_observation(
                 &api,
-                &target.name,
-                &target.uid,
+                (&target.name, &target.uid),
                 &observation,
                 shared.config.clock.as_ref(),
-                Some(&shared.recorder),
+                Some(&shared.events),
+                seen.as_ref(),
             )
             .await
         }
     };
     if step.mark_ready {
-        match write(Observation::SidecarReady).await {
+        match write(Observation::SidecarReady, Some(&target.seen)).await {
             Ok(WriteOutcome::Written(_)) => {
                 metrics.marked_ready.fetch_add(1, Ordering::Relaxed);
                 tracker.ready_written();
@@ -352,7 +379,7 @@ where
         let observation = Observation::IdlePastGrace {
             idle_seconds: idle.as_secs(),
         };
-        match write(observation).await {
+        match write(observation, None).await {
             Ok(WriteOutcome::Written(_)) => {
                 metrics.swept.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(backend = %target.name, idle_seconds = idle.as_secs(), "marked Swept");

@@ -1,13 +1,15 @@
-//! Status writes of the sweeper (Ready, Swept): read fresh, compute the transition with the
-//! phase machine, patch the status subresource with the resourceVersion it was computed from,
-//! and retry from a fresh read when another writer got there first.
+//! Status writes of the sweeper (Ready, Swept): read fresh (or start from the copy the watch
+//! just showed), compute the transition with the phase machine, patch the status subresource
+//! with the resourceVersion it was computed from, and retry from a fresh read when another
+//! writer got there first.
 
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Resource, ResourceExt};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
 use spawner_core::phase::{Observation, Phase, Transition, next_phase};
 use spawner_core::resource::SessionLivedBackend;
 use spawner_core::status::{apply_transition, status_patch};
+use spawner_core::transition_event::{EventReporter, transition_event};
 
 use crate::clock::Clock;
 
@@ -26,19 +28,26 @@ pub enum WriteOutcome {
     Gone,
 }
 
-/// Applies `observation` to the backend `name` with `uid`.
+/// Applies `observation` to the backend `name` with `uid`. The first attempt starts from
+/// `seen` when given (a copy from the watch, saving a read when nothing changed since; a stale
+/// copy only costs a conflict), later ones from a fresh read. Publishes an Event per written
+/// transition when `events` names the reporter.
 pub async fn write_observation(
     api: &Api<SessionLivedBackend>,
-    name: &str,
-    uid: &str,
+    (name, uid): (&str, &str),
     observation: &Observation,
     clock: &dyn Clock,
-    recorder: Option<&Recorder>,
+    events: Option<&EventReporter>,
+    seen: Option<&SessionLivedBackend>,
 ) -> Result<WriteOutcome, kube::Error> {
     let mut last_conflict = None;
-    for _ in 0..ATTEMPTS {
-        let Some(backend) = api.get_opt(name).await? else {
-            return Ok(WriteOutcome::Gone);
+    for attempt in 0..ATTEMPTS {
+        let backend = match seen.filter(|_| attempt == 0) {
+            Some(seen) => seen.clone(),
+            None => match api.get_opt(name).await? {
+                Some(backend) => backend,
+                None => return Ok(WriteOutcome::Gone),
+            },
         };
         if backend.uid().as_deref() != Some(uid) {
             return Ok(WriteOutcome::Gone);
@@ -47,15 +56,17 @@ pub async fn write_observation(
         let Some(transition) = next_phase(status.phase, observation) else {
             return Ok(WriteOutcome::Unchanged(status.phase));
         };
-        apply_transition(&mut status, &transition, &clock.now().to_string());
+        let now = clock.now();
+        apply_transition(&mut status, &transition, &now.to_string());
         let patch = status_patch(backend.resource_version().as_deref(), &status);
         match api
             .patch_status(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => {
-                if let Some(recorder) = recorder {
-                    publish(recorder, &backend, &transition).await;
+                if let Some(reporter) = events {
+                    let event = transition_event(&backend, &transition, reporter, now);
+                    publish(api, &backend, &event).await;
                 }
                 return Ok(WriteOutcome::Written(transition));
             }
@@ -69,18 +80,13 @@ pub async fn write_observation(
     }
 }
 
-async fn publish(recorder: &Recorder, backend: &SessionLivedBackend, transition: &Transition) {
-    let event = Event {
-        type_: EventType::Normal,
-        reason: transition.reason.clone(),
-        note: Some(format!(
-            "{} → {}: {}",
-            transition.from, transition.to, transition.message
-        )),
-        action: transition.to.as_str().to_string(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &backend.object_ref(&())).await {
+/// Creates `event`; a failure is logged, never fatal.
+async fn publish(api: &Api<SessionLivedBackend>, backend: &SessionLivedBackend, event: &Event) {
+    let events: Api<Event> = Api::namespaced(
+        api.clone().into_client(),
+        event.metadata.namespace.as_deref().unwrap_or("default"),
+    );
+    if let Err(e) = events.create(&PostParams::default(), event).await {
         tracing::warn!(backend = %backend.name_any(), error = %e, "could not publish event");
     }
 }
