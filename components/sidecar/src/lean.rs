@@ -17,7 +17,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::Connect;
 use crate::body::BoxError;
@@ -208,7 +208,7 @@ thread_local! {
 /// A head buffer larger than this (a request with huge headers) is not kept for reuse.
 const MAX_SCRATCH_HEAD: usize = 16 * 1024;
 
-async fn write_head<Io: AsyncWriteExt + Unpin, B>(
+async fn write_head<Io: AsyncWrite + Unpin, B>(
     io: &mut Io,
     req: &http::Request<B>,
     peer_ip: &HeaderValue,
