@@ -6,7 +6,9 @@
 //! with `httparse`, and hand a small response over whole (or stream a large one straight from
 //! the socket). Requests with a body keep using hyper's client.
 
+use std::cell::Cell;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -15,11 +17,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::Connect;
 use crate::body::BoxError;
-use crate::proxy::ClientConn;
+use crate::proxy::{
+    ClientConn, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, is_hop_by_hop,
+};
 
 /// Largest response head accepted from the application.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -80,39 +84,102 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-fn encode_head(parts: &http::request::Parts) -> Vec<u8> {
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(parts.method.as_str().as_bytes());
-    head.push(b' ');
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
-    head.extend_from_slice(target.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        head.extend_from_slice(name.as_str().as_bytes());
+/// The request head as the application gets it: origin-form target, hop-by-hop headers left out
+/// and `X-Forwarded-*` added, written in one pass instead of editing the header map. The result
+/// is the head of `proxy::prepare_request_headers(.., websocket: false)` applied to the map (up
+/// to the order of fields with different names, which carries no meaning; the tests compare).
+fn encode_head(
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    peer_ip: &HeaderValue,
+    head: &mut Vec<u8>,
+) {
+    fn field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+        head.extend_from_slice(name);
         head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(value);
         head.extend_from_slice(b"\r\n");
     }
+    head.clear();
+    head.extend_from_slice(method.as_str().as_bytes());
+    head.push(b' ');
+    let target = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+
+    // Headers named by `Connection` are hop-by-hop too (rare: only when one is there).
+    let named: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let forwarded = |name: &HeaderName| !is_hop_by_hop(name) && !named.contains(name);
+    let mut has_for = false;
+    let mut has_proto = false;
+    let mut has_host = false;
+    let mut host: Option<&HeaderValue> = None;
+    for name in headers.keys() {
+        if !forwarded(name) {
+            continue;
+        }
+        let mut values = headers.get_all(name).iter();
+        if *name == X_FORWARDED_FOR {
+            // One field: the first value with the client appended (the others are replaced).
+            has_for = true;
+            match values.next().and_then(|v| v.to_str().ok()) {
+                Some(existing) if !existing.trim().is_empty() => {
+                    head.extend_from_slice(b"x-forwarded-for: ");
+                    head.extend_from_slice(existing.as_bytes());
+                    head.extend_from_slice(b", ");
+                    head.extend_from_slice(peer_ip.as_bytes());
+                    head.extend_from_slice(b"\r\n");
+                }
+                _ => field(head, b"x-forwarded-for", peer_ip.as_bytes()),
+            }
+            continue;
+        }
+        if *name == X_FORWARDED_PROTO {
+            has_proto = true;
+        } else if *name == X_FORWARDED_HOST {
+            has_host = true;
+        } else if *name == header::HOST {
+            host = headers.get(name);
+        }
+        for value in values {
+            field(head, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if !has_for {
+        field(head, b"x-forwarded-for", peer_ip.as_bytes());
+    }
+    if !has_proto {
+        field(head, b"x-forwarded-proto", b"http");
+    }
+    if !has_host && let Some(host) = host {
+        field(head, b"x-forwarded-host", host.as_bytes());
+    }
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 /// Sends a bodyless request over the client connection's kept connection (or a new one).
-pub(crate) async fn exchange<C: Connect>(
+pub(crate) async fn exchange<C: Connect, B>(
     owner: &Arc<ClientConn<C>>,
-    parts: &http::request::Parts,
+    req: &http::Request<B>,
+    peer_ip: &HeaderValue,
 ) -> Result<LeanResponse<C>, LeanError> {
-    let head = encode_head(parts);
     if let Some(conn) = owner.take_lean() {
-        match exchange_on(owner, conn, &head, &parts.method).await {
+        match exchange_on(owner, conn, req, peer_ip).await {
             Ok(response) => return Ok(response),
             // A kept connection the application closed while idle: nothing was answered, so an
             // idempotent request goes again on a fresh connection.
-            Err(LeanError::Io(e)) if is_idempotent(&parts.method) => {
+            Err(LeanError::Io(e)) if is_idempotent(req.method()) => {
                 tracing::trace!(error = %e, "kept upstream connection failed; redialling");
             }
             Err(e) => return Err(e),
@@ -128,16 +195,43 @@ pub(crate) async fn exchange<C: Connect>(
         io,
         buf: BytesMut::new(),
     };
-    exchange_on(owner, conn, &head, &parts.method).await
+    exchange_on(owner, conn, req, peer_ip).await
 }
 
-async fn exchange_on<C: Connect>(
+thread_local! {
+    /// The buffer request heads are encoded into, reused by every request of the thread: taken
+    /// while a head is written (a write that has to wait keeps it; another request meanwhile
+    /// uses a new one).
+    static HEAD_SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A head buffer larger than this (a request with huge headers) is not kept for reuse.
+const MAX_SCRATCH_HEAD: usize = 16 * 1024;
+
+async fn write_head<Io: AsyncWrite + Unpin, B>(
+    io: &mut Io,
+    req: &http::Request<B>,
+    peer_ip: &HeaderValue,
+) -> io::Result<()> {
+    let mut head = HEAD_SCRATCH.take();
+    encode_head(req.method(), req.uri(), req.headers(), peer_ip, &mut head);
+    let written = io.write_all(&head).await;
+    if head.capacity() <= MAX_SCRATCH_HEAD {
+        HEAD_SCRATCH.set(head);
+    }
+    written
+}
+
+async fn exchange_on<C: Connect, B>(
     owner: &Arc<ClientConn<C>>,
     mut conn: LeanConn<C::Io>,
-    head: &[u8],
-    method: &Method,
+    req: &http::Request<B>,
+    peer_ip: &HeaderValue,
 ) -> Result<LeanResponse<C>, LeanError> {
-    conn.io.write_all(head).await.map_err(LeanError::Io)?;
+    write_head(&mut conn.io, req, peer_ip)
+        .await
+        .map_err(LeanError::Io)?;
+    let method = req.method();
     loop {
         if let Some((parts, head_len, framing, keep_alive)) = parse_head(&conn.buf, method)? {
             conn.buf.advance(head_len);
@@ -184,9 +278,19 @@ async fn exchange_on<C: Connect>(
 type Head = (http::response::Parts, usize, Framing, bool);
 
 fn parse_head(buf: &[u8], method: &Method) -> Result<Option<Head>, LeanError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    let head_len = match response.parse(buf) {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Uninitialised: zeroing 128 headers (4 KiB) cost more than parsing a small head.
+    let mut headers =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut headers,
+    );
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(LeanError::Protocol("malformed response head")),
@@ -257,14 +361,10 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Option<Head>, LeanError> {
         Framing::UntilClose
     };
     let keep_alive = !close && framing != Framing::UntilClose;
-    let mut builder = http::Response::builder().status(status).version(version);
-    if let Some(h) = builder.headers_mut() {
-        *h = map;
-    }
-    let (parts, ()) = builder
-        .body(())
-        .map_err(|_| LeanError::Protocol("bad response"))?
-        .into_parts();
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    parts.headers = map;
     Ok(Some((parts, head_len, framing, keep_alive)))
 }
 
@@ -460,17 +560,111 @@ mod tests {
         assert!(parse_head(conflicting, &Method::GET).is_err());
     }
 
+    fn encoded(parts: &http::request::Parts, peer_ip: &'static str) -> String {
+        let mut head = Vec::new();
+        encode_head(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &HeaderValue::from_static(peer_ip),
+            &mut head,
+        );
+        String::from_utf8(head).expect("ascii")
+    }
+
     #[test]
-    fn request_heads_are_origin_form_with_all_headers() {
-        let (parts, ()) = http::Request::get("/a?b=c")
+    fn request_heads_are_origin_form_with_forwarded_headers() {
+        let (parts, ()) = http::Request::get("http://x/a?b=c")
             .header("host", "x")
             .header("x-y", "z")
+            .header("connection", "keep-alive, x-secret")
+            .header("keep-alive", "timeout=5")
+            .header("x-secret", "1")
+            .header("te", "trailers")
             .body(())
             .expect("request")
             .into_parts();
         assert_eq!(
-            String::from_utf8(encode_head(&parts)).expect("ascii"),
-            "GET /a?b=c HTTP/1.1\r\nhost: x\r\nx-y: z\r\n\r\n"
+            encoded(&parts, "10.1.2.3"),
+            "GET /a?b=c HTTP/1.1\r\nhost: x\r\nx-y: z\r\nx-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: x\r\n\r\n"
         );
+        let (parts, ()) = http::Request::get("/")
+            .header("x-forwarded-for", "1.1.1.1")
+            .header("x-forwarded-for", "2.2.2.2")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "front")
+            .header("host", "x")
+            .body(())
+            .expect("request")
+            .into_parts();
+        assert_eq!(
+            encoded(&parts, "10.1.2.3"),
+            "GET / HTTP/1.1\r\nx-forwarded-for: 1.1.1.1, 10.1.2.3\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: front\r\nhost: x\r\n\r\n"
+        );
+    }
+
+    /// The head written by the proxy before the one-pass encoder: `prepare_request_headers`
+    /// applied to the map, then every field written out.
+    fn reference_head(parts: &http::request::Parts, peer_ip: &'static str) -> String {
+        let mut headers = parts.headers.clone();
+        crate::proxy::prepare_request_headers(
+            &mut headers,
+            &HeaderValue::from_static(peer_ip),
+            false,
+        );
+        let target = crate::proxy::origin_form(&parts.uri);
+        let mut head = format!("{} {} HTTP/1.1\r\n", parts.method, target);
+        for (name, value) in &headers {
+            head.push_str(&format!("{name}: {}\r\n", value.to_str().expect("ascii")));
+        }
+        head + "\r\n"
+    }
+
+    /// Field order between different names carries no meaning (RFC 9110 §5.3) and `HeaderMap`
+    /// reorders on removal; the order of one name's values does, so the sort is stable.
+    fn normalized(head: &str) -> (String, Vec<(String, String)>) {
+        let mut lines = head
+            .strip_suffix("\r\n\r\n")
+            .expect("end of head")
+            .split("\r\n");
+        let start = lines.next().expect("request line").to_owned();
+        let mut fields: Vec<(String, String)> = lines
+            .map(|l| {
+                let (n, v) = l.split_once(": ").expect("field");
+                (n.to_owned(), v.to_owned())
+            })
+            .collect();
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        (start, fields)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn one_pass_head_matches_editing_the_map(
+            fields in proptest::collection::vec((0usize..14, 0usize..8), 0..12),
+            absolute in proptest::bool::ANY,
+        ) {
+            const NAMES: [&str; 14] = [
+                "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                "connection", "keep-alive", "te", "upgrade", "transfer-encoding",
+                "proxy-authorization", "x-secret", "accept", "trailer", "proxy-connection",
+            ];
+            const VALUES: [&str; 8] = [
+                "a", "", "  ", "1.1.1.1", "keep-alive, x-secret", "close", "x-forwarded-for",
+                "host, x-forwarded-proto",
+            ];
+            let uri = if absolute { "http://example.com/p?q=1" } else { "/p?q=1" };
+            let mut builder = http::Request::get(uri);
+            for (n, v) in fields {
+                builder = builder.header(NAMES[n], VALUES[v]);
+            }
+            let (parts, ()) = builder.body(()).expect("request").into_parts();
+            proptest::prop_assert_eq!(
+                normalized(&encoded(&parts, "127.0.0.9")),
+                normalized(&reference_head(&parts, "127.0.0.9"))
+            );
+        }
     }
 }

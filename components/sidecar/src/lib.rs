@@ -17,6 +17,7 @@ pub mod balance;
 mod body;
 mod drain;
 mod frames;
+mod head_timer;
 mod lean;
 mod monitor;
 #[cfg_attr(not(feature = "sim-mutants"), allow(dead_code))]

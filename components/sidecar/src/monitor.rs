@@ -155,15 +155,18 @@ impl Monitor {
     }
 
     fn touch(&self) {
-        let ms = Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_millis();
-        self.last_active_ms
-            .fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::SeqCst);
+        let ms = self.now_ms();
+        // Under load most requests land in the millisecond already recorded: a load instead of
+        // a locked read-modify-write on a cache line every runtime thread writes.
+        if self.last_active_ms.load(Ordering::SeqCst) < ms {
+            self.last_active_ms.fetch_max(ms, Ordering::SeqCst);
+        }
     }
 
     fn mark_changed(&self) {
-        if !self.dirty.swap(true, Ordering::SeqCst) {
+        // Already dirty: the publisher has not cleared the flag yet, so its next read of the
+        // state (SeqCst, after clearing) sees this change. Checking first saves the swap.
+        if !self.dirty.load(Ordering::SeqCst) && !self.dirty.swap(true, Ordering::SeqCst) {
             self.changed.notify_one();
         }
     }

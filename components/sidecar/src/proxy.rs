@@ -19,10 +19,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1 as client_http1;
 use hyper::server::conn::http1 as server_http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::body::{BodyTooLarge, RequestBody, ResponseBody};
 use crate::drain::{DrainState, TaskGuard};
+use crate::head_timer::HeadTimer;
 use crate::lean::{self, LeanConn, LeanError, LeanResponse};
 use crate::monitor::LiveGuard;
 use crate::reserved::{self, RESERVED_PREFIX};
@@ -91,22 +92,26 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
     let driver_state = Arc::clone(&conn_state);
     let upstream_driver = std::future::poll_fn(move |cx| driver_state.poll_upstream_driver(cx));
     tokio::pin!(upstream_driver);
-    let service = service_fn(move |req| {
-        let conn_state = Arc::clone(&conn_state);
-        async move { Ok::<_, Infallible>(route::<L, C>(conn_state, req).await) }
-    });
+    let service = service_fn(move |req| route::<L, C>(Arc::clone(&conn_state), req));
+    let head_timer = HeadTimer::default();
+    let head_timer_driver = head_timer.driver();
+    tokio::pin!(head_timer_driver);
     let mut builder = server_http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
+        .timer(head_timer)
         .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
-        .max_headers(config.max_headers);
+        .max_buf_size(config.max_header_bytes.max(8192));
+    // hyper's own limit is the same 100 fields, kept in an inline array; a configured limit
+    // (even an equal one) makes it build two 100-element heap vectors for every request head.
+    if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+        builder.max_headers(config.max_headers);
+    }
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
-    // `biased`: the server side runs first, so an upstream connection its request just opened
-    // is polled in the same pass.
+    // `biased`: the server side runs first, so an upstream connection its request just opened,
+    // and a header-read deadline it just set, are polled in the same pass.
     tokio::select! {
         biased;
         result = conn.as_mut() => {
@@ -116,6 +121,7 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
             return;
         }
         () = upstream_driver.as_mut() => {}
+        () = head_timer_driver.as_mut() => {}
         () = task.reached(DrainState::Draining) => {}
     }
     // Draining: finish the request in flight, then close instead of keeping alive.
@@ -124,44 +130,58 @@ pub(crate) async fn serve_connection<L: Listener, C: Connect>(
         biased;
         _ = conn.as_mut() => {}
         () = upstream_driver.as_mut() => {}
+        () = head_timer_driver.as_mut() => {}
         () = task.reached(DrainState::Abort) => {}
     }
 }
 
+/// hyper's service for one request. The request and the response are large values that every
+/// async layer between hyper and the proxy moves once more, so this stays shallow: requests
+/// without a body (most) are answered from here, borrowing the request.
 async fn route<L: Listener, C: Connect>(
     conn: Arc<ClientConn<C>>,
     req: Request<Incoming>,
-) -> Response<ResponseBody> {
+) -> Result<Response<ResponseBody>, Infallible> {
     if req.uri().path().starts_with(RESERVED_PREFIX) {
-        return reserved::handle(&conn.shared, &req);
+        return Ok(reserved::handle(&conn.shared, &req));
     }
     if websocket::is_upgrade(&req) {
-        return websocket::proxy::<L, C>(&conn, req).await;
+        return Ok(websocket::proxy::<L, C>(&conn, req).await);
     }
-    forward(&conn, req).await
-}
-
-/// Proxies one plain HTTP request over the connection's keep-alive connection to the app.
-async fn forward<C: Connect>(
-    conn: &Arc<ClientConn<C>>,
-    req: Request<Incoming>,
-) -> Response<ResponseBody> {
     let shared = &conn.shared;
     let Some(guard) = shared.monitor.connection_started_unless_sealed() else {
-        return reserved::sealed_response();
+        return Ok(reserved::sealed_response());
     };
     let limit = shared.config.max_request_body_bytes;
     if let Some(limit) = limit
         && content_length(req.headers()).is_some_and(|len| len > limit)
     {
-        return reserved::plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+        return Ok(reserved::plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large\n",
+        ));
     }
+    if http_body::Body::is_end_stream(req.body()) && req.method() != Method::CONNECT {
+        // The lean client writes the head itself: hop-by-hop headers are skipped and
+        // `X-Forwarded-*` added while encoding (`lean::encode_head`), not in the map.
+        let exchange = lean::exchange(&conn, &req, &conn.peer_ip).await;
+        return Ok(bodyless_response(shared, exchange, guard));
+    }
+    Ok(forward(&conn, req, guard).await)
+}
+
+/// Proxies one HTTP request with a body over the connection's keep-alive connection to the app
+/// (hyper's client: the body streams while the response may already come).
+async fn forward<C: Connect>(
+    conn: &Arc<ClientConn<C>>,
+    req: Request<Incoming>,
+    guard: LiveGuard,
+) -> Response<ResponseBody> {
+    let shared = &conn.shared;
+    let limit = shared.config.max_request_body_bytes;
     let (mut parts, body) = req.into_parts();
     prepare_request_headers(&mut parts.headers, &conn.peer_ip, false);
     parts.uri = origin_form(&parts.uri);
-    if http_body::Body::is_end_stream(&body) && parts.method != Method::CONNECT {
-        return forward_bodyless(conn, parts, guard).await;
-    }
     let req = Request::from_parts(
         parts,
         RequestBody::from_client(body, &shared.monitor, limit),
@@ -184,14 +204,13 @@ async fn forward<C: Connect>(
     }
 }
 
-/// A request without a body goes through the lean client.
-async fn forward_bodyless<C: Connect>(
-    conn: &Arc<ClientConn<C>>,
-    parts: http::request::Parts,
+/// The client's response to a request without a body, which went through the lean client.
+fn bodyless_response<C: Connect>(
+    shared: &Shared<C>,
+    exchange: Result<LeanResponse<C>, LeanError>,
     guard: LiveGuard,
 ) -> Response<ResponseBody> {
-    let shared = &conn.shared;
-    match lean::exchange(conn, &parts).await {
+    match exchange {
         Ok(LeanResponse::Whole(mut parts, data)) => {
             remove_hop_by_hop(&mut parts.headers);
             Response::from_parts(
@@ -389,10 +408,33 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// hyper's default limit on request header fields (`hyper::proto::h1::role::DEFAULT_MAX_HEADERS`;
+/// `tests/http.rs` checks that 100 fields pass and 101 get 431 with the default config).
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Whether `name` is removed by [`remove_hop_by_hop`] whatever `Connection` says: the fixed
+/// hop-by-hop headers, `Upgrade`, and `Connection` itself.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`, and
 /// `Upgrade` (re-added by the WebSocket path where it belongs).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.is_empty() {
+    // Most messages carry none: one pass over the names is cheaper than nine removals, each
+    // hashing its name. Headers named by `Connection` only go when a `Connection` is there.
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -440,9 +482,9 @@ pub(crate) fn prepare_request_headers(
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 #[cfg(test)]
 mod tests {
@@ -470,6 +512,27 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.example");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_the_removed_ones() {
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [header::HOST, header::CONTENT_LENGTH, X_FORWARDED_FOR] {
+            assert!(!is_hop_by_hop(&name), "{name}");
+        }
+        // Nothing hop-by-hop: the map is left alone; a `Connection` naming others removes them.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("x"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        let before = h.clone();
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-a"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[header::HOST], "x");
     }
 
     #[test]

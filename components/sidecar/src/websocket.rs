@@ -224,7 +224,10 @@ where
                 None => std::future::pending().await,
             }
         };
+        // `biased`: no random start per poll (every message wakes this loop); the relay never
+        // stays ready (it moves bytes until both sides would block), so nothing starves.
         tokio::select! {
+            biased;
             result = std::future::poll_fn(|cx| relay.poll_relay(cx, lingering)) => match result {
                 Ok(Progress::BothClosed) => break Ended::Closed(Ok(())),
                 Ok(Progress::OneClosed) => linger = Some(Instant::now() + config.ws_close_linger),

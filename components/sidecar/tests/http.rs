@@ -224,6 +224,100 @@ async fn malformed_oversized_and_garbage_requests_get_4xx_and_disturb_nothing() 
     sidecar.wait_live(0).await;
 }
 
+/// A request head with `fields` header fields (a `host` and fillers).
+fn head_with_fields(fields: usize) -> Vec<u8> {
+    let mut head = b"GET /hello HTTP/1.1\r\nhost: a\r\n".to_vec();
+    for i in 1..fields {
+        head.extend_from_slice(format!("x-f{i}: v\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// `spawner_sidecar_requests_total`: requests the sidecar proxied.
+async fn proxied_requests(sidecar: &TestSidecar) -> u64 {
+    let metrics = fetch(sidecar.addr, "/_spawner/metrics").await.text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("spawner_sidecar_requests_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("requests_total in the metrics")
+}
+
+#[tokio::test]
+async fn requests_with_more_header_fields_than_max_headers_get_431() {
+    let app = HttpApp::start().await;
+    // The default limit, 100 (left to hyper's inline default). At 100 fields the sidecar
+    // proxies the request (the application, at its own limit of 100, refuses the three
+    // `X-Forwarded-*` more); at 101 the sidecar refuses it without proxying.
+    let sidecar = TestSidecar::ready(app.addr).await;
+    let answer = raw_exchange(sidecar.addr, &head_with_fields(97)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hello from the app"), "{answer}");
+    assert_eq!(proxied_requests(&sidecar).await, 1);
+    raw_exchange(sidecar.addr, &head_with_fields(100)).await;
+    assert_eq!(proxied_requests(&sidecar).await, 2);
+    let answer = raw_exchange(sidecar.addr, &head_with_fields(101)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(proxied_requests(&sidecar).await, 2);
+    sidecar.stop().await;
+    // A configured limit.
+    let mut config = test_config(app.addr);
+    config.max_headers = 10;
+    let sidecar = TestSidecar::ready_with(config).await;
+    let answer = raw_exchange(sidecar.addr, &head_with_fields(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = raw_exchange(sidecar.addr, &head_with_fields(11)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(proxied_requests(&sidecar).await, 1);
+    sidecar.wait_live(0).await;
+}
+
+/// Reads until the sidecar closes the connection; what it sent before.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("connection still open after {PATIENCE:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn header_read_timeout_closes_slow_and_idle_connections_but_not_busy_ones() {
+    use tokio::io::AsyncWriteExt;
+    let app = HttpApp::start().await;
+    let mut config = test_config(app.addr);
+    config.header_read_timeout = Duration::from_millis(300);
+    let sidecar = TestSidecar::ready_with(config).await;
+
+    // A busy keep-alive connection outlives many timeout periods.
+    let mut busy = HttpClient::connect(sidecar.addr).await;
+    for _ in 0..12 {
+        assert_eq!(busy.get("/hello").await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A head that never finishes.
+    let mut slow = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    slow.write_all(b"GET /hello HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    assert!(until_closed(&mut slow).await.is_empty());
+    // A keep-alive connection that goes quiet after its request.
+    let mut idle = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    idle.write_all(b"GET /hello HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = String::from_utf8(until_closed(&mut idle).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hello from the app"), "{answer}");
+    sidecar.wait_live(0).await;
+}
+
 #[tokio::test]
 async fn reserved_paths_are_not_proxied_and_not_counted() {
     let app = HttpApp::start().await;
