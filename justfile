@@ -58,9 +58,9 @@ e2e:
     scripts/e2e-kind.sh
 
 # Spawn-to-ready latency of `spawner dev` (release). Measured with a backend that binds at once
-# (the sidecar benchmark's small app: target/bench/spawn.md and spawn.json), then with
+# (examples/bind_at_once.rs: target/bench/spawn.md and spawn.json), then with
 # `spawner demo-backend` (target/bench/spawn-demo.md and spawn-demo.json).
 bench-spawn:
-    cargo build --release -p spawner-sidecar --example bench_app
-    SPAWNER_BENCH_BACKEND='{{justfile_directory()}}/target/release/examples/bench_app $(PORT)' cargo bench -p spawner --bench spawn
+    cargo build --release -p spawner --example bind_at_once
+    SPAWNER_BENCH_BACKEND='{{justfile_directory()}}/target/release/examples/bind_at_once $(PORT)' cargo bench -p spawner --bench spawn
     SPAWNER_BENCH_NAME=spawn-demo cargo bench -p spawner --bench spawn
