@@ -119,13 +119,14 @@ const PORT_ATTEMPTS: usize = 64;
 impl<S: InProcessSidecar> ProcessRuntime<S> {
     pub fn new(config: ProcessRuntimeConfig, sidecar: S) -> Self {
         let first = u32::from(config.first_pod_ip);
+        let port_range = app_port_range();
         Self {
             config,
             next_ip: Mutex::new(first),
             sidecar: Arc::new(sidecar),
             app_ports: Arc::default(),
-            port_range: app_port_range(),
-            next_port: Mutex::new(app_port_range().map_or(0, random_port_in)),
+            port_range,
+            next_port: Mutex::new(port_range.map_or(0, random_port_in)),
         }
     }
 
