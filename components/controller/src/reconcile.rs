@@ -178,10 +178,12 @@ impl ChildCaches {
         self.pods.get(&ObjectRef::new(name).within(namespace))
     }
 
+    fn service(&self, name: &str, namespace: &str) -> Option<Arc<PartialObjectMeta<Service>>> {
+        self.services.get(&ObjectRef::new(name).within(namespace))
+    }
+
     fn has_service(&self, name: &str, namespace: &str) -> bool {
-        self.services
-            .get(&ObjectRef::new(name).within(namespace))
-            .is_some()
+        self.service(name, namespace).is_some()
     }
 }
 
@@ -226,11 +228,7 @@ async fn delete_children(
     if may_need_delete(caches.and_then(|c| c.pod(name, namespace)), caches) {
         delete_if_present(pods, name).await?;
     }
-    let service = caches.and_then(|c| {
-        c.services
-            .get(&ObjectRef::<PartialObjectMeta<Service>>::new(name).within(namespace))
-    });
-    if may_need_delete(service, caches) {
+    if may_need_delete(caches.and_then(|c| c.service(name, namespace)), caches) {
         delete_if_present(services, name).await?;
     }
     Ok(())

@@ -81,6 +81,13 @@ mod tests {
         .expect("backend")
     }
 
+    fn reporter(controller: &str, instance: &str) -> EventReporter {
+        EventReporter {
+            controller: controller.into(),
+            instance: instance.into(),
+        }
+    }
+
     fn transition(to: Phase) -> Transition {
         Transition {
             from: Phase::Running,
@@ -93,10 +100,7 @@ mod tests {
 
     #[test]
     fn an_event_regards_the_backend_and_names_its_reporter() {
-        let reporter = EventReporter {
-            controller: "spawner.dev/controller".into(),
-            instance: "pod-a".into(),
-        };
+        let reporter = reporter("spawner.dev/controller", "pod-a");
         let now: Timestamp = "2026-11-29T10:00:00.5Z".parse().expect("time");
         let event = transition_event(&backend(), &transition(Phase::Ready), &reporter, now);
         let regarding = event.regarding.expect("regarding");
@@ -122,10 +126,7 @@ mod tests {
 
     #[test]
     fn a_failure_is_a_warning() {
-        let reporter = EventReporter {
-            controller: "c".into(),
-            instance: "i".into(),
-        };
+        let reporter = reporter("c", "i");
         let event = transition_event(
             &backend(),
             &transition(Phase::Failed),
@@ -137,10 +138,7 @@ mod tests {
 
     #[test]
     fn transitions_at_the_same_instant_get_distinct_names() {
-        let reporter = EventReporter {
-            controller: "c".into(),
-            instance: "i".into(),
-        };
+        let reporter = reporter("c", "i");
         let now = Timestamp::UNIX_EPOCH;
         let names: std::collections::HashSet<_> = [Phase::Scheduled, Phase::Running]
             .into_iter()

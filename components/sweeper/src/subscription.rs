@@ -325,9 +325,8 @@ where
     C: Connect + Clone + Send + Sync + 'static,
 {
     let metrics = &shared.metrics;
-    let write = |observation: Observation, seen: Option<&SessionLivedBackend>| {
+    let write = |observation: Observation, seen: Option<Arc<SessionLivedBackend>>| {
         let api = api.clone();
-        let seen = seen.cloned();
         async move {
             write_observation(
                 &api,
@@ -335,13 +334,13 @@ where
                 &observation,
                 shared.config.clock.as_ref(),
                 Some(&shared.events),
-                seen.as_ref(),
+                seen.as_deref(),
             )
             .await
         }
     };
     if step.mark_ready {
-        match write(Observation::SidecarReady, Some(&target.seen)).await {
+        match write(Observation::SidecarReady, Some(target.seen.clone())).await {
             Ok(WriteOutcome::Written(_)) => {
                 metrics.marked_ready.fetch_add(1, Ordering::Relaxed);
                 tracker.ready_written();

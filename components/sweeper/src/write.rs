@@ -42,10 +42,14 @@ pub async fn write_observation(
 ) -> Result<WriteOutcome, kube::Error> {
     let mut last_conflict = None;
     for attempt in 0..ATTEMPTS {
+        let fresh;
         let backend = match seen.filter(|_| attempt == 0) {
-            Some(seen) => seen.clone(),
+            Some(seen) => seen,
             None => match api.get_opt(name).await? {
-                Some(backend) => backend,
+                Some(backend) => {
+                    fresh = backend;
+                    &fresh
+                }
                 None => return Ok(WriteOutcome::Gone),
             },
         };
@@ -65,8 +69,8 @@ pub async fn write_observation(
         {
             Ok(_) => {
                 if let Some(reporter) = events {
-                    let event = transition_event(&backend, &transition, reporter, now);
-                    publish(api, &backend, &event).await;
+                    let event = transition_event(backend, &transition, reporter, now);
+                    publish(api, backend, &event).await;
                 }
                 return Ok(WriteOutcome::Written(transition));
             }
