@@ -108,8 +108,13 @@ async fn spawn_to_ready(api: &Api) -> (Sample, String) {
     let total = started.elapsed();
     let seen_at = requested_at + total;
     let last = common::phases(&events).pop().unwrap_or_default();
-    assert_eq!(last, "Ready", "{name} ended {last}");
     let status = api.status(&name).await;
+    assert_eq!(
+        last,
+        "Ready",
+        "{name} ended {last}; status: {status}\n{}",
+        backend_logs(&name)
+    );
     let times: Vec<SystemTime> = ["Constructed", "Scheduled", "Running", "Ready"]
         .iter()
         .map(|p| condition_time(&status, p).unwrap_or(requested_at))
@@ -122,6 +127,27 @@ async fn spawn_to_ready(api: &Api) -> (Sample, String) {
         steps_ms,
     };
     (sample, name)
+}
+
+/// Where `spawner dev` keeps the backends' output (set once it has started).
+static LOG_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The output of the backend's containers, to explain a spawn that did not become Ready.
+fn backend_logs(name: &str) -> String {
+    let Some(dir) = LOG_DIR.get() else {
+        return String::new();
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return format!("(no log directory {})", dir.display());
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(name))
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            format!("--- {} ---\n{text}", e.file_name().to_string_lossy())
+        })
+        .collect()
 }
 
 /// Waits until every earlier backend is gone (terminated and deleted after its retention), so
@@ -374,6 +400,7 @@ fn main() {
             ..Default::default()
         });
         let api = Arc::new(dev.api());
+        let _ = LOG_DIR.set(dev.state_dir().join("logs"));
         eprintln!("spawner dev at {}; warming up", dev.api_url);
         sequential(&api, WARM_UP).await;
 

@@ -25,7 +25,8 @@ fn main() -> std::io::Result<()> {
     let port: u16 = port
         .parse()
         .map_err(|_| std::io::Error::other(format!("not a port: {port:?}")))?;
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind 127.0.0.1:{port}: {e}")))?;
     for stream in listener.incoming().flatten() {
         answer(stream);
     }

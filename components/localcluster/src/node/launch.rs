@@ -26,6 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use tokio::io::unix::AsyncFd;
@@ -175,6 +176,20 @@ pub(crate) struct Launch<'a> {
     pub stdio: [RawFd; 3],
 }
 
+/// Held shared while a child is cloned, exclusively by [`exclusive_of_starts`].
+static STARTING: RwLock<()> = RwLock::new(());
+
+/// Runs `probe` while no child is being cloned. A child gets a copy of the agent's file
+/// descriptor table at the clone and holds it until `execve` closes the close-on-exec ones, so a
+/// socket the agent opens and closes meanwhile lives on in the child for that while. The port
+/// probe of the process runtime is such a socket: a pod's app then found its leased port "in
+/// use" (a few times in a `just bench-spawn` run; `a_leased_port_is_free_for_the_app...` in
+/// `process.rs` shows it). Sockets `probe` closes are really closed when it returns.
+pub(crate) fn exclusive_of_starts<T>(probe: impl FnOnce() -> T) -> T {
+    let _no_clone = STARTING.write().unwrap_or_else(|e| e.into_inner());
+    probe()
+}
+
 /// Starts `launch` in its own process group with the parent-death signal set (see the module
 /// documentation). Call from a thread that lives as long as the process should: the signal
 /// fires when the *thread* that started the process ends (a runtime worker, not a blocking-pool
@@ -224,6 +239,8 @@ pub(crate) fn spawn(launch: &Launch<'_>) -> Result<Launched, String> {
     // after the child exec'd or exited); `args` and everything it points to stay alive and
     // untouched until then; all signals are blocked around the clone so no handler of the
     // agent runs in the child before it resets them.
+    // No probe socket of `exclusive_of_starts` is open while the child's table is copied.
+    let cloning = STARTING.read().unwrap_or_else(|e| e.into_inner());
     let pid = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
@@ -243,6 +260,7 @@ pub(crate) fn spawn(launch: &Launch<'_>) -> Result<Launched, String> {
         }
         pid
     };
+    drop(cloning);
     drop(stack);
     let step = args.failed_step.load(Ordering::Relaxed);
     if step != 0 {

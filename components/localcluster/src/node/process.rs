@@ -98,6 +98,12 @@ fn app_port_range() -> Option<(u16, u16)> {
     (ephemeral_low > FIRST + 1_000).then(|| (FIRST, ephemeral_low - 1))
 }
 
+/// Whether nothing listens on `port`. Call it through [`launch::exclusive_of_starts`], so the
+/// probe is closed for good when this returns.
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok()
+}
+
 /// An application port reserved for one pod until the pod is dropped.
 struct PortLease {
     port: u16,
@@ -137,9 +143,7 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
             let port = *next;
             *next = if port >= last { first } else { port + 1 };
             let mut leased = self.app_ports.lock().unwrap_or_else(|e| e.into_inner());
-            if leased.contains(&port)
-                || std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_err()
-            {
+            if leased.contains(&port) || !launch::exclusive_of_starts(|| port_is_free(port)) {
                 continue;
             }
             leased.insert(port);
@@ -159,12 +163,12 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
             return self.lease_from_range(range);
         }
         for _ in 0..PORT_ATTEMPTS {
-            let probe = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
-                .map_err(|e| RuntimeError::Other(format!("no free application port: {e}")))?;
-            let port = probe
-                .local_addr()
-                .map_err(|e| RuntimeError::Other(e.to_string()))?
-                .port();
+            let port = launch::exclusive_of_starts(|| {
+                std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))?
+                    .local_addr()
+                    .map(|a| a.port())
+            })
+            .map_err(|e| RuntimeError::Other(format!("no free application port: {e}")))?;
             let mut leased = self.app_ports.lock().unwrap_or_else(|e| e.into_inner());
             if leased.insert(port) {
                 return Ok(PortLease {
@@ -775,6 +779,56 @@ mod tests {
             let lease = runtime.lease_app_port().expect("a free port");
             assert_ne!(lease.port, first);
         }
+    }
+
+    /// Containers starting on other threads get a copy of the agent's file descriptors until
+    /// they exec: the listener that probes a port must not be among them, or the port is still
+    /// taken when the pod's app binds it.
+    #[test]
+    fn a_leased_port_is_free_for_the_app_while_other_containers_start() {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig::default(), SpawnerSidecar);
+        let stop = Arc::new(AtomicBool::new(false));
+        let starter = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let argv = vec!["true".to_string()];
+                let (program, _) = launch::command_line(&argv, &[], None).expect("true");
+                let null = std::fs::File::open("/dev/null").expect("/dev/null");
+                let fd = null.as_raw_fd();
+                let mut started = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let child = launch::spawn(&launch::Launch {
+                        program: &program,
+                        argv: &argv,
+                        env: &[],
+                        working_dir: None,
+                        stdio: [fd, fd, fd],
+                    })
+                    .expect("start true");
+                    let mut status = 0;
+                    // SAFETY: reaping our own child.
+                    unsafe { libc::waitpid(child.pid as i32, &mut status, 0) };
+                    started += 1;
+                }
+                started
+            }
+        });
+        let mut conflicts = Vec::new();
+        for _ in 0..3_000 {
+            let lease = runtime.lease_app_port().expect("a free port");
+            if let Err(e) = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, lease.port)) {
+                conflicts.push((lease.port, e.to_string()));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let started = starter.join().expect("the starting thread");
+        assert!(started > 0, "no process was started meanwhile");
+        assert!(
+            conflicts.is_empty(),
+            "{started} starts; apps could not bind: {conflicts:?}"
+        );
     }
 
     #[test]
