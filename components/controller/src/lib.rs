@@ -34,6 +34,7 @@ use spawner_core::phase::Phase;
 use spawner_core::resource::{BACKEND_LABEL, SessionLivedBackend};
 use spawner_core::transition_event::EventReporter;
 use spawner_core::validation::Limits;
+use spawner_kube_events::EventPublisher;
 use tokio::sync::watch;
 
 pub use clock::{Clock, SystemClock, TokioClock};
@@ -43,6 +44,9 @@ pub use reconcile::{ChildCaches, Context, Error, TERMINATE_ANNOTATION, error_pol
 
 /// Name the controller reports in Events.
 pub const CONTROLLER_NAME: &str = "spawner-controller";
+
+/// How long a stopping controller waits for its queued Events to be posted.
+const EVENTS_FLUSH: Duration = Duration::from_secs(2);
 
 /// Where `status.url` points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -270,11 +274,13 @@ where
         controller: CONTROLLER_NAME.into(),
         instance: config.identity.clone(),
     };
+    let (events, publishing) = EventPublisher::start(client.clone());
     let ctx = Arc::new(Context::new(
         client.clone(),
         config.clone(),
         metrics.clone(),
         reporter,
+        events,
     ));
 
     let mut stop = stop_rx.clone();
@@ -329,6 +335,9 @@ where
         }
     }
 
+    // What the last reconciles queued is posted before the controller ends.
+    drop(ctx);
+    let _ = tokio::time::timeout(EVENTS_FLUSH, publishing).await;
     if let Some(elector) = elector {
         let _ = elector.await;
     }

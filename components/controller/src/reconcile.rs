@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
@@ -23,6 +22,7 @@ use spawner_core::status::{apply_transition, phase_time, status_patch};
 use spawner_core::token::events_token;
 use spawner_core::transition_event::{EventReporter, transition_event};
 use spawner_core::validation::validate_spec;
+use spawner_kube_events::EventPublisher;
 
 use crate::metrics::Metrics;
 use crate::observe::{
@@ -71,6 +71,8 @@ pub struct Context {
     pub config: ControllerConfig,
     pub metrics: Arc<Metrics>,
     pub reporter: EventReporter,
+    /// The queue the transitions' Events are posted from.
+    pub events: EventPublisher,
     /// The caches of the current leadership term; `None` reads everything from the API server.
     pub children: Mutex<Option<ChildCaches>>,
     /// Consecutive failures per backend uid, for the error policy's backoff.
@@ -85,12 +87,14 @@ impl Context {
         config: ControllerConfig,
         metrics: Arc<Metrics>,
         reporter: EventReporter,
+        events: EventPublisher,
     ) -> Self {
         Self {
             client,
             config,
             metrics,
             reporter,
+            events,
             children: Mutex::new(None),
             failures: Mutex::new(HashMap::new()),
             ready_recorded: Mutex::new(HashSet::new()),
@@ -375,7 +379,8 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             .await?;
         for transition in &transitions {
             ctx.metrics.count_transition(transition.to);
-            publish(ctx, backend, transition, now).await;
+            ctx.events
+                .publish(transition_event(backend, transition, &ctx.reporter, now));
             tracing::info!(backend = %name, from = %transition.from, to = %transition.to,
                 reason = %transition.reason, "phase transition");
         }
@@ -516,23 +521,6 @@ fn record_spawn_to_ready(backend: &SessionLivedBackend, ctx: &Context) {
     };
     if set.insert(uid) {
         ctx.metrics.spawn_to_ready.observe(until(created.0, ready));
-    }
-}
-
-/// One Kubernetes Event per transition; a failure to publish is logged, never fatal.
-async fn publish(
-    ctx: &Context,
-    backend: &SessionLivedBackend,
-    transition: &Transition,
-    now: Timestamp,
-) {
-    let event = transition_event(backend, transition, &ctx.reporter, now);
-    let events: Api<Event> = Api::namespaced(
-        ctx.client.clone(),
-        event.metadata.namespace.as_deref().unwrap_or("default"),
-    );
-    if let Err(e) = events.create(&PostParams::default(), &event).await {
-        tracing::warn!(backend = %backend.name_any(), error = %e, "could not publish event");
     }
 }
 

@@ -34,14 +34,19 @@ use kube::{Api, Client, ResourceExt};
 use spawner_core::phase::Phase;
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend};
 use spawner_core::transition_event::EventReporter;
+use spawner_kube_events::EventPublisher;
 use tokio::sync::watch;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use metrics::Metrics;
 pub use subscription::{EventsClient, Target};
+pub use write::TransitionEvents;
 
 /// Name the sweeper reports in Events.
 pub const SWEEPER_NAME: &str = "spawner-sweeper";
+
+/// How long a stopping sweeper waits for its queued Events to be posted.
+const EVENTS_FLUSH: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -142,8 +147,8 @@ pub struct Shared<C> {
     pub kube: Client,
     pub config: SweeperConfig,
     pub metrics: Arc<Metrics>,
-    /// The reporter of the Events published for each written transition.
-    pub events: EventReporter,
+    /// The Events of the written transitions: their reporter and the queue they go through.
+    pub events: TransitionEvents,
 }
 
 struct Subscription {
@@ -295,9 +300,13 @@ where
         })
     };
 
-    let events = EventReporter {
-        controller: SWEEPER_NAME.into(),
-        instance: config.identity.clone(),
+    let (publisher, publishing) = EventPublisher::start(client.clone());
+    let events = TransitionEvents {
+        reporter: EventReporter {
+            controller: SWEEPER_NAME.into(),
+            instance: config.identity.clone(),
+        },
+        publisher,
     };
     let api: Api<SessionLivedBackend> = match &config.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -350,6 +359,9 @@ where
         }
     }
     subscriptions.clear();
+    drop(subscriptions);
+    // The subscriptions' tasks let go of the queue as they end; what it holds is posted.
+    let _ = tokio::time::timeout(EVENTS_FLUSH, publishing).await;
     match server.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::Serve(e)),

@@ -3,15 +3,22 @@
 //! with the resourceVersion it was computed from, and retry from a fresh read when another
 //! writer got there first.
 
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use spawner_core::phase::{Observation, Phase, Transition, next_phase};
 use spawner_core::resource::SessionLivedBackend;
 use spawner_core::status::{apply_transition, status_patch};
 use spawner_core::transition_event::{EventReporter, transition_event};
+use spawner_kube_events::EventPublisher;
 
 use crate::clock::Clock;
+
+/// Who reports the Events of the sweeper's transitions, and the queue they are posted from.
+#[derive(Clone)]
+pub struct TransitionEvents {
+    pub reporter: EventReporter,
+    pub publisher: EventPublisher,
+}
 
 /// Field manager of the sweeper's writes.
 pub const MANAGER: &str = "spawner-sweeper";
@@ -30,14 +37,14 @@ pub enum WriteOutcome {
 
 /// Applies `observation` to the backend `name` with `uid`. The first attempt starts from
 /// `seen` when given (a copy from the watch, saving a read when nothing changed since; a stale
-/// copy only costs a conflict), later ones from a fresh read. Publishes an Event per written
-/// transition when `events` names the reporter.
+/// copy only costs a conflict), later ones from a fresh read. Queues an Event per written
+/// transition when `events` is given.
 pub async fn write_observation(
     api: &Api<SessionLivedBackend>,
     (name, uid): (&str, &str),
     observation: &Observation,
     clock: &dyn Clock,
-    events: Option<&EventReporter>,
+    events: Option<&TransitionEvents>,
     seen: Option<&SessionLivedBackend>,
 ) -> Result<WriteOutcome, kube::Error> {
     let mut last_conflict = None;
@@ -68,9 +75,9 @@ pub async fn write_observation(
             .await
         {
             Ok(_) => {
-                if let Some(reporter) = events {
-                    let event = transition_event(backend, &transition, reporter, now);
-                    publish(api, backend, &event).await;
+                if let Some(events) = events {
+                    let event = transition_event(backend, &transition, &events.reporter, now);
+                    events.publisher.publish(event);
                 }
                 return Ok(WriteOutcome::Written(transition));
             }
@@ -81,16 +88,5 @@ pub async fn write_observation(
     match last_conflict {
         Some(s) => Err(kube::Error::Api(s)),
         None => Ok(WriteOutcome::Gone),
-    }
-}
-
-/// Creates `event`; a failure is logged, never fatal.
-async fn publish(api: &Api<SessionLivedBackend>, backend: &SessionLivedBackend, event: &Event) {
-    let events: Api<Event> = Api::namespaced(
-        api.clone().into_client(),
-        event.metadata.namespace.as_deref().unwrap_or("default"),
-    );
-    if let Err(e) = events.create(&PostParams::default(), event).await {
-        tracing::warn!(backend = %backend.name_any(), error = %e, "could not publish event");
     }
 }
