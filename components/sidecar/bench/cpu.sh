@@ -27,23 +27,8 @@ command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)" >&2; exit 
 cargo build --release -q -p spawner-sidecar --bin spawner-sidecar --example bench_app
 BINS=("$@")
 [ ${#BINS[@]} -gt 0 ] || BINS=(target/release/spawner-sidecar)
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_port() {
-    for _ in $(seq 1 400); do
-        if (exec 9<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "port $1 never opened" >&2
-    exit 1
-}
+# shellcheck source=components/sidecar/bench/common.sh
+. "$ROOT/components/sidecar/bench/common.sh"
 
 # Starts the sidecar (optionally under a wrapper), sets SIDECAR_PID.
 start_sidecar() {

@@ -31,27 +31,8 @@ cargo build --release -q -p spawner-sidecar --bin spawner-sidecar --example benc
 BIN=target/release
 OUT=target/bench
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
-PIDS=()
-
-cleanup() {
-    exec 3>&- 2>/dev/null || true
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_port() {
-    for _ in $(seq 1 200); do
-        if (exec 9<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "port $1 never opened" >&2
-    exit 1
-}
+# shellcheck source=components/sidecar/bench/common.sh
+. "$ROOT/components/sidecar/bench/common.sh"
 
 # --- the three targets ------------------------------------------------------------------------
 "$BIN/examples/bench_app" "$APP_PORT" &
