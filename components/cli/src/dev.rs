@@ -386,8 +386,9 @@ pub async fn run(
 mod tests {
     use super::*;
     use futures::StreamExt;
-    use kube::api::WatchParams;
-    use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams, WatchEvent};
+    use kube::api::{
+        Api, ApiResource, DynamicObject, ListParams, PostParams, WatchEvent, WatchParams,
+    };
 
     fn namespaces(client: kube::Client) -> Api<DynamicObject> {
         let resource = ApiResource {
@@ -424,16 +425,16 @@ mod tests {
             .await
             .expect("watch")
             .boxed();
-        let mut team: DynamicObject = serde_json::from_value(serde_json::json!({
+        let namespace: DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}
         }))
         .expect("namespace");
-        team = api
-            .create(&PostParams::default(), &team)
+        let created = api
+            .create(&PostParams::default(), &namespace)
             .await
             .expect("create");
         assert!(
-            team.metadata.uid.is_some(),
+            created.metadata.uid.is_some(),
             "the server filled in the object"
         );
         let seen = tokio::time::timeout(Duration::from_secs(5), watch.next())
