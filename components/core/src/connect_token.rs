@@ -28,6 +28,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+/// Query parameter that carries a connect token in a URL.
+pub const QUERY_PARAM: &str = "spawner_token";
+
 /// Longest key id.
 pub const MAX_KEY_ID_LEN: usize = 32;
 /// Longest user identity, in bytes.
