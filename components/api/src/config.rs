@@ -342,8 +342,8 @@ mod tests {
         assert_eq!(ring.len(), 2);
         assert_eq!(ring.signing_key().map(|k| k.id()), Some("new"));
         assert!(!format!("{config:?}").contains("0123"));
-        let short = Cli::try_parse_from(["api", "--token", "t", "--connect-key", "k:dev"])
-            .expect("parses");
+        let short =
+            Cli::try_parse_from(["api", "--token", "t", "--connect-key", "k:dev"]).expect("parses");
         assert!(matches!(
             short.api.config(),
             Err(ConfigError::ConnectKeys(KeyError::ShortSecret(_)))

@@ -135,10 +135,11 @@ fn spawn_answer(
     let base = public_base(state.config.public_base_url.as_deref(), headers);
     let (ready_url, status_url) = api_urls(&base, &name);
     let status_url_field = backend.status.as_ref().and_then(|s| s.url.as_deref());
-    let mut url = state
-        .config
-        .url_template
-        .render(&name, &state.config.namespace, status_url_field);
+    let mut url =
+        state
+            .config
+            .url_template
+            .render(&name, &state.config.namespace, status_url_field);
     if let (Some(keys), Some(plain)) = (&state.config.connect_keys, &url)
         && !is_public(backend)
     {

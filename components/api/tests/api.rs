@@ -143,24 +143,38 @@ async fn url_carries_a_connect_token_for_that_backend_unless_public() {
         status_body["url"],
         format!("http://{name}.localhost:8000/").as_str()
     );
-    h.patch_status(&name, json!({"phase": "Ready", "url": "http://10.0.0.1:9090"}))
-        .await;
+    h.patch_status(
+        &name,
+        json!({"phase": "Ready", "url": "http://10.0.0.1:9090"}),
+    )
+    .await;
     let (status, headers, _) = h
         .call(Method::GET, &format!("/backend/{name}/ready"), None, None)
         .await;
     assert_eq!(status, StatusCode::FOUND);
-    assert_eq!(headers["location"], format!("http://{name}.localhost:8000/").as_str());
+    assert_eq!(
+        headers["location"],
+        format!("http://{name}.localhost:8000/").as_str()
+    );
 
     // A public backend needs no token; /connect signs too.
     let (status, body) = h
-        .post("/connect", json!({"image": "x", "key": "demo", "public": true}))
+        .post(
+            "/connect",
+            json!({"image": "x", "key": "demo", "public": true}),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let name = name_of(&body);
-    assert_eq!(body["url"], format!("http://{name}.localhost:8000/").as_str());
+    assert_eq!(
+        body["url"],
+        format!("http://{name}.localhost:8000/").as_str()
+    );
     let backend = h.backends.get(&name).await.expect("exists");
     assert!(spawner_core::resource::is_public(&backend));
-    let (_, body) = h.post("/connect", json!({"image": "x", "key": "room"})).await;
+    let (_, body) = h
+        .post("/connect", json!({"image": "x", "key": "room"}))
+        .await;
     let url = body["url"].as_str().expect("url");
     assert!(url.contains("?spawner_token=ct1.k1."), "{url}");
     assert!(!spawner_core::resource::is_public(
@@ -171,7 +185,12 @@ async fn url_carries_a_connect_token_for_that_backend_unless_public() {
     let (status, body) = h
         .post("/spawn", json!({"image": "x", "user": "a\r\nX-Evil: 1"}))
         .await;
-    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
     assert_eq!(body["error"]["fields"][0]["field"], "user");
 }
 

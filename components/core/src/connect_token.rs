@@ -238,7 +238,9 @@ pub enum SignError {
 /// Whether `user` may be carried by a token and handed to an app as a header value: 1-256
 /// printable ASCII characters (space included).
 pub fn is_valid_user(user: &str) -> bool {
-    !user.is_empty() && user.len() <= MAX_USER_LEN && user.bytes().all(|b| (0x20..0x7f).contains(&b))
+    !user.is_empty()
+        && user.len() <= MAX_USER_LEN
+        && user.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
 fn is_key_id(id: &str) -> bool {
@@ -379,7 +381,10 @@ mod tests {
     }
 
     fn main_ring() -> KeyRing {
-        ring(&[("k2", "a-secret-of-sixteen+"), ("k1", "an-older-secret-here")])
+        ring(&[
+            ("k2", "a-secret-of-sixteen+"),
+            ("k1", "an-older-secret-here"),
+        ])
     }
 
     fn claims(user: Option<&str>) -> Claims {
@@ -490,11 +495,26 @@ mod tests {
         let parts: Vec<&str> = token.split('.').collect();
         let user_b = URL_SAFE_NO_PAD.encode("admin");
         let tampered = [
-            format!("{}.{}.sb-other.{}.{}.{}", parts[0], parts[1], parts[3], parts[4], parts[5]),
-            format!("{}.{}.{}.99999.{}.{}", parts[0], parts[1], parts[2], parts[4], parts[5]),
-            format!("{}.{}.{}.{}.{user_b}.{}", parts[0], parts[1], parts[2], parts[3], parts[5]),
-            format!("{}.{}.{}.{}..{}", parts[0], parts[1], parts[2], parts[3], parts[5]),
-            format!("{}.k1.{}.{}.{}.{}", parts[0], parts[2], parts[3], parts[4], parts[5]),
+            format!(
+                "{}.{}.sb-other.{}.{}.{}",
+                parts[0], parts[1], parts[3], parts[4], parts[5]
+            ),
+            format!(
+                "{}.{}.{}.99999.{}.{}",
+                parts[0], parts[1], parts[2], parts[4], parts[5]
+            ),
+            format!(
+                "{}.{}.{}.{}.{user_b}.{}",
+                parts[0], parts[1], parts[2], parts[3], parts[5]
+            ),
+            format!(
+                "{}.{}.{}.{}..{}",
+                parts[0], parts[1], parts[2], parts[3], parts[5]
+            ),
+            format!(
+                "{}.k1.{}.{}.{}.{}",
+                parts[0], parts[2], parts[3], parts[4], parts[5]
+            ),
         ];
         for t in &tampered {
             assert_eq!(
@@ -534,7 +554,16 @@ mod tests {
             );
         }
         // Extra characters after a good token.
-        assert!(verify(&ring, Purpose::Connect, &format!("{good}.x"), "sb-abc123", 0).is_err());
+        assert!(
+            verify(
+                &ring,
+                Purpose::Connect,
+                &format!("{good}.x"),
+                "sb-abc123",
+                0
+            )
+            .is_err()
+        );
         assert!(verify(&ring, Purpose::Connect, &format!("x{good}"), "sb-abc123", 0).is_err());
     }
 
@@ -543,13 +572,13 @@ mod tests {
         // A key holder signing a control character (never done by `sign`) is still refused.
         let ring = main_ring();
         let key = ring.signing_key().unwrap();
-        let body = format!(
-            "ct1.k2.sb-abc123.1000.{}",
-            URL_SAFE_NO_PAD.encode("a\r\nb")
-        );
+        let body = format!("ct1.k2.sb-abc123.1000.{}", URL_SAFE_NO_PAD.encode("a\r\nb"));
         let mut mac = key.mac();
         mac.update(body.as_bytes());
-        let token = format!("{body}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+        let token = format!(
+            "{body}.{}",
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        );
         assert_eq!(
             verify(&ring, Purpose::Connect, &token, "sb-abc123", 0),
             Err(TokenError::Malformed)
