@@ -95,6 +95,9 @@ pub struct ApiArgs {
         default_value_t = 10
     )]
     pub watch_idle_timeout_seconds: u64,
+    /// Recording of spawns and connects as a session trace (docs/traces.md).
+    #[command(flatten)]
+    pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
 
 impl ApiArgs {
@@ -132,6 +135,9 @@ pub struct ApiConfig {
     pub heartbeat: Duration,
     pub watch_idle_timeout: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Where spawns and connects are recorded, if anywhere (the caller starts the recorder and
+    /// finishes it after `run`).
+    pub trace: Option<spawner_trace_recorder::TraceRecorder>,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -148,6 +154,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("limits", &self.limits)
             .field("heartbeat", &self.heartbeat)
             .field("watch_idle_timeout", &self.watch_idle_timeout)
+            .field("trace", &self.trace.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -169,6 +176,7 @@ impl ApiConfig {
             heartbeat: Duration::from_secs(5),
             watch_idle_timeout: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
+            trace: None,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod components;
 pub mod demo;
 pub mod dev;
 pub mod launcher;
+pub mod trace;
 
 /// Session-lived backends on Kubernetes.
 #[derive(Debug, Parser)]
@@ -33,6 +34,8 @@ pub enum Command {
     Rm(client::RmArgs),
     /// Print the SessionLivedBackend CustomResourceDefinition as YAML.
     Crd,
+    /// Work with session traces (docs/traces.md).
+    Trace(trace::TraceArgs),
     /// Run the controller (a Deployment in a cluster).
     Controller(spawner_controller::ControllerArgs),
     /// Run a node's sweeper (a DaemonSet in a cluster).
@@ -71,6 +74,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Api(args) => components::api(args).await?,
         Command::Sidecar(args) => components::sidecar(args).await?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
+        Command::Trace(args) => trace::run(args, out).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }

@@ -10,6 +10,8 @@
 //! A failed write (disk full) drops and counts the lines of that write. Payloads never reach
 //! the recorder: events carry sizes only.
 
+pub mod config;
+
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use spawner_core::trace::{TraceEvent, TraceEventKind, TraceHeader};
 use tokio::time::Instant;
+
+pub use config::{TraceArgsError, TraceRecordArgs};
 
 /// Default capacity of the buffer between the data path and the writer, in events.
 pub const DEFAULT_BUFFER_EVENTS: usize = 65_536;
