@@ -10,6 +10,7 @@ pub mod components;
 pub mod demo;
 pub mod dev;
 pub mod launcher;
+pub mod trace;
 
 /// Session-lived backends on Kubernetes.
 #[derive(Debug, Parser)]
@@ -34,6 +35,8 @@ pub enum Command {
     Rm(client::RmArgs),
     /// Print the SessionLivedBackend CustomResourceDefinition as YAML.
     Crd,
+    /// Work with session traces (docs/traces.md).
+    Trace(trace::TraceArgs),
     /// Run the controller (a Deployment in a cluster).
     Controller(spawner_controller::ControllerArgs),
     /// Run a node's sweeper (a DaemonSet in a cluster).
@@ -99,6 +102,7 @@ fn run_on_runtime(cli: Cli) -> anyhow::Result<()> {
             | Command::Ls(_)
             | Command::Rm(_)
             | Command::Crd
+            | Command::Trace(_)
     );
     let runtime = if single_threaded {
         tokio::runtime::Builder::new_current_thread()
@@ -132,6 +136,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         .context("sidecar")?
         .context("sidecar")?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
+        Command::Trace(args) => trace::run(args, out).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }
