@@ -9,10 +9,19 @@ pub mod components;
 pub mod demo;
 pub mod dev;
 pub mod launcher;
+pub mod probe;
+
+/// `spawner --version`: the crate's version and the commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("SPAWNER_GIT_COMMIT"),
+    ")"
+);
 
 /// Session-lived backends on Kubernetes.
 #[derive(Debug, Parser)]
-#[command(name = "spawner", version, about)]
+#[command(name = "spawner", version = VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -46,6 +55,9 @@ pub enum Command {
     /// Serve the demo backend (a shared multiplayer page) on $PORT: what `spawner dev --demo`
     /// spawns.
     DemoBackend(DemoBackendArgs),
+    /// GET an http:// URL and succeed on a 2xx answer: the images' health check, for images
+    /// without a shell or curl.
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +83,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Api(args) => components::api(args).await?,
         Command::Sidecar(args) => components::sidecar(args).await?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
+        Command::Probe(args) => probe::run(args).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }

@@ -27,6 +27,7 @@ fn main() -> std::process::ExitCode {
             | Command::Ls(_)
             | Command::Rm(_)
             | Command::Crd
+            | Command::Probe(_)
     );
     let runtime = if single_threaded {
         tokio::runtime::Builder::new_current_thread()
