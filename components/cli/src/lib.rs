@@ -10,6 +10,7 @@ pub mod demo;
 pub mod dev;
 pub mod launcher;
 pub mod probe;
+pub mod trace;
 
 /// `spawner --version`: the crate's version and the commit it was built from (build.rs).
 pub const VERSION: &str = concat!(
@@ -42,6 +43,8 @@ pub enum Command {
     Rm(client::RmArgs),
     /// Print the SessionLivedBackend CustomResourceDefinition as YAML.
     Crd,
+    /// Work with session traces (docs/traces.md).
+    Trace(trace::TraceArgs),
     /// Run the controller (a Deployment in a cluster).
     Controller(spawner_controller::ControllerArgs),
     /// Run a node's sweeper (a DaemonSet in a cluster).
@@ -83,6 +86,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Api(args) => components::api(args).await?,
         Command::Sidecar(args) => components::sidecar(args).await?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
+        Command::Trace(args) => trace::run(args, out).await?,
         Command::Probe(args) => probe::run(args).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;

@@ -28,6 +28,7 @@ fn main() -> std::process::ExitCode {
             | Command::Rm(_)
             | Command::Crd
             | Command::Probe(_)
+            | Command::Trace(_)
     );
     let runtime = if single_threaded {
         tokio::runtime::Builder::new_current_thread()

@@ -96,6 +96,71 @@ fn invalid(line: usize, message: impl Into<String>) -> TraceError {
     }
 }
 
+/// Parses a header line and checks its format and version.
+pub fn parse_header(line: &str) -> Result<TraceHeader, String> {
+    let header: TraceHeader = serde_json::from_str(line).map_err(|e| format!("bad header: {e}"))?;
+    if header.format != TRACE_FORMAT {
+        return Err(format!(
+            "format is {:?}, expected {TRACE_FORMAT:?}",
+            header.format
+        ));
+    }
+    if header.version == 0 || header.version > TRACE_VERSION {
+        return Err(format!(
+            "version {} is not supported (this release reads 1..={TRACE_VERSION})",
+            header.version
+        ));
+    }
+    Ok(header)
+}
+
+/// Parses one event line (unknown fields are ignored).
+pub fn parse_event(line: &str) -> Result<TraceEvent, String> {
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
+/// The rules that hold across a trace's events, checked one event at a time: times never
+/// decrease, a connection is opened once and used only while open.
+#[derive(Debug, Default)]
+pub struct EventChecker {
+    open: std::collections::HashSet<String>,
+    last_t: u64,
+}
+
+impl EventChecker {
+    /// Checks `event` after every event passed before it.
+    pub fn check(&mut self, event: &TraceEvent) -> Result<(), String> {
+        if event.t_ms < self.last_t {
+            return Err(format!(
+                "t_ms {} goes back in time (previous {})",
+                event.t_ms, self.last_t
+            ));
+        }
+        self.last_t = event.t_ms;
+        match &event.kind {
+            TraceEventKind::Spawn => {}
+            TraceEventKind::Connect { conn } => {
+                if !self.open.insert(conn.clone()) {
+                    return Err(format!("connection {conn:?} opened twice"));
+                }
+            }
+            TraceEventKind::Message { conn, .. } => {
+                if !self.open.contains(conn) {
+                    return Err(format!("message on connection {conn:?} that is not open"));
+                }
+            }
+            TraceEventKind::Disconnect { conn, .. } => {
+                if !self.open.remove(conn) {
+                    return Err(format!(
+                        "disconnect of connection {conn:?} that is not open"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Trace {
     /// Parses and checks a trace: header first, known format and version, events ordered by
     /// time, every connection opened once before its messages and its disconnect.
@@ -109,66 +174,17 @@ impl Trace {
             if line.trim().is_empty() {
                 continue;
             }
-            let header: TraceHeader = serde_json::from_str(&line)
-                .map_err(|e| invalid(i + 1, format!("bad header: {e}")))?;
-            if header.format != TRACE_FORMAT {
-                return Err(invalid(
-                    i + 1,
-                    format!("format is {:?}, expected {TRACE_FORMAT:?}", header.format),
-                ));
-            }
-            if header.version == 0 || header.version > TRACE_VERSION {
-                return Err(invalid(
-                    i + 1,
-                    format!(
-                        "version {} is not supported (this release reads 1..={TRACE_VERSION})",
-                        header.version
-                    ),
-                ));
-            }
-            break header;
+            break parse_header(&line).map_err(|e| invalid(i + 1, e))?;
         };
         let mut events = Vec::new();
-        let mut open = std::collections::HashSet::new();
-        let mut last_t = 0;
+        let mut checker = EventChecker::default();
         for (i, line) in lines {
             let line = line?;
             if line.trim().is_empty() {
                 continue;
             }
-            let event: TraceEvent =
-                serde_json::from_str(&line).map_err(|e| invalid(i + 1, e.to_string()))?;
-            if event.t_ms < last_t {
-                return Err(invalid(
-                    i + 1,
-                    format!("t_ms {} goes back in time (previous {last_t})", event.t_ms),
-                ));
-            }
-            last_t = event.t_ms;
-            match &event.kind {
-                TraceEventKind::Spawn => {}
-                TraceEventKind::Connect { conn } => {
-                    if !open.insert(conn.clone()) {
-                        return Err(invalid(i + 1, format!("connection {conn:?} opened twice")));
-                    }
-                }
-                TraceEventKind::Message { conn, .. } => {
-                    if !open.contains(conn) {
-                        return Err(invalid(
-                            i + 1,
-                            format!("message on connection {conn:?} that is not open"),
-                        ));
-                    }
-                }
-                TraceEventKind::Disconnect { conn, .. } => {
-                    if !open.remove(conn) {
-                        return Err(invalid(
-                            i + 1,
-                            format!("disconnect of connection {conn:?} that is not open"),
-                        ));
-                    }
-                }
-            }
+            let event = parse_event(&line).map_err(|e| invalid(i + 1, e))?;
+            checker.check(&event).map_err(|e| invalid(i + 1, e))?;
             events.push(event);
         }
         Ok(Trace { header, events })
