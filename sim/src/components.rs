@@ -86,9 +86,9 @@ pub fn node_agent_config(
     node: &str,
     slots: usize,
     clock: SimClock,
-) -> spawner_localcluster::node::NodeAgentConfig {
+) -> spawner_node_agent::NodeAgentConfig {
     let slots = slots.to_string();
-    let mut config = args_of::<spawner_localcluster::node::NodeAgentArgs>(&[
+    let mut config = args_of::<spawner_node_agent::NodeAgentArgs>(&[
         "--node",
         node,
         "--max-pods",

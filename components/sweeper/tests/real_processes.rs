@@ -18,7 +18,7 @@ use spawner_core::children::ChildrenConfig;
 use spawner_core::phase::Phase;
 use spawner_core::resource::SessionLivedBackend;
 use spawner_core::validation::Limits;
-use spawner_localcluster::node::{
+use spawner_node_agent::{
     self, NodeAgentConfig, ProcessRuntime, ProcessRuntimeConfig, SchedulingPolicy, SpawnerSidecar,
 };
 use spawner_sweeper::{SweeperConfig, tcp_transport};

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use spawner_localcluster::node::{
+use spawner_node_agent::{
     self, MESSAGE_NODE_SHUTDOWN, NodeAgentConfig, NodeAgentError, ProcessRuntime,
     ProcessRuntimeConfig, REASON_NODE_SHUTDOWN, SchedulingPolicy, SpawnerSidecar,
 };
