@@ -88,13 +88,9 @@ pub fn node_agent_config(
     clock: SimClock,
 ) -> spawner_node_agent::NodeAgentConfig {
     let slots = slots.to_string();
-    let mut config = args_of::<spawner_node_agent::NodeAgentArgs>(&[
-        "--node",
-        node,
-        "--max-pods",
-        &slots,
-    ])
-    .config();
+    let mut config =
+        args_of::<spawner_node_agent::NodeAgentArgs>(&["--node", node, "--max-pods", &slots])
+            .config();
     config.clock = Arc::new(clock);
     config.host_ip = turmoil::lookup(node);
     config

@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use spawner_node_agent::NodeAgentArgs;
 use spawner_localcluster::{Auth, Cluster, Identity, ServerConfig, SystemClock};
+use spawner_node_agent::NodeAgentArgs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DevArgs {
