@@ -83,6 +83,8 @@ fn main() -> ExitCode {
     }
     if let Some(slots) = args.slots {
         config.slots_per_node = slots.max(1);
+        // Fewer slots than the workload's peaks make users wait past their patience by design.
+        config.allowed_user_failures = None;
         config.reproduce += &format!(" --slots {slots}");
     }
     if let Some(path) = &args.write_trace {
