@@ -10,6 +10,7 @@ pub mod leadership;
 pub mod mutants;
 pub mod net;
 pub mod pods;
+pub mod report;
 pub mod rng;
 pub mod scenario;
 pub mod users;
