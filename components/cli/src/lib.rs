@@ -9,6 +9,7 @@ pub mod components;
 pub mod demo;
 pub mod dev;
 pub mod launcher;
+pub mod replay;
 pub mod trace;
 
 /// Session-lived backends on Kubernetes.
@@ -36,6 +37,8 @@ pub enum Command {
     Crd,
     /// Work with session traces (docs/traces.md).
     Trace(trace::TraceArgs),
+    /// Play a session trace against a running deployment and report what happened.
+    Replay(replay::ReplayArgs),
     /// Run the controller (a Deployment in a cluster).
     Controller(spawner_controller::ControllerArgs),
     /// Run a node's sweeper (a DaemonSet in a cluster).
@@ -75,6 +78,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Sidecar(args) => components::sidecar(args).await?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
         Command::Trace(args) => trace::run(args, out).await?,
+        Command::Replay(args) => replay::run(args, out).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }
