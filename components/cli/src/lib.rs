@@ -11,6 +11,7 @@ pub mod demo;
 pub mod dev;
 pub mod launcher;
 pub mod probe;
+pub mod replay;
 pub mod trace;
 
 /// `spawner --version`: the crate's version and the commit it was built from (build.rs).
@@ -46,6 +47,8 @@ pub enum Command {
     Crd,
     /// Work with session traces (docs/traces.md).
     Trace(trace::TraceArgs),
+    /// Play a session trace against a running deployment and report what happened.
+    Replay(replay::ReplayArgs),
     /// Run the controller (a Deployment in a cluster).
     Controller(spawner_controller::ControllerArgs),
     /// Run a node's sweeper (a DaemonSet in a cluster).
@@ -151,6 +154,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::NodeAgent(args) => components::node_agent(args).await?,
         Command::Trace(args) => trace::run(args, out).await?,
         Command::Probe(args) => probe::run(args).await?,
+        Command::Replay(args) => replay::run(args, out).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }
