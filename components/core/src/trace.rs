@@ -1,5 +1,5 @@
-//! Session traces: recorded user sessions as JSON Lines, replayed deterministically by the
-//! simulator (`spawner-sim --trace FILE`, `sim/tests/replay.rs`).
+//! Session traces: recorded user sessions as JSON Lines, replayed by `spawner replay` against a
+//! deployment and by the simulator deterministically.
 //!
 //! The first line is a [`TraceHeader`]; every other line is a [`TraceEvent`], ordered by `t_ms`
 //! (milliseconds from the start of the trace). See `docs/trace-format.md`.
