@@ -56,6 +56,8 @@ pub fn config(identity: &str, lease: bool) -> ControllerConfig {
         resync: Duration::from_secs(30),
         concurrency: 8,
         limits: Limits::default(),
+        pod_policy: Default::default(),
+        pod_refusal_retry: Duration::from_secs(1),
         lease: lease.then(|| LeaseSettings {
             name: "spawner-controller".into(),
             namespace: "default".into(),
