@@ -101,6 +101,25 @@ impl FakeSidecar {
                         },
                     ),
                 )
+                // Permanence and release are not modelled: a permanent seal is a seal here.
+                .route(
+                    "/_spawner/seal/permanent",
+                    axum::routing::post(
+                        |State(s): State<FakeSidecar>, headers: HeaderMap| async move {
+                            seal(s, headers)
+                        },
+                    ),
+                )
+                .route(
+                    "/_spawner/unseal",
+                    axum::routing::post(
+                        |State(s): State<FakeSidecar>, headers: HeaderMap| async move {
+                            let response = seal(s.clone(), headers);
+                            s.control.lock().expect("lock").sealed = false;
+                            response
+                        },
+                    ),
+                )
                 .with_state(sidecar.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         sidecar
