@@ -72,6 +72,8 @@ pub fn api_config(
     let mut config = args_of::<spawner_api::ApiArgs>(&[
         "--token",
         token,
+        "--key-secret",
+        "sim-key-secret",
         "--public-base-url",
         "http://api:7070",
     ])

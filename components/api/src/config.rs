@@ -72,7 +72,8 @@ pub struct ApiArgs {
     #[arg(long, env = "SPAWNER_ID_PREFIX", default_value = DEFAULT_PREFIX)]
     pub id_prefix: String,
     /// Secret mixed into the names derived from get-or-create keys, so a name cannot be
-    /// computed from a guessed key (share it between replicas).
+    /// computed from a guessed key (share it between replicas). Required, and not the
+    /// `CHANGE-ME` placeholder, unless `--allow-unauthenticated` (local development).
     #[arg(long, env = "SPAWNER_KEY_SECRET", hide_env_values = true)]
     pub key_secret: Option<String>,
     /// Largest request body accepted, in bytes.
@@ -113,6 +114,16 @@ impl ApiArgs {
         config.heartbeat = Duration::from_secs(self.heartbeat_seconds);
         config.watch_idle_timeout = Duration::from_secs(self.watch_idle_timeout_seconds);
         config.check()?;
+        // Placeholders from deploy/base and an empty key secret are refused outside local
+        // development: anyone who read the repository would hold them.
+        for token in &self.tokens {
+            spawner_core::token::check_secret("api token", token.as_bytes())
+                .map_err(ConfigError::WeakSecret)?;
+        }
+        if !self.allow_unauthenticated {
+            spawner_core::token::check_secret("key secret", &config.key_secret)
+                .map_err(ConfigError::WeakSecret)?;
+        }
         Ok(config)
     }
 }
@@ -224,6 +235,8 @@ pub enum ConfigError {
     ZeroInterval,
     #[error(transparent)]
     UrlTemplate(#[from] UrlTemplateError),
+    #[error("{0}")]
+    WeakSecret(String),
 }
 
 #[cfg(test)]
@@ -249,6 +262,8 @@ mod tests {
             "https://{name}.example.com",
             "--id-prefix",
             "room-",
+            "--key-secret",
+            "k3y",
         ])
         .expect("parses");
         let config = cli.api.config().expect("valid");
@@ -274,6 +289,17 @@ mod tests {
             assert!(
                 matches!(config.check(), Err(ConfigError::IdPrefix(_))),
                 "{prefix}"
+            );
+        }
+        for weak in [
+            &["api", "--token", "t"][..],
+            &["api", "--token", "t", "--key-secret", "CHANGE-ME"],
+            &["api", "--token", "CHANGE-ME", "--key-secret", "k3y"],
+        ] {
+            let cli = Cli::try_parse_from(weak).expect("parses");
+            assert!(
+                matches!(cli.api.config(), Err(ConfigError::WeakSecret(_))),
+                "{weak:?}"
             );
         }
         let bad_template = Cli::try_parse_from(["api", "--token", "t", "--url-template", "{nam}"])

@@ -139,6 +139,7 @@ pub async fn run(
     };
     let admin_token = random_token()?;
     let events_secret = random_token()?;
+    let key_secret = random_token()?;
     let mut tokens = std::collections::HashMap::new();
     tokens.insert(admin_token.clone(), Identity::admin());
     let cluster = Cluster::new(
@@ -263,7 +264,14 @@ pub async fn run(
     }
 
     let api_args: spawner_api::ApiArgs =
-        args_of(&["--token", &api_token, "--public-base-url", &api_url])?;
+        args_of(&[
+            "--token",
+            &api_token,
+            "--key-secret",
+            &key_secret,
+            "--public-base-url",
+            &api_url,
+        ])?;
     {
         let client = in_process_client(kube_router.clone(), &admin_token)?;
         let config = api_args.config()?;
