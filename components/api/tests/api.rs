@@ -368,7 +368,10 @@ async fn connect_replaces_an_ended_backend_with_the_next_generation() {
     let (status, first) = h.post("/connect", body.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
     let first = name_of(&first);
-    assert!(first.ends_with("-0"), "{first}");
+    assert_eq!(
+        h.backends.get(&first).await.expect("get").labels()["spawner.dev/key-generation"],
+        "0"
+    );
     let (status, again) = h.post("/connect", body.clone()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(name_of(&again), first);
@@ -384,7 +387,12 @@ async fn connect_replaces_an_ended_backend_with_the_next_generation() {
     assert_eq!(status, StatusCode::CREATED, "{second}");
     let second = name_of(&second);
     assert_ne!(second, first);
-    assert!(second.ends_with("-1"), "{second}");
+    assert_eq!(
+        h.backends.get(&second).await.expect("get").labels()["spawner.dev/key-generation"],
+        "1"
+    );
+    // One name says nothing about the next: no shared stem beyond the prefix.
+    assert_ne!(first[..first.len() - 2], second[..second.len() - 2]);
 
     // Terminate requested (controller not yet acted): ended too.
     let (status, _, _) = h
@@ -399,7 +407,10 @@ async fn connect_replaces_an_ended_backend_with_the_next_generation() {
     let (status, third) = h.post("/connect", body.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{third}");
     let third = name_of(&third);
-    assert!(third.ends_with("-2"), "{third}");
+    assert_eq!(
+        h.backends.get(&third).await.expect("get").labels()["spawner.dev/key-generation"],
+        "2"
+    );
 
     // The earlier generations were deleted (retention over): numbering continues from the
     // highest one left, and the live one is still found.
