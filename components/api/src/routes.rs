@@ -189,7 +189,7 @@ async fn create_new(
 }
 
 /// The generation of `backend` among `names`' backends, if it is one of them.
-fn generation(names: &KeyNames<'_>, backend: &SessionLivedBackend) -> Option<u32> {
+fn generation_in(names: &KeyNames<'_>, backend: &SessionLivedBackend) -> Option<u32> {
     let label = backend.labels().get(KEY_GENERATION_LABEL).map(String::as_str);
     names.generation_of(&backend.name_any(), label)
 }
@@ -213,11 +213,11 @@ async fn backends_of_key(
         .collect();
     let highest = of_key
         .iter()
-        .filter_map(|b| generation(names, b))
+        .filter_map(|b| generation_in(names, b))
         .max();
     let mut live: Vec<_> = of_key.into_iter().filter(is_live).collect();
     // The newest generation first; a backend someone created by hand under another name last.
-    live.sort_by_key(|b| std::cmp::Reverse(generation(names, b)));
+    live.sort_by_key(|b| std::cmp::Reverse(generation_in(names, b)));
     Ok((live, highest))
 }
 
@@ -299,7 +299,7 @@ async fn settle_after_create(
     let (live, _) = backends_of_key(state, key, names).await?;
     let newer = live
         .into_iter()
-        .find(|b| generation(names, b).is_some_and(|g| g > generation));
+        .find(|b| generation_in(names, b).is_some_and(|g| g > generation));
     match newer {
         None => Ok((created, true)),
         Some(newer) => {
