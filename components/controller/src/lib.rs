@@ -30,8 +30,8 @@ use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use spawner_core::children::{ChildrenConfig, DEFAULT_SIDECAR_PORT, SidecarResources};
-use spawner_core::policy::{PodAllowance, PodPolicy};
 use spawner_core::phase::Phase;
+use spawner_core::policy::{PodAllowance, PodPolicy};
 use spawner_core::resource::{BACKEND_LABEL, SessionLivedBackend};
 use spawner_core::transition_event::EventReporter;
 use spawner_core::validation::Limits;
@@ -536,8 +536,14 @@ mod tests {
         );
         assert!(config.children.allow_service_account_token);
         assert!(
-            Cli::try_parse_from(["controller", "--events-secret", "s", "--backend-pod-allow", "root"])
-                .is_err()
+            Cli::try_parse_from([
+                "controller",
+                "--events-secret",
+                "s",
+                "--backend-pod-allow",
+                "root"
+            ])
+            .is_err()
         );
     }
 }

@@ -53,7 +53,10 @@ async fn spawn_runs_then_app_crash_fails_with_exit_code_and_is_cleaned_up() {
     let check = token.expect("events token check");
     let expected = events_token(SECRET, &uid);
     assert!(check_token(&check, &expected), "{check}");
-    assert!(!check.contains(&expected), "the pod spec reveals the events token");
+    assert!(
+        !check.contains(&expected),
+        "the pod spec reveals the events token"
+    );
     assert_eq!(pod.owner_references()[0].uid, uid);
     let services: Api<Service> = Api::default_namespaced(client.clone());
     assert!(services.get_opt("slab-crash").await.expect("svc").is_some());
@@ -347,17 +350,22 @@ async fn a_template_refused_by_the_pod_policy_fails_with_an_event() {
     let mut backend = backend_json("slab-hostile", json!({}));
     let pod = backend.spec.template.spec.as_mut().expect("pod spec");
     pod.host_network = Some(true);
-    pod.volumes = Some(vec![serde_json::from_value(
-        json!({"name": "root", "hostPath": {"path": "/"}}),
-    )
-    .expect("volume")]);
+    pod.volumes = Some(vec![
+        serde_json::from_value(json!({"name": "root", "hostPath": {"path": "/"}})).expect("volume"),
+    ]);
     create_backend(&client, &backend).await;
     let failed = wait_for_phase(&client, "slab-hostile", Phase::Failed).await;
     let status = failed.status.expect("status");
     assert_eq!(status.reason.as_deref(), Some("PolicyViolation"));
     let message = status.message.unwrap_or_default();
-    assert!(message.contains("spec.template.spec.hostNetwork"), "{message}");
-    assert!(message.contains("spec.template.spec.volumes[0].hostPath"), "{message}");
+    assert!(
+        message.contains("spec.template.spec.hostNetwork"),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.template.spec.volumes[0].hostPath"),
+        "{message}"
+    );
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     assert!(pods.get_opt("slab-hostile").await.expect("pod").is_none());
 
@@ -377,7 +385,10 @@ async fn a_template_refused_by_the_pod_policy_fails_with_an_event() {
         if found {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no PolicyViolation Event");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no PolicyViolation Event"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     controller.stop();

@@ -51,9 +51,7 @@ fn client(cluster: &Cluster, link: Arc<Mutex<Link>>) -> Client {
                         .expect("response"),
                 );
             }
-            let response = router
-                .oneshot(request.map(axum::body::Body::new))
-                .await?;
+            let response = router.oneshot(request.map(axum::body::Body::new)).await?;
             if let Link::SlowAnswerOnce(delay) = now {
                 tokio::time::sleep(delay).await;
             }
@@ -79,7 +77,10 @@ fn settings(identity: &str) -> LeaseSettings {
 /// down by then: its term counts from when it SENT the renewal, not from the late answer.
 #[tokio::test(start_paused = true)]
 async fn a_slow_renewal_answer_never_lets_two_lead() {
-    let cluster = Cluster::new(ServerConfig::default(), Arc::new(spawner_localcluster::SystemClock));
+    let cluster = Cluster::new(
+        ServerConfig::default(),
+        Arc::new(spawner_localcluster::SystemClock),
+    );
     // Renew times follow tokio's (paused) clock, so every renewal writes a new record.
     let clock: Arc<dyn spawner_controller::Clock> = Arc::new(TokioClock::starting_at(
         "2030-01-01T00:00:00Z".parse().expect("time"),

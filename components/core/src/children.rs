@@ -82,10 +82,8 @@ impl Default for SidecarResources {
 
 impl SidecarResources {
     fn requirements(&self) -> ResourceRequirements {
-        let mut limits = BTreeMap::from([(
-            "memory".to_string(),
-            Quantity(self.memory_limit.clone()),
-        )]);
+        let mut limits =
+            BTreeMap::from([("memory".to_string(), Quantity(self.memory_limit.clone()))]);
         if let Some(cpu) = &self.cpu_limit {
             limits.insert("cpu".into(), Quantity(cpu.clone()));
         }
@@ -468,7 +466,12 @@ mod tests {
         if !caps.drop.unwrap_or_default().iter().any(|d| d == "ALL") {
             v.push("capabilities.drop lacks ALL");
         }
-        if caps.add.unwrap_or_default().iter().any(|a| a != "NET_BIND_SERVICE") {
+        if caps
+            .add
+            .unwrap_or_default()
+            .iter()
+            .any(|a| a != "NET_BIND_SERVICE")
+        {
             v.push("capabilities.add");
         }
         if sc.run_as_non_root.or(psc.run_as_non_root) != Some(true) {
@@ -504,21 +507,40 @@ mod tests {
             ..ChildrenConfig::default()
         };
         let pod = build_pod(&b, &allowing, "t").expect("pod");
-        assert_eq!(pod.spec.expect("spec").automount_service_account_token, Some(true));
+        assert_eq!(
+            pod.spec.expect("spec").automount_service_account_token,
+            Some(true)
+        );
         let pod = build_pod(&backend(), &allowing, "t").expect("pod");
-        assert_eq!(pod.spec.expect("spec").automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.spec.expect("spec").automount_service_account_token,
+            Some(false)
+        );
     }
 
     #[test]
     fn sidecar_and_default_app_pass_the_restricted_level() {
         let pod = build_pod(&backend(), &ChildrenConfig::default(), "t").expect("pod");
-        assert_eq!(restricted_violations(&pod, SIDECAR_CONTAINER_NAME), Vec::<&str>::new());
+        assert_eq!(
+            restricted_violations(&pod, SIDECAR_CONTAINER_NAME),
+            Vec::<&str>::new()
+        );
         assert_eq!(restricted_violations(&pod, "app"), Vec::<&str>::new());
         let sidecar = &pod.spec.as_ref().expect("spec").containers[1];
         assert!(sidecar.liveness_probe.is_some());
         let resources = sidecar.resources.as_ref().expect("resources");
-        assert!(resources.requests.as_ref().is_some_and(|r| r.contains_key("cpu")));
-        assert!(resources.limits.as_ref().is_some_and(|l| l.contains_key("memory")));
+        assert!(
+            resources
+                .requests
+                .as_ref()
+                .is_some_and(|r| r.contains_key("cpu"))
+        );
+        assert!(
+            resources
+                .limits
+                .as_ref()
+                .is_some_and(|l| l.contains_key("memory"))
+        );
     }
 
     #[test]
@@ -545,21 +567,27 @@ mod tests {
         // A container without one gets the default.
         let init = &spec.init_containers.as_ref().expect("init")[0];
         assert_eq!(
-            init.security_context.as_ref().and_then(|s| s.run_as_non_root),
+            init.security_context
+                .as_ref()
+                .and_then(|s| s.run_as_non_root),
             Some(true)
         );
 
         // The pod level decides the user and seccomp when it sets them.
         let mut b = backend();
-        b.spec.template.spec.as_mut().expect("pod spec").security_context =
-            Some(PodSecurityContext {
-                run_as_user: Some(0),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "Localhost".into(),
-                    localhost_profile: Some("p.json".into()),
-                }),
-                ..Default::default()
-            });
+        b.spec
+            .template
+            .spec
+            .as_mut()
+            .expect("pod spec")
+            .security_context = Some(PodSecurityContext {
+            run_as_user: Some(0),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "Localhost".into(),
+                localhost_profile: Some("p.json".into()),
+            }),
+            ..Default::default()
+        });
         let pod = build_pod(&b, &ChildrenConfig::default(), "t").expect("pod");
         let app = pod.spec.expect("spec").containers[0]
             .security_context

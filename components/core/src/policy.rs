@@ -77,7 +77,9 @@ impl fmt::Display for PodAllowance {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown backend pod allowance {0:?} (known: privileged, host-namespaces, host-path, host-ports, capabilities, node-name, service-account, unconfined)")]
+#[error(
+    "unknown backend pod allowance {0:?} (known: privileged, host-namespaces, host-path, host-ports, capabilities, node-name, service-account, unconfined)"
+)]
 pub struct UnknownAllowance(pub String);
 
 impl FromStr for PodAllowance {
@@ -493,7 +495,9 @@ mod tests {
         .expect("spec");
         assert_eq!(
             refused(&s, &PodPolicy::default()),
-            ["spec.template.metadata.annotations[container.apparmor.security.beta.kubernetes.io/app]"]
+            [
+                "spec.template.metadata.annotations[container.apparmor.security.beta.kubernetes.io/app]"
+            ]
         );
     }
 

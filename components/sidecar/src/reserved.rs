@@ -304,7 +304,10 @@ mod tests {
         assert!(authorized(&config(Some(&check), false), &headers));
         assert!(!authorized(&config(Some(&check), false), &{
             let mut h = HeaderMap::new();
-            h.insert(EVENTS_TOKEN_HEADER, HeaderValue::from_str(&check).expect("value"));
+            h.insert(
+                EVENTS_TOKEN_HEADER,
+                HeaderValue::from_str(&check).expect("value"),
+            );
             h
         }));
         let mut headers = HeaderMap::new();

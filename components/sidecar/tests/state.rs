@@ -215,7 +215,11 @@ async fn control_paths_are_closed_without_a_token() {
         fetch(sidecar.addr, "/_spawner/events").await.status,
         StatusCode::UNAUTHORIZED
     );
-    for path in ["/_spawner/seal", "/_spawner/seal/permanent", "/_spawner/unseal"] {
+    for path in [
+        "/_spawner/seal",
+        "/_spawner/seal/permanent",
+        "/_spawner/unseal",
+    ] {
         let status = HttpClient::connect(sidecar.addr)
             .await
             .request(post(path, ""))
@@ -223,7 +227,10 @@ async fn control_paths_are_closed_without_a_token() {
             .status;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
     }
-    assert_eq!(fetch(sidecar.addr, "/_spawner/alive").await.status, StatusCode::OK);
+    assert_eq!(
+        fetch(sidecar.addr, "/_spawner/alive").await.status,
+        StatusCode::OK
+    );
     let mut ws = ws_connect(sidecar.addr, "/").await;
     ws_echo(&mut ws, "not sealed").await;
 }

@@ -38,6 +38,20 @@ const MAX_SSE_LINE: usize = 16 * 1024;
 /// How soon a Ready write that failed is tried again (also the next report or deadline retries).
 const READY_RETRY: Duration = Duration::from_secs(1);
 
+/// How soon a sweep whose seal or write failed is tried again, doubled after each failure up to
+/// the heartbeat interval. Waiting for the next report instead (up to a heartbeat, 5 s) would
+/// keep an idle backend past its grace period and its sidecar sealed (refusing users) for that
+/// long after one transient error, such as a request sent on a pooled API server connection
+/// just as its read timeout closed it.
+const SWEEP_RETRY: Duration = Duration::from_millis(250);
+
+/// The delay before sweep attempt `failures + 1`.
+fn sweep_retry_delay(failures: u32, heartbeat: Duration) -> Duration {
+    SWEEP_RETRY
+        .saturating_mul(1u32 << failures.min(16))
+        .min(heartbeat.max(SWEEP_RETRY))
+}
+
 /// The backend a subscription follows.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -236,6 +250,7 @@ where
     let mut heard = false;
     let mut wake_at: Option<Instant> = None;
     let mut read_deadline = Instant::now() + read_timeout;
+    let mut sweep_failures = 0u32;
     loop {
         let step = tokio::select! {
             frame = body.frame() => {
@@ -296,10 +311,18 @@ where
         };
         match act(step, target, token, api, tracker, shared).await {
             After::End(end) => return end,
-            After::Wait => wake_at = step.wake_at,
+            After::Wait => {
+                sweep_failures = 0;
+                wake_at = step.wake_at;
+            }
             After::RetryReady => {
                 let retry = Instant::now() + READY_RETRY;
                 wake_at = Some(step.wake_at.map_or(retry, |at| at.min(retry)));
+            }
+            After::RetrySweep => {
+                let delay = sweep_retry_delay(sweep_failures, shared.config.heartbeat);
+                sweep_failures = sweep_failures.saturating_add(1);
+                wake_at = Some(Instant::now() + delay);
             }
         }
     }
@@ -313,6 +336,8 @@ enum After {
     Wait,
     /// The Ready write failed: try again soon.
     RetryReady,
+    /// The sweep could not be sealed or written: try again soon (with backoff).
+    RetrySweep,
 }
 
 /// Carries out a step's writes.
@@ -375,7 +400,7 @@ where
             Seal::Failed(reason) => {
                 metrics.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %target.name, %reason, "not swept: the sidecar could not be sealed");
-                return After::Wait;
+                return After::RetrySweep;
             }
         }
         let observation = Observation::IdlePastGrace {
@@ -417,12 +442,13 @@ where
             Ok(WriteOutcome::Unchanged(_)) => unseal(target, token, shared).await,
             Err(e) => {
                 metrics.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(backend = %target.name, error = %e, "could not mark Swept");
+                tracing::warn!(backend = %target.name, error = %e, "could not mark Swept; retrying");
                 // The write may have landed even though it failed here: look before
                 // reopening the backend to users.
                 match api.get_opt(&target.name).await {
-                    Ok(Some(b)) if b.metadata.uid.as_deref() == Some(target.uid.as_str())
-                        && !b.phase().is_terminal() =>
+                    Ok(Some(b))
+                        if b.metadata.uid.as_deref() == Some(target.uid.as_str())
+                            && !b.phase().is_terminal() =>
                     {
                         unseal(target, token, shared).await
                     }
@@ -430,10 +456,11 @@ where
                         seal_for_good(target, token, shared).await;
                         return After::End(End::Done);
                     }
-                    // Unknown: the seal lapses by itself unless the next attempt renews it.
+                    // Unknown: the seal lapses by itself unless the retry renews it.
                     Err(e) => tracing::warn!(backend = %target.name, error = %e,
                         "cannot tell whether the sweep was written; leaving the seal to lapse"),
                 }
+                return After::RetrySweep;
             }
         }
     }
@@ -508,6 +535,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_retries_start_soon_and_back_off_to_the_heartbeat() {
+        let heartbeat = Duration::from_secs(5);
+        assert_eq!(sweep_retry_delay(0, heartbeat), Duration::from_millis(250));
+        assert_eq!(sweep_retry_delay(1, heartbeat), Duration::from_millis(500));
+        assert_eq!(sweep_retry_delay(5, heartbeat), heartbeat);
+        assert_eq!(sweep_retry_delay(u32::MAX, heartbeat), heartbeat);
+    }
 
     #[test]
     fn reconnect_delay_grows_is_capped_and_spread() {

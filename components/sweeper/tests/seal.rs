@@ -23,7 +23,7 @@ use spawner_core::token::{events_token, token_check};
 use spawner_core::transition_event::EventReporter;
 use spawner_kube_events::EventPublisher;
 use spawner_localcluster::{Cluster, ServerConfig};
-use spawner_sweeper::{Metrics, Shared, SweeperConfig, TransitionEvents, TokioClock};
+use spawner_sweeper::{Metrics, Shared, SweeperConfig, TokioClock, TransitionEvents};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -134,7 +134,11 @@ async fn websocket_attempt(sidecar: &mpsc::UnboundedSender<DuplexStream>) -> u16
     let mut buf = [0u8; 512];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = io.read(&mut buf).await.expect("read");
-        assert!(n > 0, "closed before an answer: {}", String::from_utf8_lossy(&head));
+        assert!(
+            n > 0,
+            "closed before an answer: {}",
+            String::from_utf8_lossy(&head)
+        );
         head.extend_from_slice(&buf[..n]);
     }
     let line = String::from_utf8_lossy(&head);
@@ -146,7 +150,11 @@ async fn websocket_attempt(sidecar: &mpsc::UnboundedSender<DuplexStream>) -> u16
 
 /// A kube client on the in-process API server whose answers to status PATCHes come
 /// `PATCH_DELAY` late once `slow` is set; `patch_seen` gets when such a PATCH arrived.
-fn client(cluster: &Cluster, slow: watch::Receiver<bool>, patch_seen: Arc<Mutex<Option<Instant>>>) -> Client {
+fn client(
+    cluster: &Cluster,
+    slow: watch::Receiver<bool>,
+    patch_seen: Arc<Mutex<Option<Instant>>>,
+) -> Client {
     let router = spawner_localcluster::router(cluster.clone());
     let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
         let router = router.clone();
@@ -201,7 +209,11 @@ async fn a_user_connecting_while_a_slow_sweep_is_written_is_refused_and_so_is_on
             "lastTransitionTime": "2030-01-01T00:00:00Z"}]
     }});
     let stored = backends
-        .patch_status(&created.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+        .patch_status(
+            &created.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
         .await
         .expect("status");
     let uid = stored.uid().expect("uid");
@@ -259,7 +271,9 @@ async fn a_user_connecting_while_a_slow_sweep_is_written_is_refused_and_so_is_on
     slow_tx.send(true).expect("slow");
     let target = spawner_sweeper::target_of(&stored).expect("followed");
     let (_cancel, cancelled) = watch::channel(());
-    let following = tokio::spawn(spawner_sweeper::subscription::follow(target, shared, cancelled));
+    let following = tokio::spawn(spawner_sweeper::subscription::follow(
+        target, shared, cancelled,
+    ));
 
     // Idle past the 5 s grace: the sweeper seals and writes Swept, which takes 35 s.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -281,9 +295,16 @@ async fn a_user_connecting_while_a_slow_sweep_is_written_is_refused_and_so_is_on
         .await
         .expect("the sweep ends")
         .expect("follow");
-    assert_eq!(backends.get("slab-slow-sweep").await.expect("get").phase(), Phase::Swept);
+    assert_eq!(
+        backends.get("slab-slow-sweep").await.expect("get").phase(),
+        Phase::Swept
+    );
 
     // Long after Swept, with the pod not yet deleted: still refused.
     tokio::time::sleep(Duration::from_secs(120)).await;
-    assert_eq!(websocket_attempt(&to_sidecar).await, 503, "the seal lapsed after Swept");
+    assert_eq!(
+        websocket_attempt(&to_sidecar).await,
+        503,
+        "the seal lapsed after Swept"
+    );
 }
