@@ -369,6 +369,8 @@ mod tests {
             "t",
             "--connect-key",
             "new:0123456789abcdef,old:fedcba9876543210",
+            "--key-secret",
+            "k3y",
         ])
         .expect("parses");
         let config = cli.api.config().expect("valid");
@@ -391,7 +393,8 @@ mod tests {
             empty.api.config(),
             Err(ConfigError::ConnectKeys(KeyError::EmptySecret(_)))
         ));
-        let none = Cli::try_parse_from(["api", "--token", "t"]).expect("parses");
+        let none =
+            Cli::try_parse_from(["api", "--token", "t", "--key-secret", "k3y"]).expect("parses");
         assert!(none.api.config().expect("valid").connect_keys.is_none());
     }
 }
