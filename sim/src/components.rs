@@ -65,8 +65,12 @@ pub fn sweeper_config(
     config
 }
 
+/// An api replica: replicas share the key secret, so they name a key's backends alike and the
+/// API server's AlreadyExists answer settles get-or-create races between them.
 pub fn api_config(
     token: &str,
+    public_base_url: &str,
+    key_secret: &str,
     clock: SimClock,
 ) -> Result<spawner_api::ApiConfig, spawner_api::ConfigError> {
     let mut config = args_of::<spawner_api::ApiArgs>(&[
@@ -75,7 +79,9 @@ pub fn api_config(
         "--key-secret",
         "sim-key-secret",
         "--public-base-url",
-        "http://api:7070",
+        public_base_url,
+        "--key-secret",
+        key_secret,
     ])
     .config()?;
     config.clock = Arc::new(clock);
