@@ -199,9 +199,14 @@ run chmod 0755 "$rootfs/usr/local/bin/"* "$rootfs/kind/bin/"*
 run ln -sf /usr/bin/containerd "$rootfs/usr/local/bin/containerd"
 run cp -a "$rootfs/usr/lib/cni/." "$rootfs/opt/cni/bin/"
 run rm -f "$rootfs/etc/systemd/system/containerd-fuse-overlayfs.service"
+# restrict_oom_score_adj: where root lacks CAP_SYS_RESOURCE (our machines), systemd cannot give
+# containerd its -999 and runc cannot lower a container's score (every pod sandbox failed with
+# "can't get final child's PID from pipe"); restricted, containerd never asks for a score below
+# its own, which changes nothing where it does run at -999.
 run sed -i -e '/^\[proxy_plugins\]/,/^$/d' -e "s#registry.k8s.io/pause:[0-9.]*#registry.k8s.io/pause:$pause_version#" \
-    "$rootfs/etc/containerd/config.toml"
-for b in "${node_binaries[@]}"; do run install -m 0755 "$node_bin/$b" "$rootfs/usr/bin/$b"; done
+    -e 's/restrict_oom_score_adj = false/restrict_oom_score_adj = true/' "$rootfs/etc/containerd/config.toml"
+# As `kind build node-image`: kubeadm, kubelet and kubectl on the node; the rest run as images.
+for b in kubeadm kubelet kubectl; do run install -m 0755 "$node_bin/$b" "$rootfs/usr/bin/$b"; done
 if [[ $dry_run -eq 0 ]]; then echo "$kube_version" >"$rootfs/kind/version"; fi
 if [[ $dry_run -eq 0 ]]; then
     sed "s#KUBE_VERSION#$kube_version#" "$root/e2e/kind/default-cni.yaml" >"$rootfs/kind/manifests/default-cni.yaml"
@@ -227,11 +232,13 @@ run sh -c "tar -C '$rootfs' --numeric-owner -c . | docker import - '$base_image'
 # iptables, so it (and the CNI DaemonSet, which needs ip and kubectl) runs on the node's base.
 images_dir="$work/images"
 run mkdir -p "$images_dir"
+component_images=()
 static_image() { # name binary-path entrypoint-or-empty
     local name="$1" binary="$2" entrypoint="$3" ctx
     ctx="$work/ctx-$(basename "$binary")"
     run mkdir -p "$ctx/usr/local/bin" "$ctx/tmp" "$ctx/etc/ssl/certs"
     run cp "$binary" "$ctx/usr/local/bin/"
+    component_images+=("$name")
     local changes=(--change 'ENV PATH=/usr/local/bin:/usr/bin:/bin')
     [[ -n "$entrypoint" ]] && changes+=(--change "ENTRYPOINT [\"$entrypoint\"]")
     run sh -c "tar -C '$ctx' --owner=0 --group=0 -c . | docker import $(printf '%q ' "${changes[@]}") - '$name'"
@@ -243,14 +250,35 @@ static_image "registry.k8s.io/kube-scheduler:$kube_version" "$node_bin/kube-sche
 static_image "registry.k8s.io/etcd:${etcd_version#v}-0" "$cp_bin/etcd" ""
 static_image "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" "$coredns_bin" /usr/local/bin/coredns
 static_image "registry.k8s.io/pause:$pause_version" "$node_bin/pause" /usr/local/bin/pause
-tools_ctx="$work/ctx-tools"
-run mkdir -p "$tools_ctx"
-run cp "$node_bin/kube-proxy" "$node_bin/kubectl" "$tools_ctx/"
-debian_image="spawner.dev/kind-debian:$DEBIAN_SUITE-$packages_hash"
-if [[ $dry_run -eq 1 ]] || ! docker image inspect "$debian_image" >/dev/null 2>&1; then
-    run sh -c "docker import - '$debian_image' <'$rootfs_tar'"
+# kube-proxy and the CNI DaemonSet (default-cni.yaml) run on the Debian base less what only a
+# node needs (containerd, runc, CNI plugins, systemd, perl, docs): they need bash, iptables,
+# conntrack and ip. kube-proxy starts through a wrapper that picks the iptables mode with more
+# rules on the node, as kind's entrypoint does for the node itself.
+tools_root="$work/tools-rootfs"
+run mkdir -p "$tools_root"
+run tar -C "$tools_root" --numeric-owner -xf "$rootfs_tar"
+run sh -c "cd '$tools_root' && rm -rf usr/bin/containerd* usr/bin/ctr usr/sbin/runc usr/lib/cni \
+    usr/share/doc usr/share/man usr/share/info usr/share/locale usr/bin/perl* usr/share/perl* \
+    usr/lib/x86_64-linux-gnu/perl* lib/systemd usr/lib/systemd usr/bin/systemd* \
+    usr/lib/x86_64-linux-gnu/systemd var/lib/apt var/cache/*"
+run install -m 0755 "$node_bin/kube-proxy" "$tools_root/usr/local/bin/kube-proxy.bin"
+run install -m 0755 "$node_bin/kubectl" "$tools_root/usr/local/bin/kubectl"
+if [[ $dry_run -eq 0 ]]; then
+    cat >"$tools_root/usr/local/bin/kube-proxy" <<'WRAPPER'
+#!/bin/sh
+# kube-proxy in the node's iptables mode: the one with more rules (kind's entrypoint's choice).
+legacy=$( (iptables-legacy-save; ip6tables-legacy-save) 2>/dev/null | grep -c '^-')
+nft=$( (timeout 5 sh -c 'iptables-nft-save; ip6tables-nft-save') 2>/dev/null | grep -c '^-')
+mode=nft
+[ "$legacy" -ge "$nft" ] && mode=legacy
+update-alternatives --set iptables "/usr/sbin/iptables-$mode" >/dev/null
+update-alternatives --set ip6tables "/usr/sbin/ip6tables-$mode" >/dev/null
+exec /usr/local/bin/kube-proxy.bin "$@"
+WRAPPER
+    chmod 0755 "$tools_root/usr/local/bin/kube-proxy"
 fi
-run sh -c "printf 'FROM %s\nCOPY kube-proxy kubectl /usr/local/bin/\n' '$debian_image' | docker build -q -t 'registry.k8s.io/kube-proxy:$kube_version' -t 'spawner.dev/kind-node-tools:$kube_version' -f - '$tools_ctx'"
+run sh -c "tar -C '$tools_root' --numeric-owner -c . | docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - 'registry.k8s.io/kube-proxy:$kube_version'"
+run docker tag "registry.k8s.io/kube-proxy:$kube_version" "spawner.dev/kind-node-tools:$kube_version"
 run sh -c "docker save 'registry.k8s.io/kube-proxy:$kube_version' 'spawner.dev/kind-node-tools:$kube_version' >'$images_dir/node-tools.tar'"
 
 # Import them into the node's containerd as `kind build node-image` does, then commit.
@@ -258,16 +286,24 @@ build_container="spawner-kind-build-$$"
 run docker run -d --name "$build_container" --entrypoint=sleep --security-opt seccomp=unconfined \
     -v "$images_dir:/images:ro" "$base_image" infinity
 run docker exec "$build_container" bash -c 'nohup containerd >/var/log/containerd-build.log 2>&1 &
+    echo $! >/run/containerd-build.pid
     for i in $(seq 1 50); do [ -S /run/containerd/containerd.sock ] && ctr version >/dev/null 2>&1 && exit 0; sleep 0.2; done
     cat /var/log/containerd-build.log; exit 1'
 run docker exec "$build_container" bash -euc 'for f in /images/*.tar; do
     ctr --namespace=k8s.io images import --label=io.cri-containerd.pinned=pinned --all-platforms --no-unpack --digests "$f"
 done
-ctr --namespace=k8s.io images list -q; pkill containerd; while pgrep -x containerd >/dev/null; do sleep 0.2; done
-rm -f /var/log/containerd-build.log'
+ctr --namespace=k8s.io images list -q
+# The container has no init to reap it: wait until containerd is a zombie (or gone).
+pid="$(cat /run/containerd-build.pid)"; kill "$pid"
+while [ -e "/proc/$pid" ] && [ "$(cut -d" " -f3 "/proc/$pid/stat")" != Z ]; do sleep 0.2; done
+rm -f /var/log/containerd-build.log /run/containerd-build.pid'
 run docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' \
     --change 'ENV container=docker' \
     --change "LABEL spawner.dev/etcd-image-tag=${etcd_version#v}-0" "$build_container" "$node_image"
-run docker rmi "$base_image"
+run docker rm -f -v "$build_container"
+build_container=""
+# The node image holds them now; the engine's copies would only take disk space.
+run docker rmi "$base_image" "${component_images[@]}" "registry.k8s.io/kube-proxy:$kube_version" \
+    "spawner.dev/kind-node-tools:$kube_version" >/dev/null
 step_done
 echo "$node_image"
