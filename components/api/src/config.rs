@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use spawner_core::connect_token::{DEFAULT_CONNECT_TTL_SECONDS, KeyError, KeyRing};
 use spawner_core::id::{DEFAULT_PREFIX, MAX_PREFIX_LEN};
 use spawner_core::validation::Limits;
 
@@ -95,6 +96,25 @@ pub struct ApiArgs {
         default_value_t = 10
     )]
     pub watch_idle_timeout_seconds: u64,
+    /// Keys that sign connect tokens, `<id>:<secret>` (shared with the router; the first signs,
+    /// so put a new key first to rotate). Without keys, `url` carries no token.
+    #[arg(
+        long = "connect-key",
+        env = "SPAWNER_CONNECT_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub connect_keys: Vec<String>,
+    /// How long a connect token may wait for its first use, in seconds.
+    #[arg(
+        long,
+        env = "SPAWNER_CONNECT_TOKEN_TTL_SECONDS",
+        default_value_t = DEFAULT_CONNECT_TTL_SECONDS
+    )]
+    pub connect_token_ttl_seconds: u64,
+    /// Recording of spawns and connects as a session trace (docs/traces.md).
+    #[command(flatten)]
+    pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
 
 impl ApiArgs {
@@ -112,6 +132,14 @@ impl ApiArgs {
         config.limits.max_lifetime_seconds = self.max_lifetime_seconds;
         config.heartbeat = Duration::from_secs(self.heartbeat_seconds);
         config.watch_idle_timeout = Duration::from_secs(self.watch_idle_timeout_seconds);
+        if !self.connect_keys.is_empty() {
+            // Short secrets only for local development (where the api runs unauthenticated).
+            config.connect_keys = Some(KeyRing::parse(
+                self.connect_keys.iter().map(String::as_str),
+                self.allow_unauthenticated,
+            )?);
+        }
+        config.connect_token_ttl = Duration::from_secs(self.connect_token_ttl_seconds);
         config.check()?;
         Ok(config)
     }
@@ -131,7 +159,13 @@ pub struct ApiConfig {
     pub limits: Limits,
     pub heartbeat: Duration,
     pub watch_idle_timeout: Duration,
+    /// Keys of the connect tokens put in `url`; `None`: no tokens.
+    pub connect_keys: Option<KeyRing>,
+    pub connect_token_ttl: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Where spawns and connects are recorded, if anywhere (the caller starts the recorder and
+    /// finishes it after `run`).
+    pub trace: Option<spawner_trace_recorder::TraceRecorder>,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -148,6 +182,9 @@ impl std::fmt::Debug for ApiConfig {
             .field("limits", &self.limits)
             .field("heartbeat", &self.heartbeat)
             .field("watch_idle_timeout", &self.watch_idle_timeout)
+            .field("connect_keys", &self.connect_keys)
+            .field("connect_token_ttl", &self.connect_token_ttl)
+            .field("trace", &self.trace.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -168,7 +205,10 @@ impl ApiConfig {
             limits: Limits::default(),
             heartbeat: Duration::from_secs(5),
             watch_idle_timeout: Duration::from_secs(10),
+            connect_keys: None,
+            connect_token_ttl: Duration::from_secs(DEFAULT_CONNECT_TTL_SECONDS),
             clock: Arc::new(SystemClock),
+            trace: None,
         }
     }
 
@@ -196,7 +236,10 @@ impl ApiConfig {
         if self.max_body_bytes == 0 {
             return Err(ConfigError::BodyLimit);
         }
-        if self.heartbeat.is_zero() || self.watch_idle_timeout.is_zero() {
+        if self.heartbeat.is_zero()
+            || self.watch_idle_timeout.is_zero()
+            || self.connect_token_ttl.is_zero()
+        {
             return Err(ConfigError::ZeroInterval);
         }
         Ok(())
@@ -220,8 +263,10 @@ pub enum ConfigError {
     PublicBaseUrl(String),
     #[error("the body limit must be at least one byte")]
     BodyLimit,
-    #[error("heartbeat and watch idle timeout must be positive")]
+    #[error("heartbeat, watch idle timeout and connect token lifetime must be positive")]
     ZeroInterval,
+    #[error("connect keys: {0}")]
+    ConnectKeys(#[from] KeyError),
     #[error(transparent)]
     UrlTemplate(#[from] UrlTemplateError),
 }
@@ -288,5 +333,39 @@ mod tests {
             bad_base.api.config(),
             Err(ConfigError::PublicBaseUrl(_))
         ));
+    }
+
+    #[test]
+    fn connect_keys_are_parsed_and_short_ones_refused_outside_development() {
+        let cli = Cli::try_parse_from([
+            "api",
+            "--token",
+            "t",
+            "--connect-key",
+            "new:0123456789abcdef,old:fedcba9876543210",
+        ])
+        .expect("parses");
+        let config = cli.api.config().expect("valid");
+        let ring = config.connect_keys.as_ref().expect("keys");
+        assert_eq!(ring.len(), 2);
+        assert_eq!(ring.signing_key().map(|k| k.id()), Some("new"));
+        assert!(!format!("{config:?}").contains("0123"));
+        let short =
+            Cli::try_parse_from(["api", "--token", "t", "--connect-key", "k:dev"]).expect("parses");
+        assert!(matches!(
+            short.api.config(),
+            Err(ConfigError::ConnectKeys(KeyError::ShortSecret(_)))
+        ));
+        let dev = Cli::try_parse_from(["api", "--allow-unauthenticated", "--connect-key", "k:dev"])
+            .expect("parses");
+        assert!(dev.api.config().is_ok());
+        let empty = Cli::try_parse_from(["api", "--allow-unauthenticated", "--connect-key", "k:"])
+            .expect("parses");
+        assert!(matches!(
+            empty.api.config(),
+            Err(ConfigError::ConnectKeys(KeyError::EmptySecret(_)))
+        ));
+        let none = Cli::try_parse_from(["api", "--token", "t"]).expect("parses");
+        assert!(none.api.config().expect("valid").connect_keys.is_none());
     }
 }
