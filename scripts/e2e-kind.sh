@@ -4,7 +4,7 @@
 #   2. kind and its node image: built here from source (scripts/kind-node-image.sh), or the
 #      image SPAWNER_KIND_NODE_IMAGE names,
 #   3. the cluster from kind-config.yaml (one control plane, two workers),
-#   4. the Spawner image (spawner:dev) built and loaded into the nodes,
+#   4. the Spawner image (spawner:dev, scripts/images.sh) built and loaded into the nodes,
 #   5. deploy/crd.yaml and deploy/overlays/kind applied, the rollout awaited,
 #   6. `SPAWNER_E2E_KIND=1 cargo test -p spawner-e2e --test scenarios_kind`,
 #   7. on failure, the cluster's state, events and logs (kind export logs) under target/e2e-kind,
@@ -61,7 +61,7 @@ for tool in cargo kubectl curl; do
     command -v "$tool" >/dev/null || missing "$tool is required"
 done
 
-step "[1/8] docker engine"
+step "[1/6] docker engine"
 if [[ $dry_run -eq 1 ]]; then
     run scripts/docker-engine.sh start
 else
@@ -69,7 +69,7 @@ else
     eval "$engine_env"
 fi
 
-step "[2/8] kind and its node image"
+step "[2/6] kind and its node image"
 node_image="${SPAWNER_KIND_NODE_IMAGE:-}"
 kind="${SPAWNER_KIND_BIN:-}"
 if [[ -z "$node_image" || -z "$kind" ]]; then
@@ -143,7 +143,7 @@ cleanup() {
 }
 [[ $dry_run -eq 0 ]] && trap cleanup EXIT
 
-step "[3/8] cluster $cluster (node image $node_image)"
+step "[3/6] cluster $cluster (node image $node_image)"
 if [[ $dry_run -eq 0 ]] && "$kind" get clusters 2>/dev/null | grep -qx "$cluster"; then
     log "using the existing kind cluster $cluster"
 else
@@ -155,12 +155,12 @@ run sh -c "'$kind' get kubeconfig --name '$cluster' >'$kubeconfig'"
 export KUBECONFIG="$kubeconfig"
 
 if [[ "${SPAWNER_E2E_SKIP_BUILD:-0}" != "1" ]]; then
-    step "[4/8] image $image, loaded into the nodes"
-    run scripts/spawner-image.sh "$image"
+    step "[4/6] image $image, loaded into the nodes"
+    run scripts/images.sh --tag dev
     run "$kind" load docker-image "$image" --name "$cluster"
 fi
 
-step "[5/8] deploy/crd.yaml and deploy/overlays/kind"
+step "[5/6] deploy/crd.yaml and deploy/overlays/kind"
 run kubectl --context "$context" apply --server-side -f deploy/crd.yaml
 run kubectl --context "$context" wait --for=condition=Established --timeout=60s \
     crd/sessionlivedbackends.spawner.dev
@@ -182,7 +182,7 @@ if [[ $dry_run -eq 0 ]]; then
 fi
 run curl -fsS -o /dev/null http://127.0.0.1:30080/healthz
 
-step "[6/8] scenarios (cargo test -p spawner-e2e --test scenarios_kind)"
+step "[6/6] scenarios (cargo test -p spawner-e2e --test scenarios_kind)"
 run env SPAWNER_E2E_KIND=1 SPAWNER_E2E_API_URL=http://127.0.0.1:30080 SPAWNER_E2E_TOKEN=kind-dev-token \
     cargo test -p spawner-e2e --test scenarios_kind -- --nocapture --test-threads=1
 step "done"
