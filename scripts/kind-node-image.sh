@@ -58,11 +58,13 @@ case "${1:-build}" in
     *) echo "usage: $0 [build | --print-image | --print-kind | --dry-run]" >&2; exit 2 ;;
 esac
 
+# Only the image name goes to stdout (callers capture it); every tool's output goes to stderr.
+exec 3>&1 1>&2
 log() { echo "kind-node-image: $*" >&2; }
 # Runs a command, or prints it in a dry run.
 run() {
     if [[ $dry_run -eq 1 ]]; then
-        printf '+'; printf ' %q' "$@"; printf '\n'
+        { printf '+'; printf ' %q' "$@"; printf '\n'; } >&3
     else
         "$@"
     fi
@@ -79,7 +81,7 @@ fi
 
 if [[ $dry_run -eq 0 ]] && docker image inspect "$node_image" >/dev/null 2>&1 && [[ -x "$kind_bin" ]]; then
     log "$node_image and kind $KIND_VERSION are already built"
-    echo "$node_image"
+    echo "$node_image" >&3
     exit 0
 fi
 
@@ -306,4 +308,4 @@ build_container=""
 run docker rmi "$base_image" "${component_images[@]}" "registry.k8s.io/kube-proxy:$kube_version" \
     "spawner.dev/kind-node-tools:$kube_version" >/dev/null
 step_done
-echo "$node_image"
+echo "$node_image" >&3
