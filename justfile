@@ -62,7 +62,9 @@ e2e-manifests:
 e2e-local:
     cargo test -p spawner-e2e --test scenarios_local -- --nocapture
 
-# End-to-end scenarios on a kind cluster (needs docker, kind, kubectl).
+# End-to-end scenarios on a kind cluster built from source (docs/kind.md; needs go, cc,
+# debootstrap, kubectl, root for the private Docker engine). `scripts/e2e-kind.sh --dry-run`
+# prints every command.
 e2e:
     scripts/e2e-kind.sh
 
