@@ -68,6 +68,11 @@ e2e-local:
 e2e:
     scripts/e2e-kind.sh
 
+# Spawn-to-ready latency on a kind cluster left by `SPAWNER_E2E_KEEP=1 just e2e`: 50 sequential
+# spawns and 3 bursts of 20, split into steps (e2e/examples/kind_spawn_bench.rs).
+bench-kind:
+    eval "$(scripts/docker-engine.sh env)" && kubeconfig="$(mktemp)" && "$(scripts/kind-node-image.sh --print-kind)" get kubeconfig --name spawner >"$kubeconfig" && KUBECONFIG="$kubeconfig" cargo run -p spawner-e2e --example kind_spawn_bench
+
 # Spawn-to-ready latency of `spawner dev` (release). Measured with a backend that binds at once
 # (examples/bind_at_once.rs: target/bench/spawn.md and spawn.json), then with
 # `spawner demo-backend` (target/bench/spawn-demo.md and spawn-demo.json).

@@ -4,7 +4,8 @@
 #   2. kind and its node image: built here from source (scripts/kind-node-image.sh), or the
 #      image SPAWNER_KIND_NODE_IMAGE names,
 #   3. the cluster from kind-config.yaml (one control plane, two workers),
-#   4. the Spawner image (spawner:dev, scripts/images.sh) built and loaded into the nodes,
+#   4. the Spawner image (spawner:dev, scripts/images.sh from the debug binary) built and loaded
+#      into the nodes,
 #   5. deploy/crd.yaml and deploy/overlays/kind applied, the rollout awaited,
 #   6. `SPAWNER_E2E_KIND=1 cargo test -p spawner-e2e --test scenarios_kind`,
 #   7. on failure, the cluster's state, events and logs (kind export logs) under target/e2e-kind,
@@ -156,7 +157,10 @@ export KUBECONFIG="$kubeconfig"
 
 if [[ "${SPAWNER_E2E_SKIP_BUILD:-0}" != "1" ]]; then
     step "[4/6] image $image, loaded into the nodes"
-    run scripts/images.sh --tag dev
+    # The debug binary, as the image tests use: `cargo test` has built it already, and a cold
+    # release build would add a quarter of an hour on two cores.
+    run cargo build -p spawner
+    run scripts/images.sh --binary target/debug/spawner --tag dev
     run "$kind" load docker-image "$image" --name "$cluster"
 fi
 

@@ -68,7 +68,8 @@ pub struct App {
 }
 
 impl App {
-    fn request(&self, extra: Value) -> Value {
+    /// The spawn request for this app, with `extra` fields (gracePeriodSeconds, key, ...).
+    pub fn request(&self, extra: Value) -> Value {
         let mut request = json!({ "command": self.command });
         if let Some(image) = &self.image {
             request["image"] = json!(image);
