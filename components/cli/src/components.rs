@@ -1,6 +1,7 @@
-//! `spawner controller | sweeper | api | sidecar | node-agent`: one production component, as
-//! the container image runs it. Each takes its configuration from flags or environment
-//! variables and its Kubernetes client from the pod's service account (or `KUBECONFIG`).
+//! `spawner controller | sweeper | api | node-agent`: one production component, as the
+//! container image runs it (`spawner sidecar` is [`spawner_sidecar::run_per_core`], on runtimes
+//! of its own). Each takes its configuration from flags or environment variables and its
+//! Kubernetes client from the pod's service account (or `KUBECONFIG`).
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -85,23 +86,10 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
     served
 }
 
-pub async fn sidecar(args: spawner_sidecar::SidecarArgs) -> anyhow::Result<()> {
-    let config = args.to_config();
-    let listener = bind(args.serve_addr()).await?;
-    spawner_sidecar::run(
-        listener,
-        spawner_sidecar::TcpConnector,
-        config,
-        crate::shutdown_signal(),
-    )
-    .await
-    .context("sidecar")
-}
-
-pub async fn node_agent(args: spawner_localcluster::node::NodeAgentArgs) -> anyhow::Result<()> {
+pub async fn node_agent(args: spawner_node_agent::NodeAgentArgs) -> anyhow::Result<()> {
     let client = kube_client().await?;
     let runtime = std::sync::Arc::new(args.process_runtime());
-    spawner_localcluster::node::run(client, args.config(), runtime, crate::shutdown_signal())
+    spawner_node_agent::run(client, args.config(), runtime, crate::shutdown_signal())
         .await
         .context("node agent")
 }
