@@ -1,4 +1,4 @@
-//! `spawner controller | sweeper | api | sidecar | node-agent`: one production component, as
+//! `spawner controller | sweeper | api | sidecar | router | node-agent`: one production component, as
 //! the container image runs it. Each takes its configuration from flags or environment
 //! variables and its Kubernetes client from the pod's service account (or `KUBECONFIG`).
 
@@ -92,6 +92,21 @@ pub async fn sidecar(args: spawner_sidecar::SidecarArgs) -> anyhow::Result<()> {
     )
     .await
     .context("sidecar")
+}
+
+pub async fn router(args: spawner_router::RouterArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let listener = bind(args.listen).await?;
+    let client = kube_client().await?;
+    spawner_router::run(
+        listener,
+        client,
+        spawner_router::TcpConnector,
+        config,
+        crate::shutdown_signal(),
+    )
+    .await;
+    Ok(())
 }
 
 pub async fn node_agent(args: spawner_localcluster::node::NodeAgentArgs) -> anyhow::Result<()> {
