@@ -648,3 +648,33 @@ async fn https_with_a_given_certificate_sets_secure_cookies() {
         "plain HTTP was answered on the TLS port"
     );
 }
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let w = World::start_with(host_mode(), |c| c.max_connections = 1).await;
+    let (addr, _app) = echo_app("demo").await;
+    w.backend("demo", "Ready", Some(addr), true).await;
+    // The first connection stays open (keep-alive) after its request.
+    let mut first = TcpStream::connect(w.router).await.expect("connect");
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(WAIT, first.read(&mut buf))
+        .await
+        .expect("first answered")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The second is accepted by the kernel but not served while the first is open.
+    let router = w.router;
+    let second = tokio::spawn(async move { get(router, "demo.localhost", "/", "").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "served past the connection cap");
+    drop(first);
+    let answer = tokio::time::timeout(WAIT, second)
+        .await
+        .expect("served once the first closed")
+        .expect("task");
+    assert_eq!(answer.status, 200);
+}
