@@ -41,7 +41,12 @@ bench-sidecar:
 docker:
     scripts/docker-engine.sh start
 
-# Build the container image (Docker with BuildKit).
+# Build every image (spawner, spawner-{controller,api,router,sweeper,sidecar}) from a release binary
+# built here, on the engine scripts/docker-engine.sh finds or starts (docs/images.md).
+images tag="dev":
+    scripts/images.sh --tag {{tag}}
+
+# Build the all-in-one image from source inside Docker (BuildKit; pulls rust:1-bookworm).
 image tag="spawner:dev":
     DOCKER_BUILDKIT=1 docker build -t {{tag}} .
 

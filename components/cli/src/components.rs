@@ -68,17 +68,21 @@ pub async fn sweeper(args: spawner_sweeper::SweeperArgs) -> anyhow::Result<()> {
 }
 
 pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
+    let mut config = args.config()?;
     let listener = bind(args.listen).await?;
     let client = kube_client().await?;
-    spawner_api::run(
+    let recording = crate::trace::start_recording(&args.trace, "api", config.clock.now())?;
+    config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
+    let served = spawner_api::run(
         client,
         without_nagle(listener),
         config,
         crate::shutdown_signal(),
     )
     .await
-    .context("api")
+    .context("api");
+    crate::trace::finish_recording(recording).await;
+    served
 }
 
 pub async fn sidecar(args: spawner_sidecar::SidecarArgs) -> anyhow::Result<()> {

@@ -9,10 +9,20 @@ pub mod components;
 pub mod demo;
 pub mod dev;
 pub mod launcher;
+pub mod probe;
+pub mod trace;
+
+/// `spawner --version`: the crate's version and the commit it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("SPAWNER_GIT_COMMIT"),
+    ")"
+);
 
 /// Session-lived backends on Kubernetes.
 #[derive(Debug, Parser)]
-#[command(name = "spawner", version, about)]
+#[command(name = "spawner", version = VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -34,6 +44,8 @@ pub enum Command {
     Rm(client::RmArgs),
     /// Print the SessionLivedBackend CustomResourceDefinition as YAML.
     Crd,
+    /// Work with session traces (docs/traces.md).
+    Trace(trace::TraceArgs),
     /// Run the controller (a Deployment in a cluster).
     Controller(spawner_controller::ControllerArgs),
     /// Run a node's sweeper (a DaemonSet in a cluster).
@@ -49,6 +61,9 @@ pub enum Command {
     /// Serve the demo backend (a shared multiplayer page) on $PORT: what `spawner dev --demo`
     /// spawns.
     DemoBackend(DemoBackendArgs),
+    /// GET an http:// URL and succeed on a 2xx answer: the images' health check, for images
+    /// without a shell or curl.
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +90,8 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Sidecar(args) => components::sidecar(args).await?,
         Command::Router(args) => components::router(args).await?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
+        Command::Trace(args) => trace::run(args, out).await?,
+        Command::Probe(args) => probe::run(args).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }

@@ -27,6 +27,8 @@ fn main() -> std::process::ExitCode {
             | Command::Ls(_)
             | Command::Rm(_)
             | Command::Crd
+            | Command::Probe(_)
+            | Command::Trace(_)
     );
     let runtime = if single_threaded {
         tokio::runtime::Builder::new_current_thread()
