@@ -2,6 +2,8 @@
 //! SessionLivedBackends, looked up by name in constant time, and a signal that wakes requests
 //! waiting for a backend to become Ready.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -57,6 +59,8 @@ pub struct Backends {
     store: Store<SessionLivedBackend>,
     namespace: String,
     changed: watch::Receiver<u64>,
+    /// The first complete list arrived (until then every backend would look unknown).
+    synced: Arc<AtomicBool>,
 }
 
 impl Backends {
@@ -69,16 +73,21 @@ impl Backends {
         let api: Api<SessionLivedBackend> = Api::namespaced(client, namespace);
         let (store, writer) = reflector::store();
         let (tick, changed) = watch::channel(0u64);
-        let stream = reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .touched_objects();
-        let driver = async move {
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "backend watch failed; retrying");
+        let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+        let synced = Arc::new(AtomicBool::new(false));
+        let driver = {
+            let synced = synced.clone();
+            async move {
+                futures::pin_mut!(stream);
+                while let Some(event) = stream.next().await {
+                    match event {
+                        // The reflector applied the whole first list (and every relist).
+                        Ok(watcher::Event::InitDone) => synced.store(true, Ordering::Release),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "backend watch failed; retrying"),
+                    }
+                    tick.send_modify(|n| *n = n.wrapping_add(1));
                 }
-                tick.send_modify(|n| *n = n.wrapping_add(1));
             }
         };
         (
@@ -86,6 +95,7 @@ impl Backends {
                 store,
                 namespace: namespace.to_string(),
                 changed,
+                synced,
             },
             driver,
         )
@@ -93,9 +103,20 @@ impl Backends {
 
     /// Waits until the cache holds a first complete list (false after `timeout`).
     pub async fn ready(&self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.store.wait_until_ready())
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let mut changed = self.changed.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_synced() {
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.is_synced(),
+            }
+        }
+        true
+    }
+
+    /// Whether the first complete list arrived.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
     }
 
     /// How backend `name` stands now.

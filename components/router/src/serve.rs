@@ -459,7 +459,14 @@ impl<C: Connect> Inner<C> {
     fn not_routed(&self, req: &Request<Incoming>, e: RouteError) -> (Outcome, Response<Body>) {
         if matches!(*req.method(), Method::GET | Method::HEAD) {
             match req.uri().path() {
-                "/healthz" => return (Outcome::Routed, text(StatusCode::OK, "ok\n".into())),
+                // Ready to take traffic once the cache holds the backends.
+                "/healthz" if self.backends.is_synced() => {
+                    return (Outcome::Routed, text(StatusCode::OK, "ok\n".into()));
+                }
+                "/healthz" => {
+                    let body = "backend cache not synced yet\n".into();
+                    return (Outcome::Routed, text(StatusCode::SERVICE_UNAVAILABLE, body));
+                }
                 "/metrics" => {
                     let body = self.metrics.render(self.backends.len());
                     return (Outcome::Routed, text(StatusCode::OK, body));
