@@ -33,7 +33,8 @@ bench-localcluster:
 bench-sweeper backends="2000":
     cargo run --release -p spawner-sweeper --example scale -- {{backends}}
 
-# Sidecar vs nginx vs the app directly (needs `apt-get install nginx wrk`); writes target/bench/sidecar.json.
+# `spawner sidecar` (release, as the images run it) vs nginx (1 worker) vs the app directly
+# (needs `apt-get install nginx wrk`); writes target/bench/sidecar.json.
 bench-sidecar:
     components/sidecar/bench/run.sh
 

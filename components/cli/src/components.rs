@@ -1,6 +1,7 @@
-//! `spawner controller | sweeper | api | sidecar | router | node-agent`: one production component, as
-//! the container image runs it. Each takes its configuration from flags or environment
-//! variables and its Kubernetes client from the pod's service account (or `KUBECONFIG`).
+//! `spawner controller | sweeper | api | router | node-agent`: one production component, as the
+//! container image runs it (`spawner sidecar` is [`spawner_sidecar::run_per_core`], on runtimes
+//! of its own). Each takes its configuration from flags or environment variables and its
+//! Kubernetes client from the pod's service account (or `KUBECONFIG`).
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -83,19 +84,6 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
     .context("api");
     crate::trace::finish_recording(recording).await;
     served
-}
-
-pub async fn sidecar(args: spawner_sidecar::SidecarArgs) -> anyhow::Result<()> {
-    let config = args.to_config();
-    let listener = bind(args.serve_addr()).await?;
-    spawner_sidecar::run(
-        listener,
-        spawner_sidecar::TcpConnector,
-        config,
-        crate::shutdown_signal(),
-    )
-    .await
-    .context("sidecar")
 }
 
 pub async fn router(args: spawner_router::RouterArgs) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 pub mod client;
@@ -76,6 +77,62 @@ pub struct DemoBackendArgs {
     pub name: String,
 }
 
+/// The `spawner` binary (and the e2e suites' copy of it): logging to stderr, the command line,
+/// and the command on the runtime it needs; errors are one line with their causes.
+pub fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        // Builds its own runtimes, one single-threaded runtime per core.
+        Command::Sidecar(args) => {
+            spawner_sidecar::run_per_core(&args, shutdown_signal()).context("sidecar")
+        }
+        command => run_on_runtime(Cli { command }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, with its causes: what a user needs to act on.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_on_runtime(cli: Cli) -> anyhow::Result<()> {
+    // The demo backend and the client commands are small and short: one thread starts faster
+    // and lighter (a demo backend per session; measured 5 ms of CPU per start on the
+    // multi-threaded runtime). The components serve many connections and get one per core.
+    let single_threaded = matches!(
+        cli.command,
+        Command::DemoBackend(_)
+            | Command::Spawn(_)
+            | Command::Status(_)
+            | Command::Ls(_)
+            | Command::Rm(_)
+            | Command::Crd
+            | Command::Probe(_)
+            | Command::Trace(_)
+    );
+    let runtime = if single_threaded {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = runtime.context("cannot start the async runtime")?;
+    runtime.block_on(run(cli, &mut std::io::stdout()))
+}
+
 /// Runs one parsed command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     match cli.command {
@@ -87,7 +144,13 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Controller(args) => components::controller(args).await?,
         Command::Sweeper(args) => components::sweeper(args).await?,
         Command::Api(args) => components::api(args).await?,
-        Command::Sidecar(args) => components::sidecar(args).await?,
+        // `main` runs the sidecar on its own runtimes; called from a runtime, it gets a thread.
+        Command::Sidecar(args) => tokio::task::spawn_blocking(move || {
+            spawner_sidecar::run_per_core(&args, shutdown_signal())
+        })
+        .await
+        .context("sidecar")?
+        .context("sidecar")?,
         Command::Router(args) => components::router(args).await?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
         Command::Trace(args) => trace::run(args, out).await?,
