@@ -6,6 +6,7 @@ pub mod components;
 pub mod entropy;
 pub mod faults;
 pub mod invariants;
+pub mod leadership;
 pub mod mutants;
 pub mod net;
 pub mod pods;

@@ -101,10 +101,10 @@ pub async fn router(args: spawner_router::RouterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn node_agent(args: spawner_localcluster::node::NodeAgentArgs) -> anyhow::Result<()> {
+pub async fn node_agent(args: spawner_node_agent::NodeAgentArgs) -> anyhow::Result<()> {
     let client = kube_client().await?;
     let runtime = std::sync::Arc::new(args.process_runtime());
-    spawner_localcluster::node::run(client, args.config(), runtime, crate::shutdown_signal())
+    spawner_node_agent::run(client, args.config(), runtime, crate::shutdown_signal())
         .await
         .context("node agent")
 }
