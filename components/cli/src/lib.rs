@@ -58,7 +58,7 @@ pub enum Command {
     /// Run the sidecar (injected into every backend pod).
     Sidecar(spawner_sidecar::SidecarArgs),
     /// Run a node agent that runs pods as local processes, against any API server.
-    NodeAgent(spawner_localcluster::node::NodeAgentArgs),
+    NodeAgent(spawner_node_agent::NodeAgentArgs),
     /// Serve the demo backend (a shared multiplayer page) on $PORT: what `spawner dev --demo`
     /// spawns.
     DemoBackend(DemoBackendArgs),
