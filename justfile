@@ -42,7 +42,7 @@ bench-sidecar:
 docker:
     scripts/docker-engine.sh start
 
-# Build every image (spawner, spawner-{controller,api,sweeper,sidecar}) from a release binary
+# Build every image (spawner, spawner-{controller,api,router,sweeper,sidecar}) from a release binary
 # built here, on the engine scripts/docker-engine.sh finds or starts (docs/images.md).
 images tag="dev":
     scripts/images.sh --tag {{tag}}
