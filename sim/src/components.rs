@@ -94,15 +94,11 @@ pub fn node_agent_config(
     node: &str,
     slots: usize,
     clock: SimClock,
-) -> spawner_localcluster::node::NodeAgentConfig {
+) -> spawner_node_agent::NodeAgentConfig {
     let slots = slots.to_string();
-    let mut config = args_of::<spawner_localcluster::node::NodeAgentArgs>(&[
-        "--node",
-        node,
-        "--max-pods",
-        &slots,
-    ])
-    .config();
+    let mut config =
+        args_of::<spawner_node_agent::NodeAgentArgs>(&["--node", node, "--max-pods", &slots])
+            .config();
     config.clock = Arc::new(clock);
     config.host_ip = turmoil::lookup(node);
     config

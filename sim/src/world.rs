@@ -370,7 +370,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                 let agent_client = kube_client(kube_url.clone(), KUBE_TOKEN, NAMESPACE);
                 let agent_config =
                     crate::components::node_agent_config(&node_name(n), slots, clock.clone());
-                tokio::spawn(spawner_localcluster::node::run(
+                tokio::spawn(spawner_node_agent::run(
                     agent_client,
                     agent_config,
                     runtime,

@@ -1,4 +1,4 @@
-//! `spawner controller | sweeper | api | node-agent`: one production component, as the
+//! `spawner controller | sweeper | api | router | node-agent`: one production component, as the
 //! container image runs it (`spawner sidecar` is [`spawner_sidecar::run_per_core`], on runtimes
 //! of its own). Each takes its configuration from flags or environment variables and its
 //! Kubernetes client from the pod's service account (or `KUBECONFIG`).
@@ -86,10 +86,25 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
     served
 }
 
-pub async fn node_agent(args: spawner_localcluster::node::NodeAgentArgs) -> anyhow::Result<()> {
+pub async fn router(args: spawner_router::RouterArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let listener = bind(args.listen).await?;
+    let client = kube_client().await?;
+    spawner_router::run(
+        listener,
+        client,
+        spawner_router::TcpConnector,
+        config,
+        crate::shutdown_signal(),
+    )
+    .await;
+    Ok(())
+}
+
+pub async fn node_agent(args: spawner_node_agent::NodeAgentArgs) -> anyhow::Result<()> {
     let client = kube_client().await?;
     let runtime = std::sync::Arc::new(args.process_runtime());
-    spawner_localcluster::node::run(client, args.config(), runtime, crate::shutdown_signal())
+    spawner_node_agent::run(client, args.config(), runtime, crate::shutdown_signal())
         .await
         .context("node agent")
 }

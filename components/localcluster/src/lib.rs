@@ -13,7 +13,6 @@ pub mod clock;
 pub mod error;
 pub mod events;
 pub mod kubeconfig;
-pub mod node;
 pub mod patch;
 pub mod resources;
 pub mod schema;
