@@ -143,7 +143,7 @@ pub async fn run(
     tokens.insert(admin_token.clone(), Identity::admin());
     let cluster = Cluster::new(
         ServerConfig {
-            auth: Auth { tokens, rbac: None },
+            auth: Auth::tokens(tokens),
             bookmark_interval: BOOKMARK_INTERVAL,
             ..ServerConfig::default()
         },
@@ -408,7 +408,7 @@ mod tests {
         tokens.insert(token.to_string(), Identity::admin());
         let cluster = Cluster::new(
             ServerConfig {
-                auth: Auth { tokens, rbac: None },
+                auth: Auth::tokens(tokens),
                 ..ServerConfig::default()
             },
             Arc::new(SystemClock),

@@ -27,6 +27,9 @@ use crate::table::{self, IncludeObject};
 /// The largest request body the real API server accepts (3 MiB).
 pub const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
 
+/// The longest watch served, whatever `timeoutSeconds` asks (one year).
+const MAX_WATCH_SECONDS: u64 = 365 * 24 * 3600;
+
 /// Settings of one server.
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -329,11 +332,6 @@ async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
 
 async fn serve_request(cluster: Cluster, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let limit = cluster.shared.config.max_request_bytes;
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => return ApiError::too_large(limit).into_response(),
-    };
     let auth = &cluster.shared.config.auth;
     let authorization = parts
         .headers
@@ -352,6 +350,21 @@ async fn serve_request(cluster: Cluster, req: Request) -> Response {
     let who = match auth.authenticate(authorization) {
         Ok(w) => w,
         Err(e) => return e.into_response(),
+    };
+    // The body is read only for an authenticated caller, and refused unread when its announced
+    // length is over the limit.
+    let limit = cluster.shared.config.max_request_bytes;
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return ApiError::too_large(limit).into_response();
+    }
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::too_large(limit).into_response(),
     };
     let query = parse_query(parts.uri.query());
     if let Some(r) = discovery(&cluster, &path) {
@@ -794,7 +807,7 @@ async fn serve_resource(
             let deleted = cluster
                 .store()
                 .delete(rp.kind, &ns, name, &opts, &now, |secs| {
-                    format_time(clock.now() + chrono::Duration::seconds(secs))
+                    deletion_time(clock.now(), secs)
                 })?;
             let still_there = cluster.store().get(rp.kind, &ns, name).is_ok();
             let deleted = convert_out(deleted);
@@ -828,7 +841,7 @@ async fn serve_resource(
                 let ns = crate::store::namespace_of(&obj).to_string();
                 let name = crate::store::name_of(&obj).to_string();
                 if let Ok(d) = store.delete(rp.kind, &ns, &name, &opts, &now, |secs| {
-                    format_time(clock.now() + chrono::Duration::seconds(secs))
+                    deletion_time(clock.now(), secs)
                 }) {
                     items.push(convert_out(d));
                 }
@@ -849,6 +862,16 @@ async fn serve_resource(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// `now` plus a grace period, as a Kubernetes time. Grace periods are bounded at admission
+/// ([`crate::decode::MAX_GRACE_SECONDS`]); the saturation only keeps this total.
+fn deletion_time(now: chrono::DateTime<chrono::Utc>, secs: i64) -> String {
+    let secs = secs.clamp(0, crate::decode::MAX_GRACE_SECONDS);
+    let later = chrono::TimeDelta::try_seconds(secs)
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now);
+    format_time(later)
 }
 
 fn delete_options(q: &Query, body: &Bytes) -> Result<DeleteOptions, ApiError> {
@@ -887,6 +910,7 @@ fn delete_options(q: &Query, body: &Bytes) -> Result<DeleteOptions, ApiError> {
         .get("gracePeriodSeconds")
         .and_then(Value::as_i64)
         .or_else(|| q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+    crate::decode::check_delete_grace(opts.grace_period_seconds)?;
     opts.precondition_uid = parsed
         .pointer("/preconditions/uid")
         .and_then(Value::as_str)
@@ -1146,10 +1170,12 @@ fn watch_response(
         ),
     };
     let send_initial = q.flag("sendInitialEvents");
+    // Any timeout is accepted, as by the real server; past a year it is a year (a deadline
+    // must stay representable).
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
-        .map(Duration::from_secs)
+        .map(|t| Duration::from_secs(t.min(MAX_WATCH_SECONDS)))
         .unwrap_or(cluster.shared.config.default_watch_timeout);
     let bookmarks_wanted = q.flag("allowWatchBookmarks");
     let from = if send_initial { None } else { from };

@@ -69,6 +69,7 @@ impl Harness {
     pub async fn start_with(configure: impl FnOnce(&mut ApiConfig)) -> Self {
         let server_config = spawner_localcluster::ServerConfig {
             bookmark_interval: Duration::from_secs(1),
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
             ..Default::default()
         };
         let cluster = spawner_localcluster::Cluster::new(
@@ -87,6 +88,7 @@ impl Harness {
     pub async fn start_behind_proxy(configure: impl FnOnce(&mut ApiConfig)) -> (Self, Proxy) {
         let server_config = spawner_localcluster::ServerConfig {
             bookmark_interval: Duration::from_secs(60),
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
             ..Default::default()
         };
         let cluster = spawner_localcluster::Cluster::new(
