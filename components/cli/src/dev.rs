@@ -292,10 +292,10 @@ pub async fn run(
             )?;
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
-                axum::serve(listener, crate::launcher::router(launcher))
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .context("demo launcher")
+                let router = crate::launcher::router(launcher);
+                let limits = spawner_serve::Limits::default();
+                spawner_serve::serve(listener, router, limits, shutdown.cancelled_owned()).await;
+                Ok(())
             });
             Some(url)
         }

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub default_watch_timeout: Duration,
     pub max_request_bytes: usize,
     pub auth: Auth,
+    /// Header-read/idle timeout and connection cap of [`serve`].
+    pub limits: spawner_serve::Limits,
     /// Reported by `/version`.
     pub git_version: String,
 }
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             default_watch_timeout: Duration::from_secs(1800),
             max_request_bytes: MAX_REQUEST_BYTES,
             auth: Auth::default(),
+            limits: spawner_serve::Limits::default(),
             git_version: "v1.34.0-localcluster".into(),
         }
     }
@@ -127,13 +130,16 @@ pub fn router(cluster: Cluster) -> Router {
     Router::new().fallback(handle).with_state(cluster)
 }
 
-/// Serves the API on `listener` until it fails (DESIGN.md rule 2: the caller binds).
+/// Serves the API on `listener` forever (DESIGN.md rule 2: the caller binds), with the
+/// configured [`ServerConfig::limits`].
 pub async fn serve<L>(listener: L, cluster: Cluster) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    axum::serve(listener, router(cluster)).await
+    let limits = cluster.shared.config.limits;
+    spawner_serve::serve(listener, router(cluster), limits, std::future::pending()).await;
+    Ok(())
 }
 
 fn json_response(code: u16, body: Vec<u8>) -> Response {

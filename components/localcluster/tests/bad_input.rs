@@ -232,3 +232,39 @@ async fn unauthenticated_requests_are_refused_before_their_body_is_read() {
     }
     still_serving(addr).await;
 }
+
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_header_timeout() {
+    let config = ServerConfig {
+        auth: Auth::tokens(HashMap::from([(TOKEN.to_string(), Identity::admin())])),
+        limits: spawner_serve::Limits {
+            header_read_timeout: std::time::Duration::from_secs(1),
+            ..spawner_serve::Limits::default()
+        },
+        ..ServerConfig::default()
+    };
+    let cluster = Cluster::new(config, Arc::new(SystemClock));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, cluster));
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /api/v1/namespaces HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        silent.push(conn);
+    }
+    still_serving(addr).await;
+    for conn in &mut silent {
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            conn.read_to_end(&mut rest),
+        )
+        .await
+        .expect("closed after the header timeout")
+        .ok();
+    }
+    still_serving(addr).await;
+}
