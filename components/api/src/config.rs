@@ -95,6 +95,9 @@ pub struct ApiArgs {
         default_value_t = 10
     )]
     pub watch_idle_timeout_seconds: u64,
+    /// Most status streams open at once on this replica; past it a stream request gets 503.
+    #[arg(long, env = "SPAWNER_API_MAX_STATUS_STREAMS", default_value_t = 1024)]
+    pub max_status_streams: usize,
 }
 
 impl ApiArgs {
@@ -112,6 +115,7 @@ impl ApiArgs {
         config.limits.max_lifetime_seconds = self.max_lifetime_seconds;
         config.heartbeat = Duration::from_secs(self.heartbeat_seconds);
         config.watch_idle_timeout = Duration::from_secs(self.watch_idle_timeout_seconds);
+        config.max_status_streams = self.max_status_streams;
         config.check()?;
         Ok(config)
     }
@@ -131,6 +135,7 @@ pub struct ApiConfig {
     pub limits: Limits,
     pub heartbeat: Duration,
     pub watch_idle_timeout: Duration,
+    pub max_status_streams: usize,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -148,6 +153,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("limits", &self.limits)
             .field("heartbeat", &self.heartbeat)
             .field("watch_idle_timeout", &self.watch_idle_timeout)
+            .field("max_status_streams", &self.max_status_streams)
             .finish_non_exhaustive()
     }
 }
@@ -168,6 +174,7 @@ impl ApiConfig {
             limits: Limits::default(),
             heartbeat: Duration::from_secs(5),
             watch_idle_timeout: Duration::from_secs(10),
+            max_status_streams: 1024,
             clock: Arc::new(SystemClock),
         }
     }

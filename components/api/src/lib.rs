@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod hub;
 pub mod model;
 pub mod naming;
 pub mod openapi;

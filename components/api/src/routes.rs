@@ -34,6 +34,8 @@ pub struct AppState {
     /// Becomes `true` when the server shuts down, so status streams end and graceful shutdown
     /// does not wait for them forever.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The shared watch of status streams, and their cap.
+    pub(crate) hub: Arc<crate::hub::StatusHub>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -45,10 +47,17 @@ const GET_OR_CREATE_ATTEMPTS: usize = 8;
 pub fn router(client: kube::Client, config: ApiConfig, shutdown: watch::Receiver<bool>) -> Router {
     let backends = Api::namespaced(client, &config.namespace);
     let body_limit = config.max_body_bytes;
+    let hub = crate::hub::StatusHub::new(
+        backends.clone(),
+        config.watch_idle_timeout,
+        config.max_status_streams,
+        shutdown.clone(),
+    );
     let state = Arc::new(AppState {
         backends,
         config,
         shutdown,
+        hub,
     });
     Router::new()
         .route("/spawn", post(spawn))

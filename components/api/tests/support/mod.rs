@@ -249,11 +249,7 @@ impl Harness {
                 .expect("content type"),
             "text/event-stream"
         );
-        EventStream {
-            body: response.into_body(),
-            parser: SseParser::new(),
-            pending: Vec::new(),
-        }
+        EventStream::new(response)
     }
 
     /// Writes `status` on the status subresource, as the controller and sweeper do.
@@ -287,6 +283,14 @@ pub struct EventStream {
 }
 
 impl EventStream {
+    pub fn new(response: hyper::Response<hyper::body::Incoming>) -> Self {
+        Self {
+            body: response.into_body(),
+            parser: SseParser::new(),
+            pending: Vec::new(),
+        }
+    }
+
     /// The next message, or `None` when the stream ended; heartbeats do not count, so a
     /// message that does not come within `WAIT` fails the test.
     pub async fn next(&mut self) -> Option<SseMessage> {
