@@ -37,6 +37,10 @@ bench-sweeper backends="2000":
 bench-sidecar:
     components/sidecar/bench/run.sh
 
+# Reuse a running Docker engine or start a private one (docs/images.md); prints its DOCKER_HOST.
+docker:
+    scripts/docker-engine.sh start
+
 # Build the container image (Docker with BuildKit).
 image tag="spawner:dev":
     DOCKER_BUILDKIT=1 docker build -t {{tag}} .

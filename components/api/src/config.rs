@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use spawner_core::connect_token::{DEFAULT_CONNECT_TTL_SECONDS, KeyError, KeyRing};
 use spawner_core::id::{DEFAULT_PREFIX, MAX_PREFIX_LEN};
 use spawner_core::validation::Limits;
 
@@ -98,6 +99,22 @@ pub struct ApiArgs {
     /// Most status streams open at once on this replica; past it a stream request gets 503.
     #[arg(long, env = "SPAWNER_API_MAX_STATUS_STREAMS", default_value_t = 1024)]
     pub max_status_streams: usize,
+    /// Keys that sign connect tokens, `<id>:<secret>` (shared with the router; the first signs,
+    /// so put a new key first to rotate). Without keys, `url` carries no token.
+    #[arg(
+        long = "connect-key",
+        env = "SPAWNER_CONNECT_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub connect_keys: Vec<String>,
+    /// How long a connect token may wait for its first use, in seconds.
+    #[arg(
+        long,
+        env = "SPAWNER_CONNECT_TOKEN_TTL_SECONDS",
+        default_value_t = DEFAULT_CONNECT_TTL_SECONDS
+    )]
+    pub connect_token_ttl_seconds: u64,
 }
 
 impl ApiArgs {
@@ -116,6 +133,14 @@ impl ApiArgs {
         config.heartbeat = Duration::from_secs(self.heartbeat_seconds);
         config.watch_idle_timeout = Duration::from_secs(self.watch_idle_timeout_seconds);
         config.max_status_streams = self.max_status_streams;
+        if !self.connect_keys.is_empty() {
+            // Short secrets only for local development (where the api runs unauthenticated).
+            config.connect_keys = Some(KeyRing::parse(
+                self.connect_keys.iter().map(String::as_str),
+                self.allow_unauthenticated,
+            )?);
+        }
+        config.connect_token_ttl = Duration::from_secs(self.connect_token_ttl_seconds);
         config.check()?;
         Ok(config)
     }
@@ -136,6 +161,9 @@ pub struct ApiConfig {
     pub heartbeat: Duration,
     pub watch_idle_timeout: Duration,
     pub max_status_streams: usize,
+    /// Keys of the connect tokens put in `url`; `None`: no tokens.
+    pub connect_keys: Option<KeyRing>,
+    pub connect_token_ttl: Duration,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -154,6 +182,8 @@ impl std::fmt::Debug for ApiConfig {
             .field("heartbeat", &self.heartbeat)
             .field("watch_idle_timeout", &self.watch_idle_timeout)
             .field("max_status_streams", &self.max_status_streams)
+            .field("connect_keys", &self.connect_keys)
+            .field("connect_token_ttl", &self.connect_token_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -175,6 +205,8 @@ impl ApiConfig {
             heartbeat: Duration::from_secs(5),
             watch_idle_timeout: Duration::from_secs(10),
             max_status_streams: 1024,
+            connect_keys: None,
+            connect_token_ttl: Duration::from_secs(DEFAULT_CONNECT_TTL_SECONDS),
             clock: Arc::new(SystemClock),
         }
     }
@@ -203,7 +235,10 @@ impl ApiConfig {
         if self.max_body_bytes == 0 {
             return Err(ConfigError::BodyLimit);
         }
-        if self.heartbeat.is_zero() || self.watch_idle_timeout.is_zero() {
+        if self.heartbeat.is_zero()
+            || self.watch_idle_timeout.is_zero()
+            || self.connect_token_ttl.is_zero()
+        {
             return Err(ConfigError::ZeroInterval);
         }
         Ok(())
@@ -227,8 +262,10 @@ pub enum ConfigError {
     PublicBaseUrl(String),
     #[error("the body limit must be at least one byte")]
     BodyLimit,
-    #[error("heartbeat and watch idle timeout must be positive")]
+    #[error("heartbeat, watch idle timeout and connect token lifetime must be positive")]
     ZeroInterval,
+    #[error("connect keys: {0}")]
+    ConnectKeys(#[from] KeyError),
     #[error(transparent)]
     UrlTemplate(#[from] UrlTemplateError),
 }
@@ -295,5 +332,39 @@ mod tests {
             bad_base.api.config(),
             Err(ConfigError::PublicBaseUrl(_))
         ));
+    }
+
+    #[test]
+    fn connect_keys_are_parsed_and_short_ones_refused_outside_development() {
+        let cli = Cli::try_parse_from([
+            "api",
+            "--token",
+            "t",
+            "--connect-key",
+            "new:0123456789abcdef,old:fedcba9876543210",
+        ])
+        .expect("parses");
+        let config = cli.api.config().expect("valid");
+        let ring = config.connect_keys.as_ref().expect("keys");
+        assert_eq!(ring.len(), 2);
+        assert_eq!(ring.signing_key().map(|k| k.id()), Some("new"));
+        assert!(!format!("{config:?}").contains("0123"));
+        let short =
+            Cli::try_parse_from(["api", "--token", "t", "--connect-key", "k:dev"]).expect("parses");
+        assert!(matches!(
+            short.api.config(),
+            Err(ConfigError::ConnectKeys(KeyError::ShortSecret(_)))
+        ));
+        let dev = Cli::try_parse_from(["api", "--allow-unauthenticated", "--connect-key", "k:dev"])
+            .expect("parses");
+        assert!(dev.api.config().is_ok());
+        let empty = Cli::try_parse_from(["api", "--allow-unauthenticated", "--connect-key", "k:"])
+            .expect("parses");
+        assert!(matches!(
+            empty.api.config(),
+            Err(ConfigError::ConnectKeys(KeyError::EmptySecret(_)))
+        ));
+        let none = Cli::try_parse_from(["api", "--token", "t"]).expect("parses");
+        assert!(none.api.config().expect("valid").connect_keys.is_none());
     }
 }

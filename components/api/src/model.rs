@@ -9,7 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use spawner_core::resource::{
     BackendCondition, DEFAULT_GRACE_PERIOD_SECONDS, DEFAULT_HTTP_PORT, KEY_LABEL,
-    SessionLivedBackend, SessionLivedBackendSpec,
+    PUBLIC_ANNOTATION, SessionLivedBackend, SessionLivedBackendSpec,
 };
 use spawner_core::validation::{Limits, validate_spec};
 use spawner_core::{Phase, resource::SessionLivedBackendStatus};
@@ -58,6 +58,13 @@ pub struct SpawnRequest {
     /// Labels of the backend (and its pod); keys under `spawner.dev/` are reserved.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Identity of the user this URL is for: carried by the connect token and handed to the
+    /// application as `X-Spawner-User` (1-256 printable ASCII characters).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Let anyone in through the router without a connect token (demos, public rooms).
+    #[serde(default)]
+    pub public: bool,
 }
 
 impl SpawnRequest {
@@ -105,6 +112,17 @@ impl SpawnRequest {
             Err(errors) => from_validation(errors, &env_names),
         };
         problems.extend(label_problems(&self.labels));
+        if let Some(user) = &self.user
+            && !spawner_core::connect_token::is_valid_user(user)
+        {
+            problems.push(FieldProblem {
+                field: "user".into(),
+                message: format!(
+                    "must be 1 to {} printable ASCII characters",
+                    spawner_core::connect_token::MAX_USER_LEN
+                ),
+            });
+        }
         if problems.is_empty() {
             Ok(spec)
         } else {
@@ -155,6 +173,15 @@ pub fn new_backend(
     backend
 }
 
+/// Marks `backend` as open to anyone through the router.
+pub fn mark_public(backend: &mut SessionLivedBackend) {
+    backend
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(PUBLIC_ANNOTATION.to_string(), "true".to_string());
+}
+
 /// The time a terminate was requested, if it was.
 pub fn terminate_requested_at(backend: &SessionLivedBackend) -> Option<&str> {
     backend
@@ -179,10 +206,14 @@ pub fn is_live(backend: &SessionLivedBackend) -> bool {
 pub struct SpawnResponse {
     /// The backend's name (its id in every other route).
     pub name: String,
-    /// The URL clients connect to, from the URL template; `null` while the template needs the
-    /// backend's `status.url` and the controller has not written it yet.
+    /// The URL a browser opens, from the URL template; when the api has connect keys and the
+    /// backend is not public, it carries a connect token in its query (`spawner_token`).
+    /// Appending a relative path to its path (before the query) reaches that path on the
+    /// backend. `null` while the template needs the backend's `status.url` and the controller
+    /// has not written it yet.
     pub url: Option<String>,
-    /// Redirects (302) to `url` once the backend is Ready; 409 with the phase before.
+    /// Redirects (302) to the backend's URL (without a token) once the backend is Ready; 409
+    /// with the phase before.
     pub ready_url: String,
     /// The backend's status.
     pub status_url: String,

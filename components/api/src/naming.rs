@@ -211,6 +211,23 @@ fn is_host_header(host: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
+/// `url` with `name=value` added to its query (before any fragment). `value` must be
+/// URL-safe as is (connect tokens are).
+pub fn with_query_param(url: &str, name: &str, value: &str) -> String {
+    let (before_fragment, fragment) = match url.find('#') {
+        Some(i) => url.split_at(i),
+        None => (url, ""),
+    };
+    let separator = match before_fragment.find('?') {
+        None => '?',
+        Some(i) if i + 1 == before_fragment.len() || before_fragment.ends_with('&') => {
+            return format!("{before_fragment}{name}={value}{fragment}");
+        }
+        Some(_) => '&',
+    };
+    format!("{before_fragment}{separator}{name}={value}{fragment}")
+}
+
 /// `readyUrl` and `statusUrl` of backend `name`.
 pub fn api_urls(base: &str, name: &str) -> (String, String) {
     (
@@ -224,6 +241,21 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
     use spawner_core::validation::is_dns1035_label;
+
+    #[test]
+    fn query_params_go_before_the_fragment() {
+        let cases = [
+            ("http://a.localhost/", "http://a.localhost/?t=v"),
+            ("http://a.localhost/x?y=1", "http://a.localhost/x?y=1&t=v"),
+            ("http://a.localhost/x?", "http://a.localhost/x?t=v"),
+            ("http://a.localhost/x?y=1&", "http://a.localhost/x?y=1&t=v"),
+            ("http://a.localhost/#f", "http://a.localhost/?t=v#f"),
+            ("http://a.localhost/?q#f?g", "http://a.localhost/?q&t=v#f?g"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(with_query_param(url, "t", "v"), expected, "{url}");
+        }
+    }
 
     #[test]
     fn key_names_are_deterministic_dns_labels() {

@@ -11,7 +11,8 @@ use axum::{Json, Router};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use spawner_core::SessionLivedBackend;
-use spawner_core::resource::KEY_LABEL;
+use spawner_core::connect_token::{self, Claims, Purpose};
+use spawner_core::resource::{KEY_LABEL, is_public};
 use tokio::sync::watch;
 
 use crate::auth::Authenticated;
@@ -20,11 +21,11 @@ use crate::error::ApiError;
 use crate::extract::{BackendName, JsonBody, QueryParams};
 use crate::model::{
     BackendList, BackendStatus, ListQuery, SpawnRequest, SpawnResponse, TERMINATE_ANNOTATION,
-    TerminateResponse, is_live, new_backend, terminate_requested_at,
+    TerminateResponse, is_live, mark_public, new_backend, terminate_requested_at,
 };
 use crate::naming::{
     MAX_GENERATION, api_urls, generation_of, key_backend_name, key_label_value, key_name_stem,
-    public_base,
+    public_base, with_query_param,
 };
 
 /// What every handler shares.
@@ -111,7 +112,7 @@ async fn spawn(
     } else {
         (create_new(&state, spec, &request).await?, true)
     };
-    Ok(spawn_answer(&state, &headers, &backend, spawned))
+    spawn_answer(&state, &headers, &backend, spawned, request.user.as_deref())
 }
 
 /// `POST /connect`: the live backend of `key`, created when there is none.
@@ -129,7 +130,7 @@ async fn connect(
     }
     let spec = request.to_spec(&state.config.limits)?;
     let (backend, spawned) = get_or_create(&state, spec, &request).await?;
-    Ok(spawn_answer(&state, &headers, &backend, spawned))
+    spawn_answer(&state, &headers, &backend, spawned, request.user.as_deref())
 }
 
 fn spawn_answer(
@@ -137,16 +138,34 @@ fn spawn_answer(
     headers: &HeaderMap,
     backend: &SessionLivedBackend,
     spawned: bool,
-) -> (StatusCode, Json<SpawnResponse>) {
+    user: Option<&str>,
+) -> Result<(StatusCode, Json<SpawnResponse>), ApiError> {
     let name = backend.name_any();
     let base = public_base(state.config.public_base_url.as_deref(), headers);
     let (ready_url, status_url) = api_urls(&base, &name);
     let status_url_field = backend.status.as_ref().and_then(|s| s.url.as_deref());
-    let answer = SpawnResponse {
-        url: state
+    let mut url =
+        state
             .config
             .url_template
-            .render(&name, &state.config.namespace, status_url_field),
+            .render(&name, &state.config.namespace, status_url_field);
+    if let (Some(keys), Some(plain)) = (&state.config.connect_keys, &url)
+        && !is_public(backend)
+    {
+        let now = state.config.clock.now().timestamp().max(0) as u64;
+        let claims = Claims {
+            backend: name.clone(),
+            expires_at: now.saturating_add(state.config.connect_token_ttl.as_secs()),
+            user: user.map(str::to_string),
+        };
+        let token = connect_token::sign(keys, Purpose::Connect, &claims).map_err(|e| {
+            tracing::error!(error = %e, name, "cannot sign a connect token");
+            ApiError::internal()
+        })?;
+        url = Some(with_query_param(plain, connect_token::QUERY_PARAM, &token));
+    }
+    let answer = SpawnResponse {
+        url,
         name,
         ready_url,
         status_url,
@@ -159,7 +178,7 @@ fn spawn_answer(
     } else {
         StatusCode::OK
     };
-    (code, Json(answer))
+    Ok((code, Json(answer)))
 }
 
 /// Creates a backend under a fresh random name.
@@ -175,12 +194,15 @@ async fn create_new(
             tracing::error!(error = %e, "cannot make a backend id");
             ApiError::internal()
         })?;
-        let backend = new_backend(
+        let mut backend = new_backend(
             &name,
             &state.config.namespace,
             spec.clone(),
             &request.labels,
         );
+        if request.public {
+            mark_public(&mut backend);
+        }
         match state
             .backends
             .create(&PostParams::default(), &backend)
@@ -249,12 +271,15 @@ async fn get_or_create(
             return Err(ApiError::unavailable());
         }
         let name = key_backend_name(&stem, generation);
-        let backend = new_backend(
+        let mut backend = new_backend(
             &name,
             &state.config.namespace,
             spec.clone(),
             &request.labels,
         );
+        if request.public {
+            mark_public(&mut backend);
+        }
         match state
             .backends
             .create(&PostParams::default(), &backend)

@@ -110,6 +110,91 @@ async fn url_template_and_public_base_url_shape_the_answer() {
 }
 
 #[tokio::test]
+async fn url_carries_a_connect_token_for_that_backend_unless_public() {
+    use spawner_core::connect_token::{self, KeyRing, Purpose, TokenError};
+    let keys = KeyRing::parse(["k1:0123456789abcdef"], false).expect("keys");
+    let ring = keys.clone();
+    let h = Harness::start_with(move |c| {
+        c.url_template =
+            spawner_api::naming::UrlTemplate::parse("http://{name}.localhost:8000/").expect("t");
+        c.connect_keys = Some(ring);
+    })
+    .await;
+    let now = support::fixed_time().timestamp() as u64;
+    let (status, body) = h
+        .post("/spawn", json!({"image": "x", "user": "alice@example.com"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let name = name_of(&body);
+    let url = body["url"].as_str().expect("url");
+    let prefix = format!("http://{name}.localhost:8000/?spawner_token=");
+    assert!(url.starts_with(&prefix), "{url}");
+    let token = &url[prefix.len()..];
+    let claims = connect_token::verify(&keys, Purpose::Connect, token, &name, now).expect("valid");
+    assert_eq!(claims.user.as_deref(), Some("alice@example.com"));
+    assert_eq!(claims.expires_at, now + 300);
+    assert_eq!(
+        connect_token::verify(&keys, Purpose::Connect, token, "slab-other", now),
+        Err(TokenError::OtherBackend)
+    );
+    // The unauthenticated routes never hand out a token.
+    let (_, status_body) = h.get(&format!("/backend/{name}/status")).await;
+    assert_eq!(
+        status_body["url"],
+        format!("http://{name}.localhost:8000/").as_str()
+    );
+    h.patch_status(
+        &name,
+        json!({"phase": "Ready", "url": "http://10.0.0.1:9090"}),
+    )
+    .await;
+    let (status, headers, _) = h
+        .call(Method::GET, &format!("/backend/{name}/ready"), None, None)
+        .await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(
+        headers["location"],
+        format!("http://{name}.localhost:8000/").as_str()
+    );
+
+    // A public backend needs no token; /connect signs too.
+    let (status, body) = h
+        .post(
+            "/connect",
+            json!({"image": "x", "key": "demo", "public": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let name = name_of(&body);
+    assert_eq!(
+        body["url"],
+        format!("http://{name}.localhost:8000/").as_str()
+    );
+    let backend = h.backends.get(&name).await.expect("exists");
+    assert!(spawner_core::resource::is_public(&backend));
+    let (_, body) = h
+        .post("/connect", json!({"image": "x", "key": "room"}))
+        .await;
+    let url = body["url"].as_str().expect("url");
+    assert!(url.contains("?spawner_token=ct1.k1."), "{url}");
+    assert!(!spawner_core::resource::is_public(
+        &h.backends.get(&name_of(&body)).await.expect("exists")
+    ));
+
+    // A user that cannot be carried in a header is refused.
+    let (status, body) = h
+        .post("/spawn", json!({"image": "x", "user": "a\r\nX-Evil: 1"}))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    assert_eq!(body["error"]["fields"][0]["field"], "user");
+}
+
+#[tokio::test]
 async fn ready_redirects_only_when_ready() {
     let h = Harness::start().await;
     let name = spawn(&h, json!({"image": "x"})).await;

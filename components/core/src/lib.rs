@@ -8,6 +8,7 @@
 
 pub mod children;
 pub mod clock;
+pub mod connect_token;
 pub mod events;
 pub mod id;
 pub mod idle;

@@ -18,6 +18,20 @@ pub const NODE_LABEL: &str = "spawner.dev/node";
 /// Label carrying the get-or-create key (hashed when it is not a valid label value).
 pub const KEY_LABEL: &str = "spawner.dev/key";
 
+/// Annotation (value `"true"`) of a backend that the router lets in without a connect token
+/// (the api sets it for `public: true`).
+pub const PUBLIC_ANNOTATION: &str = "spawner.dev/public";
+
+/// Whether the router lets anyone into `backend`, token or not.
+pub fn is_public(backend: &SessionLivedBackend) -> bool {
+    backend
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PUBLIC_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
 /// Default port the application listens on.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
 /// Default time a backend may stay without any connection before it is swept.

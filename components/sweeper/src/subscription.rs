@@ -35,6 +35,20 @@ const MAX_SSE_LINE: usize = 16 * 1024;
 /// How soon a Ready write that failed is tried again (also the next report or deadline retries).
 const READY_RETRY: Duration = Duration::from_secs(1);
 
+/// How soon a sweep whose seal or write failed is tried again, doubled after each failure up to
+/// the heartbeat interval. Waiting for the next report instead (up to a heartbeat, 5 s) would
+/// keep an idle backend past its grace period and its sidecar sealed (refusing users) for that
+/// long after one transient error, such as a request sent on a pooled API server connection
+/// just as its read timeout closed it.
+const SWEEP_RETRY: Duration = Duration::from_millis(250);
+
+/// The delay before sweep attempt `failures + 1`.
+fn sweep_retry_delay(failures: u32, heartbeat: Duration) -> Duration {
+    SWEEP_RETRY
+        .saturating_mul(1u32 << failures.min(16))
+        .min(heartbeat.max(SWEEP_RETRY))
+}
+
 /// The backend a subscription follows.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -233,6 +247,7 @@ where
     let mut heard = false;
     let mut wake_at: Option<Instant> = None;
     let mut read_deadline = Instant::now() + read_timeout;
+    let mut sweep_failures = 0u32;
     loop {
         let step = tokio::select! {
             frame = body.frame() => {
@@ -293,10 +308,18 @@ where
         };
         match act(step, target, token, api, tracker, shared).await {
             After::End(end) => return end,
-            After::Wait => wake_at = step.wake_at,
+            After::Wait => {
+                sweep_failures = 0;
+                wake_at = step.wake_at;
+            }
             After::RetryReady => {
                 let retry = Instant::now() + READY_RETRY;
                 wake_at = Some(step.wake_at.map_or(retry, |at| at.min(retry)));
+            }
+            After::RetrySweep => {
+                let delay = sweep_retry_delay(sweep_failures, shared.config.heartbeat);
+                sweep_failures = sweep_failures.saturating_add(1);
+                wake_at = Some(Instant::now() + delay);
             }
         }
     }
@@ -310,6 +333,8 @@ enum After {
     Wait,
     /// The Ready write failed: try again soon.
     RetryReady,
+    /// The sweep could not be sealed or written: try again soon (with backoff).
+    RetrySweep,
 }
 
 /// Carries out a step's writes.
@@ -372,7 +397,7 @@ where
             Seal::Failed(reason) => {
                 metrics.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %target.name, %reason, "not swept: the sidecar could not be sealed");
-                return After::Wait;
+                return After::RetrySweep;
             }
         }
         let observation = Observation::IdlePastGrace {
@@ -391,7 +416,8 @@ where
             Ok(WriteOutcome::Gone) => return After::End(End::Done),
             Err(e) => {
                 metrics.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(backend = %target.name, error = %e, "could not mark Swept");
+                tracing::warn!(backend = %target.name, error = %e, "could not mark Swept; retrying");
+                return After::RetrySweep;
             }
         }
     }
@@ -435,6 +461,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_retries_start_soon_and_back_off_to_the_heartbeat() {
+        let heartbeat = Duration::from_secs(5);
+        assert_eq!(sweep_retry_delay(0, heartbeat), Duration::from_millis(250));
+        assert_eq!(sweep_retry_delay(1, heartbeat), Duration::from_millis(500));
+        assert_eq!(sweep_retry_delay(5, heartbeat), heartbeat);
+        assert_eq!(sweep_retry_delay(u32::MAX, heartbeat), heartbeat);
+    }
 
     #[test]
     fn reconnect_delay_grows_is_capped_and_spread() {
