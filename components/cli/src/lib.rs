@@ -9,6 +9,7 @@ pub mod components;
 pub mod demo;
 pub mod dev;
 pub mod launcher;
+pub mod state;
 
 /// Session-lived backends on Kubernetes.
 #[derive(Debug, Parser)]
@@ -50,9 +51,13 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct DemoBackendArgs {
-    /// Port to listen on (all interfaces).
+    /// Port to listen on.
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Address to listen on: loopback, where the pod's sidecar reaches it, so nothing gets
+    /// past the sidecar.
+    #[arg(long, env = "SPAWNER_DEMO_BIND", default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
     /// Name shown on the page.
     #[arg(long, env = "SPAWNER_BACKEND_NAME", default_value = "demo")]
     pub name: String,
@@ -75,9 +80,11 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }
         Command::DemoBackend(args) => {
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", args.port))
+            let listener = tokio::net::TcpListener::bind((args.bind, args.port))
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on port {}: {e}", args.port))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {}:{}: {e}", args.bind, args.port)
+                })?;
             tracing::info!(port = args.port, name = %args.name, "demo backend listening");
             axum::serve(listener, demo::router(&args.name))
                 .with_graceful_shutdown(shutdown_signal())
