@@ -33,7 +33,8 @@ bench-localcluster:
 bench-sweeper backends="2000":
     cargo run --release -p spawner-sweeper --example scale -- {{backends}}
 
-# Sidecar vs nginx vs the app directly (needs `apt-get install nginx wrk`); writes target/bench/sidecar.json.
+# `spawner sidecar` (release, as the images run it) vs nginx (1 worker) vs the app directly
+# (needs `apt-get install nginx wrk`); writes target/bench/sidecar.json.
 bench-sidecar:
     components/sidecar/bench/run.sh
 
@@ -41,7 +42,12 @@ bench-sidecar:
 docker:
     scripts/docker-engine.sh start
 
-# Build the container image (Docker with BuildKit).
+# Build every image (spawner, spawner-{controller,api,sweeper,sidecar}) from a release binary
+# built here, on the engine scripts/docker-engine.sh finds or starts (docs/images.md).
+images tag="dev":
+    scripts/images.sh --tag {{tag}}
+
+# Build the all-in-one image from source inside Docker (BuildKit; pulls rust:1-bookworm).
 image tag="spawner:dev":
     DOCKER_BUILDKIT=1 docker build -t {{tag}} .
 

@@ -106,8 +106,14 @@ start_private() {
     [ "$(id -u)" = 0 ] || die "no Docker engine is reachable and starting one needs root"
     install_engine
     mkdir -p "$STATE_DIR/data" "$STATE_DIR/exec"
-    # A socket left by a crashed engine would make dockerd refuse to start.
+    # A socket left by a killed engine would make dockerd refuse to start, and its exec root
+    # (containerd's sockets and pid files) would point at processes that are gone: clear both
+    # unless something of the old engine still runs there.
     rm -f "$SOCKET" "$PIDFILE"
+    if ! pgrep -f -- "$STATE_DIR/exec" >/dev/null 2>&1; then
+        rm -rf "$STATE_DIR/exec"
+    fi
+    mkdir -p "$STATE_DIR/exec"
     log "starting a private dockerd on $SOCKET (log: $LOG)"
     # setsid: the engine outlives this script and its caller's process group.
     # 9>&-: the engine must not inherit the lock, or the next caller would wait forever.

@@ -9,6 +9,7 @@ pub mod invariants;
 pub mod mutants;
 pub mod net;
 pub mod pods;
+pub mod report;
 pub mod rng;
 pub mod scenario;
 pub mod users;

@@ -37,6 +37,11 @@ struct Args {
     /// Print every observable event, not only the summary.
     #[arg(long)]
     events: bool,
+    /// With --trace: replay the trace a second time with this grace period (seconds) and
+    /// compare backends created, backend-seconds idle and sessions that found their backend
+    /// gone.
+    #[arg(long, requires = "trace")]
+    grace: Option<u32>,
 }
 
 /// Log lines stamped with simulated time (the world's clock), not the machine's.
@@ -96,12 +101,52 @@ fn main() -> ExitCode {
     if !config.faults.is_empty() {
         println!("faults: {}", scenario::describe(&config.faults));
     }
+    let what_if = args.grace.map(|grace| {
+        let mut other = config.clone();
+        // A longer grace needs as much more time after the trace for the last sweeps.
+        other.drain +=
+            std::time::Duration::from_secs(u64::from(grace.saturating_sub(config.grace_seconds)));
+        other.grace_seconds = grace;
+        other.reproduce += &format!(" --grace {grace}");
+        other
+    });
+    let base_grace = config.grace_seconds;
+    let summary = match run_world(config, &args) {
+        Ok(summary) => summary,
+        Err(code) => return code,
+    };
+    if args.trace.is_some() {
+        let report = spawner_sim::report::report(&summary);
+        println!("{report}");
+        if let Some(other) = what_if {
+            let grace = other.grace_seconds;
+            // Each world seeds itself from the seed: the second replay is as deterministic as
+            // the first.
+            let other = match run_world(other, &args) {
+                Ok(summary) => spawner_sim::report::report(&summary),
+                Err(code) => return code,
+            };
+            print!(
+                "{}",
+                spawner_sim::report::what_if(base_grace, &report, grace, &other)
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs one world and prints its summary (and events when asked); a violation is printed and
+/// becomes the exit code.
+fn run_world(
+    config: spawner_sim::world::WorldConfig,
+    args: &Args,
+) -> Result<spawner_sim::world::Summary, ExitCode> {
     // A fresh thread: std draws a thread's hash keys at its first map, from the seeded stream
     // (the main thread may have drawn its keys before the seed, e.g. for the log filter).
     let run = std::thread::spawn(move || spawner_sim::world::run(config)).join();
     let Ok(result) = run else {
         eprintln!("the world's thread panicked");
-        return ExitCode::FAILURE;
+        return Err(ExitCode::FAILURE);
     };
     match result {
         Ok(summary) => {
@@ -111,7 +156,7 @@ fn main() -> ExitCode {
                 }
             }
             println!("{summary}");
-            ExitCode::SUCCESS
+            Ok(summary)
         }
         Err(failure) => {
             if args.events {
@@ -120,7 +165,7 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("{failure}");
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct UsersReport {
     /// sidecar refused: sealed for a sweep).
     pub retries: u64,
     pub api_errors: u64,
+    /// Sessions that, at least once, found the backend they had been given gone (ended, or
+    /// sealed for its sweep) when they connected.
+    pub sessions_found_backend_gone: u64,
     /// Backend name by key, as the api answered last.
     pub backends_by_key: BTreeMap<String, String>,
     /// Connections open now, by backend name.
@@ -126,6 +129,7 @@ async fn session(
     let mut backend: Option<Backend> = None;
     // Each connection with the backend it was opened to.
     let mut sockets: HashMap<String, (Socket, String)> = HashMap::new();
+    let mut found_gone = false;
     for event in events {
         tokio::time::sleep_until(start + Duration::from_millis(event.t_ms)).await;
         match event.kind {
@@ -144,7 +148,13 @@ async fn session(
                         Err(OpenError::Ended | OpenError::Refused)
                             if attempt < RECONNECT_ATTEMPTS =>
                         {
-                            report.update(|r| r.retries += 1);
+                            // A backend the session had been given (not a failed spawn).
+                            let gone = !found_gone && attempt == 0 && backend.is_some();
+                            found_gone |= gone;
+                            report.update(|r| {
+                                r.retries += 1;
+                                r.sessions_found_backend_gone += u64::from(gone);
+                            });
                             tokio::time::sleep(RECONNECT_BACKOFF * 2u32.pow(attempt)).await;
                             attempt += 1;
                             // Get-or-create by key: the same backend while it lives, a fresh one

@@ -12,13 +12,20 @@ mod common;
 
 spawner_sim::install_entropy_hook!();
 
+/// `fixtures/*.jsonl` and `fixtures/traces/*.jsonl`.
 fn fixtures() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("fixtures directory")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let mut files = Vec::new();
+    for dir in [root.clone(), root.join("traces")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        files.extend(
+            entries
+                .map(|e| e.expect("entry").path())
+                .filter(|p| p.extension().is_some_and(|e| e == "jsonl")),
+        );
+    }
     files.sort();
     files
 }
@@ -53,5 +60,16 @@ fn every_fixture_replays_completely() {
             summary.backends > 0 && summary.swept == summary.backends,
             "{summary}"
         );
+        // The replay report agrees with the world's own counts.
+        let report = spawner_sim::report::report(&summary);
+        println!("{report}");
+        assert_eq!(report.backends_created, summary.backends as u64);
+        assert_eq!(report.backends_swept, summary.swept as u64);
+        assert_eq!(report.spawn_to_ready_ms.len(), summary.ready, "{report}");
+        assert!(
+            report.peak_live_backends >= 1 && report.peak_live_backends <= summary.backends as u64,
+            "{report}"
+        );
+        assert_eq!(report.connect_failures, 0, "{report}");
     }
 }

@@ -115,6 +115,9 @@ pub struct ApiArgs {
         default_value_t = DEFAULT_CONNECT_TTL_SECONDS
     )]
     pub connect_token_ttl_seconds: u64,
+    /// Recording of spawns and connects as a session trace (docs/traces.md).
+    #[command(flatten)]
+    pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
 
 impl ApiArgs {
@@ -165,6 +168,9 @@ pub struct ApiConfig {
     pub connect_keys: Option<KeyRing>,
     pub connect_token_ttl: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Where spawns and connects are recorded, if anywhere (the caller starts the recorder and
+    /// finishes it after `run`).
+    pub trace: Option<spawner_trace_recorder::TraceRecorder>,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -184,6 +190,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("max_status_streams", &self.max_status_streams)
             .field("connect_keys", &self.connect_keys)
             .field("connect_token_ttl", &self.connect_token_ttl)
+            .field("trace", &self.trace.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -208,6 +215,7 @@ impl ApiConfig {
             connect_keys: None,
             connect_token_ttl: Duration::from_secs(DEFAULT_CONNECT_TTL_SECONDS),
             clock: Arc::new(SystemClock),
+            trace: None,
         }
     }
 

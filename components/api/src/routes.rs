@@ -37,6 +37,10 @@ pub struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// The shared watch of status streams, and their cap.
     pub(crate) hub: Arc<crate::hub::StatusHub>,
+    /// Names the trace sessions of requests that name none: a random prefix (unique to this
+    /// replica, so merged replicas' traces do not share them) and a counter.
+    anonymous_prefix: String,
+    anonymous_sessions: std::sync::atomic::AtomicU64,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -59,6 +63,8 @@ pub fn router(client: kube::Client, config: ApiConfig, shutdown: watch::Receiver
         config,
         shutdown,
         hub,
+        anonymous_prefix: spawner_core::id::new_backend_id("request-").unwrap_or_default(),
+        anonymous_sessions: Default::default(),
     });
     Router::new()
         .route("/spawn", post(spawn))
@@ -112,6 +118,7 @@ async fn spawn(
     } else {
         (create_new(&state, spec, &request).await?, true)
     };
+    record_spawn(&state, &headers, &backend, request.user.as_deref());
     spawn_answer(&state, &headers, &backend, spawned, request.user.as_deref())
 }
 
@@ -130,7 +137,45 @@ async fn connect(
     }
     let spec = request.to_spec(&state.config.limits)?;
     let (backend, spawned) = get_or_create(&state, spec, &request).await?;
+    record_spawn(&state, &headers, &backend, request.user.as_deref());
     spawn_answer(&state, &headers, &backend, spawned, request.user.as_deref())
+}
+
+/// Header by which a web app names the user session a request is made for (recorded as an
+/// opaque id in session traces).
+pub const SESSION_HEADER: &str = "x-spawner-session";
+
+/// Records an answered spawn or connect in the session trace, if one is recorded: the session
+/// (the `x-spawner-session` header, else the request's `user`, else one per request), and the
+/// backend's key (its name when it has none).
+fn record_spawn(
+    state: &AppState,
+    headers: &HeaderMap,
+    backend: &SessionLivedBackend,
+    user: Option<&str>,
+) {
+    let Some(trace) = &state.config.trace else {
+        return;
+    };
+    let key = backend
+        .spec
+        .key
+        .clone()
+        .unwrap_or_else(|| backend.name_any());
+    let kind = spawner_core::trace::TraceEventKind::Spawn;
+    let session = headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or(user);
+    match session {
+        Some(session) => trace.record(session, &key, kind),
+        None => {
+            let n = state
+                .anonymous_sessions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            trace.record(&format!("{}-{n}", state.anonymous_prefix), &key, kind);
+        }
+    }
 }
 
 fn spawn_answer(

@@ -855,3 +855,76 @@ async fn a_burst_of_1000_status_streams_is_capped_and_the_api_stays_responsive()
     }
     assert!(reopened.is_some(), "no stream slot came back");
 }
+
+/// With a trace recorder, every answered spawn and connect is one `spawn` event: the session
+/// from the `x-spawner-session` header (one per request without it), the key (the backend's
+/// name without one), both as opaque ids; refused requests and bodies are not recorded.
+#[tokio::test]
+async fn answered_spawns_and_connects_are_recorded_with_opaque_ids() {
+    let dir = std::env::temp_dir().join(format!("spawner-api-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("api.jsonl");
+    let config = spawner_trace_recorder::RecorderConfig::new(
+        &path,
+        b"trace-key".as_slice(),
+        "api",
+        "2030-01-02T03:04:05Z",
+    );
+    let (recorder, handle) =
+        spawner_trace_recorder::TraceRecorder::start(config).expect("recorder");
+    let h = Harness::start_with(|c| c.trace = Some(recorder)).await;
+    let body = json!({"command": ["secret-program"], "key": "doc-7"});
+    let bytes = serde_json::to_vec(&body).expect("json");
+    for session in ["alice", "bob"] {
+        let response = h
+            .send(
+                Method::POST,
+                "/connect",
+                Some(TOKEN),
+                Some(bytes.clone()),
+                &[("x-spawner-session", session)],
+            )
+            .await;
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+    let anonymous = spawn(&h, json!({"command": ["secret-program"]})).await;
+    // Refused: not recorded.
+    let (status, _) = h.post("/connect", json!({"command": ["x"]})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let stats = tokio::task::spawn_blocking(move || handle.finish())
+        .await
+        .expect("finish");
+    assert_eq!(
+        (stats.written, stats.dropped_full, stats.dropped_io),
+        (3, 0, 0)
+    );
+
+    let text = std::fs::read_to_string(&path).expect("trace");
+    for private in [
+        "alice",
+        "bob",
+        "doc-7",
+        "secret-program",
+        anonymous.as_str(),
+    ] {
+        assert!(!text.contains(private), "{private} in {text}");
+    }
+    let trace = spawner_core::trace::Trace::read(text.as_bytes()).expect("valid trace");
+    assert_eq!(trace.header.source, "api");
+    let id = |s: &str| spawner_trace_recorder::opaque_id(b"trace-key", s);
+    let seen: Vec<(String, String)> = trace
+        .events
+        .iter()
+        .map(|e| {
+            assert_eq!(e.kind, spawner_core::trace::TraceEventKind::Spawn);
+            (e.session.clone(), e.key.clone())
+        })
+        .collect();
+    assert_eq!(
+        seen[..2],
+        [(id("alice"), id("doc-7")), (id("bob"), id("doc-7"))]
+    );
+    assert_eq!(seen[2].1, id(&anonymous));
+    assert!(![id("alice"), id("bob")].contains(&seen[2].0));
+    let _ = std::fs::remove_dir_all(dir);
+}

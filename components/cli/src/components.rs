@@ -1,6 +1,7 @@
-//! `spawner controller | sweeper | api | sidecar | node-agent`: one production component, as
-//! the container image runs it. Each takes its configuration from flags or environment
-//! variables and its Kubernetes client from the pod's service account (or `KUBECONFIG`).
+//! `spawner controller | sweeper | api | node-agent`: one production component, as the
+//! container image runs it (`spawner sidecar` is [`spawner_sidecar::run_per_core`], on runtimes
+//! of its own). Each takes its configuration from flags or environment variables and its
+//! Kubernetes client from the pod's service account (or `KUBECONFIG`).
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -68,30 +69,21 @@ pub async fn sweeper(args: spawner_sweeper::SweeperArgs) -> anyhow::Result<()> {
 }
 
 pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
+    let mut config = args.config()?;
     let listener = bind(args.listen).await?;
     let client = kube_client().await?;
-    spawner_api::run(
+    let recording = crate::trace::start_recording(&args.trace, "api", config.clock.now())?;
+    config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
+    let served = spawner_api::run(
         client,
         without_nagle(listener),
         config,
         crate::shutdown_signal(),
     )
     .await
-    .context("api")
-}
-
-pub async fn sidecar(args: spawner_sidecar::SidecarArgs) -> anyhow::Result<()> {
-    let config = args.to_config();
-    let listener = bind(args.serve_addr()).await?;
-    spawner_sidecar::run(
-        listener,
-        spawner_sidecar::TcpConnector,
-        config,
-        crate::shutdown_signal(),
-    )
-    .await
-    .context("sidecar")
+    .context("api");
+    crate::trace::finish_recording(recording).await;
+    served
 }
 
 pub async fn node_agent(args: spawner_localcluster::node::NodeAgentArgs) -> anyhow::Result<()> {

@@ -52,6 +52,10 @@ pub struct DevArgs {
     /// unpredictable name, removed on exit.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// The api records its spawns and connects as a session trace (docs/traces.md); without
+    /// --trace-key, the ids are hashed with a random key.
+    #[command(flatten)]
+    pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
 
 /// Parses a component's clap arguments from a list, so dev configures every component
@@ -244,9 +248,15 @@ pub async fn run(
 
     let api_args: spawner_api::ApiArgs =
         args_of(&["--token", &api_token, "--public-base-url", &api_url])?;
+    let mut trace_args = args.trace.clone();
+    if trace_args.trace_key.is_none() {
+        trace_args.trace_key = Some(random_token()?);
+    }
+    let recording = crate::trace::start_recording(&trace_args, "api", chrono::Utc::now())?;
     {
         let client = in_process_client(kube_router.clone(), &admin_token)?;
-        let config = api_args.config()?;
+        let mut config = api_args.config()?;
+        config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             spawner_api::run(
@@ -260,6 +270,9 @@ pub async fn run(
         });
     }
     progress(&format!("api on {api_url}"));
+    if let Some(path) = &args.trace.record_trace {
+        progress(&format!("recording a session trace to {}", path.display()));
+    }
 
     let demo_url = match demo_listener {
         Some(listener) => {
@@ -352,6 +365,7 @@ pub async fn run(
     if drained.is_err() {
         eprintln!("Some components did not stop within 30 s.");
     }
+    crate::trace::finish_recording(recording).await;
     kube_shutdown.cancel();
     let _ = kube_server.await;
     drop(state);

@@ -96,6 +96,71 @@ fn invalid(line: usize, message: impl Into<String>) -> TraceError {
     }
 }
 
+/// Parses a header line and checks its format and version.
+pub fn parse_header(line: &str) -> Result<TraceHeader, String> {
+    let header: TraceHeader = serde_json::from_str(line).map_err(|e| format!("bad header: {e}"))?;
+    if header.format != TRACE_FORMAT {
+        return Err(format!(
+            "format is {:?}, expected {TRACE_FORMAT:?}",
+            header.format
+        ));
+    }
+    if header.version == 0 || header.version > TRACE_VERSION {
+        return Err(format!(
+            "version {} is not supported (this release reads 1..={TRACE_VERSION})",
+            header.version
+        ));
+    }
+    Ok(header)
+}
+
+/// Parses one event line (unknown fields are ignored).
+pub fn parse_event(line: &str) -> Result<TraceEvent, String> {
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
+/// The rules that hold across a trace's events, checked one event at a time: times never
+/// decrease, a connection is opened once and used only while open.
+#[derive(Debug, Default)]
+pub struct EventChecker {
+    open: std::collections::HashSet<String>,
+    last_t: u64,
+}
+
+impl EventChecker {
+    /// Checks `event` after every event passed before it.
+    pub fn check(&mut self, event: &TraceEvent) -> Result<(), String> {
+        if event.t_ms < self.last_t {
+            return Err(format!(
+                "t_ms {} goes back in time (previous {})",
+                event.t_ms, self.last_t
+            ));
+        }
+        self.last_t = event.t_ms;
+        match &event.kind {
+            TraceEventKind::Spawn => {}
+            TraceEventKind::Connect { conn } => {
+                if !self.open.insert(conn.clone()) {
+                    return Err(format!("connection {conn:?} opened twice"));
+                }
+            }
+            TraceEventKind::Message { conn, .. } => {
+                if !self.open.contains(conn) {
+                    return Err(format!("message on connection {conn:?} that is not open"));
+                }
+            }
+            TraceEventKind::Disconnect { conn, .. } => {
+                if !self.open.remove(conn) {
+                    return Err(format!(
+                        "disconnect of connection {conn:?} that is not open"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Trace {
     /// Parses and checks a trace: header first, known format and version, events ordered by
     /// time, every connection opened once before its messages and its disconnect.
@@ -109,66 +174,17 @@ impl Trace {
             if line.trim().is_empty() {
                 continue;
             }
-            let header: TraceHeader = serde_json::from_str(&line)
-                .map_err(|e| invalid(i + 1, format!("bad header: {e}")))?;
-            if header.format != TRACE_FORMAT {
-                return Err(invalid(
-                    i + 1,
-                    format!("format is {:?}, expected {TRACE_FORMAT:?}", header.format),
-                ));
-            }
-            if header.version == 0 || header.version > TRACE_VERSION {
-                return Err(invalid(
-                    i + 1,
-                    format!(
-                        "version {} is not supported (this release reads 1..={TRACE_VERSION})",
-                        header.version
-                    ),
-                ));
-            }
-            break header;
+            break parse_header(&line).map_err(|e| invalid(i + 1, e))?;
         };
         let mut events = Vec::new();
-        let mut open = std::collections::HashSet::new();
-        let mut last_t = 0;
+        let mut checker = EventChecker::default();
         for (i, line) in lines {
             let line = line?;
             if line.trim().is_empty() {
                 continue;
             }
-            let event: TraceEvent =
-                serde_json::from_str(&line).map_err(|e| invalid(i + 1, e.to_string()))?;
-            if event.t_ms < last_t {
-                return Err(invalid(
-                    i + 1,
-                    format!("t_ms {} goes back in time (previous {last_t})", event.t_ms),
-                ));
-            }
-            last_t = event.t_ms;
-            match &event.kind {
-                TraceEventKind::Spawn => {}
-                TraceEventKind::Connect { conn } => {
-                    if !open.insert(conn.clone()) {
-                        return Err(invalid(i + 1, format!("connection {conn:?} opened twice")));
-                    }
-                }
-                TraceEventKind::Message { conn, .. } => {
-                    if !open.contains(conn) {
-                        return Err(invalid(
-                            i + 1,
-                            format!("message on connection {conn:?} that is not open"),
-                        ));
-                    }
-                }
-                TraceEventKind::Disconnect { conn, .. } => {
-                    if !open.remove(conn) {
-                        return Err(invalid(
-                            i + 1,
-                            format!("disconnect of connection {conn:?} that is not open"),
-                        ));
-                    }
-                }
-            }
+            let event = parse_event(&line).map_err(|e| invalid(i + 1, e))?;
+            checker.check(&event).map_err(|e| invalid(i + 1, e))?;
             events.push(event);
         }
         Ok(Trace { header, events })
@@ -196,6 +212,84 @@ impl Trace {
     }
 }
 
+/// What a replay of a trace did, from the simulator (simulated time) or a live deployment
+/// (`spawner replay`): the same fields, printed the same way.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReplayReport {
+    /// Where the times come from: `simulated time` or `wall time`.
+    pub clock: String,
+    pub sessions: u64,
+    pub backends_created: u64,
+    pub backends_swept: u64,
+    pub connect_failures: u64,
+    /// Time from a backend's creation to its Ready phase, one entry per backend that got Ready.
+    pub spawn_to_ready_ms: Vec<u64>,
+    /// Most backends alive (created, not yet ended) at once.
+    pub peak_live_backends: u64,
+    /// Seconds backends spent Ready with no connection, summed over backends.
+    pub backend_idle_seconds: f64,
+    /// Sessions that found their backend gone (ended, or sealed for its sweep) when they
+    /// connected.
+    pub sessions_found_backend_gone: u64,
+}
+
+/// The `q`-th percentile (0..=100) of `values` by the nearest-rank method; `None` when empty.
+pub fn percentile(values: &[u64], q: u32) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = (u64::from(q.min(100)) * sorted.len() as u64)
+        .div_ceil(100)
+        .max(1);
+    sorted.get(rank as usize - 1).copied()
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |q| match percentile(&self.spawn_to_ready_ms, q) {
+            Some(v) => format!("{v} ms"),
+            None => "-".to_string(),
+        };
+        writeln!(f, "replay report ({})", self.clock)?;
+        writeln!(f, "  sessions                      {}", self.sessions)?;
+        writeln!(
+            f,
+            "  backends created              {}",
+            self.backends_created
+        )?;
+        writeln!(f, "  backends swept                {}", self.backends_swept)?;
+        writeln!(
+            f,
+            "  connect failures              {}",
+            self.connect_failures
+        )?;
+        writeln!(
+            f,
+            "  spawn -> Ready p50 / p99      {} / {} ({} backends)",
+            ms(50),
+            ms(99),
+            self.spawn_to_ready_ms.len()
+        )?;
+        writeln!(
+            f,
+            "  peak live backends            {}",
+            self.peak_live_backends
+        )?;
+        writeln!(
+            f,
+            "  backend-seconds idle          {:.1}",
+            self.backend_idle_seconds
+        )?;
+        write!(
+            f,
+            "  sessions found backend gone   {}",
+            self.sessions_found_backend_gone
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +300,18 @@ mod tests {
 {"t_ms":90,"session":"s1","key":"room-1","type":"message","conn":"c1","bytes":12}
 {"t_ms":5000,"session":"s1","key":"room-1","type":"disconnect","conn":"c1","clean":false}
 "#;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(percentile(&[7], 99), Some(7));
+        let values: Vec<u64> = (1..=100).rev().collect();
+        assert_eq!(percentile(&values, 50), Some(50));
+        assert_eq!(percentile(&values, 99), Some(99));
+        assert_eq!(percentile(&values, 100), Some(100));
+        assert_eq!(percentile(&[10, 20, 30], 50), Some(20));
+        assert_eq!(percentile(&[10, 20, 30], 99), Some(30));
+    }
 
     #[test]
     fn reads_and_writes_the_same_trace() {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# CPU per proxied HTTP request of one or more sidecar binaries (to compare builds on a shared,
-# noisy machine, where throughput says little):
+# CPU per proxied HTTP request of the sidecar in one or more `spawner` binaries (to compare
+# builds on a shared, noisy machine, where throughput says little); each runs `BIN sidecar`:
 #
-#   components/sidecar/bench/cpu.sh [SIDECAR_BIN ...]     (default: target/release/spawner-sidecar)
+#   components/sidecar/bench/cpu.sh [SPAWNER_BIN ...]     (default: target/release/spawner)
 #
 # For each binary, in front of examples/bench_app:
 # - `cpu`: the sidecar's CPU time (utime + stime from /proc) during `wrk -t2 -c64` for
@@ -24,9 +24,10 @@ SIDECAR_PORT=$((BASE + 10))
 CALLGRIND=${CALLGRIND:-1}
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)" >&2; exit 1; }
 
-cargo build --release -q -p spawner-sidecar --bin spawner-sidecar --example bench_app
+cargo build --release -q -p spawner --bin spawner
+cargo build --release -q -p spawner-sidecar --example bench_app
 BINS=("$@")
-[ ${#BINS[@]} -gt 0 ] || BINS=(target/release/spawner-sidecar)
+[ ${#BINS[@]} -gt 0 ] || BINS=(target/release/spawner)
 # shellcheck source=components/sidecar/bench/common.sh
 . "$ROOT/components/sidecar/bench/common.sh"
 
@@ -53,7 +54,7 @@ TICK=$(getconf CLK_TCK)
 URL="http://127.0.0.1:$SIDECAR_PORT/"
 
 for bin in "${BINS[@]}"; do
-    start_sidecar "$bin"
+    start_sidecar "$bin" sidecar
     wrk -t2 -c64 -d2s "$URL" >/dev/null
     for round in $(seq 1 "$ROUNDS"); do
         read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$SIDECAR_PID/stat")
@@ -65,7 +66,7 @@ for bin in "${BINS[@]}"; do
     done
     stop_sidecar
     if [ "$CALLGRIND" = 1 ] && command -v valgrind >/dev/null; then
-        start_sidecar valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$bin"
+        start_sidecar valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$bin" sidecar
         wrk -t1 -c8 -d2s "$URL" >/dev/null
         callgrind_control -z "$SIDECAR_PID" >/dev/null 2>&1
         n=$(wrk -t1 -c8 -d5s "$URL" | requests)

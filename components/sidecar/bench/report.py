@@ -58,7 +58,9 @@ report = {
         "rounds": rounds,
         "statistic": "median of the rounds",
         "http_connections": int(http_conns),
-        "http_tool": "wrk -t2",
+        "http_tool": "wrk -t1",
+        "nginx_workers": 1,
+        "sidecar": "spawner sidecar (release)",
         "websocket_echo_connections": int(ws_conns),
         "websocket_message_bytes": 64,
         "idle_websockets": int(idle),
@@ -71,7 +73,7 @@ with open(out, "w") as f:
 
 print(f"| target | HTTP req/s | HTTP p50 | HTTP p99 | WS echo msg/s | WS p50 | WS p99 | KiB per 1,000 idle WS |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for name, label in [("app", "application directly"), ("sidecar", "spawner-sidecar"), ("nginx", "nginx")]:
+for name, label in [("app", "application directly"), ("sidecar", "spawner sidecar"), ("nginx", "nginx")]:
     r = results[name]
     h, w, m = r["http"], r["websocket_echo"], r["memory"]
     print(
@@ -79,4 +81,12 @@ for name, label in [("app", "application directly"), ("sidecar", "spawner-sideca
         f"| {w['messages_per_sec']:,.0f} | {w['p50_us']} µs | {w['p99_us']} µs "
         f"| {m['kib_per_1000_idle_websockets']:,.0f} |"
     )
+print("\nEvery HTTP round (req/s, p99), rounds interleaved app → sidecar → nginx:\n")
+print("| round | app | spawner sidecar | nginx | sidecar/nginx req/s |")
+print("|---:|---:|---:|---:|---:|")
+for i in range(rounds):
+    row = [results[n]["rounds"]["http"][i] for n in ["app", "sidecar", "nginx"]]
+    cells = [f"{h['requests_per_sec']:,.0f}, {h['p99_us']:,.0f} µs" for h in row]
+    ratio = row[1]["requests_per_sec"] / row[2]["requests_per_sec"]
+    print(f"| {i + 1} | {' | '.join(cells)} | {ratio:.2f} |")
 print(f"\nwritten: {out}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sidecar benchmark: the same load against the application directly, the sidecar, and nginx
-# (Debian package, configured as a WebSocket-capable reverse proxy) in front of the same app.
+# Sidecar benchmark: the same load against the application directly, the sidecar as the images
+# run it (`spawner sidecar`, release build), and nginx (Debian package, one worker, upstream
+# keep-alive, configured as a WebSocket-capable reverse proxy) in front of the same app.
 #
 #   components/sidecar/bench/run.sh        (from anywhere in the repository; `just bench-sidecar`)
 #
@@ -27,7 +28,8 @@ for tool in nginx wrk python3; do
 done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release -q -p spawner-sidecar --bin spawner-sidecar --example bench_app --example bench_ws
+cargo build --release -q -p spawner --bin spawner
+cargo build --release -q -p spawner-sidecar --example bench_app --example bench_ws
 BIN=target/release
 OUT=target/bench
 mkdir -p "$OUT"
@@ -40,7 +42,7 @@ APP_PID=$!; PIDS+=("$APP_PID")
 wait_port "$APP_PORT"
 
 SPAWNER_SERVE_ADDRESS=127.0.0.1 SPAWNER_SERVE_PORT=$SIDECAR_PORT SPAWNER_UPSTREAM_PORT=$APP_PORT \
-    RUST_LOG=warn "$BIN/spawner-sidecar" &
+    RUST_LOG=warn "$BIN/spawner" sidecar &
 SIDECAR_PID=$!; PIDS+=("$SIDECAR_PID")
 wait_port "$SIDECAR_PORT"
 
@@ -49,7 +51,7 @@ cat > "$WORK/nginx/nginx.conf" <<NGINX
 daemon off;
 master_process on;
 user root;
-worker_processes $(nproc);
+worker_processes 1;
 worker_rlimit_nofile 65536;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/logs/error.log warn;
@@ -91,8 +93,8 @@ rss_kib() {
 load() {
     local name=$1 port=$2 round=$3
     echo "== round $round: $name (port $port)" >&2
-    wrk -t2 -c"$HTTP_CONNS" -d2s "http://127.0.0.1:$port/" >/dev/null # warm-up
-    wrk -t2 -c"$HTTP_CONNS" -d"${SECONDS_PER_RUN}s" --latency "http://127.0.0.1:$port/" > "$WORK/wrk-$name-$round.txt"
+    wrk -t1 -c"$HTTP_CONNS" -d2s "http://127.0.0.1:$port/" >/dev/null # warm-up
+    wrk -t1 -c"$HTTP_CONNS" -d"${SECONDS_PER_RUN}s" --latency "http://127.0.0.1:$port/" > "$WORK/wrk-$name-$round.txt"
     "$BIN/examples/bench_ws" echo "127.0.0.1:$port" "$WS_CONNS" "$SECONDS_PER_RUN" 64 > "$WORK/ws-$name-$round.json"
 }
 

@@ -9,16 +9,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+// A request body past `SidecarConfig::max_request_body_bytes` fails with the proxy core's
+// `BodyTooLarge`, which its client reports as `UpstreamError::TooLarge` (a 413).
+use spawner_proxy::{BodyTooLarge, BoxError};
 use tokio::sync::mpsc;
 
 use crate::monitor::{LiveGuard, Monitor};
-
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A chunked request body grew past `SidecarConfig::max_request_body_bytes`.
-#[derive(Debug, thiserror::Error)]
-#[error("request body larger than {0} bytes")]
-pub(crate) struct BodyTooLarge(pub u64);
 
 /// The body sent to the application.
 #[derive(Debug)]

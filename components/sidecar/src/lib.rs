@@ -13,224 +13,52 @@
 //! [`run`] receives its listener and its upstream connector ([`Listener`], [`Connect`]), so tests
 //! use loopback sockets and the simulator turmoil's; all waiting is `tokio::time`.
 
-pub mod balance;
+mod balance;
 mod body;
+mod config;
+mod connection;
+mod control;
 mod drain;
-mod frames;
 mod head_timer;
-mod lean;
+mod listener;
 mod monitor;
 #[cfg_attr(not(feature = "sim-mutants"), allow(dead_code))]
 pub mod mutants;
-mod proxy;
+mod per_core;
 mod readiness;
-mod reserved;
-mod transport;
+mod shared;
 mod websocket;
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use spawner_core::children::{
-    DEFAULT_SIDECAR_PORT, EVENTS_TOKEN_ENV, SIDECAR_SERVE_PORT_ENV, SIDECAR_UPSTREAM_PORT_ENV,
-};
 use spawner_core::events::SidecarState;
 use tokio::sync::watch;
 
+pub use config::{SidecarArgs, SidecarConfig};
+pub use listener::Listener;
 pub use monitor::Activity;
+pub use per_core::run_per_core;
 #[cfg(feature = "turmoil")]
-pub use transport::TurmoilConnector;
-pub use transport::{Connect, Listener, TcpConnector};
+pub use spawner_proxy::TurmoilConnector;
+pub use spawner_proxy::{Connect, TcpConnector};
 
 use crate::drain::{DrainState, Tasks};
 use crate::monitor::Monitor;
-
-/// Everything the sidecar needs besides its sockets.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SidecarConfig {
-    /// Address of the application, `host:port`, handed to the connector.
-    pub upstream: String,
-    /// When set, `/_spawner/events` requires this token (`x-spawner-token` or
-    /// `Authorization: Bearer`).
-    pub events_token: Option<String>,
-    /// How often a quiet WebSocket client is pinged.
-    pub ws_ping_interval: Duration,
-    /// Consecutive unanswered pings after which a WebSocket client is dropped. A client that
-    /// vanished is dropped within `ws_ping_interval × (ws_max_missed_pongs + 1)` of its last byte.
-    pub ws_max_missed_pongs: u32,
-    /// After one side of a WebSocket closed its connection, how long the other side gets to
-    /// close too before the sidecar closes it.
-    pub ws_close_linger: Duration,
-    /// Period of the event stream's heartbeat.
-    pub heartbeat_interval: Duration,
-    /// First and longest pause between readiness probes while the application does not accept.
-    /// The first is short because a loopback connect costs microseconds and most apps bind
-    /// within milliseconds of starting: every millisecond here is spawn-to-ready latency.
-    pub probe_backoff_min: Duration,
-    pub probe_backoff_max: Duration,
-    /// A readiness probe that has not connected by then counts as failed.
-    pub probe_timeout: Duration,
-    /// While ready, the application is probed this often (failed requests also trigger a probe).
-    pub ready_check_interval: Duration,
-    /// After shutdown is requested, live connections get this long to finish.
-    pub drain_timeout: Duration,
-    /// Largest request head (request line and headers) accepted; larger gets 431.
-    pub max_header_bytes: usize,
-    /// Most header fields accepted in a request.
-    pub max_headers: usize,
-    /// Largest request body forwarded, if limited; larger gets 413.
-    pub max_request_body_bytes: Option<u64>,
-    /// A client must send a complete request head within this time (also closes idle
-    /// keep-alive connections).
-    pub header_read_timeout: Duration,
-    /// State changes are published at most this often (a busy proxy changes state constantly).
-    pub publish_coalesce: Duration,
-}
-
-impl SidecarConfig {
-    /// Defaults, proxying to `upstream` (`host:port`).
-    pub fn new(upstream: impl Into<String>) -> Self {
-        Self {
-            upstream: upstream.into(),
-            events_token: None,
-            ws_ping_interval: Duration::from_secs(15),
-            ws_max_missed_pongs: 2,
-            ws_close_linger: Duration::from_secs(2),
-            heartbeat_interval: Duration::from_secs(5),
-            probe_backoff_min: Duration::from_millis(2),
-            probe_backoff_max: Duration::from_secs(1),
-            probe_timeout: Duration::from_secs(2),
-            ready_check_interval: Duration::from_secs(5),
-            drain_timeout: Duration::from_secs(25),
-            max_header_bytes: 64 * 1024,
-            max_headers: 100,
-            max_request_body_bytes: None,
-            header_read_timeout: Duration::from_secs(30),
-            publish_coalesce: Duration::from_millis(10),
-        }
-    }
-
-    /// Defaults, proxying to the application on `127.0.0.1:port`.
-    pub fn for_port(port: u16) -> Self {
-        Self::new(format!("127.0.0.1:{port}"))
-    }
-
-    fn validate(&self) -> Result<(), SidecarError> {
-        let nonzero = [
-            ("ws_ping_interval", self.ws_ping_interval),
-            ("heartbeat_interval", self.heartbeat_interval),
-            ("probe_backoff_min", self.probe_backoff_min),
-            ("probe_timeout", self.probe_timeout),
-            ("ready_check_interval", self.ready_check_interval),
-            ("header_read_timeout", self.header_read_timeout),
-        ];
-        for (name, value) in nonzero {
-            if value.is_zero() {
-                return Err(SidecarError::InvalidConfig(format!(
-                    "{name} must not be zero"
-                )));
-            }
-        }
-        if self.probe_backoff_max < self.probe_backoff_min {
-            return Err(SidecarError::InvalidConfig(
-                "probe_backoff_max must be at least probe_backoff_min".into(),
-            ));
-        }
-        if self.ws_max_missed_pongs == 0 {
-            return Err(SidecarError::InvalidConfig(
-                "ws_max_missed_pongs must be at least 1".into(),
-            ));
-        }
-        if self.upstream.is_empty() {
-            return Err(SidecarError::InvalidConfig(
-                "upstream must not be empty".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Default for SidecarConfig {
-    fn default() -> Self {
-        Self::for_port(8080)
-    }
-}
-
-/// Command-line and environment configuration (`spawner sidecar`, `spawner-sidecar`).
-#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
-pub struct SidecarArgs {
-    /// Port the sidecar serves on.
-    #[arg(long, env = SIDECAR_SERVE_PORT_ENV, default_value_t = DEFAULT_SIDECAR_PORT)]
-    pub serve_port: u16,
-    /// Address the sidecar binds.
-    #[arg(long, env = "SPAWNER_SERVE_ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
-    pub serve_address: IpAddr,
-    /// Port the application listens on.
-    #[arg(long, env = SIDECAR_UPSTREAM_PORT_ENV, default_value_t = 8080)]
-    pub upstream_port: u16,
-    /// Host of the application.
-    #[arg(long, env = "SPAWNER_UPSTREAM_HOST", default_value = "127.0.0.1")]
-    pub upstream_host: String,
-    /// Token required on `/_spawner/events`; unset means the stream is open.
-    #[arg(long, env = EVENTS_TOKEN_ENV, hide_env_values = true)]
-    pub events_token: Option<String>,
-    /// Seconds between pings to a quiet WebSocket client.
-    #[arg(long, env = "SPAWNER_WS_PING_SECONDS", default_value_t = 15)]
-    pub ws_ping_seconds: u64,
-    /// Unanswered pings after which a WebSocket client is dropped.
-    #[arg(long, env = "SPAWNER_WS_MAX_MISSED_PONGS", default_value_t = 2)]
-    pub ws_max_missed_pongs: u32,
-    /// Seconds between heartbeats on the event stream.
-    #[arg(long, env = "SPAWNER_HEARTBEAT_SECONDS", default_value_t = 5)]
-    pub heartbeat_seconds: u64,
-    /// Seconds live connections get to finish after SIGTERM.
-    #[arg(long, env = "SPAWNER_DRAIN_SECONDS", default_value_t = 25)]
-    pub drain_seconds: u64,
-    /// Largest request head in bytes.
-    #[arg(long, env = "SPAWNER_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
-    pub max_header_bytes: usize,
-    /// Largest request body in bytes (unlimited when unset).
-    #[arg(long, env = "SPAWNER_MAX_BODY_BYTES")]
-    pub max_body_bytes: Option<u64>,
-}
-
-impl SidecarArgs {
-    /// Where the sidecar listens.
-    pub fn serve_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.serve_address, self.serve_port)
-    }
-
-    pub fn to_config(&self) -> SidecarConfig {
-        let host = if self.upstream_host.contains(':') && !self.upstream_host.starts_with('[') {
-            format!("[{}]", self.upstream_host)
-        } else {
-            self.upstream_host.clone()
-        };
-        SidecarConfig {
-            events_token: self.events_token.clone().filter(|t| !t.is_empty()),
-            ws_ping_interval: Duration::from_secs(self.ws_ping_seconds),
-            ws_max_missed_pongs: self.ws_max_missed_pongs,
-            heartbeat_interval: Duration::from_secs(self.heartbeat_seconds),
-            drain_timeout: Duration::from_secs(self.drain_seconds),
-            max_header_bytes: self.max_header_bytes,
-            max_request_body_bytes: self.max_body_bytes,
-            ..SidecarConfig::new(format!("{host}:{}", self.upstream_port))
-        }
-    }
-}
-
-impl From<&SidecarArgs> for SidecarConfig {
-    fn from(args: &SidecarArgs) -> Self {
-        args.to_config()
-    }
-}
+use crate::shared::Shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
     #[error("invalid sidecar configuration: {0}")]
     InvalidConfig(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start a runtime thread: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Lets an embedding process (the node agent, a test) watch the sidecar without HTTP.
@@ -286,9 +114,9 @@ pub fn run_with_handle<L: Listener, C: Connect>(
     Ok((handle, serve))
 }
 
-/// One sidecar that may accept on several listeners, each on its own runtime (the binary runs
-/// one single-threaded runtime per core, like nginx's workers, with `SO_REUSEPORT` listeners).
-/// All of them share one monitor, one readiness probe and one drain.
+/// One sidecar that may accept on several listeners, each on its own runtime ([`run_per_core`]
+/// runs one single-threaded runtime per core, like nginx's workers). All of them share one
+/// monitor, one readiness probe and one drain.
 ///
 /// Drive [`Sidecar::serve`] once per listener and [`Sidecar::supervise`] exactly once; [`run`]
 /// does that for one listener.
@@ -305,8 +133,8 @@ impl<C: Connect> Sidecar<C> {
             monitor: Arc::clone(&monitor),
         };
         let shared = Arc::new(Shared {
+            upstream: spawner_proxy::Upstream::new(connector, config.upstream.clone()),
             config,
-            connector,
             monitor,
             tasks: Tasks::new(),
         });
@@ -325,7 +153,7 @@ impl<C: Connect> Sidecar<C> {
                 accepted = listener.accept() => match accepted {
                     Ok((io, peer)) => {
                         let task = shared.tasks.start();
-                        tokio::spawn(proxy::serve_connection::<L, C>(Arc::clone(shared), io, peer, task));
+                        tokio::spawn(connection::serve_connection::<L, C>(Arc::clone(shared), io, peer, task));
                     }
                     Err(e) => {
                         // Out of descriptors or a connection reset before accept: not fatal,
@@ -375,73 +203,11 @@ impl<C: Connect> Sidecar<C> {
     }
 }
 
-/// State shared by every connection of one sidecar.
-pub(crate) struct Shared<C> {
-    pub config: SidecarConfig,
-    pub connector: C,
-    pub monitor: Arc<Monitor>,
-    pub tasks: Arc<Tasks>,
-}
-
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: SidecarArgs,
-    }
-
-    #[test]
-    fn args_have_the_documented_defaults_and_flags() {
-        let cli = Cli::try_parse_from(["sidecar"]).expect("parse");
-        assert_eq!(cli.args.serve_port, 9090);
-        assert_eq!(cli.args.upstream_port, 8080);
-        let config = cli.args.to_config();
-        assert_eq!(config.upstream, "127.0.0.1:8080");
-        assert_eq!(config.events_token, None);
-        assert!(config.validate().is_ok());
-
-        let cli = Cli::try_parse_from([
-            "sidecar",
-            "--serve-port",
-            "7000",
-            "--upstream-port",
-            "3000",
-            "--upstream-host",
-            "::1",
-            "--events-token",
-            "s3cret",
-        ])
-        .expect("parse");
-        assert_eq!(cli.args.serve_addr().port(), 7000);
-        let config = cli.args.to_config();
-        assert_eq!(config.upstream, "[::1]:3000");
-        assert_eq!(config.events_token.as_deref(), Some("s3cret"));
-    }
-
-    #[test]
-    fn invalid_configs_are_rejected() {
-        let config = SidecarConfig {
-            ws_max_missed_pongs: 0,
-            ..SidecarConfig::default()
-        };
-        assert!(config.validate().is_err());
-        let config = SidecarConfig {
-            probe_backoff_max: Duration::from_millis(1),
-            ..SidecarConfig::default()
-        };
-        assert!(config.validate().is_err());
     }
 }

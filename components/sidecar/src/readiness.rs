@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use crate::{Connect, Shared};
+use crate::Connect;
+use crate::shared::Shared;
 
 pub(crate) async fn probe<C: Connect>(shared: Arc<Shared<C>>) {
     let config = &shared.config;
@@ -39,7 +40,7 @@ pub(crate) async fn probe<C: Connect>(shared: Arc<Shared<C>>) {
 }
 
 async fn accepts<C: Connect>(shared: &Shared<C>) -> bool {
-    let attempt = shared.connector.connect(&shared.config.upstream);
+    let attempt = shared.upstream.connect();
     matches!(
         tokio::time::timeout(shared.config.probe_timeout, attempt).await,
         Ok(Ok(_))

@@ -149,56 +149,6 @@ async fn the_drain_is_bounded_by_its_timeout() {
     assert_eq!(handle.state().live_connections, 0);
 }
 
-#[tokio::test]
-async fn the_binary_serves_and_drains_on_sigterm() {
-    let app = HttpApp::start().await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spawner-sidecar"))
-        .env("SPAWNER_SERVE_PORT", port.to_string())
-        .env("SPAWNER_SERVE_ADDRESS", "127.0.0.1")
-        .env("SPAWNER_UPSTREAM_PORT", app.addr.port().to_string())
-        .env("SPAWNER_EVENTS_TOKEN", "abc")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn sidecar binary");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
-            drop(stream);
-            if fetch(addr, "/_spawner/health").await.status == StatusCode::OK {
-                break;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "binary never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(fetch(addr, "/hello").await.text(), "hello from the app");
-    assert_eq!(
-        fetch(addr, "/_spawner/events").await.status,
-        StatusCode::UNAUTHORIZED
-    );
-    let pid = child.id().expect("pid").to_string();
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-}
-
 /// Sealing: refused while a connection is live, then once idle it succeeds and every new
 /// connection is refused, so a sweep never races with a user connecting.
 #[tokio::test]

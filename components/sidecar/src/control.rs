@@ -1,4 +1,4 @@
-//! The sidecar's own paths under `/_spawner/`: the event stream, health and metrics. None of
+//! The sidecar's control paths under `/_spawner/`: the event stream, seal, health and metrics. None of
 //! them counts as activity or as a live connection (the sweeper's subscription and the kubelet's
 //! probes must not keep a backend alive).
 
@@ -16,11 +16,12 @@ use spawner_core::token::tokens_match;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::Connect;
 use crate::body::ResponseBody;
 use crate::drain::{self, DrainState};
-use crate::{Connect, Shared};
+use crate::shared::Shared;
 
-pub(crate) const RESERVED_PREFIX: &str = "/_spawner/";
+pub(crate) const CONTROL_PREFIX: &str = "/_spawner/";
 pub(crate) const METRICS_PATH: &str = "/_spawner/metrics";
 
 pub(crate) fn handle<C: Connect, B>(
