@@ -10,8 +10,8 @@ pub mod components;
 pub mod demo;
 pub mod dev;
 pub mod launcher;
-pub mod state;
 pub mod probe;
+pub mod state;
 pub mod trace;
 
 /// `spawner --version`: the crate's version and the commit it was built from (build.rs).
