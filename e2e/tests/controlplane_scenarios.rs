@@ -36,7 +36,7 @@ use spawner_e2e::scenarios::{
     self, ApiClient, App, Apps, Failure, Target, Timings, authority, client::phases,
     local::DirectTcp, unique,
 };
-use spawner_localcluster::node::NodeAgentArgs;
+use spawner_node_agent::NodeAgentArgs;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, OnceCell, oneshot};
 use tokio::task::JoinHandle;
@@ -201,7 +201,7 @@ impl World {
             let runtime = Arc::new(agent_args.process_runtime());
             let config = agent_args.config();
             components.push(component("node agent".into(), move |stopped| {
-                spawner_localcluster::node::run(client, config, runtime, on_stop(stopped))
+                spawner_node_agent::run(client, config, runtime, on_stop(stopped))
             }));
         }
 

@@ -65,15 +65,21 @@ pub fn sweeper_config(
     config
 }
 
+/// An api replica: replicas share the key secret, so they name a key's backends alike and the
+/// API server's AlreadyExists answer settles get-or-create races between them.
 pub fn api_config(
     token: &str,
+    public_base_url: &str,
+    key_secret: &str,
     clock: SimClock,
 ) -> Result<spawner_api::ApiConfig, spawner_api::ConfigError> {
     let mut config = args_of::<spawner_api::ApiArgs>(&[
         "--token",
         token,
         "--public-base-url",
-        "http://api:7070",
+        public_base_url,
+        "--key-secret",
+        key_secret,
     ])
     .config()?;
     config.clock = Arc::new(clock);
@@ -86,15 +92,11 @@ pub fn node_agent_config(
     node: &str,
     slots: usize,
     clock: SimClock,
-) -> spawner_localcluster::node::NodeAgentConfig {
+) -> spawner_node_agent::NodeAgentConfig {
     let slots = slots.to_string();
-    let mut config = args_of::<spawner_localcluster::node::NodeAgentArgs>(&[
-        "--node",
-        node,
-        "--max-pods",
-        &slots,
-    ])
-    .config();
+    let mut config =
+        args_of::<spawner_node_agent::NodeAgentArgs>(&["--node", node, "--max-pods", &slots])
+            .config();
     config.clock = Arc::new(clock);
     config.host_ip = turmoil::lookup(node);
     config

@@ -8,13 +8,18 @@ use crate::rng::SimRng;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FaultKind {
-    /// Crash a host (`apiserver`, `api`, `controller-0`, `node-1` ...) and restart it after
+    /// Crash a host (`apiserver`, `api-0`, `controller-0`, `node-1` ...) and restart it after
     /// the fault's duration. The API server keeps its state across the restart.
     Crash { host: String },
     /// Crash a whole node — its agent, sweeper and every pod on it — and restart it.
     CrashNode { node: usize },
     /// Drop all traffic between two hosts (silently: no reset), then repair.
     Partition { a: String, b: String },
+    /// Hold all traffic between two hosts and deliver it, late, when the fault ends: to the
+    /// other side, `a` looks paused (a stop-the-world pause, a frozen VM) and then resumes with
+    /// what it had sent meanwhile. `leader` names the controller replica holding the lease
+    /// when the fault starts.
+    Hold { a: String, b: String },
     /// Slow, jittery links between every host matching `a` and every host matching `b` (a
     /// host name, or a prefix ending in `*`: `node-0-pod-*`, `*`): each message takes between
     /// `min` and `max` (turmoil draws the delay from its exponential curve over that range,
@@ -62,6 +67,9 @@ pub fn random_schedule(
             let at = start + Duration::from_millis(rng.below(span));
             let duration = Duration::from_millis(1_000 + rng.below(14_000));
             let node = rng.below(nodes.max(1) as u64) as usize;
+            // Not drawn (yet): `Hold` of the leader. Until the leader election stops reconciles
+            // on loss (issue 17), a held leader can be caught writing after a takeover
+            // (docs/simulation.md, findings), and random worlds would fail by chance.
             let kind = match rng.below(9) {
                 0 => FaultKind::Crash {
                     host: format!("controller-{}", rng.below(controllers.max(1) as u64)),
@@ -69,7 +77,9 @@ pub fn random_schedule(
                 1 => FaultKind::Crash {
                     host: format!("node-{node}"),
                 },
-                2 => FaultKind::Crash { host: "api".into() },
+                2 => FaultKind::Crash {
+                    host: "api-0".into(),
+                },
                 3 => FaultKind::Crash {
                     host: "apiserver".into(),
                 },
@@ -91,7 +101,7 @@ pub fn random_schedule(
                     host: match rng.below(4) {
                         0 => format!("controller-{}", rng.below(controllers.max(1) as u64)),
                         1 => format!("node-{node}"),
-                        2 => "api".into(),
+                        2 => "api-0".into(),
                         _ => "apiserver".into(),
                     },
                     // Up to ten minutes either way.
@@ -101,7 +111,7 @@ pub fn random_schedule(
                     a: match rng.below(3) {
                         0 => format!("controller-{}", rng.below(controllers.max(1) as u64)),
                         1 => format!("node-{node}"),
-                        _ => "api".into(),
+                        _ => "api-*".into(),
                     },
                     b: "apiserver".into(),
                     min: Duration::from_millis(50 + rng.below(450)),

@@ -75,7 +75,12 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|f| Trace::read(std::io::BufReader::new(f)).map_err(|e| e.to_string()));
         match trace {
-            Ok(trace) => config.workload = trace,
+            Ok(trace) => {
+                config.workload = trace;
+                // A recorded trace may need more slots than the world has at its peaks; what
+                // its users saw is in the report, not held to the generated worlds' zero.
+                config.allowed_user_failures = None;
+            }
             Err(e) => {
                 eprintln!("cannot read {}: {e}", path.display());
                 return ExitCode::from(2);
@@ -88,6 +93,8 @@ fn main() -> ExitCode {
     }
     if let Some(slots) = args.slots {
         config.slots_per_node = slots.max(1);
+        // Fewer slots than the workload's peaks make users wait past their patience by design.
+        config.allowed_user_failures = None;
         config.reproduce += &format!(" --slots {slots}");
     }
     if let Some(path) = &args.write_trace {

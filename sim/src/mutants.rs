@@ -35,6 +35,18 @@ pub enum Mutant {
     /// The api's get-or-create by key looks the key up, then creates under a fresh name: two
     /// users arriving together both miss and both create.
     RacyKeyLookup,
+    /// The api lists a key's backends without their status (as a metadata-only list would), so
+    /// it takes a swept backend for the key's live one until it is deleted: users are handed a
+    /// backend that has ended and fail to connect. No store invariant breaks; only what users
+    /// see does.
+    ApiListsWithoutStatus,
+    /// The last controller replica runs without leader election (deployed with
+    /// `--no-leader-election` next to elected replicas): it reconciles beside the leader.
+    ReplicaWithoutLeaderElection,
+    /// Every api replica has a key secret of its own (deployed without a shared
+    /// `SPAWNER_KEY_SECRET`): replicas name a key's backends differently, so two users of one
+    /// room who reach different replicas both create.
+    ApiReplicasWithOwnKeySecrets,
 }
 
 /// Switches the per-thread mutants of the production crates for the calling thread.
@@ -103,6 +115,61 @@ where
                 }
             }
             Ok(response)
+        })
+    }
+}
+
+/// Wraps the api's connection to the API server: backend lists (not watches) come back with
+/// every item's `status` removed.
+#[derive(Clone)]
+pub struct ListsWithoutStatus<S>(pub S);
+
+type Buffered = http_body_util::Full<bytes::Bytes>;
+
+impl<S, B> Service<Request> for ListsWithoutStatus<S>
+where
+    S: Service<Request, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: std::fmt::Debug,
+{
+    type Response = http::Response<Buffered>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let is_backend_list = request.method() == http::Method::GET
+            && request.uri().path().ends_with("/sessionlivedbackends")
+            && !request.uri().query().unwrap_or("").contains("watch=");
+        let call = self.0.call(request);
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let response = call.await?;
+            let (parts, body) = response.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let bytes = match serde_json::from_slice::<Value>(&bytes) {
+                Ok(mut list) if is_backend_list => {
+                    if let Some(items) = list["items"].as_array_mut() {
+                        for item in items {
+                            if let Some(item) = item.as_object_mut() {
+                                item.remove("status");
+                            }
+                        }
+                    }
+                    serde_json::to_vec(&list).map_or(bytes, Into::into)
+                }
+                _ => bytes,
+            };
+            Ok(http::Response::from_parts(parts, Buffered::new(bytes)))
         })
     }
 }

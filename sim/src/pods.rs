@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use spawner_localcluster::node::{
+use spawner_node_agent::{
     ContainerExit, ContainerPlan, ContainerRun, ContainerStart, PodRuntime, PodSandbox,
     ProbeTarget, RunningPod, RuntimeError, SandboxRequest,
 };

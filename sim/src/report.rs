@@ -50,14 +50,29 @@ fn phase_of(word: &str) -> Option<Phase> {
 
 /// The report of a finished world.
 pub fn report(summary: &Summary) -> ReplayReport {
-    let mut backends: BTreeMap<String, History> = BTreeMap::new();
+    // A key's backend name comes back once the old one is deleted (its generation restarts):
+    // every creation starts a new history.
+    let mut histories: Vec<History> = Vec::new();
+    let mut current: BTreeMap<String, usize> = BTreeMap::new();
     let mut alive = 0u64;
     let mut peak = 0u64;
     for line in &summary.events {
         let Some((t, name, what)) = parse_line(line) else {
             continue;
         };
-        let history = backends.entry(name.to_string()).or_default();
+        let reborn = what.starts_with("created")
+            && current
+                .get(name)
+                .is_some_and(|i| histories[*i].created.is_some());
+        let index = match current.get(name) {
+            Some(i) if !reborn => *i,
+            _ => {
+                histories.push(History::default());
+                current.insert(name.to_string(), histories.len() - 1);
+                histories.len() - 1
+            }
+        };
+        let history = &mut histories[index];
         let was_alive = history.created.is_some() && history.ended.is_none();
         if what.starts_with("created") {
             history.created.get_or_insert(t);
@@ -92,7 +107,7 @@ pub fn report(summary: &Summary) -> ReplayReport {
     let end = summary.sim_time.as_millis() as u64;
     let mut idle_ms = 0;
     let mut spawn_to_ready_ms = Vec::new();
-    for history in backends.values_mut() {
+    for history in &mut histories {
         history.stop_idle(end);
         idle_ms += history.idle_ms;
         if let (Some(created), Some(ready)) = (history.created, history.ready) {
@@ -164,6 +179,9 @@ mod tests {
             "    9.000 a Swept IdlePastGracePeriod",
             "   12.400 b Swept IdlePastGracePeriod",
             "   15.000 a deleted",
+            "   16.000 a created key=Some(\"k1\")",
+            "   16.300 a Ready ",
+            "   18.300 a Swept IdlePastGracePeriod",
         ];
         let summary = Summary {
             seed: 1,
@@ -173,9 +191,9 @@ mod tests {
                 sessions_found_backend_gone: 1,
                 ..UsersReport::default()
             },
-            backends: 2,
-            ready: 2,
-            swept: 2,
+            backends: 3,
+            ready: 3,
+            swept: 3,
             failed: 0,
             terminated: 0,
             retained: 0,
@@ -185,24 +203,23 @@ mod tests {
             events: events.iter().map(|e| e.to_string()).collect(),
         };
         let report = report(&summary);
-        assert_eq!(report.spawn_to_ready_ms, [500, 400]);
+        // The name `a` again after its deletion is a third backend.
+        assert_eq!(report.spawn_to_ready_ms, [500, 400, 300]);
         assert_eq!(report.peak_live_backends, 2);
-        // a: Ready 1.5-2.0 and 4.0-9.0 idle (5.5 s); b: 2.4-12.4 (10 s).
+        // a: Ready 1.5-2.0 and 4.0-9.0 idle (5.5 s); b: 2.4-12.4 (10 s); a again 16.3-18.3.
         assert!(
-            (report.backend_idle_seconds - 15.5).abs() < 1e-9,
+            (report.backend_idle_seconds - 17.5).abs() < 1e-9,
             "{report}"
         );
-        assert_eq!(
-            (
-                report.sessions,
-                report.backends_created,
-                report.backends_swept
-            ),
-            (3, 2, 2)
+        let counts = (
+            report.sessions,
+            report.backends_created,
+            report.backends_swept,
         );
+        assert_eq!(counts, (3, 3, 3));
         assert_eq!(report.connect_failures, 1);
         let table = what_if(5, &report, 30, &report);
         assert!(table.contains("grace 30 s"), "{table}");
-        assert!(table.contains("15.5"), "{table}");
+        assert!(table.contains("17.5"), "{table}");
     }
 }

@@ -24,8 +24,9 @@ type Socket = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
 /// How users reach Spawner.
 #[derive(Clone, Debug)]
 pub struct UsersConfig {
-    /// Base URL of the api, e.g. `http://api:7070`.
-    pub api: String,
+    /// Base URLs of the api replicas, e.g. `http://api-0:7070`. A session starts with one
+    /// (by its id) and moves to the next after a failed request, as behind a load balancer.
+    pub apis: Vec<String>,
     pub token: String,
     /// The spawn request sent for every key (without the key).
     pub spawn_template: serde_json::Value,
@@ -84,8 +85,13 @@ pub async fn play(events: Vec<TraceEvent>, config: UsersConfig, report: SharedRe
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for (_, events) in sessions {
-        let config = config.clone();
+    for (id, events) in sessions {
+        let mut config = config.clone();
+        // Sessions of one room reach different replicas: get-or-create races cross replicas.
+        let replicas = config.apis.len().max(1);
+        config
+            .apis
+            .rotate_left(session_hash(&id) as usize % replicas);
         let report = report.clone();
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
@@ -99,6 +105,12 @@ pub async fn play(events: Vec<TraceEvent>, config: UsersConfig, report: SharedRe
 
 struct Backend {
     name: String,
+}
+
+fn session_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Times a user asks for the key's backend again after a failed connection, and the first
@@ -188,10 +200,21 @@ async fn session(
                     continue;
                 };
                 let text = "x".repeat(bytes.clamp(1, 4096) as usize);
-                if socket.send(Message::Text(text.into())).await.is_ok()
-                    && let Ok(Some(Ok(Message::Text(_)))) =
-                        tokio::time::timeout(Duration::from_secs(5), socket.next()).await
-                {
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    continue;
+                }
+                // The sidecar's pings (sent while the user was idle longer than its ping
+                // interval) may come before the echo; the socket itself answers them.
+                let echo = async {
+                    loop {
+                        match socket.next().await {
+                            Some(Ok(Message::Text(_))) => return true,
+                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                            _ => return false,
+                        }
+                    }
+                };
+                if let Ok(true) = tokio::time::timeout(Duration::from_secs(5), echo).await {
                     report.update(|r| r.messages_echoed += 1);
                 }
             }
@@ -220,14 +243,21 @@ async fn session(
     }
 }
 
+/// One request to the api replica `attempt` picks: the session's own, or after failures the
+/// next ones in turn.
 async fn request(
     client: &HttpClient,
     config: &UsersConfig,
+    attempt: usize,
     method: http::Method,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<(http::StatusCode, serde_json::Value), String> {
-    let uri: http::Uri = format!("{}{path}", config.api)
+    let base = config
+        .apis
+        .get(attempt % config.apis.len().max(1))
+        .ok_or("no api replica")?;
+    let uri: http::Uri = format!("{base}{path}")
         .parse()
         .map_err(|e| format!("bad uri: {e}"))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -265,6 +295,7 @@ async fn get_or_create(
         match request(
             client,
             config,
+            attempt as usize,
             http::Method::POST,
             "/connect",
             Some(body.clone()),
@@ -298,10 +329,12 @@ async fn open(
     client: &HttpClient,
 ) -> Result<Socket, OpenError> {
     let deadline = Instant::now() + config.ready_timeout;
+    let mut failed_reads = 0;
     let url = loop {
         let read = request(
             client,
             config,
+            failed_reads,
             http::Method::GET,
             &format!("/backend/{}/status", backend.name),
             None,
@@ -319,7 +352,7 @@ async fn open(
             },
             // Gone already (deleted after its retention).
             Ok((http::StatusCode::NOT_FOUND, _)) => return Err(OpenError::Ended),
-            _ => {}
+            _ => failed_reads += 1,
         }
         if Instant::now() > deadline {
             return Err(OpenError::ReadyTimeout);

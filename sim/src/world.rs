@@ -14,12 +14,15 @@ use spawner_localcluster::{Cluster, ServerConfig};
 use crate::clock::{HostClocks, sim_epoch, sim_epoch_ms};
 use crate::faults::{Fault, FaultKind, host_matches};
 use crate::invariants::{InvariantChecker, Observation, Violation};
-use crate::mutants::{DuplicatePodCreates, Mutant};
+use crate::leadership::{RecordWrites, WriteLog, lease_holder};
+use crate::mutants::{DuplicatePodCreates, ListsWithoutStatus, Mutant};
 use crate::net::{KUBE_READ_TIMEOUT, SimConnector, SimListener, kube_client, kube_client_over};
 use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
 use crate::users::{SharedReport, UsersConfig, UsersReport};
 
 const API_TOKEN: &str = "sim-api-token";
+/// The key secret the api replicas share.
+const KEY_SECRET: &str = "sim-key-secret";
 const KUBE_TOKEN: &str = "sim-admin";
 pub const EVENTS_SECRET: &str = "sim-events-secret";
 const NAMESPACE: &str = "default";
@@ -30,6 +33,14 @@ pub const LINK_MAX_LATENCY: Duration = Duration::from_millis(5);
 /// turmoil's accept queue and receive buffer, in segments (its default is 64).
 const TCP_CAPACITY: usize = 4096;
 
+/// The invariant the controllers' writes are held to when there are several replicas.
+pub const ONLY_THE_LEADER_WRITES: &str = "only the controller holding the lease writes";
+/// The controllers' Lease (the controller's default `--lease-name`).
+const LEASE_NAME: &str = "spawner-controller";
+
+/// The invariant a world's [`WorldConfig::allowed_user_failures`] holds it to.
+pub const USERS_CONNECT: &str = "users connect to their backends";
+
 /// What to build and run.
 #[derive(Clone, Debug)]
 pub struct WorldConfig {
@@ -37,8 +48,12 @@ pub struct WorldConfig {
     pub nodes: usize,
     /// Pods each node can run at once (each slot is a turmoil host).
     pub slots_per_node: usize,
-    /// Controller replicas (leader-elected when more than one).
+    /// Controller replicas (leader-elected when more than one; two by default, and every write
+    /// a replica sends is checked against the lease holder).
     pub controllers: usize,
+    /// api replicas (`api-0`, `api-1` ...); each user session talks to one, and fails over to
+    /// the next when a request fails, as behind a load balancer.
+    pub apis: usize,
     /// Client hosts the users are spread over.
     pub user_hosts: usize,
     /// Grace period of every backend, in seconds.
@@ -62,6 +77,10 @@ pub struct WorldConfig {
     pub reproduce: String,
     /// A deliberate bug to run with (tests of the simulator itself).
     pub mutant: Option<crate::mutants::Mutant>,
+    /// How many users may fail to connect (giving up waiting for Ready included) before the
+    /// run fails; `None` leaves what users see unchecked (a world built full on purpose).
+    /// Fault-free worlds allow none.
+    pub allowed_user_failures: Option<u64>,
 }
 
 impl WorldConfig {
@@ -70,7 +89,8 @@ impl WorldConfig {
             seed,
             nodes: 3,
             slots_per_node: 12,
-            controllers: 1,
+            controllers: 2,
+            apis: 2,
             user_hosts: 2,
             grace_seconds: 10,
             max_lifetime_seconds: None,
@@ -82,6 +102,7 @@ impl WorldConfig {
             poll_interval: Duration::from_millis(250),
             reproduce: format!("--seed {seed} (a custom world: rerun the test that built it)"),
             mutant: None,
+            allowed_user_failures: None,
         }
     }
 }
@@ -175,6 +196,11 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// The host of api replica `i`.
+pub fn api_name(i: usize) -> String {
+    format!("api-{i}")
+}
+
 fn node_name(i: usize) -> String {
     format!("node-{i}")
 }
@@ -185,7 +211,8 @@ fn slot_name(node: usize, slot: usize) -> String {
 
 /// Every host of the world `config` builds, by name.
 pub fn host_names(config: &WorldConfig) -> Vec<String> {
-    let mut hosts = vec!["apiserver".to_string(), "api".to_string()];
+    let mut hosts = vec!["apiserver".to_string()];
+    hosts.extend((0..config.apis.max(1)).map(api_name));
     hosts.extend((0..config.controllers).map(|i| format!("controller-{i}")));
     for n in 0..config.nodes {
         hosts.push(node_name(n));
@@ -248,19 +275,33 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
     }
     let kube_url: http::Uri = "http://apiserver:6443".parse().expect("static uri");
 
+    let writes = WriteLog::default();
     for i in 0..config.controllers {
         let kube_url = kube_url.clone();
-        let leader_election = config.controllers > 1;
+        let leader_election = config.controllers > 1
+            && !(mutant == Some(Mutant::ReplicaWithoutLeaderElection)
+                && i + 1 == config.controllers);
+        let writes = writes.clone();
         let retention = config.retention;
         let clock = clocks.of(&format!("controller-{i}"));
         sim.host(format!("controller-{i}"), move || {
             let kube_url = kube_url.clone();
             let clock = clock.clone();
+            let writes = writes.clone();
             async move {
+                let replica = format!("controller-{i}");
                 let client = if mutant == Some(Mutant::ControllerCreatesPodTwice) {
-                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, DuplicatePodCreates)
+                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
+                        inner: DuplicatePodCreates(http),
+                        replica,
+                        log: writes,
+                    })
                 } else {
-                    kube_client(kube_url, KUBE_TOKEN, NAMESPACE)
+                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
+                        inner: http,
+                        replica,
+                        log: writes,
+                    })
                 };
                 let config =
                     crate::components::controller_config(i, leader_election, retention, clock);
@@ -271,15 +312,30 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         });
     }
 
-    {
+    for i in 0..config.apis.max(1) {
         let kube_url = kube_url.clone();
-        let clock = clocks.of("api");
-        sim.host("api", move || {
+        let name = api_name(i);
+        let clock = clocks.of(&name);
+        let base = format!("http://{name}:7070");
+        // The mutant gives every replica a secret of its own, as replicas deployed without a
+        // shared `SPAWNER_KEY_SECRET` would have.
+        let key_secret = if mutant == Some(Mutant::ApiReplicasWithOwnKeySecrets) {
+            format!("{KEY_SECRET}-{i}")
+        } else {
+            KEY_SECRET.to_string()
+        };
+        sim.host(name, move || {
             let kube_url = kube_url.clone();
             let clock = clock.clone();
+            let base = base.clone();
+            let key_secret = key_secret.clone();
             async move {
-                let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
-                let config = crate::components::api_config(API_TOKEN, clock)?;
+                let client = if mutant == Some(Mutant::ApiListsWithoutStatus) {
+                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, ListsWithoutStatus)
+                } else {
+                    kube_client(kube_url, KUBE_TOKEN, NAMESPACE)
+                };
+                let config = crate::components::api_config(API_TOKEN, &base, &key_secret, clock)?;
                 let listener = SimListener::bind(("0.0.0.0", 7070)).await?;
                 if mutant == Some(Mutant::RacyKeyLookup) {
                     crate::mutants::racy_api(client, NAMESPACE, listener).await?;
@@ -314,7 +370,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                 let agent_client = kube_client(kube_url.clone(), KUBE_TOKEN, NAMESPACE);
                 let agent_config =
                     crate::components::node_agent_config(&node_name(n), slots, clock.clone());
-                tokio::spawn(spawner_localcluster::node::run(
+                tokio::spawn(spawner_node_agent::run(
                     agent_client,
                     agent_config,
                     runtime,
@@ -353,7 +409,9 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         spawn_template["maxLifetimeSeconds"] = lifetime.into();
     }
     let users_config = UsersConfig {
-        api: "http://api:7070".into(),
+        apis: (0..config.apis.max(1))
+            .map(|i| format!("http://{}:7070", api_name(i)))
+            .collect(),
         token: API_TOKEN.into(),
         spawn_template,
         ready_timeout: Duration::from_secs(30),
@@ -373,8 +431,13 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         Ok(())
     });
 
-    let mut observer = Observer::new(cluster, sidecars, clocks.clone(), &config);
-    let mut faults = FaultRunner::new(config.faults.clone(), host_names(&config), clocks.clone());
+    let mut observer = Observer::new(cluster.clone(), sidecars, clocks.clone(), &config, writes);
+    let mut faults = FaultRunner::new(
+        config.faults.clone(),
+        host_names(&config),
+        clocks.clone(),
+        cluster,
+    );
     loop {
         let done = match sim.step() {
             Ok(done) => done,
@@ -423,11 +486,34 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             events: observer.events.clone(),
         }));
     }
+    let users = report.snapshot();
+    if let Some(allowed) = config.allowed_user_failures
+        && users.connect_failures > allowed
+    {
+        return Err(Box::new(Failure {
+            seed: config.seed,
+            violation: Violation {
+                at: now,
+                invariant: USERS_CONNECT,
+                detail: format!(
+                    "{} of {} connections failed ({} gave up waiting for Ready, {} retried); at most {allowed} may",
+                    users.connect_failures,
+                    users.connect_failures + users.connected,
+                    users.ready_timeouts,
+                    users.retries,
+                ),
+            },
+            faults: config.faults.clone(),
+            last_events: observer.last_events(),
+            reproduce: config.reproduce.clone(),
+            events: observer.events.clone(),
+        }));
+    }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     observer.events.hash(&mut hasher);
     Ok(Summary {
         seed: config.seed,
-        users: report.snapshot(),
+        users,
         backends: observer.checker.backends(),
         ready: observer.checker.reached(Phase::Ready),
         swept: observer.checker.reached(Phase::Swept),
@@ -454,6 +540,8 @@ struct Observer {
     controllers: Vec<String>,
     retention: Duration,
     slots_per_node: usize,
+    /// The controllers' writes, checked against the lease holder when they are elected.
+    writes: Option<WriteLog>,
 }
 
 impl Observer {
@@ -462,6 +550,7 @@ impl Observer {
         sidecars: SidecarRegistry,
         clocks: HostClocks,
         config: &WorldConfig,
+        writes: WriteLog,
     ) -> Self {
         Self {
             cluster,
@@ -477,7 +566,40 @@ impl Observer {
                 .collect(),
             retention: config.retention,
             slots_per_node: config.slots_per_node,
+            writes: (config.controllers > 1).then_some(writes),
         }
+    }
+
+    /// No split brain: every write a controller replica sent during the step was sent while
+    /// the API server's lease named it (a replica takes the lease over only after the record
+    /// stayed unchanged for the lease's duration, and a leader must have stepped down by its
+    /// renew deadline, which is shorter).
+    fn check_writers(&mut self, now: Duration) -> Result<(), Violation> {
+        let Some(writes) = &self.writes else {
+            return Ok(());
+        };
+        let sent = writes.take();
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let holder = lease_holder(
+            &self.cluster.snapshot("coordination.k8s.io", "leases"),
+            LEASE_NAME,
+        );
+        for (replica, request) in sent {
+            if holder.as_deref() != Some(replica.as_str()) {
+                self.record(now, format!("{replica} wrote without the lease: {request}"));
+                return Err(Violation {
+                    at: now,
+                    invariant: ONLY_THE_LEADER_WRITES,
+                    detail: format!(
+                        "{replica} sent {request} while the lease is held by {}",
+                        holder.as_deref().unwrap_or("nobody")
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The controllers' wall clocks at sim time `now`, in ms since the UNIX epoch (at the end
@@ -511,6 +633,7 @@ impl Observer {
         deadlines_from: Option<Duration>,
     ) -> Result<(), Violation> {
         self.note_clocks(now);
+        self.check_writers(now)?;
         // Sidecars first: a connection opened in this step counts before a sweep seen in it.
         for (pod, live) in self.sidecars.live() {
             let backend = pod.rsplit('/').next().unwrap_or(&pod).to_string();
@@ -713,10 +836,17 @@ struct FaultRunner {
     hosts: Vec<String>,
     clocks: HostClocks,
     stall_recovery: Duration,
+    /// The API server's store, to find the controller that leads when a fault names `leader`.
+    cluster: Cluster,
 }
 
 impl FaultRunner {
-    fn new(mut faults: Vec<Fault>, hosts: Vec<String>, clocks: HostClocks) -> Self {
+    fn new(
+        mut faults: Vec<Fault>,
+        hosts: Vec<String>,
+        clocks: HostClocks,
+        cluster: Cluster,
+    ) -> Self {
         faults.sort_by_key(|f| std::cmp::Reverse(f.at));
         Self {
             pending: faults,
@@ -725,6 +855,42 @@ impl FaultRunner {
             hosts,
             clocks,
             stall_recovery: stall_recovery(),
+            cluster,
+        }
+    }
+
+    /// `kind` with the host name `leader` replaced by the replica holding the lease now
+    /// (`controller-0` when none does).
+    fn resolve(&self, kind: FaultKind) -> FaultKind {
+        let leader = || {
+            lease_holder(
+                &self.cluster.snapshot("coordination.k8s.io", "leases"),
+                LEASE_NAME,
+            )
+            .unwrap_or_else(|| "controller-0".into())
+        };
+        let host = |h: String| if h == "leader" { leader() } else { h };
+        match kind {
+            FaultKind::Crash { host: h } => FaultKind::Crash { host: host(h) },
+            FaultKind::Partition { a, b } => FaultKind::Partition {
+                a: host(a),
+                b: host(b),
+            },
+            FaultKind::Hold { a, b } => FaultKind::Hold {
+                a: host(a),
+                b: host(b),
+            },
+            FaultKind::Latency { a, b, min, max } => FaultKind::Latency {
+                a: host(a),
+                b: host(b),
+                min,
+                max,
+            },
+            FaultKind::ClockStep { host: h, by_ms } => FaultKind::ClockStep {
+                host: host(h),
+                by_ms,
+            },
+            other @ FaultKind::CrashNode { .. } => other,
         }
     }
 
@@ -769,6 +935,7 @@ impl FaultRunner {
             }
             FaultKind::Crash { host } => vec![host.clone()],
             FaultKind::Partition { .. }
+            | FaultKind::Hold { .. }
             | FaultKind::Latency { .. }
             | FaultKind::ClockStep { .. } => Vec::new(),
         }
@@ -776,11 +943,21 @@ impl FaultRunner {
 
     fn apply(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration, config: &WorldConfig) {
         while self.pending.last().is_some_and(|f| f.at <= now) {
-            let Some(fault) = self.pending.pop() else {
+            let Some(mut fault) = self.pending.pop() else {
                 break;
             };
+            fault.kind = self.resolve(fault.kind);
             match &fault.kind {
-                FaultKind::Partition { a, b } => sim.partition(a.as_str(), b.as_str()),
+                FaultKind::Partition { a, b } => {
+                    for (x, y) in self.links(a, b) {
+                        sim.partition(x.as_str(), y.as_str());
+                    }
+                }
+                FaultKind::Hold { a, b } => {
+                    for (x, y) in self.links(a, b) {
+                        sim.hold(x.as_str(), y.as_str());
+                    }
+                }
                 FaultKind::Latency { a, b, min, max } => self.set_latency(sim, a, b, *min, *max),
                 FaultKind::ClockStep { host, by_ms } => self.clocks.step(host, *by_ms),
                 kind => {
@@ -799,7 +976,16 @@ impl FaultRunner {
                 continue;
             }
             match &fault.kind {
-                FaultKind::Partition { a, b } => sim.repair(a.as_str(), b.as_str()),
+                FaultKind::Partition { a, b } => {
+                    for (x, y) in self.links(a, b) {
+                        sim.repair(x.as_str(), y.as_str());
+                    }
+                }
+                FaultKind::Hold { a, b } => {
+                    for (x, y) in self.links(a, b) {
+                        sim.release(x.as_str(), y.as_str());
+                    }
+                }
                 FaultKind::Latency { a, b, .. } => {
                     self.set_latency(sim, a, b, LINK_MIN_LATENCY, LINK_MAX_LATENCY);
                     latency_healed = true;

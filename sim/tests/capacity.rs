@@ -13,6 +13,8 @@ fn a_full_world_never_binds_a_node_past_its_capacity() {
     // binding), this world bound a fifth pod to node-1 at 35.9 s.
     let mut config = spawner_sim::scenario::world(1, 200, 0);
     config.slots_per_node = 4;
+    // Full on purpose: users give up waiting for a slot (asserted below).
+    config.allowed_user_failures = None;
     let result = std::thread::spawn(move || spawner_sim::world::run(config))
         .join()
         .expect("world thread");

@@ -119,3 +119,70 @@ fn a_key_lookup_that_races_is_caught() {
         "at most one live backend per key",
     );
 }
+
+#[test]
+fn an_api_that_hands_out_ended_backends_is_caught_by_what_users_see() {
+    // One room whose users come and go with pauses longer than the grace period: its backend is
+    // swept between visits and kept 30 s before deletion. A user arriving meanwhile must get a
+    // fresh backend; the mutant hands out the swept one, the user's connection fails, and no
+    // store invariant notices.
+    let params = WorkloadParams {
+        users: 12,
+        rooms: 1,
+        mean_interarrival_ms: 6_000.0,
+        burst_probability: 0.0,
+        session_min_ms: 1_000.0,
+        session_cap_ms: 3_000.0,
+        vanish_probability: 0.0,
+        refresh_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(25, params);
+    config.grace_seconds = 2;
+    config.retention = Duration::from_secs(30);
+    config.allowed_user_failures = Some(0);
+    caught(
+        config,
+        Mutant::ApiListsWithoutStatus,
+        spawner_sim::world::USERS_CONNECT,
+    );
+}
+
+#[test]
+fn a_controller_replica_that_runs_without_leader_election_is_caught() {
+    // Two replicas; the mutant starts the second without leader election, so it reconciles
+    // beside the leader: its first write is sent while the lease names the other.
+    let params = WorkloadParams {
+        users: 6,
+        rooms: 2,
+        session_cap_ms: 6_000.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(26, params);
+    config.controllers = 2;
+    caught(
+        config,
+        Mutant::ReplicaWithoutLeaderElection,
+        spawner_sim::world::ONLY_THE_LEADER_WRITES,
+    );
+}
+
+#[test]
+fn api_replicas_that_name_keys_differently_are_caught() {
+    // A burst of one room's users spread over the two api replicas: with a shared key secret
+    // both replicas try to create the same name and the API server lets one win; with secrets
+    // of their own, each replica creates a backend for the key.
+    let params = WorkloadParams {
+        users: 8,
+        rooms: 1,
+        burst_probability: 1.0,
+        burst_size: 8,
+        session_cap_ms: 6_000.0,
+        ..WorkloadParams::default()
+    };
+    caught(
+        world(27, params),
+        Mutant::ApiReplicasWithOwnKeySecrets,
+        "at most one live backend per key",
+    );
+}

@@ -40,11 +40,7 @@ impl TokenSet {
     pub fn contains(&self, given: &str) -> bool {
         let given = digest(given);
         self.digests.iter().fold(false, |found, expected| {
-            let differs = expected
-                .iter()
-                .zip(given.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            found | (differs == 0)
+            found | spawner_core::token::bytes_match(expected, &given)
         })
     }
 }

@@ -19,9 +19,7 @@ use crate::naming::{
     UrlTemplate, is_label_key, is_label_value, is_reserved_label_key, key_label_value,
 };
 
-/// Annotation by which the api asks the controller to terminate a backend (RFC 3339 time of
-/// the first request). The controller observes it as `Observation::TerminateRequested`.
-pub const TERMINATE_ANNOTATION: &str = "spawner.dev/terminate-requested";
+pub use spawner_core::resource::TERMINATE_ANNOTATION;
 
 /// Name of the application container the api builds.
 pub const APP_CONTAINER_NAME: &str = "app";

@@ -86,10 +86,10 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
     served
 }
 
-pub async fn node_agent(args: spawner_localcluster::node::NodeAgentArgs) -> anyhow::Result<()> {
+pub async fn node_agent(args: spawner_node_agent::NodeAgentArgs) -> anyhow::Result<()> {
     let client = kube_client().await?;
     let runtime = std::sync::Arc::new(args.process_runtime());
-    spawner_localcluster::node::run(client, args.config(), runtime, crate::shutdown_signal())
+    spawner_node_agent::run(client, args.config(), runtime, crate::shutdown_signal())
         .await
         .context("node agent")
 }

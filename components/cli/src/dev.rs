@@ -14,8 +14,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::StateDir;
-use spawner_localcluster::node::NodeAgentArgs;
 use spawner_localcluster::{Auth, Cluster, Identity, ServerConfig, SystemClock};
+use spawner_node_agent::NodeAgentArgs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DevArgs {
@@ -189,7 +189,7 @@ pub async fn run(
         let config = node_args.config();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            spawner_localcluster::node::run(client, config, runtime, shutdown.cancelled_owned())
+            spawner_node_agent::run(client, config, runtime, shutdown.cancelled_owned())
                 .await
                 .context("node agent")
         });

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod dev;
 pub mod launcher;
 pub mod probe;
+pub mod replay;
 pub mod state;
 pub mod trace;
 
@@ -47,6 +48,8 @@ pub enum Command {
     Crd,
     /// Work with session traces (docs/traces.md).
     Trace(trace::TraceArgs),
+    /// Play a session trace against a running deployment and report what happened.
+    Replay(replay::ReplayArgs),
     /// Run the controller (a Deployment in a cluster).
     Controller(spawner_controller::ControllerArgs),
     /// Run a node's sweeper (a DaemonSet in a cluster).
@@ -56,7 +59,7 @@ pub enum Command {
     /// Run the sidecar (injected into every backend pod).
     Sidecar(spawner_sidecar::SidecarArgs),
     /// Run a node agent that runs pods as local processes, against any API server.
-    NodeAgent(spawner_localcluster::node::NodeAgentArgs),
+    NodeAgent(spawner_node_agent::NodeAgentArgs),
     /// Serve the demo backend (a shared multiplayer page) on $PORT: what `spawner dev --demo`
     /// spawns.
     DemoBackend(DemoBackendArgs),
@@ -156,6 +159,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::NodeAgent(args) => components::node_agent(args).await?,
         Command::Trace(args) => trace::run(args, out).await?,
         Command::Probe(args) => probe::run(args).await?,
+        Command::Replay(args) => replay::run(args, out).await?,
         Command::Crd => {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }

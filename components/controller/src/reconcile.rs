@@ -30,8 +30,7 @@ use crate::observe::{
 };
 use crate::{ControllerConfig, UrlMode};
 
-/// Annotation the api sets (RFC 3339 time) to ask for a backend to stop.
-pub const TERMINATE_ANNOTATION: &str = "spawner.dev/terminate-requested";
+pub use spawner_core::resource::TERMINATE_ANNOTATION;
 
 /// Field manager of the controller's writes.
 const MANAGER: &str = "spawner-controller";

@@ -18,6 +18,10 @@ pub const NODE_LABEL: &str = "spawner.dev/node";
 /// Label carrying the get-or-create key (hashed when it is not a valid label value).
 pub const KEY_LABEL: &str = "spawner.dev/key";
 
+/// Annotation by which the api asks the controller to terminate a backend (RFC 3339 time of
+/// the first request). The controller observes it as `Observation::TerminateRequested`.
+pub const TERMINATE_ANNOTATION: &str = "spawner.dev/terminate-requested";
+
 /// Annotation (value `"true"`) of a backend that the router lets in without a connect token
 /// (the api sets it for `public: true`).
 pub const PUBLIC_ANNOTATION: &str = "spawner.dev/public";

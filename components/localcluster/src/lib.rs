@@ -14,7 +14,6 @@ pub mod decode;
 pub mod error;
 pub mod events;
 pub mod kubeconfig;
-pub mod node;
 pub mod patch;
 pub mod resources;
 pub mod schema;

@@ -18,8 +18,8 @@ use spawner_core::children::ChildrenConfig;
 use spawner_core::phase::Phase;
 use spawner_core::resource::SessionLivedBackend;
 use spawner_core::validation::Limits;
-use spawner_localcluster::node::{
-    self, NodeAgentConfig, ProcessRuntime, ProcessRuntimeConfig, SchedulingPolicy, SpawnerSidecar,
+use spawner_node_agent::{
+    NodeAgentConfig, ProcessRuntime, ProcessRuntimeConfig, SchedulingPolicy, SpawnerSidecar,
 };
 use spawner_sweeper::{SweeperConfig, tcp_transport};
 use tokio::net::TcpListener;
@@ -44,7 +44,7 @@ impl World {
         };
 
         let (stop, stopped) = oneshot::channel::<()>();
-        let agent = node::run(
+        let agent = spawner_node_agent::run(
             client.clone(),
             NodeAgentConfig {
                 nodes: NODES.iter().map(|n| n.to_string()).collect(),

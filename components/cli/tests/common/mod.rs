@@ -67,6 +67,8 @@ pub struct DevOptions {
     /// `--demo` with this grace period (seconds).
     pub demo_grace_seconds: Option<u32>,
     pub retention_seconds: Option<u64>,
+    /// `--record-trace` to this file.
+    pub record_trace: Option<PathBuf>,
 }
 
 /// A running `spawner dev`, in its own process group. Dropping it kills the process, every
@@ -101,6 +103,9 @@ impl Dev {
                 .arg(format!("127.0.0.1:{}", free_port()))
                 .arg("--demo-grace-seconds")
                 .arg(grace.to_string());
+        }
+        if let Some(path) = &options.record_trace {
+            command.arg("--record-trace").arg(path);
         }
         if let Some(retention) = options.retention_seconds {
             command

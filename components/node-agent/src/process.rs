@@ -759,7 +759,7 @@ impl Drop for ProcessPod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::SpawnerSidecar;
+    use crate::SpawnerSidecar;
 
     #[test]
     fn an_application_port_is_never_given_to_two_live_pods() {

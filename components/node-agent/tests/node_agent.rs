@@ -10,11 +10,11 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use spawner_localcluster::node::{
-    self, MESSAGE_NODE_SHUTDOWN, NodeAgentConfig, NodeAgentError, ProcessRuntime,
-    ProcessRuntimeConfig, REASON_NODE_SHUTDOWN, SchedulingPolicy, SpawnerSidecar,
-};
 use spawner_localcluster::{Cluster, ServerConfig, SystemClock};
+use spawner_node_agent::{
+    MESSAGE_NODE_SHUTDOWN, NodeAgentConfig, NodeAgentError, ProcessRuntime, ProcessRuntimeConfig,
+    REASON_NODE_SHUTDOWN, SchedulingPolicy, SpawnerSidecar,
+};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -86,9 +86,14 @@ fn start_agent_with(
         SpawnerSidecar,
     ));
     let (stop, stopped) = oneshot::channel();
-    let task = tokio::spawn(node::run(client.clone(), config, runtime, async move {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(spawner_node_agent::run(
+        client.clone(),
+        config,
+        runtime,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     RunningAgent { stop, task }
 }
 
