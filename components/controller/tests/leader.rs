@@ -78,7 +78,10 @@ fn settings(identity: &str) -> LeaseSettings {
 #[tokio::test(start_paused = true)]
 async fn a_slow_renewal_answer_never_lets_two_lead() {
     let cluster = Cluster::new(
-        ServerConfig::default(),
+        ServerConfig {
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
+            ..ServerConfig::default()
+        },
         Arc::new(spawner_localcluster::SystemClock),
     );
     // Renew times follow tokio's (paused) clock, so every renewal writes a new record.

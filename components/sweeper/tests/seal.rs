@@ -180,7 +180,10 @@ fn client(
 #[tokio::test(start_paused = true)]
 async fn a_user_connecting_while_a_slow_sweep_is_written_is_refused_and_so_is_one_after() {
     let cluster = Cluster::new(
-        ServerConfig::default(),
+        ServerConfig {
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
+            ..ServerConfig::default()
+        },
         Arc::new(spawner_localcluster::SystemClock),
     );
     let (slow_tx, slow) = watch::channel(false);
