@@ -1,6 +1,6 @@
 //! `spawner dev`: the whole system on one machine, no cluster — localcluster's API server, a
-//! node agent running backends as local processes, the controller, one sweeper per node and the
-//! api, in one process; with `--demo`, a launcher page that opens a shared demo backend.
+//! node agent running backends as local processes, the controller, one sweeper per node, the
+//! api and the router, in one process; with `--demo`, a launcher page that opens a shared demo backend.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +21,14 @@ pub struct DevArgs {
     /// Address of the Spawner api.
     #[arg(long, env = "SPAWNER_DEV_API_LISTEN", default_value = "127.0.0.1:7070")]
     pub api_listen: SocketAddr,
+    /// Address of the router, the browsers' entry: backend `<name>` is
+    /// `http://<name>.localhost:<port>/`.
+    #[arg(
+        long,
+        env = "SPAWNER_DEV_ROUTER_LISTEN",
+        default_value = "127.0.0.1:7072"
+    )]
+    pub router_listen: SocketAddr,
     /// Address of the embedded Kubernetes API server (port 0: any free port).
     #[arg(long, env = "SPAWNER_DEV_KUBE_LISTEN", default_value = "127.0.0.1:0")]
     pub kube_listen: SocketAddr,
@@ -164,6 +172,20 @@ pub async fn run(
         )
     })?;
     let api_url = format!("http://{}", api_listener.local_addr()?);
+    let router_listener = TcpListener::bind(args.router_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another `spawner dev` running? use --router-listen)",
+                args.router_listen
+            )
+        })?;
+    let router_port = router_listener.local_addr()?.port();
+    // `*.localhost` resolves to loopback in browsers (and in most resolvers), so host mode
+    // needs no DNS set-up.
+    let router_url = format!("http://localhost:{router_port}");
+    let url_template = format!("http://{{name}}.localhost:{router_port}/");
+    let connect_key = format!("dev:{}", random_token()?);
     let demo_listener = if args.demo {
         Some(
             TcpListener::bind(args.demo_listen)
@@ -266,8 +288,38 @@ pub async fn run(
         });
     }
 
-    let api_args: spawner_api::ApiArgs =
-        args_of(&["--token", &api_token, "--public-base-url", &api_url])?;
+    let router_args: spawner_router::RouterArgs =
+        args_of(&["--domain", "localhost", "--connect-key", &connect_key])?;
+    {
+        let client = in_process_client(kube_router.clone(), &admin_token)?;
+        let config = router_args.config()?;
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            spawner_router::run(
+                router_listener,
+                client,
+                spawner_router::TcpConnector,
+                config,
+                shutdown.cancelled_owned(),
+            )
+            .await;
+            Ok(())
+        });
+    }
+    progress(&format!(
+        "router on {router_url} (backend <name> at http://<name>.localhost:{router_port}/)"
+    ));
+
+    let api_args: spawner_api::ApiArgs = args_of(&[
+        "--token",
+        &api_token,
+        "--public-base-url",
+        &api_url,
+        "--url-template",
+        &url_template,
+        "--connect-key",
+        &connect_key,
+    ])?;
     let mut trace_args = args.trace.clone();
     if trace_args.trace_key.is_none() {
         trace_args.trace_key = Some(random_token()?);
@@ -322,6 +374,7 @@ pub async fn run(
     writeln!(out, "Spawner is running. Ctrl-C stops everything.")?;
     writeln!(out)?;
     writeln!(out, "SPAWNER_API_URL={api_url}")?;
+    writeln!(out, "SPAWNER_ROUTER_URL={router_url}")?;
     writeln!(out, "SPAWNER_TOKEN={api_token}")?;
     writeln!(out, "KUBECONFIG={}", kubeconfig.display())?;
     if let Some(url) = &demo_url {

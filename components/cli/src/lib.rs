@@ -33,7 +33,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole system on this machine, no cluster needed: a local Kubernetes API,
-    /// a node agent running backends as processes, the controller, sweepers and the api.
+    /// a node agent running backends as processes, the controller, sweepers, the api and the
+    /// router.
     Dev(dev::DevArgs),
     /// Spawn a backend (prints its name).
     Spawn(client::SpawnArgs),
@@ -57,6 +58,8 @@ pub enum Command {
     Api(spawner_api::ApiArgs),
     /// Run the sidecar (injected into every backend pod).
     Sidecar(spawner_sidecar::SidecarArgs),
+    /// Run the router, the public entry for browsers (a Deployment in a cluster).
+    Router(spawner_router::RouterArgs),
     /// Run a node agent that runs pods as local processes, against any API server.
     NodeAgent(spawner_node_agent::NodeAgentArgs),
     /// Serve the demo backend (a shared multiplayer page) on $PORT: what `spawner dev --demo`
@@ -151,6 +154,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         .await
         .context("sidecar")?
         .context("sidecar")?,
+        Command::Router(args) => components::router(args).await?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
         Command::Trace(args) => trace::run(args, out).await?,
         Command::Probe(args) => probe::run(args).await?,
