@@ -63,14 +63,14 @@ e2e-manifests:
 e2e-local:
     cargo test -p spawner-e2e --test scenarios_local -- --nocapture
 
-# End-to-end scenarios on a kind cluster built from source (docs/kind.md; needs go, cc,
-# debootstrap, kubectl, root for the private Docker engine). `scripts/e2e-kind.sh --dry-run`
-# prints every command.
+# Needs go, cc, debootstrap, kubectl, root for the private Docker engine (docs/kind.md);
+# `scripts/e2e-kind.sh --dry-run` prints every command.
+# End-to-end scenarios on a kind cluster built from source.
 e2e:
     scripts/e2e-kind.sh
 
-# Spawn-to-ready latency on a kind cluster left by `SPAWNER_E2E_KEEP=1 just e2e`: 50 sequential
-# spawns and 3 bursts of 20, split into steps (e2e/examples/kind_spawn_bench.rs).
+# 50 sequential spawns and 3 bursts of 20, split into steps (e2e/examples/kind_spawn_bench.rs).
+# Spawn-to-ready latency on the kind cluster `SPAWNER_E2E_KEEP=1 just e2e` leaves.
 bench-kind:
     eval "$(scripts/docker-engine.sh env)" && kubeconfig="$(mktemp)" && "$(scripts/kind-node-image.sh --print-kind)" get kubeconfig --name spawner >"$kubeconfig" && KUBECONFIG="$kubeconfig" cargo run -p spawner-e2e --example kind_spawn_bench
 

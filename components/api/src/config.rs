@@ -96,6 +96,9 @@ pub struct ApiArgs {
         default_value_t = 10
     )]
     pub watch_idle_timeout_seconds: u64,
+    /// Most status streams open at once on this replica; past it a stream request gets 503.
+    #[arg(long, env = "SPAWNER_API_MAX_STATUS_STREAMS", default_value_t = 1024)]
+    pub max_status_streams: usize,
     /// Keys that sign connect tokens, `<id>:<secret>` (shared with the router; the first signs,
     /// so put a new key first to rotate). Without keys, `url` carries no token.
     #[arg(
@@ -132,6 +135,7 @@ impl ApiArgs {
         config.limits.max_lifetime_seconds = self.max_lifetime_seconds;
         config.heartbeat = Duration::from_secs(self.heartbeat_seconds);
         config.watch_idle_timeout = Duration::from_secs(self.watch_idle_timeout_seconds);
+        config.max_status_streams = self.max_status_streams;
         if !self.connect_keys.is_empty() {
             // Short secrets only for local development (where the api runs unauthenticated).
             config.connect_keys = Some(KeyRing::parse(
@@ -159,6 +163,7 @@ pub struct ApiConfig {
     pub limits: Limits,
     pub heartbeat: Duration,
     pub watch_idle_timeout: Duration,
+    pub max_status_streams: usize,
     /// Keys of the connect tokens put in `url`; `None`: no tokens.
     pub connect_keys: Option<KeyRing>,
     pub connect_token_ttl: Duration,
@@ -182,6 +187,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("limits", &self.limits)
             .field("heartbeat", &self.heartbeat)
             .field("watch_idle_timeout", &self.watch_idle_timeout)
+            .field("max_status_streams", &self.max_status_streams)
             .field("connect_keys", &self.connect_keys)
             .field("connect_token_ttl", &self.connect_token_ttl)
             .field("trace", &self.trace.is_some())
@@ -205,6 +211,7 @@ impl ApiConfig {
             limits: Limits::default(),
             heartbeat: Duration::from_secs(5),
             watch_idle_timeout: Duration::from_secs(10),
+            max_status_streams: 1024,
             connect_keys: None,
             connect_token_ttl: Duration::from_secs(DEFAULT_CONNECT_TTL_SECONDS),
             clock: Arc::new(SystemClock),

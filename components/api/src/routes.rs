@@ -35,6 +35,8 @@ pub struct AppState {
     /// Becomes `true` when the server shuts down, so status streams end and graceful shutdown
     /// does not wait for them forever.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The shared watch of status streams, and their cap.
+    pub(crate) hub: Arc<crate::hub::StatusHub>,
     /// Names the trace sessions of requests that name none: a random prefix (unique to this
     /// replica, so merged replicas' traces do not share them) and a counter.
     anonymous_prefix: String,
@@ -50,10 +52,17 @@ const GET_OR_CREATE_ATTEMPTS: usize = 8;
 pub fn router(client: kube::Client, config: ApiConfig, shutdown: watch::Receiver<bool>) -> Router {
     let backends = Api::namespaced(client, &config.namespace);
     let body_limit = config.max_body_bytes;
+    let hub = crate::hub::StatusHub::new(
+        backends.clone(),
+        config.watch_idle_timeout,
+        config.max_status_streams,
+        shutdown.clone(),
+    );
     let state = Arc::new(AppState {
         backends,
         config,
         shutdown,
+        hub,
         anonymous_prefix: spawner_core::id::new_backend_id("request-").unwrap_or_default(),
         anonymous_sessions: Default::default(),
     });

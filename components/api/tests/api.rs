@@ -787,6 +787,75 @@ async fn shutdown_ends_open_status_streams() {
     assert!(result.is_ok(), "{result:?}");
 }
 
+#[tokio::test]
+async fn a_burst_of_1000_status_streams_is_capped_and_the_api_stays_responsive() {
+    let h = std::sync::Arc::new(
+        Harness::start_with(|c| {
+            c.max_status_streams = 100;
+        })
+        .await,
+    );
+    let name = spawn(&h, json!({"image": "x"})).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let h = h.clone();
+        let path = format!("/backend/{name}/status/stream");
+        burst.spawn(async move { h.send(Method::GET, &path, None, None, &[]).await });
+    }
+    // The api answers other requests while the burst is served.
+    let (status, _) = h.get(&format!("/backend/{name}/status")).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut open = Vec::new();
+    let mut refused = 0;
+    while let Some(response) = burst.join_next().await {
+        let response = response.expect("task");
+        match response.status() {
+            StatusCode::OK => open.push(response),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (100, 900));
+    let (status, _) = h.get(&format!("/backend/{name}/status")).await;
+    assert_eq!(status, StatusCode::OK);
+    // Every open stream follows the one shared watch.
+    let mut streams: Vec<_> = open.into_iter().map(support::EventStream::new).collect();
+    h.patch_status(&name, json!({"phase": "Running"})).await;
+    for stream in &mut streams {
+        assert_eq!(
+            stream.next().await.expect("history").id.as_deref(),
+            Some("Submitted")
+        );
+        assert_eq!(
+            stream.next().await.expect("live").id.as_deref(),
+            Some("Running")
+        );
+    }
+    // Closed streams give their places back.
+    drop(streams);
+    let mut reopened = None;
+    for _ in 0..50 {
+        let response = h
+            .send(
+                Method::GET,
+                &format!("/backend/{name}/status/stream"),
+                None,
+                None,
+                &[],
+            )
+            .await;
+        if response.status() == StatusCode::OK {
+            reopened = Some(response);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reopened.is_some(), "no stream slot came back");
+}
+
 /// With a trace recorder, every answered spawn and connect is one `spawn` event: the session
 /// from the `x-spawner-session` header (one per request without it), the key (the backend's
 /// name without one), both as opaque ids; refused requests and bodies are not recorded.

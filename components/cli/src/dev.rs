@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::state::StateDir;
 use spawner_localcluster::{Auth, Cluster, Identity, ServerConfig, SystemClock};
 use spawner_node_agent::NodeAgentArgs;
 
@@ -54,8 +55,9 @@ pub struct DevArgs {
     /// Seconds a finished backend stays readable before it is deleted.
     #[arg(long, default_value_t = 60)]
     pub retention_seconds: u64,
-    /// Where the kubeconfig and the backends' logs go (default: a fresh temporary directory,
-    /// removed on exit).
+    /// Where the kubeconfig and the backends' logs go, made private (0700; refused when
+    /// another user owns it). Default: a fresh private temporary directory with an
+    /// unpredictable name, removed on exit.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// The api records its spawns and connects as a session trace (docs/traces.md); without
@@ -106,19 +108,6 @@ pub fn in_process_client(router: axum::Router, token: &str) -> anyhow::Result<ku
     Ok(kube::Client::new(service, "default"))
 }
 
-struct StateDir {
-    path: PathBuf,
-    remove_on_exit: bool,
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        if self.remove_on_exit {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 fn progress(step: &str) {
     eprintln!("  · {step}");
 }
@@ -130,19 +119,10 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let state = match &args.state_dir {
-        Some(path) => StateDir {
-            path: path.clone(),
-            remove_on_exit: false,
-        },
-        None => StateDir {
-            path: std::env::temp_dir().join(format!("spawner-dev-{}", std::process::id())),
-            remove_on_exit: true,
-        },
+        Some(path) => StateDir::named(path)?,
+        None => StateDir::fresh(&std::env::temp_dir())?,
     };
-    std::fs::create_dir_all(&state.path)
-        .with_context(|| format!("creating {}", state.path.display()))?;
-    let logs = state.path.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    let logs = state.subdir("logs")?;
 
     eprintln!("Starting Spawner dev…");
     let api_token = match &args.token {
@@ -155,7 +135,7 @@ pub async fn run(
     tokens.insert(admin_token.clone(), Identity::admin());
     let cluster = Cluster::new(
         ServerConfig {
-            auth: Auth { tokens, rbac: None },
+            auth: Auth::tokens(tokens),
             bookmark_interval: BOOKMARK_INTERVAL,
             ..ServerConfig::default()
         },
@@ -357,10 +337,10 @@ pub async fn run(
             )?;
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
-                axum::serve(listener, crate::launcher::router(launcher))
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .context("demo launcher")
+                let router = crate::launcher::router(launcher);
+                let limits = spawner_serve::Limits::default();
+                spawner_serve::serve(listener, router, limits, shutdown.cancelled_owned()).await;
+                Ok(())
             });
             Some(url)
         }
@@ -397,7 +377,7 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\", \"$(PORT)\"], \"gracePeriodSeconds\": 30}}'"
+        "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\", \"$(PORT)\", \"--bind\", \"127.0.0.1\"], \"gracePeriodSeconds\": 30}}'"
     )?;
     writeln!(out, "or with the CLI:")?;
     writeln!(
@@ -406,7 +386,7 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "  {exe} spawn --grace 30 --wait -- python3 -m http.server '$(PORT)'"
+        "  {exe} spawn --grace 30 --wait -- python3 -m http.server '$(PORT)' --bind 127.0.0.1"
     )?;
     writeln!(
         out,
@@ -475,7 +455,7 @@ mod tests {
         tokens.insert(token.to_string(), Identity::admin());
         let cluster = Cluster::new(
             ServerConfig {
-                auth: Auth { tokens, rbac: None },
+                auth: Auth::tokens(tokens),
                 ..ServerConfig::default()
             },
             Arc::new(SystemClock),

@@ -242,11 +242,11 @@ where
             store: store.clone(),
         });
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
+            let limits = spawner_serve::Limits::default();
+            spawner_serve::serve(listener, app, limits, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
         })
     };
 
@@ -341,11 +341,8 @@ where
     if let Some(elector) = elector {
         let _ = elector.await;
     }
-    match http.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::Serve(e)),
-        Err(e) => Err(Error::Serve(std::io::Error::other(e))),
-    }
+    http.await
+        .map_err(|e| Error::Serve(std::io::Error::other(e)))
 }
 
 /// The controller of one leadership term, and the caches of children its watches fill.

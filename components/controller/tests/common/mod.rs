@@ -30,6 +30,7 @@ pub async fn cluster() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     let config = ServerConfig {
         bookmark_interval: Duration::from_secs(1),
+        auth: spawner_localcluster::Auth::anyone_is_admin(),
         ..ServerConfig::default()
     };
     let cluster = Cluster::new(config, Arc::new(spawner_localcluster::SystemClock));

@@ -32,6 +32,7 @@ pub async fn cluster() -> Client {
     let addr = listener.local_addr().expect("addr");
     let config = ServerConfig {
         bookmark_interval: Duration::from_secs(1),
+        auth: spawner_localcluster::Auth::anyone_is_admin(),
         ..ServerConfig::default()
     };
     let cluster = Cluster::new(config, Arc::new(SystemClock));
