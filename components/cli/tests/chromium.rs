@@ -301,8 +301,17 @@ async fn two_pages_share_the_demo_backend() {
         println!("chromium not found: skipping the browser test of the demo page");
         return;
     };
-    let dev = Dev::start(DevOptions {
+    // The api records the session trace of this run (target/traces/chromium-demo.jsonl; the
+    // committed fixtures/traces/recorded-chromium-demo.jsonl is one such recording).
+    let traces = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target directory")
+        .join("traces");
+    std::fs::create_dir_all(&traces).expect("create target/traces");
+    let recording = traces.join("chromium-demo.jsonl");
+    let mut dev = Dev::start(DevOptions {
         demo_grace_seconds: Some(DEMO_GRACE_SECONDS),
+        record_trace: Some(recording.clone()),
         ..Default::default()
     });
     let launcher = dev.demo_url.clone().expect("the demo launcher URL");
@@ -409,4 +418,25 @@ async fn two_pages_share_the_demo_backend() {
         |s| s["phase"] == "Swept" || s["phase"] == "Terminated",
     )
     .await;
+
+    // The recording: a spawn per page at least (the launcher's get-or-create of the `demo` key), under
+    // opaque ids, closed cleanly when `spawner dev` stops.
+    let exit = dev
+        .interrupt(Duration::from_secs(40))
+        .expect("spawner dev stops");
+    assert!(exit.success(), "{exit:?}");
+    let text = std::fs::read_to_string(&recording).expect("the recorded trace");
+    let trace = spawner_core::trace::Trace::read(text.as_bytes()).expect("a valid trace");
+    assert_eq!(trace.header.source, "api");
+    assert!(
+        trace.events.len() >= 2,
+        "one spawn per page at least: {text}"
+    );
+    assert_eq!(
+        trace.keys().len(),
+        1,
+        "both pages ask for the demo key: {text}"
+    );
+    assert!(!text.contains("\"demo\""), "{text}");
+    println!("recorded trace: {}", recording.display());
 }
