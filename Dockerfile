@@ -6,6 +6,7 @@
 #   controller  spawner-controller    controller  distroless-like: the binary, its C libraries,
 #   api         spawner-api           api         CA certificates and /etc/passwd, nothing else
 #   sweeper     spawner-sweeper       sweeper
+#   router      spawner-router        router
 #   sidecar     spawner-sidecar       sidecar
 #
 # Users:  docker build -t spawner:dev .                          (compiles in rust:1-bookworm)
@@ -85,6 +86,13 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s \
     CMD ["/usr/local/bin/spawner", "probe", "http://127.0.0.1:8080/healthz"]
 CMD ["api"]
+
+# /healthz answers on any Host that is not a backend's.
+FROM component AS router
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=2s --start-period=5s \
+    CMD ["/usr/local/bin/spawner", "probe", "http://127.0.0.1:8080/healthz"]
+CMD ["router"]
 
 FROM component AS sweeper
 EXPOSE 8081

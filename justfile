@@ -42,7 +42,7 @@ bench-sidecar:
 docker:
     scripts/docker-engine.sh start
 
-# Build every image (spawner, spawner-{controller,api,sweeper,sidecar}) from a release binary
+# Build every image (spawner, spawner-{controller,api,router,sweeper,sidecar}) from a release binary
 # built here, on the engine scripts/docker-engine.sh finds or starts (docs/images.md).
 images tag="dev":
     scripts/images.sh --tag {{tag}}
@@ -63,9 +63,16 @@ e2e-manifests:
 e2e-local:
     cargo test -p spawner-e2e --test scenarios_local -- --nocapture
 
-# End-to-end scenarios on a kind cluster (needs docker, kind, kubectl).
+# Needs go, cc, debootstrap, kubectl, root for the private Docker engine (docs/kind.md);
+# `scripts/e2e-kind.sh --dry-run` prints every command.
+# End-to-end scenarios on a kind cluster built from source.
 e2e:
     scripts/e2e-kind.sh
+
+# 50 sequential spawns and 3 bursts of 20, split into steps (e2e/examples/kind_spawn_bench.rs).
+# Spawn-to-ready latency on the kind cluster `SPAWNER_E2E_KEEP=1 just e2e` leaves.
+bench-kind:
+    eval "$(scripts/docker-engine.sh env)" && kubeconfig="$(mktemp)" && "$(scripts/kind-node-image.sh --print-kind)" get kubeconfig --name spawner >"$kubeconfig" && KUBECONFIG="$kubeconfig" cargo run -p spawner-e2e --example kind_spawn_bench
 
 # Spawn-to-ready latency of `spawner dev` (release). Measured with a backend that binds at once
 # (examples/bind_at_once.rs: target/bench/spawn.md and spawn.json), then with

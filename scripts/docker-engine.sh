@@ -102,6 +102,82 @@ install_engine() {
     apt-get install -y -qq docker.io >&2
 }
 
+# Capability names by number (linux/capability.h), to name the ones root lacks here.
+CAP_NAMES=(CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP
+    LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE
+    SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME
+    SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG
+    WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE)
+
+# The capabilities the kernel knows that this process's bounding set lacks, as a JSON array
+# ("CAP_SYS_RESOURCE" on our machines, whose root runs without it).
+missing_caps_json() {
+    local bnd last i out=""
+    bnd=$((16#$(awk '/^CapBnd:/ { print $2 }' /proc/self/status)))
+    last="$(cat /proc/sys/kernel/cap_last_cap)"
+    for ((i = 0; i <= last && i < ${#CAP_NAMES[@]}; i++)); do
+        if (((bnd >> i) & 1)); then continue; fi
+        out+="${out:+,}\"CAP_${CAP_NAMES[$i]}\""
+    done
+    echo "[$out]"
+}
+
+# Docker 20.10 gives a privileged container every capability the kernel knows, and runc then
+# fails ("unable to apply caps: operation not permitted") where root itself lacks one, so no
+# privileged container (a kind node) could start. Where root lacks some, the engine's default
+# runtime is this wrapper: runc, with those capabilities taken out of each new container's
+# config.json. Elsewhere the engine runs plain runc.
+write_runtime_config() {
+    local missing runc config="$STATE_DIR/daemon.json"
+    missing="$(missing_caps_json)"
+    if [ "$missing" = "[]" ]; then
+        echo '{}' >"$config"
+        return
+    fi
+    runc="$(command -v runc)" || die "runc is missing"
+    command -v jq >/dev/null 2>&1 || {
+        log "installing jq (the runtime wrapper edits config.json with it)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >&2
+    }
+    log "root lacks $missing here: containers run through $STATE_DIR/runc-bounded, which drops them"
+    # The wrapper edits the spec runc reads: the bundle's config.json for `create`/`run`, the
+    # --process file for `exec` (docker exec --privileged).
+    cat >"$STATE_DIR/runc-bounded.tmp" <<WRAPPER
+#!/bin/sh
+# Written by scripts/docker-engine.sh: runc, minus the capabilities root lacks on this machine.
+drop='$missing'
+bundle=.
+process=
+command=
+previous=
+for arg in "\$@"; do
+    case "\$previous" in
+        --bundle | -b) bundle="\$arg" ;;
+        --process | -p) process="\$arg" ;;
+    esac
+    case "\$arg" in
+        --bundle=*) bundle="\${arg#--bundle=}" ;;
+        --process=*) process="\${arg#--process=}" ;;
+        create | run | exec) [ -n "\$command" ] || command="\$arg" ;;
+    esac
+    previous="\$arg"
+done
+bound() { # file jq-path
+    filter="if \$2 then \$2 |= with_entries(.value |= ((. // []) - \\\$drop)) else . end"
+    jq --argjson drop "\$drop" "\$filter" "\$1" >"\$1.bounded" && mv "\$1.bounded" "\$1"
+}
+case "\$command" in
+    create | run) [ -f "\$bundle/config.json" ] && bound "\$bundle/config.json" .process.capabilities ;;
+    exec) [ -n "\$process" ] && [ -f "\$process" ] && bound "\$process" .capabilities ;;
+esac
+exec $runc "\$@"
+WRAPPER
+    chmod 0755 "$STATE_DIR/runc-bounded.tmp"
+    mv "$STATE_DIR/runc-bounded.tmp" "$STATE_DIR/runc-bounded"
+    printf '{"runtimes": {"runc-bounded": {"path": "%s"}}, "default-runtime": "runc-bounded"}\n' \
+        "$STATE_DIR/runc-bounded" >"$config"
+}
+
 start_private() {
     [ "$(id -u)" = 0 ] || die "no Docker engine is reachable and starting one needs root"
     install_engine
@@ -114,10 +190,12 @@ start_private() {
         rm -rf "$STATE_DIR/exec"
     fi
     mkdir -p "$STATE_DIR/exec"
+    write_runtime_config
     log "starting a private dockerd on $SOCKET (log: $LOG)"
     # setsid: the engine outlives this script and its caller's process group.
     # 9>&-: the engine must not inherit the lock, or the next caller would wait forever.
     setsid dockerd \
+        --config-file "$STATE_DIR/daemon.json" \
         --host "$PRIVATE_HOST" \
         --data-root "$STATE_DIR/data" \
         --exec-root "$STATE_DIR/exec" \

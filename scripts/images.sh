@@ -2,7 +2,8 @@
 # Builds every Spawner image from the Dockerfile, from a `spawner` binary built on this
 # machine (no Rust image is pulled; docs/images.md):
 #
-#   spawner:TAG  spawner-controller:TAG  spawner-api:TAG  spawner-sweeper:TAG  spawner-sidecar:TAG
+#   spawner:TAG  spawner-controller:TAG  spawner-api:TAG  spawner-router:TAG  spawner-sweeper:TAG
+#   spawner-sidecar:TAG
 #
 # Usage: scripts/images.sh [--binary PATH] [--tag TAG]
 #   --binary PATH  the binary to put in the images (default: `cargo build --release -p spawner`
@@ -64,7 +65,7 @@ version="$(echo "$version_line" | awk '{print $2}')"
 commit="$(echo "$version_line" | sed -n 's/.*(\(.*\))$/\1/p')"
 
 started=$(date +%s)
-for target in spawner controller api sweeper sidecar; do
+for target in spawner controller api router sweeper sidecar; do
     name="spawner-$target"
     [ "$target" = spawner ] && name=spawner
     log "building $name:$tag"
@@ -78,7 +79,7 @@ for target in spawner controller api sweeper sidecar; do
         "$context" >/dev/null
 done
 log "built in $(($(date +%s) - started)) s ($version_line)"
-for name in spawner spawner-controller spawner-api spawner-sweeper spawner-sidecar; do
+for name in spawner spawner-controller spawner-api spawner-router spawner-sweeper spawner-sidecar; do
     size=$(docker image inspect --format '{{.Size}}' "$name:$tag")
     awk -v n="$name:$tag" -v s="$size" 'BEGIN { printf "%-28s %6.1f MB\n", n, s / 1e6 }'
 done

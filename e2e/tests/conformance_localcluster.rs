@@ -55,7 +55,13 @@ async fn run_suite(client: Client, prefix: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_against_localcluster() {
-    let cluster = Cluster::new(ServerConfig::default(), Arc::new(SystemClock));
+    let cluster = Cluster::new(
+        ServerConfig {
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
+            ..ServerConfig::default()
+        },
+        Arc::new(SystemClock),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve(listener, cluster));

@@ -16,7 +16,7 @@ use spawner_core::resource::SessionLivedBackend;
 use spawner_e2e::controlplane::{ControlPlane, Identity, SYSTEM_NAMESPACE};
 use tokio::sync::OnceCell;
 
-const RBAC: [(&str, &str); 4] = [
+const RBAC: [(&str, &str); 5] = [
     (
         "serviceaccounts.yaml",
         include_str!("../../deploy/rbac/serviceaccounts.yaml"),
@@ -30,6 +30,7 @@ const RBAC: [(&str, &str); 4] = [
         include_str!("../../deploy/rbac/sweeper.yaml"),
     ),
     ("api.yaml", include_str!("../../deploy/rbac/api.yaml")),
+    ("router.yaml", include_str!("../../deploy/rbac/router.yaml")),
 ];
 
 /// The sweeper's role with one verb missing: no `patch` on `sessionlivedbackends/status`.
@@ -59,7 +60,12 @@ async fn control_plane(test: &str) -> Option<&'static ControlPlane> {
                     .await
                     .unwrap_or_else(|e| panic!("applying deploy/rbac/{file}: {e}"));
             }
-            for identity in [Identity::Controller, Identity::Sweeper, Identity::Api] {
+            for identity in [
+                Identity::Controller,
+                Identity::Sweeper,
+                Identity::Api,
+                Identity::Router,
+            ] {
                 wait_allowed(&admin, identity, "default").await;
             }
         })
@@ -159,6 +165,13 @@ fn expected_grants(identity: Identity) -> BTreeSet<Permission> {
             ),
             grant("events.k8s.io", "events", "", &["get", "list", "watch"]),
         ],
+        // A watch cache of backends; it writes nothing.
+        Identity::Router => vec![grant(
+            "spawner.dev",
+            "sessionlivedbackends",
+            "",
+            &["get", "list", "watch"],
+        )],
         _ => vec![],
     };
     rules.into_iter().flatten().collect()
@@ -199,6 +212,7 @@ async fn each_component_gets_its_verbs_and_nothing_more() {
         Identity::Controller,
         Identity::Sweeper,
         Identity::Api,
+        Identity::Router,
         Identity::Unprivileged,
     ] {
         let expected = expected_grants(identity);
@@ -498,6 +512,7 @@ async fn bindings_name_the_component_service_accounts() {
         (Identity::Controller, "spawner-controller"),
         (Identity::Sweeper, "spawner-sweeper"),
         (Identity::Api, "spawner-api"),
+        (Identity::Router, "spawner-router"),
     ] {
         let binding = Api::<ClusterRoleBinding>::all(admin.clone())
             .get(role)

@@ -267,11 +267,14 @@ impl World {
         let api_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api_url = format!("http://{}", api_listener.local_addr().unwrap());
         let token = unique("api-token");
+        let key_secret = unique("key-secret");
         let api_args: spawner_api::ApiArgs = args_of(&[
             "--namespace",
             &namespace,
             "--token",
             &token,
+            "--key-secret",
+            &key_secret,
             "--public-base-url",
             &api_url,
         ]);

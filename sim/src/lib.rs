@@ -5,6 +5,7 @@ pub mod clock;
 pub mod components;
 pub mod entropy;
 pub mod faults;
+pub mod generators;
 pub mod invariants;
 pub mod leadership;
 pub mod mutants;

@@ -200,10 +200,21 @@ async fn session(
                     continue;
                 };
                 let text = "x".repeat(bytes.clamp(1, 4096) as usize);
-                if socket.send(Message::Text(text.into())).await.is_ok()
-                    && let Ok(Some(Ok(Message::Text(_)))) =
-                        tokio::time::timeout(Duration::from_secs(5), socket.next()).await
-                {
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    continue;
+                }
+                // The sidecar's pings (sent while the user was idle longer than its ping
+                // interval) may come before the echo; the socket itself answers them.
+                let echo = async {
+                    loop {
+                        match socket.next().await {
+                            Some(Ok(Message::Text(_))) => return true,
+                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                            _ => return false,
+                        }
+                    }
+                };
+                if let Ok(true) = tokio::time::timeout(Duration::from_secs(5), echo).await {
                     report.update(|r| r.messages_echoed += 1);
                 }
             }

@@ -256,7 +256,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
     let clocks = HostClocks::default();
     let cluster = Cluster::new(
         ServerConfig {
-            auth: spawner_localcluster::Auth { tokens, rbac: None },
+            auth: spawner_localcluster::Auth::tokens(tokens),
             bookmark_interval: Duration::from_secs(5),
             ..ServerConfig::default()
         },

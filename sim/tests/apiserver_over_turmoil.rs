@@ -31,7 +31,13 @@ fn kube_client_and_watcher_against_localcluster_in_turmoil() -> turmoil::Result 
         .simulation_duration(Duration::from_secs(60))
         .rng_seed(1)
         .build();
-    let cluster = Cluster::new(ServerConfig::default(), Arc::new(SimClock::new()));
+    let cluster = Cluster::new(
+        ServerConfig {
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
+            ..ServerConfig::default()
+        },
+        Arc::new(SimClock::new()),
+    );
     sim.host("apiserver", move || {
         let cluster = cluster.clone();
         async move {

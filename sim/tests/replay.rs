@@ -30,6 +30,20 @@ fn fixtures() -> Vec<PathBuf> {
     files
 }
 
+/// The generated fixtures are exactly their documented generators' output.
+#[test]
+fn generated_fixtures_match_their_generators() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/traces");
+    for (name, trace) in spawner_sim::generators::fixtures() {
+        let file = std::fs::File::open(dir.join(name)).expect("fixture opens");
+        let committed = Trace::read(std::io::BufReader::new(file)).expect("valid trace");
+        assert!(
+            committed == trace,
+            "fixtures/traces/{name} differs from its generator: cargo run -p spawner-sim --example generate_traces"
+        );
+    }
+}
+
 #[test]
 fn every_fixture_replays_completely() {
     let files = fixtures();

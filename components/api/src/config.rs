@@ -73,7 +73,8 @@ pub struct ApiArgs {
     #[arg(long, env = "SPAWNER_ID_PREFIX", default_value = DEFAULT_PREFIX)]
     pub id_prefix: String,
     /// Secret mixed into the names derived from get-or-create keys, so a name cannot be
-    /// computed from a guessed key (share it between replicas).
+    /// computed from a guessed key (share it between replicas). Required, and not the
+    /// `CHANGE-ME` placeholder, unless `--allow-unauthenticated` (local development).
     #[arg(long, env = "SPAWNER_KEY_SECRET", hide_env_values = true)]
     pub key_secret: Option<String>,
     /// Largest request body accepted, in bytes.
@@ -96,6 +97,9 @@ pub struct ApiArgs {
         default_value_t = 10
     )]
     pub watch_idle_timeout_seconds: u64,
+    /// Most status streams open at once on this replica; past it a stream request gets 503.
+    #[arg(long, env = "SPAWNER_API_MAX_STATUS_STREAMS", default_value_t = 1024)]
+    pub max_status_streams: usize,
     /// Keys that sign connect tokens, `<id>:<secret>` (shared with the router; the first signs,
     /// so put a new key first to rotate). Without keys, `url` carries no token.
     #[arg(
@@ -132,6 +136,7 @@ impl ApiArgs {
         config.limits.max_lifetime_seconds = self.max_lifetime_seconds;
         config.heartbeat = Duration::from_secs(self.heartbeat_seconds);
         config.watch_idle_timeout = Duration::from_secs(self.watch_idle_timeout_seconds);
+        config.max_status_streams = self.max_status_streams;
         if !self.connect_keys.is_empty() {
             // Short secrets only for local development (where the api runs unauthenticated).
             config.connect_keys = Some(KeyRing::parse(
@@ -141,6 +146,16 @@ impl ApiArgs {
         }
         config.connect_token_ttl = Duration::from_secs(self.connect_token_ttl_seconds);
         config.check()?;
+        // Placeholders from deploy/base and an empty key secret are refused outside local
+        // development: anyone who read the repository would hold them.
+        for token in &self.tokens {
+            spawner_core::token::check_secret("api token", token.as_bytes())
+                .map_err(ConfigError::WeakSecret)?;
+        }
+        if !self.allow_unauthenticated {
+            spawner_core::token::check_secret("key secret", &config.key_secret)
+                .map_err(ConfigError::WeakSecret)?;
+        }
         Ok(config)
     }
 }
@@ -159,6 +174,7 @@ pub struct ApiConfig {
     pub limits: Limits,
     pub heartbeat: Duration,
     pub watch_idle_timeout: Duration,
+    pub max_status_streams: usize,
     /// Keys of the connect tokens put in `url`; `None`: no tokens.
     pub connect_keys: Option<KeyRing>,
     pub connect_token_ttl: Duration,
@@ -182,6 +198,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("limits", &self.limits)
             .field("heartbeat", &self.heartbeat)
             .field("watch_idle_timeout", &self.watch_idle_timeout)
+            .field("max_status_streams", &self.max_status_streams)
             .field("connect_keys", &self.connect_keys)
             .field("connect_token_ttl", &self.connect_token_ttl)
             .field("trace", &self.trace.is_some())
@@ -205,6 +222,7 @@ impl ApiConfig {
             limits: Limits::default(),
             heartbeat: Duration::from_secs(5),
             watch_idle_timeout: Duration::from_secs(10),
+            max_status_streams: 1024,
             connect_keys: None,
             connect_token_ttl: Duration::from_secs(DEFAULT_CONNECT_TTL_SECONDS),
             clock: Arc::new(SystemClock),
@@ -269,6 +287,8 @@ pub enum ConfigError {
     ConnectKeys(#[from] KeyError),
     #[error(transparent)]
     UrlTemplate(#[from] UrlTemplateError),
+    #[error("{0}")]
+    WeakSecret(String),
 }
 
 #[cfg(test)]
@@ -294,6 +314,8 @@ mod tests {
             "https://{name}.example.com",
             "--id-prefix",
             "room-",
+            "--key-secret",
+            "k3y",
         ])
         .expect("parses");
         let config = cli.api.config().expect("valid");
@@ -321,6 +343,17 @@ mod tests {
                 "{prefix}"
             );
         }
+        for weak in [
+            &["api", "--token", "t"][..],
+            &["api", "--token", "t", "--key-secret", "CHANGE-ME"],
+            &["api", "--token", "CHANGE-ME", "--key-secret", "k3y"],
+        ] {
+            let cli = Cli::try_parse_from(weak).expect("parses");
+            assert!(
+                matches!(cli.api.config(), Err(ConfigError::WeakSecret(_))),
+                "{weak:?}"
+            );
+        }
         let bad_template = Cli::try_parse_from(["api", "--token", "t", "--url-template", "{nam}"])
             .expect("parses");
         assert!(matches!(
@@ -343,6 +376,8 @@ mod tests {
             "t",
             "--connect-key",
             "new:0123456789abcdef,old:fedcba9876543210",
+            "--key-secret",
+            "k3y",
         ])
         .expect("parses");
         let config = cli.api.config().expect("valid");
@@ -365,7 +400,8 @@ mod tests {
             empty.api.config(),
             Err(ConfigError::ConnectKeys(KeyError::EmptySecret(_)))
         ));
-        let none = Cli::try_parse_from(["api", "--token", "t"]).expect("parses");
+        let none =
+            Cli::try_parse_from(["api", "--token", "t", "--key-secret", "k3y"]).expect("parses");
         assert!(none.api.config().expect("valid").connect_keys.is_none());
     }
 }

@@ -182,6 +182,15 @@ impl ApiError {
         }
     }
 
+    /// Every status stream slot of this replica is taken.
+    pub fn too_many_streams() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            "too many status streams are open; try again shortly",
+        )
+    }
+
     pub fn unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -239,7 +248,13 @@ pub fn from_validation(errors: ValidationErrors, env_names: &[String]) -> Vec<Fi
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let unauthorized = self.status == StatusCode::UNAUTHORIZED;
+        let retry = self.status == StatusCode::SERVICE_UNAVAILABLE;
         let mut response = (self.status, Json(self.body)).into_response();
+        if retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if unauthorized {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod hub;
 pub mod model;
 pub mod naming;
 pub mod openapi;
@@ -23,8 +24,6 @@ pub use routes::router;
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("serving failed: {0}")]
-    Serve(#[from] std::io::Error),
 }
 
 /// Serves the api on `listener` until `shutdown` completes. Status streams end at shutdown,
@@ -43,11 +42,11 @@ where
     tracing::info!(?config, "api starting");
     let (stop_streams, streams_stopped) = tokio::sync::watch::channel(false);
     let app = router(client, config, streams_stopped);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_streams.send(true);
-        })
-        .await?;
+    let limits = spawner_serve::Limits::default();
+    spawner_serve::serve(listener, app, limits, async move {
+        shutdown.await;
+        let _ = stop_streams.send(true);
+    })
+    .await;
     Ok(())
 }

@@ -6,52 +6,72 @@ use axum::http::header::HOST;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-/// Characters of the key hash in a get-or-create name (base32: 80 bits).
-pub const KEY_HASH_CHARS: usize = 16;
+/// Characters of the keyed hash in a get-or-create name (base32: 110 bits).
+pub const KEY_HASH_CHARS: usize = 22;
 /// Highest generation of a key's backend; a key that was respawned this often is refused.
 pub const MAX_GENERATION: u32 = 99_999;
-/// Longest suffix a get-or-create name adds to the prefix: hash, '-', generation.
-pub const KEY_NAME_SUFFIX_MAX_LEN: usize = KEY_HASH_CHARS + 1 + 5;
+/// Longest suffix a get-or-create name adds to the prefix.
+pub const KEY_NAME_SUFFIX_MAX_LEN: usize = KEY_HASH_CHARS;
+/// Label carrying the generation of a get-or-create backend (its name does not show it).
+pub const KEY_GENERATION_LABEL: &str = "spawner.dev/key-generation";
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
-/// The part of a get-or-create name shared by every generation of one key:
-/// `<prefix><16 base32 characters of HMAC-SHA256(secret, key)>-`.
-pub fn key_name_stem(prefix: &str, secret: &[u8], key: &str) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    mac.update(b"spawner-key-name/v1\0");
-    mac.update(key.as_bytes());
-    let digest = mac.finalize().into_bytes();
-    let mut stem = String::with_capacity(prefix.len() + KEY_HASH_CHARS + 1);
-    stem.push_str(prefix);
-    // 5 bits per character, taken from the digest's bit stream.
-    for i in 0..KEY_HASH_CHARS {
-        let bit = i * 5;
-        let (byte, shift) = (bit / 8, bit % 8);
-        let word = u16::from(digest[byte]) << 8 | u16::from(digest[byte + 1]);
-        let index = (word >> (11 - shift)) & 31;
-        stem.push(BASE32[index as usize] as char);
-    }
-    stem.push('-');
-    stem
+/// The names of one key's backends: generation `g` is named `<prefix><22 base32 characters of
+/// HMAC-SHA256(secret, key, g)>`. Every generation's name is a separate keyed hash, so one
+/// leaked name tells nothing about the key's other names (numbered names `-0`, `-1` ... did),
+/// and nobody without the secret can compute any of them.
+#[derive(Clone, Debug)]
+pub struct KeyNames<'a> {
+    prefix: &'a str,
+    secret: &'a [u8],
+    key: &'a str,
 }
 
-/// The name of generation `generation` of the key whose stem is `stem`.
-pub fn key_backend_name(stem: &str, generation: u32) -> String {
-    format!("{stem}{generation}")
-}
-
-/// The generation in `name` if it is a get-or-create name with this `stem`.
-pub fn generation_of(stem: &str, name: &str) -> Option<u32> {
-    let digits = name.strip_prefix(stem)?;
-    let canonical = !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && (digits == "0" || !digits.starts_with('0'));
-    if !canonical {
-        return None;
+impl<'a> KeyNames<'a> {
+    pub fn new(prefix: &'a str, secret: &'a [u8], key: &'a str) -> Self {
+        Self {
+            prefix,
+            secret,
+            key,
+        }
     }
-    digits.parse().ok()
+
+    /// The name of generation `generation`.
+    pub fn name(&self, generation: u32) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(b"spawner-key-name/v2\0");
+        mac.update(&(self.key.len() as u64).to_be_bytes());
+        mac.update(self.key.as_bytes());
+        mac.update(&generation.to_be_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut name = String::with_capacity(self.prefix.len() + KEY_HASH_CHARS);
+        name.push_str(self.prefix);
+        // 5 bits per character, taken from the digest's bit stream.
+        for i in 0..KEY_HASH_CHARS {
+            let bit = i * 5;
+            let (byte, shift) = (bit / 8, bit % 8);
+            let word = u16::from(digest[byte]) << 8 | u16::from(digest[byte + 1]);
+            let index = (word >> (11 - shift)) & 31;
+            name.push(BASE32[index as usize] as char);
+        }
+        name
+    }
+
+    /// The generation of `name` if it is this key's backend labelled with `label` (the value
+    /// of [`KEY_GENERATION_LABEL`]): the label is only believed when the name matches it.
+    pub fn generation_of(&self, name: &str, label: Option<&str>) -> Option<u32> {
+        let digits = label?;
+        let canonical = !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (digits == "0" || !digits.starts_with('0'));
+        if !canonical {
+            return None;
+        }
+        let generation: u32 = digits.parse().ok()?;
+        (generation <= MAX_GENERATION && self.name(generation) == name).then_some(generation)
+    }
 }
 
 /// The value of the `spawner.dev/key` label for `key`: the key itself when it is a valid label
@@ -259,26 +279,43 @@ mod tests {
 
     #[test]
     fn key_names_are_deterministic_dns_labels() {
-        let stem = key_name_stem("slab-", b"", "room-42");
-        assert_eq!(stem, key_name_stem("slab-", b"", "room-42"));
-        assert_ne!(stem, key_name_stem("slab-", b"", "room-43"));
-        assert_ne!(stem, key_name_stem("slab-", b"secret", "room-42"));
-        assert_eq!(stem.len(), 5 + KEY_HASH_CHARS + 1);
-        let longest = key_backend_name(&key_name_stem(&"a".repeat(41), b"", "k"), MAX_GENERATION);
+        let names = KeyNames::new("slab-", b"secret", "room-42");
+        let name = names.name(0);
+        assert_eq!(name, KeyNames::new("slab-", b"secret", "room-42").name(0));
+        assert_ne!(name, KeyNames::new("slab-", b"secret", "room-43").name(0));
+        assert_ne!(name, KeyNames::new("slab-", b"other", "room-42").name(0));
+        assert_eq!(name.len(), 5 + KEY_HASH_CHARS);
+        let long_prefix = "a".repeat(41);
+        let longest = KeyNames::new(&long_prefix, b"s", "k").name(MAX_GENERATION);
         assert!(is_dns1035_label(&longest), "{longest}");
         assert_eq!(longest.len(), 41 + KEY_NAME_SUFFIX_MAX_LEN);
-        assert!(is_dns1035_label(&key_backend_name(&stem, 0)));
     }
 
     #[test]
-    fn generations_parse_back_only_from_canonical_names() {
-        let stem = key_name_stem("slab-", b"", "k");
-        assert_eq!(generation_of(&stem, &key_backend_name(&stem, 0)), Some(0));
-        assert_eq!(generation_of(&stem, &key_backend_name(&stem, 17)), Some(17));
-        assert_eq!(generation_of(&stem, &format!("{stem}017")), None);
-        assert_eq!(generation_of(&stem, &stem), None);
-        assert_eq!(generation_of(&stem, &format!("{stem}1a")), None);
-        assert_eq!(generation_of(&stem, "slab-other-1"), None);
+    fn one_name_does_not_reveal_the_next() {
+        let names = KeyNames::new("slab-", b"secret", "room-42");
+        let (first, second) = (names.name(0), names.name(1));
+        // Nothing of the first name survives into the next but the prefix.
+        let shared = first
+            .bytes()
+            .zip(second.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        assert!(shared < 5 + 3, "{first} {second}");
+        assert!(!second.starts_with(&first[..first.len() - 2]));
+    }
+
+    #[test]
+    fn generations_are_believed_only_when_the_name_matches() {
+        let names = KeyNames::new("slab-", b"secret", "k");
+        assert_eq!(names.generation_of(&names.name(0), Some("0")), Some(0));
+        assert_eq!(names.generation_of(&names.name(17), Some("17")), Some(17));
+        assert_eq!(names.generation_of(&names.name(17), Some("16")), None);
+        assert_eq!(names.generation_of(&names.name(17), Some("017")), None);
+        assert_eq!(names.generation_of(&names.name(17), None), None);
+        assert_eq!(names.generation_of("slab-other", Some("1")), None);
+        let other_key = KeyNames::new("slab-", b"secret", "k2");
+        assert_eq!(other_key.generation_of(&names.name(3), Some("3")), None);
     }
 
     #[test]

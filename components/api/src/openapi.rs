@@ -140,7 +140,8 @@ pub fn document() -> Value {
                     "200": { "description": "The event stream.", "content": {
                         "text/event-stream": { "schema": schema_ref("PhaseEvent") }
                     }},
-                    "404": not_found, "503": unavailable
+                    "404": not_found,
+                    "503": error_response("The Kubernetes API failed (`unavailable`), or `--max-status-streams` streams are open (`too_many_streams`); try again.")
                 }
             }},
             "/backend/{id}/ready": { "get": {

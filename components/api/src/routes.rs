@@ -24,8 +24,8 @@ use crate::model::{
     TerminateResponse, is_live, mark_public, new_backend, terminate_requested_at,
 };
 use crate::naming::{
-    MAX_GENERATION, api_urls, generation_of, key_backend_name, key_label_value, key_name_stem,
-    public_base, with_query_param,
+    KEY_GENERATION_LABEL, KeyNames, MAX_GENERATION, api_urls, key_label_value, public_base,
+    with_query_param,
 };
 
 /// What every handler shares.
@@ -35,6 +35,8 @@ pub struct AppState {
     /// Becomes `true` when the server shuts down, so status streams end and graceful shutdown
     /// does not wait for them forever.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The shared watch of status streams, and their cap.
+    pub(crate) hub: Arc<crate::hub::StatusHub>,
     /// Names the trace sessions of requests that name none: a random prefix (unique to this
     /// replica, so merged replicas' traces do not share them) and a counter.
     anonymous_prefix: String,
@@ -50,10 +52,17 @@ const GET_OR_CREATE_ATTEMPTS: usize = 8;
 pub fn router(client: kube::Client, config: ApiConfig, shutdown: watch::Receiver<bool>) -> Router {
     let backends = Api::namespaced(client, &config.namespace);
     let body_limit = config.max_body_bytes;
+    let hub = crate::hub::StatusHub::new(
+        backends.clone(),
+        config.watch_idle_timeout,
+        config.max_status_streams,
+        shutdown.clone(),
+    );
     let state = Arc::new(AppState {
         backends,
         config,
         shutdown,
+        hub,
         anonymous_prefix: spawner_core::id::new_backend_id("request-").unwrap_or_default(),
         anonymous_sessions: Default::default(),
     });
@@ -255,11 +264,20 @@ async fn create_new(
     Err(ApiError::internal())
 }
 
+/// The generation of `backend` among `names`' backends, if it is one of them.
+fn generation_in(names: &KeyNames<'_>, backend: &SessionLivedBackend) -> Option<u32> {
+    let label = backend
+        .labels()
+        .get(KEY_GENERATION_LABEL)
+        .map(String::as_str);
+    names.generation_of(&backend.name_any(), label)
+}
+
 /// The live backends with `key`, and the highest generation of any backend of the key.
 async fn backends_of_key(
     state: &AppState,
     key: &str,
-    stem: &str,
+    names: &KeyNames<'_>,
 ) -> Result<(Vec<SessionLivedBackend>, Option<u32>), ApiError> {
     let selector = format!("{KEY_LABEL}={}", key_label_value(key));
     let list = state
@@ -272,17 +290,15 @@ async fn backends_of_key(
         .into_iter()
         .filter(|b| b.spec.key.as_deref() == Some(key))
         .collect();
-    let highest = of_key
-        .iter()
-        .filter_map(|b| generation_of(stem, &b.name_any()))
-        .max();
+    let highest = of_key.iter().filter_map(|b| generation_in(names, b)).max();
     let mut live: Vec<_> = of_key.into_iter().filter(is_live).collect();
     // The newest generation first; a backend someone created by hand under another name last.
-    live.sort_by_key(|b| std::cmp::Reverse(generation_of(stem, &b.name_any())));
+    live.sort_by_key(|b| std::cmp::Reverse(generation_in(names, b)));
     Ok((live, highest))
 }
 
-/// Get-or-create by key. A key's backends are named `<prefix><hash of key>-<generation>`, and
+/// Get-or-create by key. A key's backends are named `<prefix><keyed hash of key and
+/// generation>` and labelled with their generation ([`KeyNames`]), and
 /// the API server's AlreadyExists answer to a create is the lock: of all callers that try to
 /// create the same generation, exactly one succeeds, and the others read the winner. A new
 /// generation is only tried after every existing one was seen ended (terminal phase,
@@ -295,9 +311,9 @@ async fn get_or_create(
     let Some(key) = spec.key.clone() else {
         return Err(ApiError::internal());
     };
-    let stem = key_name_stem(&state.config.id_prefix, &state.config.key_secret, &key);
+    let names = KeyNames::new(&state.config.id_prefix, &state.config.key_secret, &key);
     for attempt in 0..GET_OR_CREATE_ATTEMPTS {
-        let (live, highest) = backends_of_key(state, &key, &stem).await?;
+        let (live, highest) = backends_of_key(state, &key, &names).await?;
         if let Some(existing) = live.into_iter().next() {
             return Ok((existing, false));
         }
@@ -306,13 +322,16 @@ async fn get_or_create(
             tracing::error!(key, "key has used every generation");
             return Err(ApiError::unavailable());
         }
-        let name = key_backend_name(&stem, generation);
+        let name = names.name(generation);
         let mut backend = new_backend(
             &name,
             &state.config.namespace,
             spec.clone(),
             &request.labels,
         );
+        backend
+            .labels_mut()
+            .insert(KEY_GENERATION_LABEL.into(), generation.to_string());
         if request.public {
             mark_public(&mut backend);
         }
@@ -323,7 +342,7 @@ async fn get_or_create(
         {
             Ok(created) => {
                 tracing::info!(name, key, generation, "spawned backend for key");
-                return settle_after_create(state, &key, &stem, created, generation).await;
+                return settle_after_create(state, &key, &names, created, generation).await;
             }
             Err(kube::Error::Api(status)) if status.is_already_exists() => {
                 // Someone else created this generation first: theirs is the key's backend,
@@ -352,14 +371,14 @@ async fn get_or_create(
 async fn settle_after_create(
     state: &AppState,
     key: &str,
-    stem: &str,
+    names: &KeyNames<'_>,
     created: SessionLivedBackend,
     generation: u32,
 ) -> Result<(SessionLivedBackend, bool), ApiError> {
-    let (live, _) = backends_of_key(state, key, stem).await?;
+    let (live, _) = backends_of_key(state, key, names).await?;
     let newer = live
         .into_iter()
-        .find(|b| generation_of(stem, &b.name_any()).is_some_and(|g| g > generation));
+        .find(|b| generation_in(names, b).is_some_and(|g| g > generation));
     match newer {
         None => Ok((created, true)),
         Some(newer) => {

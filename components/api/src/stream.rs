@@ -1,34 +1,32 @@
 //! `GET /backend/{id}/status/stream`: Server-Sent Events of a backend's phase transitions.
 //!
 //! The history so far comes from the backend's conditions (one per phase reached), then live
-//! transitions from a watch on the backend. Each event's `id` is its phase: phases only move
+//! transitions from the replica's shared watch of all backends ([`crate::hub`]). Each event's `id` is its phase: phases only move
 //! forward, so a client reconnecting with `Last-Event-ID: Running` receives exactly the phases
 //! after Running, never one twice. The stream ends after a terminal phase (or an event
 //! `deleted` when the backend disappears without one). Comment heartbeats keep proxies and
-//! clients from timing out; a watch that stays silent longer than the idle timeout is replaced
-//! after a fresh read, so a partition is noticed within seconds.
+//! clients from timing out; the shared watch is replaced after a fresh list when it stays
+//! silent longer than the idle timeout, so a partition is noticed within seconds.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use kube::ResourceExt;
-use kube::api::{WatchEvent, WatchParams};
 use spawner_core::{Phase, SessionLivedBackend};
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::ApiError;
 use crate::extract::BackendName;
+use crate::hub::{Change, Subscription};
 use crate::model::PhaseEvent;
 use crate::naming::UrlTemplate;
 use crate::routes::{SharedState, get_backend};
 
-/// Server-side timeout asked of each watch; the client-side idle timeout is much shorter.
-const WATCH_SERVER_TIMEOUT_SECONDS: u32 = 240;
 /// Pause before retrying after the Kubernetes API failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Name of the event carrying a phase.
@@ -156,24 +154,17 @@ enum Outgoing {
     Deleted,
 }
 
-type WatchStream =
-    Pin<Box<dyn Stream<Item = kube::Result<WatchEvent<SessionLivedBackend>>> + Send>>;
-
 struct PhaseStream {
     state: SharedState,
     name: String,
     tracker: PhaseTracker,
     queue: VecDeque<Outgoing>,
     finished: bool,
-    resource_version: String,
-    watch: Option<WatchStream>,
+    subscription: Subscription,
 }
 
 impl PhaseStream {
     fn observe(&mut self, backend: &SessionLivedBackend) {
-        if let Some(rv) = backend.resource_version() {
-            self.resource_version = rv;
-        }
         let config = &self.state.config;
         let events = self
             .tracker
@@ -206,90 +197,33 @@ impl PhaseStream {
                         return None;
                     }
                 }
-                () = self.step() => {}
+                received = self.subscription.changes.recv() => match received {
+                    Ok(change) => self.apply(&change),
+                    // Fell behind the shared watch: catch up from a read.
+                    Err(RecvError::Lagged(_)) => self.resync().await,
+                    Err(RecvError::Closed) => return None,
+                },
             }
         }
     }
 
-    /// Waits for one watch event (or a resync) and queues what it shows.
-    async fn step(&mut self) {
-        let idle_timeout = self.state.config.watch_idle_timeout;
-        if self.watch.is_none() {
-            let params = WatchParams::default()
-                .fields(&format!("metadata.name={}", self.name))
-                .timeout(WATCH_SERVER_TIMEOUT_SECONDS);
-            // Bounded like every read here: the client may have no read timeout of its own,
-            // and a pooled connection may lead into a partition.
-            let started = tokio::time::timeout(
-                idle_timeout,
-                self.state.backends.watch(&params, &self.resource_version),
-            )
-            .await;
-            match started {
-                Ok(Ok(stream)) => self.watch = Some(stream.boxed()),
-                Ok(Err(e)) => {
-                    tracing::warn!(name = self.name, error = %e, "cannot watch backend");
-                    tokio::time::sleep(RETRY_DELAY).await;
-                    self.resync().await;
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(name = self.name, "starting a watch timed out");
-                    self.resync().await;
-                    return;
-                }
+    /// Queues what one change of the shared watch shows of this backend.
+    fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Applied(b) if b.name_any() == self.name => self.observe(b),
+            Change::Deleted(b) if b.name_any() == self.name => {
+                self.observe(b);
+                self.backend_gone();
             }
-        }
-        let Some(watch) = self.watch.as_mut() else {
-            return;
-        };
-        match tokio::time::timeout(idle_timeout, watch.next()).await {
-            Ok(Some(Ok(WatchEvent::Added(backend) | WatchEvent::Modified(backend)))) => {
-                if backend.name_any() == self.name {
-                    self.observe(&backend);
-                }
-            }
-            Ok(Some(Ok(WatchEvent::Deleted(backend)))) => {
-                if backend.name_any() == self.name {
-                    self.observe(&backend);
-                    self.backend_gone();
-                }
-            }
-            Ok(Some(Ok(WatchEvent::Bookmark(bookmark)))) => {
-                self.resource_version = bookmark.metadata.resource_version;
-            }
-            Ok(Some(Ok(WatchEvent::Error(status)))) => {
-                // Typically 410 Gone: the resourceVersion is too old. Start over from a read.
-                tracing::debug!(
-                    name = self.name,
-                    code = status.code,
-                    "watch error; resyncing"
-                );
-                self.watch = None;
-                self.resync().await;
-            }
-            Ok(Some(Err(e))) => {
-                tracing::warn!(name = self.name, error = %e, "watch failed; resyncing");
-                self.watch = None;
-                tokio::time::sleep(RETRY_DELAY).await;
-                self.resync().await;
-            }
-            Ok(None) => {
-                // The server ended the watch (its timeout); continue from where it was.
-                self.watch = None;
-            }
-            Err(_) => {
-                tracing::debug!(
-                    name = self.name,
-                    "watch silent past the idle timeout; resyncing"
-                );
-                self.watch = None;
-                self.resync().await;
-            }
+            Change::Relisted(all) => match all.get(&self.name) {
+                Some(b) => self.observe(b),
+                None => self.backend_gone(),
+            },
+            _ => {}
         }
     }
 
-    /// A fresh read of the backend: catches up on anything a lost watch missed.
+    /// A fresh read of the backend: catches up on what a lagging receiver missed.
     async fn resync(&mut self) {
         let idle_timeout = self.state.config.watch_idle_timeout;
         match tokio::time::timeout(idle_timeout, self.state.backends.get_opt(&self.name)).await {
@@ -304,12 +238,11 @@ impl PhaseStream {
     }
 
     fn backend_gone(&mut self) {
-        self.watch = None;
         let terminal_queued = self
             .queue
             .iter()
             .any(|o| matches!(o, Outgoing::Phase(e) if e.phase.is_terminal()));
-        if !terminal_queued && !self.tracker.finished() {
+        if !terminal_queued && !self.tracker.finished() && !self.finished {
             self.queue.push_back(Outgoing::Deleted);
         }
         if self.queue.is_empty() {
@@ -318,12 +251,16 @@ impl PhaseStream {
     }
 }
 
-/// The handler.
+/// The handler. Over the cap of concurrent streams it answers 503 with `Retry-After`.
 pub async fn status_stream(
     State(state): State<SharedState>,
     BackendName(name): BackendName,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let subscription = state
+        .hub
+        .subscribe()
+        .ok_or_else(ApiError::too_many_streams)?;
     let backend = get_backend(&state, &name).await?;
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let heartbeat = state.config.heartbeat;
@@ -333,8 +270,7 @@ pub async fn status_stream(
         name,
         queue: VecDeque::new(),
         finished: false,
-        resource_version: String::new(),
-        watch: None,
+        subscription,
     };
     stream.finished = stream.tracker.finished();
     stream.observe(&backend);

@@ -453,7 +453,10 @@ async fn connect_replaces_an_ended_backend_with_the_next_generation() {
     let (status, first) = h.post("/connect", body.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
     let first = name_of(&first);
-    assert!(first.ends_with("-0"), "{first}");
+    assert_eq!(
+        h.backends.get(&first).await.expect("get").labels()["spawner.dev/key-generation"],
+        "0"
+    );
     let (status, again) = h.post("/connect", body.clone()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(name_of(&again), first);
@@ -469,7 +472,12 @@ async fn connect_replaces_an_ended_backend_with_the_next_generation() {
     assert_eq!(status, StatusCode::CREATED, "{second}");
     let second = name_of(&second);
     assert_ne!(second, first);
-    assert!(second.ends_with("-1"), "{second}");
+    assert_eq!(
+        h.backends.get(&second).await.expect("get").labels()["spawner.dev/key-generation"],
+        "1"
+    );
+    // One name says nothing about the next: no shared stem beyond the prefix.
+    assert_ne!(first[..first.len() - 2], second[..second.len() - 2]);
 
     // Terminate requested (controller not yet acted): ended too.
     let (status, _, _) = h
@@ -484,7 +492,10 @@ async fn connect_replaces_an_ended_backend_with_the_next_generation() {
     let (status, third) = h.post("/connect", body.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{third}");
     let third = name_of(&third);
-    assert!(third.ends_with("-2"), "{third}");
+    assert_eq!(
+        h.backends.get(&third).await.expect("get").labels()["spawner.dev/key-generation"],
+        "2"
+    );
 
     // The earlier generations were deleted (retention over): numbering continues from the
     // highest one left, and the live one is still found.
@@ -785,6 +796,75 @@ async fn shutdown_ends_open_status_streams() {
         .expect("run returns after shutdown")
         .expect("task");
     assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn a_burst_of_1000_status_streams_is_capped_and_the_api_stays_responsive() {
+    let h = std::sync::Arc::new(
+        Harness::start_with(|c| {
+            c.max_status_streams = 100;
+        })
+        .await,
+    );
+    let name = spawn(&h, json!({"image": "x"})).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let h = h.clone();
+        let path = format!("/backend/{name}/status/stream");
+        burst.spawn(async move { h.send(Method::GET, &path, None, None, &[]).await });
+    }
+    // The api answers other requests while the burst is served.
+    let (status, _) = h.get(&format!("/backend/{name}/status")).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut open = Vec::new();
+    let mut refused = 0;
+    while let Some(response) = burst.join_next().await {
+        let response = response.expect("task");
+        match response.status() {
+            StatusCode::OK => open.push(response),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (100, 900));
+    let (status, _) = h.get(&format!("/backend/{name}/status")).await;
+    assert_eq!(status, StatusCode::OK);
+    // Every open stream follows the one shared watch.
+    let mut streams: Vec<_> = open.into_iter().map(support::EventStream::new).collect();
+    h.patch_status(&name, json!({"phase": "Running"})).await;
+    for stream in &mut streams {
+        assert_eq!(
+            stream.next().await.expect("history").id.as_deref(),
+            Some("Submitted")
+        );
+        assert_eq!(
+            stream.next().await.expect("live").id.as_deref(),
+            Some("Running")
+        );
+    }
+    // Closed streams give their places back.
+    drop(streams);
+    let mut reopened = None;
+    for _ in 0..50 {
+        let response = h
+            .send(
+                Method::GET,
+                &format!("/backend/{name}/status/stream"),
+                None,
+                None,
+                &[],
+            )
+            .await;
+        if response.status() == StatusCode::OK {
+            reopened = Some(response);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reopened.is_some(), "no stream slot came back");
 }
 
 /// With a trace recorder, every answered spawn and connect is one `spawn` event: the session

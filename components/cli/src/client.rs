@@ -372,6 +372,10 @@ pub async fn spawn(args: SpawnArgs, out: &mut (dyn Write + Send)) -> anyhow::Res
         .ok_or_else(|| anyhow!("the api's answer has no backend name"))?
         .to_string();
     writeln!(out, "{name}")?;
+    if let Some(url) = answer["url"].as_str() {
+        // On stderr: stdout stays the name alone, for scripts.
+        eprintln!("open {url}");
+    }
     if answer["spawned"].as_bool() == Some(false) {
         eprintln!(
             "(the live backend of key {:?})",

@@ -1,4 +1,4 @@
-//! `spawner controller | sweeper | api | node-agent`: one production component, as the
+//! `spawner controller | sweeper | api | router | node-agent`: one production component, as the
 //! container image runs it (`spawner sidecar` is [`spawner_sidecar::run_per_core`], on runtimes
 //! of its own). Each takes its configuration from flags or environment variables and its
 //! Kubernetes client from the pod's service account (or `KUBECONFIG`).
@@ -84,6 +84,21 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
     .context("api");
     crate::trace::finish_recording(recording).await;
     served
+}
+
+pub async fn router(args: spawner_router::RouterArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let listener = bind(args.listen).await?;
+    let client = kube_client().await?;
+    spawner_router::run(
+        listener,
+        client,
+        spawner_router::TcpConnector,
+        config,
+        crate::shutdown_signal(),
+    )
+    .await;
+    Ok(())
 }
 
 pub async fn node_agent(args: spawner_node_agent::NodeAgentArgs) -> anyhow::Result<()> {

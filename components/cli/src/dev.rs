@@ -1,6 +1,6 @@
 //! `spawner dev`: the whole system on one machine, no cluster — localcluster's API server, a
-//! node agent running backends as local processes, the controller, one sweeper per node and the
-//! api, in one process; with `--demo`, a launcher page that opens a shared demo backend.
+//! node agent running backends as local processes, the controller, one sweeper per node, the
+//! api and the router, in one process; with `--demo`, a launcher page that opens a shared demo backend.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::state::StateDir;
 use spawner_localcluster::{Auth, Cluster, Identity, ServerConfig, SystemClock};
 use spawner_node_agent::NodeAgentArgs;
 
@@ -21,6 +22,14 @@ pub struct DevArgs {
     /// Address of the Spawner api.
     #[arg(long, env = "SPAWNER_DEV_API_LISTEN", default_value = "127.0.0.1:7070")]
     pub api_listen: SocketAddr,
+    /// Address of the router, the browsers' entry: backend `<name>` is
+    /// `http://<name>.localhost:<port>/`.
+    #[arg(
+        long,
+        env = "SPAWNER_DEV_ROUTER_LISTEN",
+        default_value = "127.0.0.1:7072"
+    )]
+    pub router_listen: SocketAddr,
     /// Address of the embedded Kubernetes API server (port 0: any free port).
     #[arg(long, env = "SPAWNER_DEV_KUBE_LISTEN", default_value = "127.0.0.1:0")]
     pub kube_listen: SocketAddr,
@@ -46,8 +55,9 @@ pub struct DevArgs {
     /// Seconds a finished backend stays readable before it is deleted.
     #[arg(long, default_value_t = 60)]
     pub retention_seconds: u64,
-    /// Where the kubeconfig and the backends' logs go (default: a fresh temporary directory,
-    /// removed on exit).
+    /// Where the kubeconfig and the backends' logs go, made private (0700; refused when
+    /// another user owns it). Default: a fresh private temporary directory with an
+    /// unpredictable name, removed on exit.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// The api records its spawns and connects as a session trace (docs/traces.md); without
@@ -98,19 +108,6 @@ pub fn in_process_client(router: axum::Router, token: &str) -> anyhow::Result<ku
     Ok(kube::Client::new(service, "default"))
 }
 
-struct StateDir {
-    path: PathBuf,
-    remove_on_exit: bool,
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        if self.remove_on_exit {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 fn progress(step: &str) {
     eprintln!("  · {step}");
 }
@@ -122,19 +119,10 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let state = match &args.state_dir {
-        Some(path) => StateDir {
-            path: path.clone(),
-            remove_on_exit: false,
-        },
-        None => StateDir {
-            path: std::env::temp_dir().join(format!("spawner-dev-{}", std::process::id())),
-            remove_on_exit: true,
-        },
+        Some(path) => StateDir::named(path)?,
+        None => StateDir::fresh(&std::env::temp_dir())?,
     };
-    std::fs::create_dir_all(&state.path)
-        .with_context(|| format!("creating {}", state.path.display()))?;
-    let logs = state.path.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    let logs = state.subdir("logs")?;
 
     eprintln!("Starting Spawner dev…");
     let api_token = match &args.token {
@@ -143,11 +131,12 @@ pub async fn run(
     };
     let admin_token = random_token()?;
     let events_secret = random_token()?;
+    let key_secret = random_token()?;
     let mut tokens = std::collections::HashMap::new();
     tokens.insert(admin_token.clone(), Identity::admin());
     let cluster = Cluster::new(
         ServerConfig {
-            auth: Auth { tokens, rbac: None },
+            auth: Auth::tokens(tokens),
             bookmark_interval: BOOKMARK_INTERVAL,
             ..ServerConfig::default()
         },
@@ -164,6 +153,20 @@ pub async fn run(
         )
     })?;
     let api_url = format!("http://{}", api_listener.local_addr()?);
+    let router_listener = TcpListener::bind(args.router_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another `spawner dev` running? use --router-listen)",
+                args.router_listen
+            )
+        })?;
+    let router_port = router_listener.local_addr()?.port();
+    // `*.localhost` resolves to loopback in browsers (and in most resolvers), so host mode
+    // needs no DNS set-up.
+    let router_url = format!("http://localhost:{router_port}");
+    let url_template = format!("http://{{name}}.localhost:{router_port}/");
+    let connect_key = format!("dev:{}", random_token()?);
     let demo_listener = if args.demo {
         Some(
             TcpListener::bind(args.demo_listen)
@@ -266,8 +269,40 @@ pub async fn run(
         });
     }
 
-    let api_args: spawner_api::ApiArgs =
-        args_of(&["--token", &api_token, "--public-base-url", &api_url])?;
+    let router_args: spawner_router::RouterArgs =
+        args_of(&["--domain", "localhost", "--connect-key", &connect_key])?;
+    {
+        let client = in_process_client(kube_router.clone(), &admin_token)?;
+        let config = router_args.config()?;
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            spawner_router::run(
+                router_listener,
+                client,
+                spawner_router::TcpConnector,
+                config,
+                shutdown.cancelled_owned(),
+            )
+            .await;
+            Ok(())
+        });
+    }
+    progress(&format!(
+        "router on {router_url} (backend <name> at http://<name>.localhost:{router_port}/)"
+    ));
+
+    let api_args: spawner_api::ApiArgs = args_of(&[
+        "--token",
+        &api_token,
+        "--key-secret",
+        &key_secret,
+        "--public-base-url",
+        &api_url,
+        "--url-template",
+        &url_template,
+        "--connect-key",
+        &connect_key,
+    ])?;
     let mut trace_args = args.trace.clone();
     if trace_args.trace_key.is_none() {
         trace_args.trace_key = Some(random_token()?);
@@ -305,10 +340,10 @@ pub async fn run(
             )?;
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
-                axum::serve(listener, crate::launcher::router(launcher))
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .context("demo launcher")
+                let router = crate::launcher::router(launcher);
+                let limits = spawner_serve::Limits::default();
+                spawner_serve::serve(listener, router, limits, shutdown.cancelled_owned()).await;
+                Ok(())
             });
             Some(url)
         }
@@ -322,6 +357,7 @@ pub async fn run(
     writeln!(out, "Spawner is running. Ctrl-C stops everything.")?;
     writeln!(out)?;
     writeln!(out, "SPAWNER_API_URL={api_url}")?;
+    writeln!(out, "SPAWNER_ROUTER_URL={router_url}")?;
     writeln!(out, "SPAWNER_TOKEN={api_token}")?;
     writeln!(out, "KUBECONFIG={}", kubeconfig.display())?;
     if let Some(url) = &demo_url {
@@ -344,7 +380,7 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\", \"$(PORT)\"], \"gracePeriodSeconds\": 30}}'"
+        "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\", \"$(PORT)\", \"--bind\", \"127.0.0.1\"], \"gracePeriodSeconds\": 30}}'"
     )?;
     writeln!(out, "or with the CLI:")?;
     writeln!(
@@ -353,7 +389,7 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "  {exe} spawn --grace 30 --wait -- python3 -m http.server '$(PORT)'"
+        "  {exe} spawn --grace 30 --wait -- python3 -m http.server '$(PORT)' --bind 127.0.0.1"
     )?;
     writeln!(
         out,
@@ -422,7 +458,7 @@ mod tests {
         tokens.insert(token.to_string(), Identity::admin());
         let cluster = Cluster::new(
             ServerConfig {
-                auth: Auth { tokens, rbac: None },
+                auth: Auth::tokens(tokens),
                 ..ServerConfig::default()
             },
             Arc::new(SystemClock),

@@ -1,6 +1,7 @@
 //! The demo launcher of `spawner dev --demo`: visiting its page gets (or creates) the demo
 //! backend through the api, like a web app of Spawner's users would, waits until it is Ready
-//! and redirects the browser to it. Every tab lands on the same backend (key `demo`); once they
+//! and redirects the browser to the `url` the api answered: the backend's address on the
+//! router, with a connect token that lets this browser in (a browser without one gets 401). Every tab lands on the same backend (key `demo`); once they
 //! are all closed, the backend is swept and the next visit spawns a fresh one.
 
 use std::path::PathBuf;
@@ -42,7 +43,7 @@ impl Launcher {
         })
     }
 
-    /// The demo backend's URL once it is Ready.
+    /// The demo backend's URL (with this visitor's connect token) once it is Ready.
     async fn open(&self) -> anyhow::Result<String> {
         let body = json!({
             "key": DEMO_KEY,
@@ -57,6 +58,10 @@ impl Launcher {
             .as_str()
             .ok_or_else(|| anyhow::anyhow!("the api's answer has no name"))?
             .to_string();
+        let url = answer["url"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("the api's answer has no url"))?
+            .to_string();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let status = self
@@ -64,7 +69,7 @@ impl Launcher {
                 .call(http::Method::GET, &format!("/backend/{name}/status"), None)
                 .await?;
             match (status["phase"].as_str(), status["url"].as_str()) {
-                (Some("Ready"), Some(url)) => return Ok(url.to_string()),
+                (Some("Ready"), Some(_)) => return Ok(url),
                 (Some(phase @ ("Failed" | "Swept" | "Terminated")), _) => {
                     anyhow::bail!(
                         "demo backend {name} is {phase}: {}",

@@ -12,6 +12,7 @@ pub mod dev;
 pub mod launcher;
 pub mod probe;
 pub mod replay;
+pub mod state;
 pub mod trace;
 
 /// `spawner --version`: the crate's version and the commit it was built from (build.rs).
@@ -33,7 +34,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole system on this machine, no cluster needed: a local Kubernetes API,
-    /// a node agent running backends as processes, the controller, sweepers and the api.
+    /// a node agent running backends as processes, the controller, sweepers, the api and the
+    /// router.
     Dev(dev::DevArgs),
     /// Spawn a backend (prints its name).
     Spawn(client::SpawnArgs),
@@ -57,6 +59,8 @@ pub enum Command {
     Api(spawner_api::ApiArgs),
     /// Run the sidecar (injected into every backend pod).
     Sidecar(spawner_sidecar::SidecarArgs),
+    /// Run the router, the public entry for browsers (a Deployment in a cluster).
+    Router(spawner_router::RouterArgs),
     /// Run a node agent that runs pods as local processes, against any API server.
     NodeAgent(spawner_node_agent::NodeAgentArgs),
     /// Serve the demo backend (a shared multiplayer page) on $PORT: what `spawner dev --demo`
@@ -69,9 +73,13 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct DemoBackendArgs {
-    /// Port to listen on (all interfaces).
+    /// Port to listen on.
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Address to listen on: loopback, where the pod's sidecar reaches it, so nothing gets
+    /// past the sidecar.
+    #[arg(long, env = "SPAWNER_DEMO_BIND", default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
     /// Name shown on the page.
     #[arg(long, env = "SPAWNER_BACKEND_NAME", default_value = "demo")]
     pub name: String,
@@ -151,6 +159,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         .await
         .context("sidecar")?
         .context("sidecar")?,
+        Command::Router(args) => components::router(args).await?,
         Command::NodeAgent(args) => components::node_agent(args).await?,
         Command::Trace(args) => trace::run(args, out).await?,
         Command::Probe(args) => probe::run(args).await?,
@@ -159,9 +168,11 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
             out.write_all(spawner_core::resource::crd_yaml()?.as_bytes())?;
         }
         Command::DemoBackend(args) => {
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", args.port))
+            let listener = tokio::net::TcpListener::bind((args.bind, args.port))
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on port {}: {e}", args.port))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {}:{}: {e}", args.bind, args.port)
+                })?;
             tracing::info!(port = args.port, name = %args.name, "demo backend listening");
             axum::serve(listener, demo::router(&args.name))
                 .with_graceful_shutdown(shutdown_signal())

@@ -63,10 +63,8 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
 const MONITOR_INTERVAL: Duration = Duration::from_millis(200);
 
 type Http = Client<HttpConnector, Full<Bytes>>;
-type Sink = futures::stream::SplitSink<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    Message,
->;
+type Sink =
+    futures::stream::SplitSink<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, Message>;
 
 /// What the sessions and the monitor saw.
 #[derive(Default)]
@@ -525,13 +523,26 @@ async fn open(target: &Target, seen: &Shared, backend: &Backend) -> Result<Sink,
         return Err(OpenError::Refused);
     };
     let ws_url = websocket_url(&url).ok_or(OpenError::Refused)?;
-    let (socket, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(ws_url.as_str()),
-    )
-    .await
-    .map_err(|_| OpenError::Refused)?
-    .map_err(|_| OpenError::Refused)?;
+    let uri: http::Uri = ws_url.parse().map_err(|_| OpenError::Refused)?;
+    let host = uri.host().ok_or(OpenError::Refused)?;
+    let port = uri.port_u16().unwrap_or(80);
+    // `<name>.localhost` (the router of `spawner dev`) is loopback, as browsers resolve it;
+    // the Host header keeps the name.
+    let address = if host == "localhost" || host.ends_with(".localhost") {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    let opened = tokio::time::timeout(Duration::from_secs(10), async {
+        let stream = tokio::net::TcpStream::connect((address, port)).await.ok()?;
+        tokio_tungstenite::client_async(ws_url.as_str(), stream)
+            .await
+            .ok()
+    })
+    .await;
+    let Ok(Some((socket, _))) = opened else {
+        return Err(OpenError::Refused);
+    };
     let (sink, mut stream) = socket.split();
     // Read (and drop) what the backend sends, so it is never blocked on this client.
     tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });

@@ -172,9 +172,28 @@ impl DevTools {
 
     /// Opens `url` in a new page and returns the page's session.
     async fn open(&mut self, url: &str) -> String {
-        let target = self
-            .call(None, "Target.createTarget", json!({"url": url}))
+        self.open_in(url, None).await
+    }
+
+    /// Opens `url` in a new page of a fresh browser context (its own cookies, as another
+    /// browser would have) and returns the page's session.
+    async fn open_elsewhere(&mut self, url: &str) -> String {
+        let context = self
+            .call(None, "Target.createBrowserContext", json!({}))
             .await;
+        let id = context["browserContextId"]
+            .as_str()
+            .expect("browserContextId")
+            .to_string();
+        self.open_in(url, Some(&id)).await
+    }
+
+    async fn open_in(&mut self, url: &str, context: Option<&str>) -> String {
+        let mut params = json!({"url": url});
+        if let Some(id) = context {
+            params["browserContextId"] = json!(id);
+        }
+        let target = self.call(None, "Target.createTarget", params).await;
         let target_id = target["targetId"].as_str().expect("targetId").to_string();
         let attached = self
             .call(
@@ -282,8 +301,17 @@ async fn two_pages_share_the_demo_backend() {
         println!("chromium not found: skipping the browser test of the demo page");
         return;
     };
-    let dev = Dev::start(DevOptions {
+    // The api records the session trace of this run (target/traces/chromium-demo.jsonl; the
+    // committed fixtures/traces/recorded-chromium-demo.jsonl is one such recording).
+    let traces = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target directory")
+        .join("traces");
+    std::fs::create_dir_all(&traces).expect("create target/traces");
+    let recording = traces.join("chromium-demo.jsonl");
+    let mut dev = Dev::start(DevOptions {
         demo_grace_seconds: Some(DEMO_GRACE_SECONDS),
+        record_trace: Some(recording.clone()),
         ..Default::default()
     });
     let launcher = dev.demo_url.clone().expect("the demo launcher URL");
@@ -300,7 +328,8 @@ async fn two_pages_share_the_demo_backend() {
         .wait_for(&second, STATUS, &connected, Duration::from_secs(30))
         .await;
 
-    // Both pages were redirected to the one demo backend's URL.
+    // Both pages were redirected through the router to the one demo backend's URL (the
+    // connect token swapped for a cookie and gone from the address).
     let api = dev.api();
     let (status, list) = api.call("GET", "/backends?key=demo", None).await;
     assert_eq!(status, 200, "{list}");
@@ -312,6 +341,10 @@ async fn two_pages_share_the_demo_backend() {
         assert!(
             href.as_str().is_some_and(|h| h.starts_with(&backend_url)),
             "the page is served by the backend at {backend_url}: {href}"
+        );
+        assert!(
+            href.as_str().is_some_and(|h| !h.contains("spawner_token")),
+            "the token left the address: {href}"
         );
     }
     for session in [&first, &second] {
@@ -336,6 +369,20 @@ async fn two_pages_share_the_demo_backend() {
         .await;
     devtools
         .wait_for(&first, COUNT, &after, Duration::from_secs(10))
+        .await;
+
+    // Another browser (no cookie) that knows the backend's address but has no token: 401.
+    let stranger = devtools.open_elsewhere(&backend_url).await;
+    devtools
+        .wait_for(
+            &stranger,
+            "JSON.parse(document.body.innerText).error.code",
+            &json!("token_missing"),
+            Duration::from_secs(10),
+        )
+        .await;
+    devtools
+        .call(Some(&stranger), "Page.close", json!({}))
         .await;
 
     // A picture for people.
@@ -371,4 +418,25 @@ async fn two_pages_share_the_demo_backend() {
         |s| s["phase"] == "Swept" || s["phase"] == "Terminated",
     )
     .await;
+
+    // The recording: a spawn per page at least (the launcher's get-or-create of the `demo` key), under
+    // opaque ids, closed cleanly when `spawner dev` stops.
+    let exit = dev
+        .interrupt(Duration::from_secs(40))
+        .expect("spawner dev stops");
+    assert!(exit.success(), "{exit:?}");
+    let text = std::fs::read_to_string(&recording).expect("the recorded trace");
+    let trace = spawner_core::trace::Trace::read(text.as_bytes()).expect("a valid trace");
+    assert_eq!(trace.header.source, "api");
+    assert!(
+        trace.events.len() >= 2,
+        "one spawn per page at least: {text}"
+    );
+    assert_eq!(
+        trace.keys().len(),
+        1,
+        "both pages ask for the demo key: {text}"
+    );
+    assert!(!text.contains("\"demo\""), "{text}");
+    println!("recorded trace: {}", recording.display());
 }

@@ -607,7 +607,14 @@ fn the_images_print_this_commits_version_and_carry_it_as_labels() {
         !VERSION.contains("unknown"),
         "this build knows no commit: {VERSION}"
     );
-    for component in ["spawner", "controller", "api", "sweeper", "sidecar"] {
+    for component in [
+        "spawner",
+        "controller",
+        "api",
+        "router",
+        "sweeper",
+        "sidecar",
+    ] {
         let image = image(component);
         let printed = docker(&["run", "--rm", "--read-only", &image, "--version"]);
         assert_eq!(printed, format!("spawner {VERSION}"), "{image}");

@@ -1,6 +1,6 @@
 //! A new user's first minutes, driven from outside as they would: start `spawner dev`, read the
 //! URL and token it prints, spawn a backend over HTTP, follow its status stream to Ready, talk
-//! to it over a WebSocket through its URL, leave, see it swept after the grace period with its
+//! to it over a WebSocket through the router with the URL's connect token, leave, see it swept after the grace period with its
 //! process gone, and stop everything with Ctrl-C.
 
 mod common;
@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Dev, DevOptions, PHASES_TO_READY, SPAWNER, app_pid, descendants, next_json, phases, process,
-    processes_with_env, wait_gone,
+    Dev, DevOptions, PHASES_TO_READY, SPAWNER, app_pid, descendants, dial_router, get_via_router,
+    next_json, phases, process, processes_with_env, wait_gone,
 };
 use futures::SinkExt;
 use serde_json::json;
@@ -26,13 +26,25 @@ async fn spawn_talk_leave_swept_then_ctrl_c_leaves_nothing() {
 
     // A backend running the demo app (HTTP page + WebSocket room), swept 2 s after its last
     // connection closes.
-    let name = api
-        .spawn(&json!({
-            "command": [SPAWNER, "demo-backend"],
-            "env": {mark_name: mark_value, "SPAWNER_BACKEND_NAME": "journey"},
-            "gracePeriodSeconds": GRACE_SECONDS,
-        }))
+    let (status, answer) = api
+        .call(
+            "POST",
+            "/spawn",
+            Some(&json!({
+                "command": [SPAWNER, "demo-backend"],
+                "env": {mark_name: mark_value, "SPAWNER_BACKEND_NAME": "journey"},
+                "gracePeriodSeconds": GRACE_SECONDS,
+                "user": "journey-user",
+            })),
+        )
         .await;
+    assert_eq!(status, 201, "{answer}");
+    let name = answer["name"].as_str().expect("name").to_string();
+    // The URL a browser opens: the backend on the router, with a connect token.
+    let url_with_token = answer["url"].as_str().expect("url").to_string();
+    let (plain, token) = url_with_token
+        .split_once("?spawner_token=")
+        .expect("the url carries a connect token");
     let events = api.follow(&name, Duration::from_secs(30)).await;
     assert_eq!(
         phases(&events),
@@ -44,7 +56,14 @@ async fn spawn_talk_leave_swept_then_ctrl_c_leaves_nothing() {
         .and_then(|ready| ready["url"].as_str())
         .expect("the Ready event carries the URL")
         .to_string();
-    assert!(url.starts_with("http://127."), "a loopback URL: {url}");
+    assert_eq!(
+        url, plain,
+        "the status URL is the token's URL without the token"
+    );
+    assert!(
+        url.starts_with(&format!("http://{name}.localhost:")),
+        "the backend's address on the router: {url}"
+    );
 
     // The application process, as the node agent reports it in the pod.
     let pid = app_pid(&dev.kubeconfig, &name).await;
@@ -55,16 +74,27 @@ async fn spawn_talk_leave_swept_then_ctrl_c_leaves_nothing() {
         app.cmdline
     );
 
-    // The page, through the backend's URL (the sidecar proxies to the app).
-    let page = common::Api::new(&url, None);
-    let (status, _) = page.call("GET", "/", None).await;
-    assert_eq!(status, 200, "the page at {url}");
+    // The page, through the router (which proxies to the sidecar, which proxies to the app):
+    // with the token, and never without.
+    let (status, body) = get_via_router(
+        &dev.router_url,
+        &url,
+        &format!("Authorization: Bearer {token}\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "the page at {url}: {body}");
+    let (status, body) = get_via_router(&dev.router_url, &url, "").await;
+    assert_eq!(status, 401, "no token: {body}");
 
-    // The WebSocket room, through the same URL.
-    let ws_url = format!("{}/ws", url.replacen("http://", "ws://", 1));
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+    // The WebSocket room, through the same URL (the token in the query of the upgrade).
+    let ws_url = format!(
+        "{}ws?spawner_token={token}",
+        url.replacen("http://", "ws://", 1)
+    );
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(dial_router(&dev.router_url).await);
+    let (mut ws, _) = tokio_tungstenite::client_async(ws_url.as_str(), stream)
         .await
-        .expect("WebSocket through the backend URL");
+        .expect("WebSocket through the router");
     let joined = next_json(&mut ws).await;
     assert_eq!(joined["peers"], 1, "{joined}");
     ws.send(Message::Text(r#"{"op":"increment"}"#.into()))

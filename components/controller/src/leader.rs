@@ -33,6 +33,33 @@ pub struct LeaseSettings {
     pub retry_period: Duration,
 }
 
+impl LeaseSettings {
+    /// Refuses timings under which two replicas could lead at once: the leader must step down
+    /// (renew deadline) before anyone may take over (lease duration), and must get to retry
+    /// within its deadline.
+    pub fn check(&self) -> Result<(), String> {
+        if self.identity.is_empty() {
+            return Err("the lease identity must not be empty".into());
+        }
+        if self.retry_period.is_zero() {
+            return Err("the lease retry period must be positive".into());
+        }
+        if self.renew_deadline >= self.lease_duration {
+            return Err(format!(
+                "the lease renew deadline ({:?}) must be shorter than the lease duration ({:?})",
+                self.renew_deadline, self.lease_duration
+            ));
+        }
+        if self.retry_period >= self.renew_deadline {
+            return Err(format!(
+                "the lease retry period ({:?}) must be shorter than the renew deadline ({:?})",
+                self.retry_period, self.renew_deadline
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a candidate does with the lease it just read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseDecision {
@@ -214,35 +241,45 @@ impl LeaderElector {
 
     /// Campaigns until `shutdown`, publishing whether we lead on `leading`. Releases the lease
     /// on shutdown if we hold it.
+    ///
+    /// A term is counted from when the winning request was SENT: the record it wrote is at
+    /// least that new, so no other candidate can take over before `sent + lease_duration`,
+    /// and we step down at `sent + renew_deadline`, earlier, however slowly the answer came.
+    /// A renewal that has not succeeded by then is abandoned and leadership is given up at that
+    /// instant, not when the request finally times out.
     pub async fn run(
         mut self,
         leading: watch::Sender<bool>,
         metrics: Arc<Metrics>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut last_renewal: Option<Instant> = None;
+        // When the request that last won (or renewed) the lease was sent.
+        let mut won_at: Option<Instant> = None;
         loop {
-            let attempt =
-                tokio::time::timeout(self.settings.renew_deadline, self.try_acquire_or_renew())
-                    .await;
+            let sent = Instant::now();
+            let deadline = won_at.map_or(sent, |t| t) + self.settings.renew_deadline;
+            let attempt = tokio::select! {
+                r = tokio::time::timeout_at(deadline, self.try_acquire_or_renew()) => r,
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
             let leads = match attempt {
                 Ok(Ok(true)) => {
-                    last_renewal = Some(Instant::now());
+                    won_at = Some(sent);
                     true
                 }
                 Ok(Ok(false)) => false,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "leader election: lease request failed");
-                    // Keep leading only while the last renewal is within the renew deadline.
-                    last_renewal.is_some_and(|t| t.elapsed() < self.settings.renew_deadline)
+                    // Keep leading only while the last win is within the renew deadline.
+                    won_at.is_some_and(|t| t.elapsed() < self.settings.renew_deadline)
                 }
                 Err(_) => {
-                    tracing::warn!("leader election: lease request timed out");
-                    last_renewal.is_some_and(|t| t.elapsed() < self.settings.renew_deadline)
+                    tracing::warn!("leader election: no renewal within the renew deadline");
+                    false
                 }
             };
             if !leads {
-                last_renewal = None;
+                won_at = None;
             }
             if *leading.borrow() != leads {
                 tracing::info!(identity = %self.settings.identity, leads, "leadership changed");
@@ -250,8 +287,14 @@ impl LeaderElector {
                 metrics.is_leader.store(leads, Ordering::Relaxed);
                 let _ = leading.send(leads);
             }
+            // Sleep until the next round, but never past the renew deadline while leading.
+            let wake = match won_at {
+                Some(t) => (Instant::now() + self.settings.retry_period)
+                    .min(t + self.settings.renew_deadline),
+                None => Instant::now() + self.settings.retry_period,
+            };
             tokio::select! {
-                _ = tokio::time::sleep(self.settings.retry_period) => {}
+                _ = tokio::time::sleep_until(wake) => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
         }
@@ -323,6 +366,34 @@ mod tests {
             decide(Some(&empty), "a", Duration::ZERO, D),
             LeaseDecision::TakeOver
         );
+    }
+
+    #[test]
+    fn timings_that_let_two_lead_are_refused() {
+        let ok = LeaseSettings {
+            name: "l".into(),
+            namespace: "n".into(),
+            identity: "a".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        };
+        assert_eq!(ok.check(), Ok(()));
+        let equal = LeaseSettings {
+            renew_deadline: Duration::from_secs(15),
+            ..ok.clone()
+        };
+        assert!(equal.check().is_err());
+        let slow_retry = LeaseSettings {
+            retry_period: Duration::from_secs(10),
+            ..ok.clone()
+        };
+        assert!(slow_retry.check().is_err());
+        let anonymous = LeaseSettings {
+            identity: String::new(),
+            ..ok
+        };
+        assert!(anonymous.check().is_err());
     }
 
     #[test]

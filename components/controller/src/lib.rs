@@ -29,8 +29,9 @@ use kube::runtime::controller::{Config as RuntimeConfig, Controller};
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use spawner_core::children::{ChildrenConfig, DEFAULT_SIDECAR_PORT};
+use spawner_core::children::{ChildrenConfig, DEFAULT_SIDECAR_PORT, SidecarResources};
 use spawner_core::phase::Phase;
+use spawner_core::policy::{PodAllowance, PodPolicy};
 use spawner_core::resource::{BACKEND_LABEL, SessionLivedBackend};
 use spawner_core::transition_event::EventReporter;
 use spawner_core::validation::Limits;
@@ -70,9 +71,31 @@ pub struct ControllerArgs {
         default_value = "0.0.0.0:8080"
     )]
     pub listen: std::net::SocketAddr,
-    /// Secret the events tokens are derived from (shared with the sweeper).
+    /// Secret the events tokens are derived from (shared with the sweeper). Refused when empty
+    /// or the `CHANGE-ME` placeholder.
     #[arg(long, env = "SPAWNER_EVENTS_SECRET", hide_env_values = true)]
     pub events_secret: String,
+    /// Pod template fields the backend pod policy lets through (comma-separated; refused by
+    /// default): privileged, host-namespaces, host-path, host-ports, capabilities, node-name,
+    /// service-account, unconfined. `service-account` also lets a template ask for a token.
+    #[arg(long, env = "SPAWNER_BACKEND_POD_ALLOW", value_delimiter = ',')]
+    pub backend_pod_allow: Vec<PodAllowance>,
+    /// How long the controller keeps retrying a pod the API server forbids (Pod Security, a
+    /// ResourceQuota, a LimitRange) before the backend fails with the API server's reason.
+    #[arg(long, env = "SPAWNER_POD_REFUSAL_RETRY_SECONDS", default_value_t = 30)]
+    pub pod_refusal_retry_seconds: u64,
+    /// CPU request of the injected sidecar.
+    #[arg(long, env = "SPAWNER_SIDECAR_CPU_REQUEST", default_value = "50m")]
+    pub sidecar_cpu_request: String,
+    /// Memory request of the injected sidecar.
+    #[arg(long, env = "SPAWNER_SIDECAR_MEMORY_REQUEST", default_value = "32Mi")]
+    pub sidecar_memory_request: String,
+    /// CPU limit of the injected sidecar (none when unset).
+    #[arg(long, env = "SPAWNER_SIDECAR_CPU_LIMIT")]
+    pub sidecar_cpu_limit: Option<String>,
+    /// Memory limit of the injected sidecar.
+    #[arg(long, env = "SPAWNER_SIDECAR_MEMORY_LIMIT", default_value = "256Mi")]
+    pub sidecar_memory_limit: String,
     /// Image of the sidecar container injected into every backend pod.
     #[arg(
         long,
@@ -114,9 +137,10 @@ pub struct ControllerArgs {
     /// Namespace of the Lease (the controller's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
-    /// This replica's identity in the Lease and in Events (the pod name).
-    #[arg(long, env = "POD_NAME", default_value = "spawner-controller")]
-    pub identity: String,
+    /// This replica's identity in the Lease and in Events (the pod name). Without one, a
+    /// random identity: two replicas must never share one, or both would lead.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     #[arg(long, env = "SPAWNER_LEASE_DURATION_SECONDS", default_value_t = 15)]
     pub lease_duration_seconds: u64,
     #[arg(
@@ -141,6 +165,10 @@ pub struct ControllerConfig {
     pub resync: Duration,
     pub concurrency: u16,
     pub limits: Limits,
+    /// What backend pod templates may ask for beyond the default.
+    pub pod_policy: PodPolicy,
+    /// How long a forbidden pod is retried before its backend fails.
+    pub pod_refusal_retry: Duration,
     /// `None` runs without leader election.
     pub lease: Option<LeaseSettings>,
     /// Reporter identity in Events.
@@ -148,12 +176,23 @@ pub struct ControllerConfig {
     pub clock: Arc<dyn Clock>,
 }
 
+/// A fresh identity for a replica that was given none.
+fn random_identity() -> String {
+    spawner_core::id::new_backend_id("spawner-controller-")
+        .unwrap_or_else(|_| format!("spawner-controller-{}", std::process::id()))
+}
+
 impl ControllerArgs {
     pub fn into_config(self) -> ControllerConfig {
+        let identity = self
+            .identity
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(random_identity);
+        let pod_policy = PodPolicy::allowing(self.backend_pod_allow);
         let lease = (!self.no_leader_election).then(|| LeaseSettings {
             name: self.lease_name,
             namespace: self.lease_namespace,
-            identity: self.identity.clone(),
+            identity: identity.clone(),
             lease_duration: Duration::from_secs(self.lease_duration_seconds),
             renew_deadline: Duration::from_secs(self.lease_renew_deadline_seconds),
             retry_period: Duration::from_secs(self.lease_retry_period_seconds),
@@ -168,6 +207,13 @@ impl ControllerArgs {
                 sidecar_image: self.sidecar_image,
                 sidecar_port: self.sidecar_port,
                 cluster_domain: self.cluster_domain,
+                sidecar_resources: SidecarResources {
+                    cpu_request: self.sidecar_cpu_request,
+                    memory_request: self.sidecar_memory_request,
+                    cpu_limit: self.sidecar_cpu_limit,
+                    memory_limit: self.sidecar_memory_limit,
+                },
+                allow_service_account_token: pod_policy.allows(PodAllowance::ServiceAccount),
             },
             events_secret: self.events_secret.into_bytes(),
             url_mode: self.url_mode,
@@ -176,8 +222,10 @@ impl ControllerArgs {
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             concurrency: self.concurrency,
             limits,
+            pod_policy,
+            pod_refusal_retry: Duration::from_secs(self.pod_refusal_retry_seconds),
             lease,
-            identity: self.identity,
+            identity,
             clock: Arc::new(SystemClock),
         }
     }
@@ -227,6 +275,11 @@ where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
+    spawner_core::token::check_secret("events secret", &config.events_secret)
+        .map_err(Error::Config)?;
+    if let Some(lease) = &config.lease {
+        lease.check().map_err(Error::Config)?;
+    }
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Mutex::new(None));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -242,11 +295,11 @@ where
             store: store.clone(),
         });
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
+            let limits = spawner_serve::Limits::default();
+            spawner_serve::serve(listener, app, limits, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
         })
     };
 
@@ -308,6 +361,22 @@ where
         let mut lost = leading_rx.clone();
         let mut stop_inner = stop_rx.clone();
         let lease_enabled = config.lease.is_some();
+        // A reconcile in flight when leadership is lost is stopped at once: another replica
+        // may already lead, and two must never write at the same time.
+        let fence = leading_rx.clone();
+        let fenced = move |backend: Arc<SessionLivedBackend>, ctx: Arc<Context>| {
+            let mut fence = fence.clone();
+            async move {
+                if !lease_enabled {
+                    return reconcile(backend, ctx).await;
+                }
+                tokio::select! {
+                    biased;
+                    _ = fence.wait_for(|l| !*l) => Err(Error::LostLeadership),
+                    r = reconcile(backend, ctx) => r,
+                }
+            }
+        };
         let stream = controller
             .graceful_shutdown_on(async move {
                 tokio::select! {
@@ -315,7 +384,7 @@ where
                     _ = stop_inner.wait_for(|s| *s) => {}
                 }
             })
-            .run(reconcile, error_policy, ctx.clone());
+            .run(fenced, error_policy, ctx.clone());
         stream
             .for_each(|result| async move {
                 if let Err(e) = result {
@@ -341,11 +410,8 @@ where
     if let Some(elector) = elector {
         let _ = elector.await;
     }
-    match http.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::Serve(e)),
-        Err(e) => Err(Error::Serve(std::io::Error::other(e))),
-    }
+    http.await
+        .map_err(|e| Error::Serve(std::io::Error::other(e)))
 }
 
 /// The controller of one leadership term, and the caches of children its watches fill.
@@ -425,5 +491,56 @@ mod tests {
         let lease = config.lease.expect("leader election on by default");
         assert_eq!(lease.namespace, "spawner");
         assert!(lease.renew_deadline < lease.lease_duration);
+        assert_eq!(lease.check(), Ok(()));
+        assert_eq!(config.pod_policy, PodPolicy::default());
+        assert!(!config.children.allow_service_account_token);
+    }
+
+    #[test]
+    fn two_replicas_without_an_identity_never_share_one() {
+        let parse = || {
+            Cli::try_parse_from(["controller", "--events-secret", "s3cret"])
+                .expect("parses")
+                .args
+        };
+        let (a, b) = (parse(), parse());
+        // POD_NAME may be set in the environment the tests run in; only check without it.
+        if a.identity.is_none() {
+            let (a, b) = (a.into_config(), b.into_config());
+            assert_ne!(a.identity, b.identity);
+            assert_eq!(
+                a.lease.expect("lease").identity,
+                a.identity,
+                "the lease holder is the replica's identity"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pod_policy_is_configured_by_name() {
+        let cli = Cli::try_parse_from([
+            "controller",
+            "--events-secret",
+            "s3cret",
+            "--backend-pod-allow",
+            "host-path,service-account",
+        ])
+        .expect("parses");
+        let config = cli.args.into_config();
+        assert_eq!(
+            config.pod_policy,
+            PodPolicy::allowing([PodAllowance::HostPath, PodAllowance::ServiceAccount])
+        );
+        assert!(config.children.allow_service_account_token);
+        assert!(
+            Cli::try_parse_from([
+                "controller",
+                "--events-secret",
+                "s",
+                "--backend-pod-allow",
+                "root"
+            ])
+            .is_err()
+        );
     }
 }

@@ -17,9 +17,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use spawner_core::children::{BuildError, build_pod, build_service, service_url};
 use spawner_core::phase::{Observation, Phase, Transition, run as run_phases};
+use spawner_core::policy::{POLICY_VIOLATION_REASON, check_pod_policy};
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend, SessionLivedBackendStatus};
 use spawner_core::status::{apply_transition, phase_time, status_patch};
-use spawner_core::token::events_token;
+use spawner_core::token::{events_token, token_check};
 use spawner_core::transition_event::{EventReporter, transition_event};
 use spawner_core::validation::validate_spec;
 use spawner_kube_events::EventPublisher;
@@ -45,6 +46,10 @@ pub enum Error {
     MissingNamespace(String),
     #[error("metrics server failed: {0}")]
     Serve(std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("leadership was lost; the reconcile was stopped")]
+    LostLeadership,
 }
 
 impl Error {
@@ -78,6 +83,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Backends whose spawn-to-ready time was recorded, so it is recorded once.
     ready_recorded: Mutex<HashSet<String>>,
+    /// When the API server first forbade each backend's pod (by uid), for the bounded retry.
+    refused_since: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 impl Context {
@@ -97,6 +104,7 @@ impl Context {
             children: Mutex::new(None),
             failures: Mutex::new(HashMap::new()),
             ready_recorded: Mutex::new(HashSet::new()),
+            refused_since: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -221,30 +229,66 @@ fn may_need_delete<K: Resource>(cached: Option<Arc<K>>, caches: Option<&ChildCac
     }
 }
 
-/// Deletes the backend's pod and service unless the caches know them gone or going.
+/// Deletes the backend's pod and service unless the caches know them gone or going. Only
+/// children this backend owns are deleted, each with its uid as a precondition: a pod or
+/// service of the same name that belongs to a newer backend is never touched.
 async fn delete_children(
     (pods, services): (&Api<Pod>, &Api<Service>),
     caches: Option<&ChildCaches>,
-    name: &str,
-    namespace: &str,
+    (name, namespace, owner): (&str, &str, &str),
 ) -> Result<(), kube::Error> {
-    if may_need_delete(caches.and_then(|c| c.pod(name, namespace)), caches) {
-        delete_if_present(pods, name).await?;
+    let cached_pod = caches.and_then(|c| c.pod(name, namespace));
+    if may_need_delete(cached_pod.clone(), caches) {
+        let pod = match cached_pod {
+            Some(pod) => Some(Pod::clone(&pod)),
+            None => pods.get_opt(name).await?,
+        };
+        delete_owned(pods, pod.as_ref().map(|p| &p.metadata), owner).await?;
     }
-    if may_need_delete(caches.and_then(|c| c.service(name, namespace)), caches) {
-        delete_if_present(services, name).await?;
+    let cached_service = caches.and_then(|c| c.service(name, namespace));
+    if may_need_delete(cached_service.clone(), caches) {
+        let service = match cached_service {
+            Some(service) => Some(service.metadata.clone()),
+            None => services.get_opt(name).await?.map(|s| s.metadata),
+        };
+        delete_owned(services, service.as_ref(), owner).await?;
     }
     Ok(())
 }
 
-/// Deletes `name` unless it is gone already.
-async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+/// Deletes the object `meta` describes if `owner` owns it, on condition that it is still the
+/// same object (its uid); gone or replaced meanwhile is fine.
+async fn delete_owned<K>(
+    api: &Api<K>,
+    meta: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+    owner: &str,
+) -> Result<(), kube::Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    match api.delete(name, &DeleteParams::background()).await {
+    let Some(meta) = meta else {
+        return Ok(());
+    };
+    let owned = meta
+        .owner_references
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.uid == owner);
+    let (Some(name), true) = (meta.name.as_deref(), owned) else {
+        return Ok(());
+    };
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: meta.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &params).await {
         Ok(_) => Ok(()),
         Err(e) if is_status(&e, kube::core::Status::is_not_found) => Ok(()),
+        Err(e) if is_status(&e, kube::core::Status::is_conflict) => Ok(()),
         Err(e) => Err(e),
     }
 }
@@ -256,6 +300,28 @@ fn owned_by(pod: &Pod, uid: &str) -> bool {
         .unwrap_or_default()
         .iter()
         .any(|o| o.uid == uid)
+}
+
+/// Records that the API server forbade `uid`'s pod; whether it has been forbidding it for
+/// longer than the configured retry.
+fn refusal_outlasted(ctx: &Context, uid: &str) -> bool {
+    let now = tokio::time::Instant::now();
+    let Ok(mut map) = ctx.refused_since.lock() else {
+        return true;
+    };
+    let since = *map.entry(uid.to_string()).or_insert(now);
+    if now.duration_since(since) >= ctx.config.pod_refusal_retry {
+        map.remove(uid);
+        true
+    } else {
+        false
+    }
+}
+
+fn forget_refusal(ctx: &Context, uid: &str) {
+    if let Ok(mut map) = ctx.refused_since.lock() {
+        map.remove(uid);
+    }
 }
 
 /// Everything the reconciler decided about one backend, before writing it.
@@ -299,6 +365,15 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             reason: "InvalidSpec".into(),
             message: errors.to_string(),
         });
+    } else if let (Err(refused), true) = (
+        check_pod_policy(&backend.spec, &config.pod_policy),
+        phase == Phase::Submitted,
+    ) {
+        // Only before the pod exists: a policy tightened later does not fail running backends.
+        plan.observations.push(Observation::PodUnstartable {
+            reason: POLICY_VIOLATION_REASON.into(),
+            message: refused.to_string(),
+        });
     } else if backend.annotations().contains_key(TERMINATE_ANNOTATION) {
         plan.observations.push(Observation::TerminateRequested);
     } else if let (Some(deadline), Some(lifetime_seconds)) =
@@ -333,13 +408,16 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             }
             None if expects_pod(phase) => plan.observations.push(Observation::PodMissing),
             None => {
-                let token = events_token(&config.events_secret, &uid);
+                let token = token_check(&events_token(&config.events_secret, &uid));
                 if !caches.is_some_and(|c| c.has_service(&name, &namespace)) {
                     create_if_absent(&services, &build_service(backend, &config.children)?).await?;
                 }
                 match create_if_absent(&pods, &build_pod(backend, &config.children, &token)?).await
                 {
-                    Ok(true) => plan.observations.push(Observation::ChildrenCreated),
+                    Ok(true) => {
+                        forget_refusal(ctx, &uid);
+                        plan.observations.push(Observation::ChildrenCreated)
+                    }
                     // A pod of that name exists after all (the cache had not seen it yet).
                     Ok(false) => match pods.get_opt(&name).await? {
                         Some(pod) if owned_by(&pod, &uid) => {
@@ -356,6 +434,23 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
                     Err(kube::Error::Api(s)) if s.is_invalid() => {
                         plan.observations.push(Observation::PodUnstartable {
                             reason: "PodRejected".into(),
+                            message: s.message.clone(),
+                        })
+                    }
+                    // Forbidden by admission (Pod Security, a ResourceQuota, a LimitRange):
+                    // retried for a while (a quota may free up), then the backend fails with
+                    // the API server's reason, so nobody waits on it forever.
+                    Err(kube::Error::Api(s)) if s.is_forbidden() => {
+                        if !refusal_outlasted(ctx, &uid) {
+                            return Err(kube::Error::Api(s).into());
+                        }
+                        let reason = if s.reason.is_empty() {
+                            "Forbidden".to_string()
+                        } else {
+                            s.reason.clone()
+                        };
+                        plan.observations.push(Observation::PodUnstartable {
+                            reason,
                             message: s.message.clone(),
                         })
                     }
@@ -395,7 +490,7 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
     }
     if new_phase.is_terminal() {
         // Stop the pod now rather than on the next reconcile.
-        delete_children((&pods, &services), caches, &name, &namespace).await?;
+        delete_children((&pods, &services), caches, (&name, &namespace, &uid)).await?;
         return Ok(Action::requeue(
             config.retention.max(Duration::from_millis(100)),
         ));
@@ -471,7 +566,8 @@ async fn finish(
 ) -> Result<Action, Error> {
     let name = backend.name_any();
     let namespace = backend.namespace().unwrap_or_default();
-    delete_children((pods, services), caches, &name, &namespace).await?;
+    let uid = backend.uid().unwrap_or_default();
+    delete_children((pods, services), caches, (&name, &namespace, &uid)).await?;
     let deadline = retention_deadline(backend, ctx.config.retention)
         .unwrap_or_else(|| add(now, ctx.config.retention));
     if now < deadline {

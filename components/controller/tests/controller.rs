@@ -15,7 +15,7 @@ use serde_json::json;
 use spawner_core::children::{EVENTS_TOKEN_ENV, SIDECAR_CONTAINER_NAME};
 use spawner_core::phase::Phase;
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend};
-use spawner_core::token::events_token;
+use spawner_core::token::{check_token, events_token};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spawn_runs_then_app_crash_fails_with_exit_code_and_is_cleaned_up() {
@@ -49,7 +49,14 @@ async fn spawn_runs_then_app_crash_fails_with_exit_code_and_is_cleaned_up() {
         .iter()
         .find(|e| e.name == EVENTS_TOKEN_ENV)
         .and_then(|e| e.value.clone());
-    assert_eq!(token, Some(events_token(SECRET, &uid)));
+    // It carries a check of the token, not the token: reading pods does not open the stream.
+    let check = token.expect("events token check");
+    let expected = events_token(SECRET, &uid);
+    assert!(check_token(&check, &expected), "{check}");
+    assert!(
+        !check.contains(&expected),
+        "the pod spec reveals the events token"
+    );
     assert_eq!(pod.owner_references()[0].uid, uid);
     let services: Api<Service> = Api::default_namespaced(client.clone());
     assert!(services.get_opt("slab-crash").await.expect("svc").is_some());
@@ -330,4 +337,59 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     b.stop();
     let lease = leases.get("spawner-controller").await.expect("lease");
     assert_eq!(lease.spec.and_then(|s| s.holder_identity), None);
+}
+
+/// A backend created around the api with a template the backend pod policy refuses (here host
+/// networking and a hostPath volume) never gets a pod: it fails with `PolicyViolation`, the
+/// refused fields in its message, and an Event says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_refused_by_the_pod_policy_fails_with_an_event() {
+    let api = cluster().await;
+    let client = client_for(api);
+    let controller = RunningController::start(api, config("c1", false));
+    let mut backend = backend_json("slab-hostile", json!({}));
+    let pod = backend.spec.template.spec.as_mut().expect("pod spec");
+    pod.host_network = Some(true);
+    pod.volumes = Some(vec![
+        serde_json::from_value(json!({"name": "root", "hostPath": {"path": "/"}})).expect("volume"),
+    ]);
+    create_backend(&client, &backend).await;
+    let failed = wait_for_phase(&client, "slab-hostile", Phase::Failed).await;
+    let status = failed.status.expect("status");
+    assert_eq!(status.reason.as_deref(), Some("PolicyViolation"));
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("spec.template.spec.hostNetwork"),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.template.spec.volumes[0].hostPath"),
+        "{message}"
+    );
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    assert!(pods.get_opt("slab-hostile").await.expect("pod").is_none());
+
+    let events: Api<Event> = Api::default_namespaced(client.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("slab-hostile")
+                    && e.reason.as_deref() == Some("PolicyViolation")
+            });
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no PolicyViolation Event"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    controller.stop();
 }

@@ -21,11 +21,24 @@ pub const EVENTS_PATH: &str = "/_spawner/events";
 /// the sidecar answers `200` and refuses every new connection from then on (for
 /// [`SEAL_HOLD_SECONDS`]) if it has no live connection, or `409` if it has one. Sealing closes
 /// the race between the sweeper deciding a backend is idle and a user connecting to it while
-/// the sweep is written: no connection can be accepted once the sweep is decided.
+/// the sweep is written: no connection can be accepted once the sweep is decided. A seal in
+/// force is renewed by the same request (it never fails then), so the sweeper keeps it while
+/// its write is in flight.
 pub const SEAL_PATH: &str = "/_spawner/seal";
-/// How long a seal holds: long enough for the sweep to be written and the pod to be stopped;
-/// a sweep that could not be written does not leave the backend refusing users for good.
+/// Makes the seal permanent (`POST`, with the events token): the sweep was written, the backend
+/// never takes a connection again. `200`, or `409` when no seal was in force and a connection
+/// is live.
+pub const SEAL_PERMANENT_PATH: &str = "/_spawner/seal/permanent";
+/// Releases a seal that is not permanent (`POST`, with the events token): the sweep was
+/// decided against (its write failed), so users may connect again at once. `200`, or `409` when
+/// the seal is permanent.
+pub const UNSEAL_PATH: &str = "/_spawner/unseal";
+/// How long a seal holds unless renewed: a sweeper that vanished mid-sweep does not leave the
+/// backend refusing users for good.
 pub const SEAL_HOLD_SECONDS: u64 = 30;
+/// How often the sweeper renews a seal while its Swept write is in flight: well within
+/// [`SEAL_HOLD_SECONDS`].
+pub const SEAL_RENEW_SECONDS: u64 = 10;
 /// Header carrying the events token (`Authorization: Bearer <token>` works too).
 pub const EVENTS_TOKEN_HEADER: &str = "x-spawner-token";
 

@@ -13,6 +13,7 @@ pub mod events;
 pub mod id;
 pub mod idle;
 pub mod phase;
+pub mod policy;
 pub mod resource;
 pub mod status;
 pub mod token;

@@ -65,7 +65,13 @@ async fn main() {
     let objects: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let watchers: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20);
 
-    let cluster = Cluster::new(ServerConfig::default(), Arc::new(SystemClock));
+    let cluster = Cluster::new(
+        ServerConfig {
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
+            ..ServerConfig::default()
+        },
+        Arc::new(SystemClock),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(serve(listener, cluster));

@@ -260,27 +260,44 @@ impl Rbac {
     }
 }
 
-/// Authentication and authorization settings of a server.
+/// Authentication and authorization settings of a server. The default fails closed: no token
+/// is known, so every request but the public health and version paths is a 401.
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
-    /// Bearer token → identity. Empty: every request is the administrator.
+    /// Bearer token → identity.
     pub tokens: HashMap<String, Identity>,
+    /// The identity of a request without a known token, when such requests are let in (tests
+    /// and examples that run a throwaway server); `None` answers them 401.
+    pub anonymous: Option<Identity>,
     /// When set, every resource request is checked against it.
     pub rbac: Option<Rbac>,
 }
 
 impl Auth {
+    /// Only these tokens get in, each as its identity.
+    pub fn tokens(tokens: HashMap<String, Identity>) -> Self {
+        Self {
+            tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Every caller is the administrator: for a throwaway server in a test or an example only.
+    pub fn anyone_is_admin() -> Self {
+        Self {
+            anonymous: Some(Identity::admin()),
+            ..Self::default()
+        }
+    }
+
     /// Maps a request's `Authorization` header to an identity (401 when unknown).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, ApiError> {
-        if self.tokens.is_empty() {
-            return Ok(Identity::admin());
-        }
-        let token = authorization
+        let known = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
-            .ok_or_else(ApiError::unauthorized)?;
-        self.tokens
-            .get(token)
+            .and_then(|token| self.tokens.get(token));
+        known
+            .or(self.anonymous.as_ref())
             .cloned()
             .ok_or_else(ApiError::unauthorized)
     }
@@ -467,8 +484,8 @@ metadata: {name: ignored}
         let mut rbac = Rbac::default();
         rbac.load_yaml(POLICY).unwrap();
         let auth = Auth {
-            tokens: HashMap::new(),
             rbac: Some(rbac),
+            ..Auth::default()
         };
         let who = Identity::service_account("spawner", "sweeper");
         let err = auth
@@ -489,9 +506,20 @@ metadata: {name: ignored}
     fn unknown_tokens_are_unauthorized() {
         let mut tokens = HashMap::new();
         tokens.insert("t1".to_string(), Identity::admin());
-        let auth = Auth { tokens, rbac: None };
+        let auth = Auth::tokens(tokens);
         assert!(auth.authenticate(Some("Bearer t1")).is_ok());
         assert_eq!(auth.authenticate(Some("Bearer t2")).unwrap_err().code, 401);
         assert_eq!(auth.authenticate(None).unwrap_err().code, 401);
+    }
+
+    #[test]
+    fn the_default_lets_nobody_in() {
+        let auth = Auth::default();
+        assert_eq!(auth.authenticate(None).unwrap_err().code, 401);
+        assert_eq!(auth.authenticate(Some("Bearer x")).unwrap_err().code, 401);
+        assert_eq!(
+            Auth::anyone_is_admin().authenticate(None).unwrap(),
+            Identity::admin()
+        );
     }
 }

@@ -34,14 +34,19 @@ pub fn write_kubeconfig(
     token: Option<&str>,
     namespace: Option<&str>,
 ) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let text = kubeconfig_yaml(server_url, token, namespace);
-    std::fs::write(path, text)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
+    // Created 0600, never readable by others even for an instant; an existing file is made
+    // 0600 before the token is written into it.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_bytes())
 }
 
 #[cfg(test)]
@@ -62,5 +67,22 @@ mod tests {
             v["contexts"][0]["context"]["namespace"].as_str(),
             Some("demo")
         );
+    }
+
+    #[test]
+    fn the_kubeconfig_file_is_private_even_when_it_existed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kubeconfig-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kubeconfig");
+        for existing in [false, true] {
+            if existing {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+            write_kubeconfig(&path, "http://127.0.0.1:1", Some("t"), None).unwrap();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod decode;
 pub mod error;
 pub mod events;
 pub mod kubeconfig;

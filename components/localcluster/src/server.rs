@@ -27,6 +27,9 @@ use crate::table::{self, IncludeObject};
 /// The largest request body the real API server accepts (3 MiB).
 pub const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
 
+/// The longest watch served, whatever `timeoutSeconds` asks (one year).
+const MAX_WATCH_SECONDS: u64 = 365 * 24 * 3600;
+
 /// Settings of one server.
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -37,6 +40,8 @@ pub struct ServerConfig {
     pub default_watch_timeout: Duration,
     pub max_request_bytes: usize,
     pub auth: Auth,
+    /// Header-read/idle timeout and connection cap of [`serve`].
+    pub limits: spawner_serve::Limits,
     /// Reported by `/version`.
     pub git_version: String,
 }
@@ -49,6 +54,7 @@ impl Default for ServerConfig {
             default_watch_timeout: Duration::from_secs(1800),
             max_request_bytes: MAX_REQUEST_BYTES,
             auth: Auth::default(),
+            limits: spawner_serve::Limits::default(),
             git_version: "v1.34.0-localcluster".into(),
         }
     }
@@ -124,13 +130,16 @@ pub fn router(cluster: Cluster) -> Router {
     Router::new().fallback(handle).with_state(cluster)
 }
 
-/// Serves the API on `listener` until it fails (DESIGN.md rule 2: the caller binds).
+/// Serves the API on `listener` forever (DESIGN.md rule 2: the caller binds), with the
+/// configured [`ServerConfig::limits`].
 pub async fn serve<L>(listener: L, cluster: Cluster) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    axum::serve(listener, router(cluster)).await
+    let limits = cluster.shared.config.limits;
+    spawner_serve::serve(listener, router(cluster), limits, std::future::pending()).await;
+    Ok(())
 }
 
 fn json_response(code: u16, body: Vec<u8>) -> Response {
@@ -329,11 +338,6 @@ async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
 
 async fn serve_request(cluster: Cluster, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let limit = cluster.shared.config.max_request_bytes;
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => return ApiError::too_large(limit).into_response(),
-    };
     let auth = &cluster.shared.config.auth;
     let authorization = parts
         .headers
@@ -352,6 +356,21 @@ async fn serve_request(cluster: Cluster, req: Request) -> Response {
     let who = match auth.authenticate(authorization) {
         Ok(w) => w,
         Err(e) => return e.into_response(),
+    };
+    // The body is read only for an authenticated caller, and refused unread when its announced
+    // length is over the limit.
+    let limit = cluster.shared.config.max_request_bytes;
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return ApiError::too_large(limit).into_response();
+    }
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::too_large(limit).into_response(),
     };
     let query = parse_query(parts.uri.query());
     if let Some(r) = discovery(&cluster, &path) {
@@ -794,7 +813,7 @@ async fn serve_resource(
             let deleted = cluster
                 .store()
                 .delete(rp.kind, &ns, name, &opts, &now, |secs| {
-                    format_time(clock.now() + chrono::Duration::seconds(secs))
+                    deletion_time(clock.now(), secs)
                 })?;
             let still_there = cluster.store().get(rp.kind, &ns, name).is_ok();
             let deleted = convert_out(deleted);
@@ -828,7 +847,7 @@ async fn serve_resource(
                 let ns = crate::store::namespace_of(&obj).to_string();
                 let name = crate::store::name_of(&obj).to_string();
                 if let Ok(d) = store.delete(rp.kind, &ns, &name, &opts, &now, |secs| {
-                    format_time(clock.now() + chrono::Duration::seconds(secs))
+                    deletion_time(clock.now(), secs)
                 }) {
                     items.push(convert_out(d));
                 }
@@ -849,6 +868,16 @@ async fn serve_resource(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// `now` plus a grace period, as a Kubernetes time. Grace periods are bounded at admission
+/// ([`crate::decode::MAX_GRACE_SECONDS`]); the saturation only keeps this total.
+fn deletion_time(now: chrono::DateTime<chrono::Utc>, secs: i64) -> String {
+    let secs = secs.clamp(0, crate::decode::MAX_GRACE_SECONDS);
+    let later = chrono::TimeDelta::try_seconds(secs)
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now);
+    format_time(later)
 }
 
 fn delete_options(q: &Query, body: &Bytes) -> Result<DeleteOptions, ApiError> {
@@ -887,6 +916,7 @@ fn delete_options(q: &Query, body: &Bytes) -> Result<DeleteOptions, ApiError> {
         .get("gracePeriodSeconds")
         .and_then(Value::as_i64)
         .or_else(|| q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+    crate::decode::check_delete_grace(opts.grace_period_seconds)?;
     opts.precondition_uid = parsed
         .pointer("/preconditions/uid")
         .and_then(Value::as_str)
@@ -1146,10 +1176,12 @@ fn watch_response(
         ),
     };
     let send_initial = q.flag("sendInitialEvents");
+    // Any timeout is accepted, as by the real server; past a year it is a year (a deadline
+    // must stay representable).
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
-        .map(Duration::from_secs)
+        .map(|t| Duration::from_secs(t.min(MAX_WATCH_SECONDS)))
         .unwrap_or(cluster.shared.config.default_watch_timeout);
     let bookmarks_wanted = q.flag("allowWatchBookmarks");
     let from = if send_initial { None } else { from };

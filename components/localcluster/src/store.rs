@@ -941,6 +941,7 @@ impl Store {
             m.remove("status");
         }
         self.validate(kind, &mut obj)?;
+        crate::decode::check(kind, &rt, &obj)?;
         if rt.namespaced {
             self.check_namespace(&ns)?;
         }
@@ -1017,6 +1018,7 @@ impl Store {
             )));
         }
         self.check_type(kind, &new)?;
+        crate::decode::check(kind, &rt, &new)?;
         let body_name = name_of(&new);
         if !body_name.is_empty() && body_name != name {
             return Err(ApiError::bad_request(format!(

@@ -88,8 +88,8 @@ async fn tokens_and_rbac_are_enforced() {
     ]);
     let config = ServerConfig {
         auth: Auth {
-            tokens,
             rbac: Some(rbac),
+            ..Auth::tokens(tokens)
         },
         ..Default::default()
     };
@@ -158,7 +158,11 @@ async fn tokens_and_rbac_are_enforced() {
 
 #[tokio::test]
 async fn compaction_makes_old_watches_gone_and_watcher_recovers() {
-    let (cluster, url, server) = start(ServerConfig::default()).await;
+    let (cluster, url, server) = start(ServerConfig {
+        auth: Auth::anyone_is_admin(),
+        ..ServerConfig::default()
+    })
+    .await;
     let client = client(&url, None).await;
     let pods: Api<Pod> = Api::namespaced(client, "default");
     let first = pods
@@ -246,6 +250,7 @@ async fn bounded_history_expires_old_versions() {
             history_per_type: 5,
             ..Default::default()
         },
+        auth: Auth::anyone_is_admin(),
         ..Default::default()
     };
     let (_cluster, url, server) = start(config).await;

@@ -104,7 +104,13 @@ async fn kubectl_get_watch_and_delete() {
         eprintln!("kubectl is not installed: skipping the kubectl test");
         return;
     }
-    let cluster = Cluster::new(ServerConfig::default(), Arc::new(SystemClock));
+    let cluster = Cluster::new(
+        ServerConfig {
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
+            ..ServerConfig::default()
+        },
+        Arc::new(SystemClock),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve(listener, cluster));

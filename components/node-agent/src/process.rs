@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -359,9 +360,11 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
             });
         };
         let path = dir.join(format!("{}_{container}.log", sandbox.log_name));
+        // Logs may carry secrets of the app: readable by the user only.
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
         Ok(Output::File(OwnedFd::from(file)))

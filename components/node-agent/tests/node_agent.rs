@@ -25,7 +25,13 @@ async fn start_cluster() -> Client {
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let cluster = Cluster::new(ServerConfig::default(), Arc::new(SystemClock));
+    let cluster = Cluster::new(
+        ServerConfig {
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
+            ..ServerConfig::default()
+        },
+        Arc::new(SystemClock),
+    );
     tokio::spawn(spawner_localcluster::serve(listener, cluster));
     let mut config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     config.default_namespace = "default".into();

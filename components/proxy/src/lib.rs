@@ -1,5 +1,5 @@
 //! Spawner's proxy core: what any HTTP/1.1 + WebSocket reverse proxy in front of one upstream
-//! needs, below the processes that serve connections (the sidecar today, a router later).
+//! needs, below the processes that serve connections (the sidecar and the router).
 //!
 //! - [`headers`]: the header policy (hop-by-hop fields, `X-Forwarded-*`, origin-form targets).
 //! - [`connect`]: how the upstream is dialled ([`Connect`], [`Upstream`]).

@@ -15,9 +15,12 @@ use crate::SidecarError;
 pub struct SidecarConfig {
     /// Address of the application, `host:port`, handed to the connector.
     pub upstream: String,
-    /// When set, `/_spawner/events` requires this token (`x-spawner-token` or
-    /// `Authorization: Bearer`).
+    /// The token the control paths (`/_spawner/events`, the seal) require (`x-spawner-token`
+    /// or `Authorization: Bearer`): the token itself, or `sha256:` and its digest
+    /// (`spawner_core::token::token_check`, what the controller puts in the pod spec).
     pub events_token: Option<String>,
+    /// Without a token, the control paths are closed unless this is set (development only).
+    pub allow_unauthenticated_control: bool,
     /// How often a quiet WebSocket client is pinged.
     pub ws_ping_interval: Duration,
     /// Consecutive unanswered pings after which a WebSocket client is dropped. A client that
@@ -59,6 +62,7 @@ impl SidecarConfig {
         Self {
             upstream: upstream.into(),
             events_token: None,
+            allow_unauthenticated_control: false,
             ws_ping_interval: Duration::from_secs(15),
             ws_max_missed_pongs: 2,
             ws_close_linger: Duration::from_secs(2),
@@ -137,9 +141,13 @@ pub struct SidecarArgs {
     /// Host of the application.
     #[arg(long, env = "SPAWNER_UPSTREAM_HOST", default_value = "127.0.0.1")]
     pub upstream_host: String,
-    /// Token required on `/_spawner/events`; unset means the stream is open.
+    /// Token required on the control paths (`/_spawner/events`, the seal): the token, or
+    /// `sha256:` and its hex digest. Unset, they are closed.
     #[arg(long, env = EVENTS_TOKEN_ENV, hide_env_values = true)]
     pub events_token: Option<String>,
+    /// Leave the control paths open when no token is set (local development only).
+    #[arg(long, env = "SPAWNER_SIDECAR_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated_control: bool,
     /// Seconds between pings to a quiet WebSocket client.
     #[arg(long, env = "SPAWNER_WS_PING_SECONDS", default_value_t = 15)]
     pub ws_ping_seconds: u64,
@@ -186,6 +194,7 @@ impl SidecarArgs {
         };
         SidecarConfig {
             events_token: self.events_token.clone().filter(|t| !t.is_empty()),
+            allow_unauthenticated_control: self.allow_unauthenticated_control,
             ws_ping_interval: Duration::from_secs(self.ws_ping_seconds),
             ws_max_missed_pongs: self.ws_max_missed_pongs,
             heartbeat_interval: Duration::from_secs(self.heartbeat_seconds),

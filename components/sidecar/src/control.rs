@@ -8,11 +8,12 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use spawner_core::children::HEALTH_PATH;
+use spawner_core::children::{ALIVE_PATH, HEALTH_PATH};
 use spawner_core::events::{
-    EVENTS_PATH, EVENTS_TOKEN_HEADER, SEAL_HOLD_SECONDS, SEAL_PATH, SidecarEvent,
+    EVENTS_PATH, EVENTS_TOKEN_HEADER, SEAL_HOLD_SECONDS, SEAL_PATH, SEAL_PERMANENT_PATH,
+    SidecarEvent, UNSEAL_PATH,
 };
-use spawner_core::token::tokens_match;
+use spawner_core::token::check_token;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -29,7 +30,7 @@ pub(crate) fn handle<C: Connect, B>(
     req: &Request<B>,
 ) -> Response<ResponseBody> {
     let path = req.uri().path();
-    if path == SEAL_PATH {
+    if matches!(path, SEAL_PATH | SEAL_PERMANENT_PATH | UNSEAL_PATH) {
         return seal(shared, req);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -47,6 +48,7 @@ pub(crate) fn handle<C: Connect, B>(
                 )
             }
         }
+        ALIVE_PATH => plain(StatusCode::OK, "alive\n"),
         METRICS_PATH => {
             let mut response = Response::new(ResponseBody::full(metrics(shared)));
             response.headers_mut().insert(
@@ -62,28 +64,50 @@ pub(crate) fn handle<C: Connect, B>(
     }
 }
 
-/// `POST /_spawner/seal`: see `spawner_core::events::SEAL_PATH`.
+/// `POST` on the seal paths: see `spawner_core::events::SEAL_PATH`, `SEAL_PERMANENT_PATH` and
+/// `UNSEAL_PATH`.
 fn seal<C: Connect, B>(shared: &Arc<Shared<C>>, req: &Request<B>) -> Response<ResponseBody> {
     if req.method() != Method::POST {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only POST here\n");
     }
-    if !authorized(shared.config.events_token.as_deref(), req.headers()) {
+    if !authorized(&shared.config, req.headers()) {
         return plain(
             StatusCode::UNAUTHORIZED,
             "a valid events token is required\n",
         );
     }
-    if shared
-        .monitor
-        .try_seal(std::time::Duration::from_secs(SEAL_HOLD_SECONDS))
-    {
-        tracing::info!("sealed: refusing new connections while the backend is swept");
-        plain(StatusCode::OK, "sealed\n")
-    } else {
-        plain(
-            StatusCode::CONFLICT,
-            "not sealed: the backend has live connections\n",
-        )
+    let monitor = &shared.monitor;
+    match req.uri().path() {
+        SEAL_PERMANENT_PATH => {
+            if monitor.seal_permanently() {
+                tracing::info!("sealed for good: the backend was swept");
+                plain(StatusCode::OK, "sealed for good\n")
+            } else {
+                plain(
+                    StatusCode::CONFLICT,
+                    "not sealed: the backend has live connections\n",
+                )
+            }
+        }
+        UNSEAL_PATH => {
+            if monitor.unseal() {
+                tracing::info!("unsealed: the sweep was called off");
+                plain(StatusCode::OK, "unsealed\n")
+            } else {
+                plain(StatusCode::CONFLICT, "sealed for good\n")
+            }
+        }
+        _ => {
+            if monitor.try_seal(std::time::Duration::from_secs(SEAL_HOLD_SECONDS)) {
+                tracing::debug!("sealed: refusing new connections while the backend is swept");
+                plain(StatusCode::OK, "sealed\n")
+            } else {
+                plain(
+                    StatusCode::CONFLICT,
+                    "not sealed: the backend has live connections\n",
+                )
+            }
+        }
     }
 }
 
@@ -105,9 +129,11 @@ pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<Response
     response
 }
 
-fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
-    let Some(expected) = expected else {
-        return true;
+/// Whether a request may use the control paths (events, seal). Without a configured token
+/// they are closed, unless the sidecar was told to leave them open (development only).
+fn authorized(config: &crate::SidecarConfig, headers: &HeaderMap) -> bool {
+    let Some(expected) = config.events_token.as_deref() else {
+        return config.allow_unauthenticated_control;
     };
     let given = headers
         .get(EVENTS_TOKEN_HEADER)
@@ -121,11 +147,11 @@ fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
                         .or_else(|| v.strip_prefix("bearer "))
                 })
         });
-    given.is_some_and(|given| tokens_match(expected, given.trim()))
+    given.is_some_and(|given| check_token(expected, given.trim()))
 }
 
 fn events<C: Connect>(shared: &Arc<Shared<C>>, headers: &HeaderMap) -> Response<ResponseBody> {
-    if !authorized(shared.config.events_token.as_deref(), headers) {
+    if !authorized(&shared.config, headers) {
         let mut response = plain(StatusCode::UNAUTHORIZED, "events token required\n");
         response
             .headers_mut()
@@ -261,19 +287,37 @@ mod tests {
 
     #[test]
     fn token_is_accepted_in_either_header_and_checked() {
+        let config = |token: Option<&str>, open: bool| crate::SidecarConfig {
+            events_token: token.map(str::to_string),
+            allow_unauthenticated_control: open,
+            ..crate::SidecarConfig::default()
+        };
         let mut headers = HeaderMap::new();
-        assert!(authorized(None, &headers));
-        assert!(!authorized(Some("abc"), &headers));
+        // No token configured: closed, unless explicitly left open.
+        assert!(!authorized(&config(None, false), &headers));
+        assert!(authorized(&config(None, true), &headers));
+        assert!(!authorized(&config(Some("abc"), true), &headers));
         headers.insert(EVENTS_TOKEN_HEADER, HeaderValue::from_static("abc"));
-        assert!(authorized(Some("abc"), &headers));
-        assert!(!authorized(Some("abd"), &headers));
+        assert!(authorized(&config(Some("abc"), false), &headers));
+        assert!(!authorized(&config(Some("abd"), false), &headers));
+        // The controller configures a digest of the token, not the token.
+        let check = spawner_core::token::token_check("abc");
+        assert!(authorized(&config(Some(&check), false), &headers));
+        assert!(!authorized(&config(Some(&check), false), &{
+            let mut h = HeaderMap::new();
+            h.insert(
+                EVENTS_TOKEN_HEADER,
+                HeaderValue::from_str(&check).expect("value"),
+            );
+            h
+        }));
         let mut headers = HeaderMap::new();
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer abc"),
         );
-        assert!(authorized(Some("abc"), &headers));
+        assert!(authorized(&config(Some("abc"), false), &headers));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert!(!authorized(Some("abc"), &headers));
+        assert!(!authorized(&config(Some("abc"), false), &headers));
     }
 }

@@ -13,6 +13,9 @@ use spawner_core::events::{PROTOCOL_VERSION, SidecarState};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+/// `sealed_until_ms` of a permanent seal.
+const PERMANENT: u64 = u64::MAX;
+
 /// What changes in a sidecar's state, without the ever-growing idle time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Activity {
@@ -62,8 +65,12 @@ pub(crate) struct Monitor {
     /// false → true edge so the hot path rarely touches the notifier.
     dirty: AtomicBool,
     changed: Notify,
-    /// Milliseconds since `epoch` until which new connections are refused (0: not sealed).
+    /// Milliseconds since `epoch` until which new connections are refused (0: not sealed,
+    /// [`PERMANENT`]: for good). Written only under `seal_lock`; read lock-free.
     sealed_until_ms: AtomicU64,
+    /// Serialises seal, renewal, permanence and release, so a tentative seal that fails is
+    /// never mistaken for one in force.
+    seal_lock: std::sync::Mutex<()>,
     /// Woken when the proxy sees the application refuse a connection.
     pub probe_wake: Notify,
     pub counters: Counters,
@@ -86,6 +93,7 @@ impl Monitor {
             dirty: AtomicBool::new(false),
             changed: Notify::new(),
             sealed_until_ms: AtomicU64::new(0),
+            seal_lock: std::sync::Mutex::new(()),
             probe_wake: Notify::new(),
             counters: Counters::default(),
             published,
@@ -135,22 +143,63 @@ impl Monitor {
     /// Whether new connections are refused because the backend is being swept.
     pub fn is_sealed(&self) -> bool {
         let until = self.sealed_until_ms.load(Ordering::SeqCst);
-        until != 0 && self.now_ms() < until
+        until == PERMANENT || (until != 0 && self.now_ms() < until)
+    }
+
+    fn seal_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The lock guards no data, so a poisoned one is as good as a healthy one.
+        self.seal_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Seals the backend for `hold` if it has no live connection; `false` (and nothing sealed)
-    /// when it has one. Together with the check after [`Monitor::connection_started`] this is
-    /// race-free: a connection either sees the seal or is seen by it (both use SeqCst).
+    /// when it has one. A seal in force is renewed (never shortened, never lifted): no
+    /// connection was accepted while it held, so the renewal always succeeds. Together with
+    /// the check after [`Monitor::connection_started`] this is race-free: a connection either
+    /// sees the seal or is seen by it (both use SeqCst).
     pub fn try_seal(&self, hold: Duration) -> bool {
+        let _serial = self.seal_guard();
         let until = self
             .now_ms()
             .saturating_add(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX))
-            .max(1);
-        self.sealed_until_ms.store(until, Ordering::SeqCst);
+            .clamp(1, PERMANENT - 1);
+        if self.is_sealed() {
+            self.sealed_until_ms.fetch_max(until, Ordering::SeqCst);
+            return true;
+        }
+        let before = self.sealed_until_ms.swap(until, Ordering::SeqCst);
         if self.live.load(Ordering::SeqCst) > 0 {
-            self.sealed_until_ms.store(0, Ordering::SeqCst);
+            self.sealed_until_ms.store(before, Ordering::SeqCst);
             return false;
         }
+        true
+    }
+
+    /// Seals for good (the sweep was written): a seal in force becomes permanent, and so does
+    /// a new one if no connection is live. `false` when a connection is live and no seal held.
+    pub fn seal_permanently(&self) -> bool {
+        let _serial = self.seal_guard();
+        if self.is_sealed() {
+            self.sealed_until_ms.store(PERMANENT, Ordering::SeqCst);
+            return true;
+        }
+        let before = self.sealed_until_ms.swap(PERMANENT, Ordering::SeqCst);
+        if self.live.load(Ordering::SeqCst) > 0 {
+            self.sealed_until_ms.store(before, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Lifts a seal that is not permanent (the sweep was decided against); `false` when the
+    /// seal is permanent.
+    pub fn unseal(&self) -> bool {
+        let _serial = self.seal_guard();
+        if self.sealed_until_ms.load(Ordering::SeqCst) == PERMANENT {
+            return false;
+        }
+        self.sealed_until_ms.store(0, Ordering::SeqCst);
         true
     }
 
@@ -264,6 +313,49 @@ mod tests {
                 .seconds_since_active,
             4
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_seal_in_force_is_renewed_and_never_lifted_by_a_failed_attempt() {
+        let monitor = Monitor::new();
+        let hold = Duration::from_secs(30);
+        assert!(monitor.try_seal(hold));
+        // A connection that was counted before its second seal check (it will be refused).
+        let racing = monitor.connection_started();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(monitor.try_seal(hold), "renewal of a seal in force");
+        drop(racing);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(monitor.is_sealed(), "renewed at 20 s, holds until 50 s");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!monitor.is_sealed(), "lapses without renewal");
+
+        // Not in force and a live connection: refused, and nothing sealed.
+        let live = monitor.connection_started();
+        assert!(!monitor.try_seal(hold));
+        assert!(!monitor.is_sealed());
+        assert!(!monitor.seal_permanently());
+        assert!(!monitor.is_sealed());
+        drop(live);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_seal_outlasts_every_hold_and_cannot_be_lifted() {
+        let monitor = Monitor::new();
+        assert!(monitor.try_seal(Duration::from_secs(30)));
+        assert!(monitor.seal_permanently());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(monitor.is_sealed());
+        assert!(monitor.try_seal(Duration::from_secs(1)));
+        assert!(!monitor.unseal());
+        assert!(monitor.is_sealed());
+        assert!(monitor.connection_started_unless_sealed().is_none());
+
+        let other = Monitor::new();
+        assert!(other.try_seal(Duration::from_secs(30)));
+        assert!(other.unseal());
+        assert!(!other.is_sealed());
+        assert!(other.connection_started_unless_sealed().is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::*;
 use hyper::StatusCode;
 use spawner_core::events::SidecarEvent;
+use spawner_sidecar::SidecarConfig;
 use tokio::net::TcpListener;
 
 #[tokio::test]
@@ -147,6 +148,41 @@ async fn the_drain_is_bounded_by_its_timeout() {
         .await
         .unwrap();
     assert_eq!(handle.state().live_connections, 0);
+}
+
+/// Without a token the control paths are closed (outside development): nobody may read the
+/// backend's idleness or seal it. Liveness is open (the kubelet probes it).
+#[tokio::test]
+async fn control_paths_are_closed_without_a_token() {
+    let app = WsApp::start().await;
+    let config = SidecarConfig {
+        allow_unauthenticated_control: false,
+        events_token: None,
+        ..test_config(app.addr)
+    };
+    let sidecar = TestSidecar::ready_with(config).await;
+    assert_eq!(
+        fetch(sidecar.addr, "/_spawner/events").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    for path in [
+        "/_spawner/seal",
+        "/_spawner/seal/permanent",
+        "/_spawner/unseal",
+    ] {
+        let status = HttpClient::connect(sidecar.addr)
+            .await
+            .request(post(path, ""))
+            .await
+            .status;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    assert_eq!(
+        fetch(sidecar.addr, "/_spawner/alive").await.status,
+        StatusCode::OK
+    );
+    let mut ws = ws_connect(sidecar.addr, "/").await;
+    ws_echo(&mut ws, "not sealed").await;
 }
 
 /// Sealing: refused while a connection is live, then once idle it succeeds and every new

@@ -50,6 +50,7 @@ async fn main() {
     let cluster = Cluster::new(
         ServerConfig {
             bookmark_interval: Duration::from_secs(1),
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
             ..ServerConfig::default()
         },
         Arc::new(SystemClock),

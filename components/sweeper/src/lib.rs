@@ -292,11 +292,11 @@ where
                 node: config.node_name.clone(),
             });
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
+            let limits = spawner_serve::Limits::default();
+            spawner_serve::serve(listener, app, limits, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
         })
     };
 
@@ -362,11 +362,9 @@ where
     drop(subscriptions);
     // The subscriptions' tasks let go of the queue as they end; what it holds is posted.
     let _ = tokio::time::timeout(EVENTS_FLUSH, publishing).await;
-    match server.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::Serve(e)),
-        Err(e) => Err(Error::Serve(std::io::Error::other(e))),
-    }
+    server
+        .await
+        .map_err(|e| Error::Serve(std::io::Error::other(e)))
 }
 
 #[cfg(test)]

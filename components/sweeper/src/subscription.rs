@@ -16,7 +16,10 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::Connect;
 use kube::Api;
-use spawner_core::events::{EVENTS_PATH, EVENTS_TOKEN_HEADER, SEAL_PATH, SidecarEvent, SseParser};
+use spawner_core::events::{
+    EVENTS_PATH, EVENTS_TOKEN_HEADER, SEAL_PATH, SEAL_PERMANENT_PATH, SEAL_RENEW_SECONDS,
+    SidecarEvent, SseParser, UNSEAL_PATH,
+};
 use spawner_core::phase::Observation;
 use spawner_core::resource::SessionLivedBackend;
 use tokio::sync::watch;
@@ -388,7 +391,7 @@ where
     if let Some(idle) = step.sweep {
         // Seal first: once the sidecar has sealed, no user can connect, so the sweep cannot
         // race with a connection the event stream has not reported yet.
-        match seal(target, token, shared).await {
+        match seal(target, token, shared, SEAL_PATH).await {
             Seal::Sealed => {}
             Seal::Live => {
                 tracing::info!(backend = %target.name, "not swept: a connection arrived");
@@ -403,25 +406,96 @@ where
         let observation = Observation::IdlePastGrace {
             idle_seconds: idle.as_secs(),
         };
-        match write(observation, None).await {
+        // The seal lasts until the sweep is decided: renewed while the write is in flight,
+        // however long the API server takes.
+        let renewing = async {
+            loop {
+                sleep(Duration::from_secs(SEAL_RENEW_SECONDS)).await;
+                match seal(target, token, shared, SEAL_PATH).await {
+                    Seal::Sealed => {}
+                    Seal::Live => tracing::warn!(backend = %target.name,
+                        "the seal had lapsed and a connection is live; the sweep goes on"),
+                    Seal::Failed(reason) => tracing::warn!(backend = %target.name, %reason,
+                        "could not renew the seal"),
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = write(observation, None) => outcome,
+            () = renewing => unreachable!("renewing never ends"),
+        };
+        match outcome {
             Ok(WriteOutcome::Written(_)) => {
                 metrics.swept.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(backend = %target.name, idle_seconds = idle.as_secs(), "marked Swept");
+                seal_for_good(target, token, shared).await;
                 return After::End(End::Done);
             }
             Ok(WriteOutcome::Unchanged(phase)) if phase.is_terminal() => {
+                seal_for_good(target, token, shared).await;
                 return After::End(End::Done);
             }
-            Ok(WriteOutcome::Unchanged(_)) => {}
-            Ok(WriteOutcome::Gone) => return After::End(End::Done),
+            Ok(WriteOutcome::Gone) => {
+                seal_for_good(target, token, shared).await;
+                return After::End(End::Done);
+            }
+            Ok(WriteOutcome::Unchanged(_)) => unseal(target, token, shared).await,
             Err(e) => {
                 metrics.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %target.name, error = %e, "could not mark Swept; retrying");
+                // The write may have landed even though it failed here: look before
+                // reopening the backend to users.
+                match api.get_opt(&target.name).await {
+                    Ok(Some(b))
+                        if b.metadata.uid.as_deref() == Some(target.uid.as_str())
+                            && !b.phase().is_terminal() =>
+                    {
+                        unseal(target, token, shared).await
+                    }
+                    Ok(_) => {
+                        seal_for_good(target, token, shared).await;
+                        return After::End(End::Done);
+                    }
+                    // Unknown: the seal lapses by itself unless the retry renews it.
+                    Err(e) => tracing::warn!(backend = %target.name, error = %e,
+                        "cannot tell whether the sweep was written; leaving the seal to lapse"),
+                }
                 return After::RetrySweep;
             }
         }
     }
     After::Wait
+}
+
+/// After the sweep was written (or the backend ended otherwise): the sidecar never takes a
+/// connection again. Retried briefly; the pod is about to be deleted anyway.
+async fn seal_for_good<C>(target: &Target, token: &str, shared: &Shared<C>)
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    for attempt in 0..3u32 {
+        match seal(target, token, shared, SEAL_PERMANENT_PATH).await {
+            Seal::Sealed => return,
+            Seal::Live => {
+                tracing::warn!(backend = %target.name, "swept, but a connection is live (the seal had lapsed)");
+                return;
+            }
+            Seal::Failed(reason) => {
+                tracing::warn!(backend = %target.name, %reason, attempt, "could not seal for good");
+                sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The sweep was decided against: users may connect again at once.
+async fn unseal<C>(target: &Target, token: &str, shared: &Shared<C>)
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    if let Seal::Failed(reason) = seal(target, token, shared, UNSEAL_PATH).await {
+        tracing::warn!(backend = %target.name, %reason, "could not release the seal; it lapses by itself");
+    }
 }
 
 enum Seal {
@@ -430,13 +504,13 @@ enum Seal {
     Failed(String),
 }
 
-/// Asks the sidecar to refuse new connections before the sweep is written
-/// (`spawner_core::events::SEAL_PATH`).
-async fn seal<C>(target: &Target, token: &str, shared: &Shared<C>) -> Seal
+/// Posts to one of the sidecar's seal paths (`spawner_core::events::SEAL_PATH`: seal or renew,
+/// `SEAL_PERMANENT_PATH`, `UNSEAL_PATH`).
+async fn seal<C>(target: &Target, token: &str, shared: &Shared<C>, path: &str) -> Seal
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    let uri: Uri = match format!("{}{SEAL_PATH}", target.url.trim_end_matches('/')).parse() {
+    let uri: Uri = match format!("{}{path}", target.url.trim_end_matches('/')).parse() {
         Ok(uri) => uri,
         Err(e) => return Seal::Failed(format!("bad seal URI: {e}")),
     };

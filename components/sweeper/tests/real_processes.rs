@@ -83,6 +83,8 @@ impl World {
                 resync: Duration::from_secs(30),
                 concurrency: 8,
                 limits: Limits::default(),
+                pod_policy: Default::default(),
+                pod_refusal_retry: Duration::from_secs(1),
                 lease: None,
                 identity: "controller".into(),
                 clock: Arc::new(spawner_controller::SystemClock),

@@ -52,6 +52,8 @@ async fn spawn_ready_swept_and_cleaned_up() {
                 reserved_ports: vec![sidecar.addr.port()],
                 ..Limits::default()
             },
+            pod_policy: Default::default(),
+            pod_refusal_retry: Duration::from_secs(1),
             lease: None,
             identity: "controller".into(),
             clock: Arc::new(spawner_controller::SystemClock),

@@ -18,6 +18,8 @@ pub enum Identity {
     Sweeper,
     /// ServiceAccount `spawner-system/api`.
     Api,
+    /// ServiceAccount `spawner-system/router`.
+    Router,
     /// ServiceAccount `spawner-system/node-agent`: localcluster's node agent as kubelet and
     /// scheduler, bound to the bootstrap roles `system:node` and `system:kube-scheduler`.
     NodeAgent,
@@ -26,12 +28,13 @@ pub enum Identity {
 }
 
 impl Identity {
-    pub const ALL: [Identity; 7] = [
+    pub const ALL: [Identity; 8] = [
         Identity::Admin,
         Identity::KubeControllerManager,
         Identity::Controller,
         Identity::Sweeper,
         Identity::Api,
+        Identity::Router,
         Identity::NodeAgent,
         Identity::Unprivileged,
     ];
@@ -44,6 +47,7 @@ impl Identity {
             Identity::Controller => "controller",
             Identity::Sweeper => "sweeper",
             Identity::Api => "api",
+            Identity::Router => "router",
             Identity::NodeAgent => "node-agent",
             Identity::Unprivileged => "unprivileged",
         }

@@ -27,6 +27,9 @@ const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(30);
 #[serde(rename_all = "camelCase")]
 pub struct Spawned {
     pub name: String,
+    /// The URL a browser opens (on the router, with a connect token, when the api has keys).
+    #[serde(default)]
+    pub url: Option<String>,
     pub spawned: bool,
     pub phase: Phase,
 }

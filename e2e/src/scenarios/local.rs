@@ -23,7 +23,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long it may take to stop its backends and itself after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
 
-/// Connects straight to `status.url` (`http://<pod loopback IP>:<sidecar port>`).
+/// Connects straight to `status.url`'s host and port: `spawner dev`'s router
+/// (`http://<name>.localhost:<port>/`; `*.localhost` is loopback, as browsers resolve it).
 pub struct DirectTcp;
 
 impl Connect for DirectTcp {
@@ -36,11 +37,18 @@ impl Connect for DirectTcp {
                 .url
                 .as_deref()
                 .ok_or_else(|| Failure::new(format!("{} has no url", backend.name)))?;
-            let address = authority(url)?;
-            let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
-                .await
-                .map_err(|_| Failure::new(format!("connecting to {address}: timed out")))?
-                .map_err(|e| Failure::new(format!("connecting to {address}: {e}")))?;
+            let authority = authority(url)?;
+            let address = match authority.rsplit_once(':') {
+                Some((host, port)) if host == "localhost" || host.ends_with(".localhost") => {
+                    format!("127.0.0.1:{port}")
+                }
+                _ => authority.to_string(),
+            };
+            let stream =
+                tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&address))
+                    .await
+                    .map_err(|_| Failure::new(format!("connecting to {address}: timed out")))?
+                    .map_err(|e| Failure::new(format!("connecting to {address}: {e}")))?;
             Ok(Box::new(stream) as BoxedStream)
         })
     }
@@ -72,6 +80,7 @@ impl LocalDev {
         let mut child = Command::new(&binary)
             .args(["dev", "--api-listen", "127.0.0.1:0"])
             .args(["--kube-listen", "127.0.0.1:0"])
+            .args(["--router-listen", "127.0.0.1:0"])
             .args(["--token", &token])
             .args(["--retention-seconds", "30"])
             .arg("--state-dir")

@@ -68,7 +68,8 @@ pub struct App {
 }
 
 impl App {
-    fn request(&self, extra: Value) -> Value {
+    /// The spawn request for this app, with `extra` fields (gracePeriodSeconds, key, ...).
+    pub fn request(&self, extra: Value) -> Value {
         let mut request = json!({ "command": self.command });
         if let Some(image) = &self.image {
             request["image"] = json!(image);
@@ -204,17 +205,25 @@ async fn next_room_state(ws: &mut WebSocket) -> Result<RoomState, Failure> {
     }
 }
 
-/// Opens the demo room's WebSocket on `backend` through its sidecar.
-async fn open_room(target: &Target, backend: &BackendStatus) -> Result<WebSocket, Failure> {
+/// Opens the demo room's WebSocket on `backend` through its sidecar (through the router when
+/// `status.url` is the router's), with the connect token of `spawned_url` if it carries one.
+async fn open_room(
+    target: &Target,
+    backend: &BackendStatus,
+    spawned_url: Option<&str>,
+) -> Result<WebSocket, Failure> {
     let url = backend
         .url
         .as_deref()
         .ok_or_else(|| Failure::new(format!("{} is Ready without a url", backend.name)))?;
     let host = authority(url)?;
+    let query = spawned_url
+        .and_then(|u| u.split_once('?'))
+        .map_or(String::new(), |(_, q)| format!("?{q}"));
     let stream = target.connector.connect(backend).await?;
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio_tungstenite::client_async(format!("ws://{host}/ws"), stream),
+        tokio_tungstenite::client_async(format!("ws://{host}/ws{query}"), stream),
     )
     .await
     .map_err(|_| Failure::new("WebSocket handshake through the sidecar: no answer in 30 s"))?
@@ -245,7 +254,7 @@ pub async fn spawn_connect_disconnect_swept(target: &Target) -> Result<Timings, 
     timings.record("spawn→Ready", start);
 
     let status = target.api.status(&name).await?;
-    let mut ws = open_room(target, &status).await?;
+    let mut ws = open_room(target, &status, spawned.url.as_deref()).await?;
     let joined = next_room_state(&mut ws).await?;
     ensure(joined.peers == 1, || {
         format!("{name}: first peer sees {} peers", joined.peers)

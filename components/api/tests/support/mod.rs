@@ -69,6 +69,7 @@ impl Harness {
     pub async fn start_with(configure: impl FnOnce(&mut ApiConfig)) -> Self {
         let server_config = spawner_localcluster::ServerConfig {
             bookmark_interval: Duration::from_secs(1),
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
             ..Default::default()
         };
         let cluster = spawner_localcluster::Cluster::new(
@@ -87,6 +88,7 @@ impl Harness {
     pub async fn start_behind_proxy(configure: impl FnOnce(&mut ApiConfig)) -> (Self, Proxy) {
         let server_config = spawner_localcluster::ServerConfig {
             bookmark_interval: Duration::from_secs(60),
+            auth: spawner_localcluster::Auth::anyone_is_admin(),
             ..Default::default()
         };
         let cluster = spawner_localcluster::Cluster::new(
@@ -247,11 +249,7 @@ impl Harness {
                 .expect("content type"),
             "text/event-stream"
         );
-        EventStream {
-            body: response.into_body(),
-            parser: SseParser::new(),
-            pending: Vec::new(),
-        }
+        EventStream::new(response)
     }
 
     /// Writes `status` on the status subresource, as the controller and sweeper do.
@@ -285,6 +283,14 @@ pub struct EventStream {
 }
 
 impl EventStream {
+    pub fn new(response: hyper::Response<hyper::body::Incoming>) -> Self {
+        Self {
+            body: response.into_body(),
+            parser: SseParser::new(),
+            pending: Vec::new(),
+        }
+    }
+
     /// The next message, or `None` when the stream ended; heartbeats do not count, so a
     /// message that does not come within `WAIT` fails the test.
     pub async fn next(&mut self) -> Option<SseMessage> {

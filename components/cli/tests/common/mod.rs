@@ -80,6 +80,7 @@ pub struct Dev {
     pub token: String,
     pub kubeconfig: PathBuf,
     pub demo_url: Option<String>,
+    pub router_url: String,
     stderr: Arc<Mutex<String>>,
     state: TempDir,
 }
@@ -94,6 +95,8 @@ impl Dev {
             .arg("--api-listen")
             .arg(format!("127.0.0.1:{}", free_port()))
             .args(["--kube-listen", "127.0.0.1:0"])
+            .arg("--router-listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
             .arg("--state-dir")
             .arg(&state.0);
         if let Some(grace) = options.demo_grace_seconds {
@@ -161,6 +164,7 @@ impl Dev {
             token: String::new(),
             kubeconfig: PathBuf::new(),
             demo_url: None,
+            router_url: String::new(),
             stderr,
             state,
         };
@@ -168,6 +172,7 @@ impl Dev {
         let want_demo = options.demo_grace_seconds.is_some();
         loop {
             let done = !dev.api_url.is_empty()
+                && !dev.router_url.is_empty()
                 && !dev.token.is_empty()
                 && !dev.kubeconfig.as_os_str().is_empty()
                 && (dev.demo_url.is_some() || !want_demo);
@@ -188,6 +193,8 @@ impl Dev {
                 dev.token = v.to_string();
             } else if let Some(v) = line.strip_prefix("KUBECONFIG=") {
                 dev.kubeconfig = PathBuf::from(v);
+            } else if let Some(v) = line.strip_prefix("SPAWNER_ROUTER_URL=") {
+                dev.router_url = v.to_string();
             } else if let Some(v) = line.strip_prefix("SPAWNER_DEMO_URL=") {
                 dev.demo_url = Some(v.to_string());
             }
@@ -571,4 +578,46 @@ pub async fn next_json(ws: &mut WebSocket) -> Value {
     })
     .await
     .expect("a message within 10 s")
+}
+
+/// A connection to the router of `spawner dev` (`router_url` is `http://localhost:<port>`):
+/// tests dial loopback themselves rather than rely on the resolver knowing `*.localhost`.
+#[allow(dead_code)]
+pub async fn dial_router(router_url: &str) -> tokio::net::TcpStream {
+    let port = router_url
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse::<u16>().ok())
+        .expect("router port");
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the router")
+}
+
+/// `GET url` through the router (the Host header from `url`), with `extra` header lines;
+/// the answer's status code and body.
+#[allow(dead_code)]
+pub async fn get_via_router(router_url: &str, url: &str, extra: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut stream = dial_router(router_url).await;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
 }

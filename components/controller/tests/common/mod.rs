@@ -30,6 +30,7 @@ pub async fn cluster() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     let config = ServerConfig {
         bookmark_interval: Duration::from_secs(1),
+        auth: spawner_localcluster::Auth::anyone_is_admin(),
         ..ServerConfig::default()
     };
     let cluster = Cluster::new(config, Arc::new(spawner_localcluster::SystemClock));
@@ -56,6 +57,8 @@ pub fn config(identity: &str, lease: bool) -> ControllerConfig {
         resync: Duration::from_secs(30),
         concurrency: 8,
         limits: Limits::default(),
+        pod_policy: Default::default(),
+        pod_refusal_retry: Duration::from_secs(1),
         lease: lease.then(|| LeaseSettings {
             name: "spawner-controller".into(),
             namespace: "default".into(),

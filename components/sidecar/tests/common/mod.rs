@@ -34,6 +34,8 @@ pub fn test_config(upstream: SocketAddr) -> SidecarConfig {
         probe_backoff_max: Duration::from_millis(100),
         ready_check_interval: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(2),
+        // Most tests read the event stream without a token; those about tokens set one.
+        allow_unauthenticated_control: true,
         ..SidecarConfig::new(upstream.to_string())
     }
 }

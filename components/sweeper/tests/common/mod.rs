@@ -32,6 +32,7 @@ pub async fn cluster() -> Client {
     let addr = listener.local_addr().expect("addr");
     let config = ServerConfig {
         bookmark_interval: Duration::from_secs(1),
+        auth: spawner_localcluster::Auth::anyone_is_admin(),
         ..ServerConfig::default()
     };
     let cluster = Cluster::new(config, Arc::new(SystemClock));
@@ -98,6 +99,25 @@ impl FakeSidecar {
                     axum::routing::post(
                         |State(s): State<FakeSidecar>, headers: HeaderMap| async move {
                             seal(s, headers)
+                        },
+                    ),
+                )
+                // Permanence and release are not modelled: a permanent seal is a seal here.
+                .route(
+                    "/_spawner/seal/permanent",
+                    axum::routing::post(
+                        |State(s): State<FakeSidecar>, headers: HeaderMap| async move {
+                            seal(s, headers)
+                        },
+                    ),
+                )
+                .route(
+                    "/_spawner/unseal",
+                    axum::routing::post(
+                        |State(s): State<FakeSidecar>, headers: HeaderMap| async move {
+                            let response = seal(s.clone(), headers);
+                            s.control.lock().expect("lock").sealed = false;
+                            response
                         },
                     ),
                 )

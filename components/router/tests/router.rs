@@ -1,0 +1,680 @@
+//! The router against an in-process localcluster API server, with echo apps standing in for
+//! backends' sidecars, over loopback sockets.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use spawner_core::SessionLivedBackend;
+use spawner_core::connect_token::{self, Claims, KeyRing, Purpose};
+use spawner_router::route::Mode;
+use spawner_router::{Outcome, RouterConfig, RouterHandle, TcpConnector};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+const NS: &str = "default";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn keys() -> KeyRing {
+    KeyRing::parse(["k1:0123456789abcdef"], false).expect("keys")
+}
+
+struct World {
+    router: SocketAddr,
+    handle: RouterHandle,
+    backends: Api<SessionLivedBackend>,
+    /// What the test's clock says (Unix seconds).
+    now: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl World {
+    async fn start(mode: Mode) -> Self {
+        Self::start_with(mode, |_| {}).await
+    }
+
+    async fn start_with(mode: Mode, configure: impl FnOnce(&mut RouterConfig)) -> Self {
+        let cluster = spawner_localcluster::Cluster::new(
+            spawner_localcluster::ServerConfig {
+                bookmark_interval: Duration::from_secs(1),
+                ..Default::default()
+            },
+            Arc::new(spawner_localcluster::SystemClock),
+        );
+        let k8s = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", k8s.local_addr().expect("addr"));
+        let cluster_task = tokio::spawn(async move {
+            let _ = spawner_localcluster::serve(k8s, cluster).await;
+        });
+        let mut kube_config = kube::Config::new(url.parse().expect("url"));
+        kube_config.default_namespace = NS.into();
+        let client = kube::Client::try_from(kube_config).expect("client");
+
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let mut config = RouterConfig::new(NS, mode, keys());
+        let clock = now.clone();
+        config.clock = Arc::new(move || clock.load(Ordering::SeqCst));
+        config.wait_ready = Duration::from_secs(5);
+        configure(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let router = listener.local_addr().expect("addr");
+        let (handle, serve) = spawner_router::start(listener, client.clone(), TcpConnector, config);
+        let router_task = tokio::spawn(serve);
+        assert!(handle.backends.ready(WAIT).await, "cache never filled");
+        World {
+            router,
+            handle,
+            backends: Api::namespaced(client, NS),
+            now,
+            tasks: vec![cluster_task, router_task],
+        }
+    }
+
+    fn token(&self, backend: &str, user: Option<&str>) -> String {
+        connect_token::sign(
+            &keys(),
+            Purpose::Connect,
+            &Claims {
+                backend: backend.into(),
+                expires_at: self.now.load(Ordering::SeqCst) + 300,
+                user: user.map(str::to_string),
+            },
+        )
+        .expect("sign")
+    }
+
+    /// Creates backend `name` in `phase`, its sidecar at `upstream`.
+    async fn backend(&self, name: &str, phase: &str, upstream: Option<SocketAddr>, public: bool) {
+        let mut b: SessionLivedBackend = serde_json::from_value(json!({
+            "apiVersion": "spawner.dev/v1",
+            "kind": "SessionLivedBackend",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"template": {"spec": {"containers": [{"name": "app", "image": "x"}]}},
+                     "httpPort": 8080, "gracePeriodSeconds": 300}
+        }))
+        .expect("backend");
+        if public {
+            b.metadata.annotations = Some(BTreeMap::from([(
+                spawner_core::resource::PUBLIC_ANNOTATION.to_string(),
+                "true".to_string(),
+            )]));
+        }
+        self.backends
+            .create(&PostParams::default(), &b)
+            .await
+            .expect("create");
+        self.set_phase(name, phase, upstream).await;
+    }
+
+    async fn set_phase(&self, name: &str, phase: &str, upstream: Option<SocketAddr>) {
+        let mut status = json!({"phase": phase});
+        if let Some(addr) = upstream {
+            status["url"] = Value::from(format!("http://{addr}"));
+        }
+        self.backends
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await
+            .expect("status");
+        // Wait until the router's cache has seen it.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let seen = self.handle.backends.lookup(name);
+            let expected = match phase {
+                "Ready" if upstream.is_some() => {
+                    matches!(seen, spawner_router::cache::Lookup::Ready { .. })
+                }
+                "Swept" | "Terminated" | "Failed" => {
+                    matches!(seen, spawner_router::cache::Lookup::Ended(_))
+                }
+                _ => matches!(seen, spawner_router::cache::Lookup::Starting { .. }),
+            };
+            if expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cache never saw {name} {phase}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// An app answering every request with what it received, as JSON, and `name` (so a test sees
+/// which backend answered).
+async fn echo_app(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let headers: BTreeMap<String, String> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                            .collect();
+                        let body = json!({
+                            "backend": name,
+                            "method": req.method().as_str(),
+                            "uri": req.uri().to_string(),
+                            "headers": headers,
+                        });
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body.to_string())),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A WebSocket app echoing every text message prefixed with its name.
+async fn ws_app(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Text(text) = msg
+                        && ws
+                            .send(Message::text(format!("{name}:{text}")))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.body))
+    }
+}
+
+/// Sends a raw HTTP/1.1 request (the test writes every header; `Connection: close` is added)
+/// and reads the whole answer.
+async fn send(addr: SocketAddr, head: &str) -> Answer {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!("{head}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+async fn get(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Answer {
+    send(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}"),
+    )
+    .await
+}
+
+fn host_mode() -> Mode {
+    Mode::Host {
+        domain: "localhost".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_token_becomes_a_cookie_that_opens_only_its_backend() {
+    let w = World::start(host_mode()).await;
+    let (a_addr, _a) = echo_app("sb-a").await;
+    let (b_addr, _b) = echo_app("sb-b").await;
+    w.backend("sb-a", "Ready", Some(a_addr), false).await;
+    w.backend("sb-b", "Ready", Some(b_addr), false).await;
+    let token = w.token("sb-a", Some("alice@example.com"));
+
+    // No credential: 401, the app never sees it.
+    let answer = get(w.router, "sb-a.localhost", "/", "").await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert_eq!(answer.json()["error"]["code"], "token_missing");
+
+    // The token: 302 to the same URL without it, with the session cookie.
+    let answer = get(
+        w.router,
+        "sb-a.localhost:8000",
+        &format!("/game?x=1&spawner_token={token}"),
+        "",
+    )
+    .await;
+    assert_eq!(answer.status, 302, "{}", answer.body);
+    assert_eq!(answer.header("location"), Some("/game?x=1"));
+    let set_cookie = answer.header("set-cookie").expect("cookie").to_string();
+    assert!(
+        set_cookie.contains("HttpOnly; SameSite=Lax"),
+        "{set_cookie}"
+    );
+    let cookie = set_cookie.split(';').next().expect("pair").to_string();
+
+    // The cookie: routed, with the user, the router's X-Forwarded-*, without the cookie.
+    let answer = get(
+        w.router,
+        "sb-a.localhost:8000",
+        "/game?x=1",
+        &format!(
+            "Cookie: theme=dark; {cookie}\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil\r\nX-Spawner-User: mallory\r\nX-Forwarded-Proto: https\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let seen = answer.json();
+    assert_eq!(seen["backend"], "sb-a");
+    assert_eq!(seen["uri"], "/game?x=1");
+    assert_eq!(seen["headers"]["x-spawner-user"], "alice@example.com");
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["headers"]["x-forwarded-host"], "sb-a.localhost:8000");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(seen["headers"]["cookie"], "theme=dark");
+
+    // Neither the token nor the cookie opens the other backend.
+    let answer = get(
+        w.router,
+        "sb-b.localhost",
+        &format!("/?spawner_token={token}"),
+        "",
+    )
+    .await;
+    assert_eq!(answer.status, 401);
+    assert_eq!(answer.json()["error"]["code"], "token_other_backend");
+    let answer = get(
+        w.router,
+        "sb-b.localhost",
+        "/",
+        &format!("Cookie: {cookie}\r\n"),
+    )
+    .await;
+    assert_eq!(answer.status, 401);
+    assert_eq!(answer.json()["error"]["code"], "token_other_backend");
+
+    // A bearer token works for non-browser clients, and is not passed on.
+    let answer = get(
+        w.router,
+        "sb-a.localhost",
+        "/api",
+        &format!("Authorization: Bearer {token}\r\n"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(answer.json()["headers"].get("authorization").is_none());
+
+    // Expired: 401 saying so.
+    w.now.fetch_add(301, Ordering::SeqCst);
+    let answer = get(
+        w.router,
+        "sb-a.localhost",
+        &format!("/?spawner_token={token}"),
+        "",
+    )
+    .await;
+    assert_eq!(answer.status, 401);
+    assert_eq!(answer.json()["error"]["code"], "token_expired");
+    // The cookie lives on.
+    let answer = get(
+        w.router,
+        "sb-a.localhost",
+        "/",
+        &format!("Cookie: {cookie}\r\n"),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+
+    assert!(w.handle.metrics.requests(Outcome::Unauthorized) >= 4);
+    assert_eq!(w.handle.metrics.requests(Outcome::Redirected), 1);
+}
+
+#[tokio::test]
+async fn unknown_ended_public_and_bad_hosts() {
+    let w = World::start(host_mode()).await;
+    let (addr, _app) = echo_app("demo").await;
+    w.backend("demo", "Ready", Some(addr), true).await;
+    w.backend("sb-ended", "Swept", None, false).await;
+
+    let answer = get(w.router, "demo.localhost", "/hello", "").await;
+    assert_eq!(answer.status, 200, "public backends need no token");
+    assert!(answer.json()["headers"].get("x-spawner-user").is_none());
+
+    let answer = get(w.router, "sb-nope.localhost", "/", "").await;
+    assert_eq!(answer.status, 404);
+    let token = w.token("sb-ended", None);
+    let answer = get(
+        w.router,
+        "sb-ended.localhost",
+        &format!("/?spawner_token={token}"),
+        "",
+    )
+    .await;
+    assert_eq!(answer.status, 410);
+    assert_eq!(answer.json()["error"]["code"], "backend_ended");
+    assert_eq!(answer.json()["phase"], "Swept");
+
+    assert_eq!(get(w.router, "example.com", "/", "").await.status, 404);
+    assert_eq!(get(w.router, "a..localhost", "/", "").await.status, 400);
+    let long = format!("{}.localhost", "a".repeat(300));
+    assert_eq!(get(w.router, &long, "/", "").await.status, 400);
+    assert_eq!(
+        send(w.router, "GET / HTTP/1.1\r\n").await.status,
+        400,
+        "no Host header"
+    );
+    assert_eq!(
+        get(w.router, "demo.localhost", "/a/../b", "").await.status,
+        400
+    );
+
+    // The router's own routes on a host that is not a backend's.
+    let answer = get(w.router, "10.0.0.1:8443", "/healthz", "").await;
+    assert_eq!((answer.status, answer.body.as_str()), (200, "ok\n"));
+    let answer = get(w.router, "10.0.0.1", "/metrics", "").await;
+    assert!(
+        answer
+            .body
+            .contains("spawner_router_requests_total{outcome=\"gone\"} 1"),
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains("spawner_router_backends 2"),
+        "{}",
+        answer.body
+    );
+}
+
+#[tokio::test]
+async fn a_request_waits_for_a_starting_backend_within_the_bound() {
+    let w = World::start_with(host_mode(), |c| c.wait_ready = Duration::from_secs(10)).await;
+    let (addr, _app) = echo_app("sb-slow").await;
+    w.backend("sb-slow", "Running", None, true).await;
+    w.backend("sb-stuck", "Running", None, true).await;
+    let router = w.router;
+    let waiting = tokio::spawn(async move { get(router, "sb-slow.localhost", "/", "").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+    w.set_phase("sb-slow", "Ready", Some(addr)).await;
+    let answer = waiting.await.expect("task");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(w.handle.metrics.requests(Outcome::Waited), 1);
+
+    // Ended while waiting: 410.
+    let router = w.router;
+    let waiting = tokio::spawn(async move { get(router, "sb-stuck.localhost", "/", "").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.set_phase("sb-stuck", "Failed", None).await;
+    assert_eq!(waiting.await.expect("task").status, 410);
+}
+
+#[tokio::test]
+async fn a_backend_that_stays_starting_is_503_after_the_bound() {
+    let w = World::start_with(host_mode(), |c| c.wait_ready = Duration::from_millis(300)).await;
+    w.backend("sb-slow", "Scheduled", None, true).await;
+    let answer = get(w.router, "sb-slow.localhost", "/", "").await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.json()["phase"], "Scheduled");
+    assert_eq!(answer.header("retry-after"), Some("1"));
+}
+
+#[tokio::test]
+async fn path_mode_strips_the_prefix_and_scopes_the_cookie() {
+    let w = World::start(Mode::Path { prefix: "b".into() }).await;
+    let (addr, _app) = echo_app("sb-a").await;
+    w.backend("sb-a", "Ready", Some(addr), false).await;
+    let token = w.token("sb-a", None);
+    let answer = get(
+        w.router,
+        "rooms.example.com",
+        &format!("/b/sb-a/x/y?spawner_token={token}&q=1"),
+        "",
+    )
+    .await;
+    assert_eq!(answer.status, 302);
+    assert_eq!(answer.header("location"), Some("/b/sb-a/x/y?q=1"));
+    let set_cookie = answer.header("set-cookie").expect("cookie");
+    assert!(set_cookie.contains("Path=/b/sb-a;"), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().expect("pair").to_string();
+    let answer = get(
+        w.router,
+        "rooms.example.com",
+        "/b/sb-a/x/y?q=1",
+        &format!("Cookie: {cookie}\r\n"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let seen = answer.json();
+    assert_eq!(seen["uri"], "/x/y?q=1");
+    assert_eq!(seen["headers"]["x-forwarded-prefix"], "/b/sb-a");
+    for path in [
+        "/b/sb-a/../sb-b/",
+        "/b/sb-a/%2e%2e/sb-b/",
+        "/b/sb-a%2F..%2Fsb-b/",
+    ] {
+        let answer = get(
+            w.router,
+            "rooms.example.com",
+            path,
+            &format!("Cookie: {cookie}\r\n"),
+        )
+        .await;
+        assert_eq!(answer.status, 400, "{path}");
+    }
+    assert_eq!(get(w.router, "x", "/other/", "").await.status, 404);
+}
+
+#[tokio::test]
+async fn websockets_go_through_with_a_query_token_and_never_without() {
+    let w = World::start(host_mode()).await;
+    let (addr, _app) = ws_app("sb-ws").await;
+    w.backend("sb-ws", "Ready", Some(addr), false).await;
+    let token = w.token("sb-ws", Some("bob"));
+
+    let stream = TcpStream::connect(w.router).await.expect("connect");
+    let url = format!("ws://sb-ws.localhost/socket?spawner_token={token}");
+    let (mut ws, response) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("handshake");
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text("hello")).await.expect("send");
+    let echoed = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("in time")
+        .expect("message")
+        .expect("ok");
+    assert_eq!(echoed.into_text().expect("text").as_str(), "sb-ws:hello");
+    assert_eq!(w.handle.metrics.upgrades(Outcome::Routed), 1);
+
+    let stream = TcpStream::connect(w.router).await.expect("connect");
+    let refused = tokio_tungstenite::client_async("ws://sb-ws.localhost/socket", stream).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    assert_eq!(w.handle.metrics.upgrades(Outcome::Unauthorized), 1);
+}
+
+#[tokio::test]
+async fn a_slow_request_head_is_cut_off() {
+    let w = World::start_with(host_mode(), |c| {
+        c.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut stream = TcpStream::connect(w.router).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x.localhost\r\n")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "the router kept a slow client past its header timeout"
+    );
+}
+
+#[tokio::test]
+async fn https_with_a_given_certificate_sets_secure_cookies() {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["*.rooms.test".to_string()]).expect("certificate");
+    let cert_pem = certified.cert.pem();
+    let key_pem = certified.signing_key.serialize_pem();
+    let tls = spawner_router::config::tls_config(cert_pem.as_bytes(), key_pem.as_bytes())
+        .expect("tls config");
+    let w = World::start_with(
+        Mode::Host {
+            domain: "rooms.test".into(),
+        },
+        |c| {
+            c.tls = Some(tls);
+            c.https = true;
+        },
+    )
+    .await;
+    let (addr, _app) = echo_app("sb-a").await;
+    w.backend("sb-a", "Ready", Some(addr), false).await;
+    let token = w.token("sb-a", None);
+
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).expect("root");
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let client = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = TcpStream::connect(w.router).await.expect("connect");
+    let server_name = rustls_pki_types::ServerName::try_from("sb-a.rooms.test").expect("name");
+    let mut tls_stream = connector
+        .connect(server_name, tcp)
+        .await
+        .expect("TLS handshake");
+    let request = format!(
+        "GET /?spawner_token={token} HTTP/1.1\r\nHost: sb-a.rooms.test\r\nConnection: close\r\n\r\n"
+    );
+    tls_stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write");
+    let mut raw = Vec::new();
+    // A TLS peer may end without close_notify after `Connection: close`: read what came.
+    let _ = tokio::time::timeout(WAIT, tls_stream.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 302"), "{text}");
+    assert!(text.contains("; Secure"), "{text}");
+
+    // Plain HTTP to a TLS port is not served.
+    let mut plain = TcpStream::connect(w.router).await.expect("connect");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: sb-a.rooms.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut raw)).await;
+    assert!(
+        !String::from_utf8_lossy(&raw).starts_with("HTTP/1.1"),
+        "plain HTTP was answered on the TLS port"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let w = World::start_with(host_mode(), |c| c.max_connections = 1).await;
+    let (addr, _app) = echo_app("demo").await;
+    w.backend("demo", "Ready", Some(addr), true).await;
+    // The first connection stays open (keep-alive) after its request.
+    let mut first = TcpStream::connect(w.router).await.expect("connect");
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: demo.localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(WAIT, first.read(&mut buf))
+        .await
+        .expect("first answered")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The second is accepted by the kernel but not served while the first is open.
+    let router = w.router;
+    let second = tokio::spawn(async move { get(router, "demo.localhost", "/", "").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "served past the connection cap");
+    drop(first);
+    let answer = tokio::time::timeout(WAIT, second)
+        .await
+        .expect("served once the first closed")
+        .expect("task");
+    assert_eq!(answer.status, 200);
+}
