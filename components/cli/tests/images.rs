@@ -275,6 +275,10 @@ fn wait_for_status(port: u16, path: &str, code: u16, container: &Container) {
     }
 }
 
+/// The sidecar's events token in these tests (the controller injects one into every pod; the
+/// control paths are closed without it).
+const EVENTS_TOKEN: &str = "events-token-for-image-tests";
+
 /// Follows the sidecar's event stream on a thread; its states arrive on the receiver.
 fn follow_events(port: u16) -> mpsc::Receiver<SidecarState> {
     let (tx, rx) = mpsc::channel();
@@ -282,7 +286,7 @@ fn follow_events(port: u16) -> mpsc::Receiver<SidecarState> {
     // HTTP/1.0: the stream is close-delimited, no chunked framing to undo.
     write!(
         stream,
-        "GET /_spawner/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+        "GET /_spawner/events HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {EVENTS_TOKEN}\r\n\r\n"
     )
     .expect("request the event stream");
     std::thread::spawn(move || {
@@ -368,7 +372,15 @@ fn the_sidecar_image_proxies_http_and_websockets_reports_connections_and_drains_
     // The application: the demo backend (HTTP page + WebSocket room) from the spawner image.
     let app = RunnableImage::from((
         GenericImage::new("spawner", TAG),
-        vec!["demo-backend".to_string(), "--port".into(), "8080".into()],
+        // The app has a container of its own here (in a pod it shares the sidecar's network
+        // namespace and keeps the default loopback address).
+        vec![
+            "demo-backend".to_string(),
+            "--port".into(),
+            "8080".into(),
+            "--bind".into(),
+            "0.0.0.0".into(),
+        ],
     ))
     .with_network(network.clone())
     .with_container_name(app_name.clone());
@@ -380,6 +392,7 @@ fn the_sidecar_image_proxies_http_and_websockets_reports_connections_and_drains_
             .with_env_var("SPAWNER_UPSTREAM_HOST", app_name.as_str())
             .with_env_var("SPAWNER_UPSTREAM_PORT", "8080")
             .with_env_var("SPAWNER_DRAIN_SECONDS", "3")
+            .with_env_var("SPAWNER_EVENTS_TOKEN", EVENTS_TOKEN)
             .with_exposed_port(9090),
     )
     .with_network(network.clone())
@@ -451,8 +464,10 @@ fn every_component_image_runs_hardened_answers_health_and_stops_on_sigterm() {
             "dev".to_string(),
             "--kube-listen".into(),
             "0.0.0.0:6443".into(),
+            // A directory `spawner dev` creates itself, as its user: it refuses one that
+            // another user (here root, who made the shared mount) owns.
             "--state-dir".into(),
-            "/state".into(),
+            "/state/dev".into(),
             "--nodes".into(),
             "1".into(),
         ],
@@ -469,7 +484,15 @@ fn every_component_image_runs_hardened_answers_health_and_stops_on_sigterm() {
     let _app = cli.run(
         RunnableImage::from((
             GenericImage::new("spawner", TAG),
-            vec!["demo-backend".to_string(), "--port".into(), "8080".into()],
+            // The app has a container of its own here (in a pod it shares the sidecar's network
+            // namespace and keeps the default loopback address).
+            vec![
+                "demo-backend".to_string(),
+                "--port".into(),
+                "8080".into(),
+                "--bind".into(),
+                "0.0.0.0".into(),
+            ],
         ))
         .with_network(network.0.clone())
         .with_container_name(app_name.clone()),
@@ -501,6 +524,8 @@ fn every_component_image_runs_hardened_answers_health_and_stops_on_sigterm() {
                 &kube_mount,
                 "-e",
                 "SPAWNER_API_TOKENS=t",
+                "-e",
+                "SPAWNER_KEY_SECRET=key-secret-for-image-tests",
             ],
         ),
         (
@@ -648,7 +673,7 @@ impl TempState {
     /// Waits for `spawner dev`'s kubeconfig and writes a copy that names `server`, readable by
     /// the components' UID.
     fn kubeconfig_for(&self, server: &str, container: &str) -> PathBuf {
-        let written = self.0.join("kubeconfig");
+        let written = self.0.join("dev").join("kubeconfig");
         let deadline = Instant::now() + Duration::from_secs(60);
         let text = loop {
             if let Ok(text) = std::fs::read_to_string(&written)
