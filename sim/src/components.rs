@@ -76,8 +76,6 @@ pub fn api_config(
     let mut config = args_of::<spawner_api::ApiArgs>(&[
         "--token",
         token,
-        "--key-secret",
-        "sim-key-secret",
         "--public-base-url",
         public_base_url,
         "--key-secret",
