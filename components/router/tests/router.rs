@@ -51,6 +51,7 @@ impl World {
     async fn start_with(mode: Mode, configure: impl FnOnce(&mut RouterConfig)) -> Self {
         let cluster = spawner_localcluster::Cluster::new(
             spawner_localcluster::ServerConfig {
+                auth: spawner_localcluster::Auth::anyone_is_admin(),
                 bookmark_interval: Duration::from_secs(1),
                 ..Default::default()
             },
