@@ -365,7 +365,13 @@ async fn serve_request(cluster: Cluster, req: Request) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > limit as u64) {
+    if let Some(n) = announced.filter(|&n| n > limit as u64) {
+        // A client still sending its body sees a reset, not the 413, when the connection
+        // closes under it; so a body up to twice the limit is read and dropped first, as
+        // nginx's lingering close does, and only a larger one is refused unread.
+        if n <= (limit as u64).saturating_mul(2) {
+            let _ = axum::body::to_bytes(body, limit.saturating_mul(2)).await;
+        }
         return ApiError::too_large(limit).into_response();
     }
     let body = match axum::body::to_bytes(body, limit).await {
