@@ -60,8 +60,9 @@ pub struct DevArgs {
     /// unpredictable name, removed on exit.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// The api records its spawns and connects as a session trace (docs/traces.md); without
-    /// --trace-key, the ids are hashed with a random key.
+    /// The api (spawns and connects) and the router (WebSocket connections, messages,
+    /// disconnects) record one session trace (docs/traces.md); without --trace-key, the ids are
+    /// hashed with a random key.
     #[command(flatten)]
     pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
@@ -269,11 +270,21 @@ pub async fn run(
         });
     }
 
+    // One recorder for the api and the router: one file, one clock, one key, so the api's
+    // spawns and the router's connections of a session line up without a merge.
+    let mut trace_args = args.trace.clone();
+    if trace_args.trace_key.is_none() {
+        trace_args.trace_key = Some(random_token()?);
+    }
+    let recording = crate::trace::start_recording(&trace_args, "api+router", chrono::Utc::now())?;
+    let recorder = recording.as_ref().map(|(recorder, _)| recorder.clone());
+
     let router_args: spawner_router::RouterArgs =
         args_of(&["--domain", "localhost", "--connect-key", &connect_key])?;
     {
         let client = in_process_client(kube_router.clone(), &admin_token)?;
-        let config = router_args.config()?;
+        let mut config = router_args.config()?;
+        config.trace = recorder.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             spawner_router::run(
@@ -303,15 +314,10 @@ pub async fn run(
         "--connect-key",
         &connect_key,
     ])?;
-    let mut trace_args = args.trace.clone();
-    if trace_args.trace_key.is_none() {
-        trace_args.trace_key = Some(random_token()?);
-    }
-    let recording = crate::trace::start_recording(&trace_args, "api", chrono::Utc::now())?;
     {
         let client = in_process_client(kube_router.clone(), &admin_token)?;
         let mut config = api_args.config()?;
-        config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
+        config.trace = recorder;
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             spawner_api::run(
