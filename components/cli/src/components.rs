@@ -16,7 +16,10 @@ async fn kube_client() -> anyhow::Result<kube::Client> {
     let config = kube::Config::infer()
         .await
         .context("no Kubernetes client: not in a pod and no usable KUBECONFIG")?;
-    Ok(kube::Client::try_from(with_read_timeout(config, KUBE_READ_TIMEOUT))?)
+    Ok(kube::Client::try_from(with_read_timeout(
+        config,
+        KUBE_READ_TIMEOUT,
+    ))?)
 }
 
 /// Sets `read_timeout`, counted from each request written. Without `reset_reader_on_write` the
@@ -140,7 +143,9 @@ mod tests {
                     let mut head = Vec::new();
                     let mut buf = [0u8; 1024];
                     loop {
-                        let Ok(n) = tcp.read(&mut buf).await else { return };
+                        let Ok(n) = tcp.read(&mut buf).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -167,12 +172,14 @@ mod tests {
     async fn the_read_timeout_counts_from_the_request_not_from_idle() {
         let (addr, accepted) = slow_server(Duration::from_secs(2)).await;
         let config = kube::Config::new(format!("http://{addr}").parse().expect("uri"));
-        let client = kube::Client::try_from(super::with_read_timeout(
-            config,
-            Duration::from_secs(3),
-        ))
-        .expect("client");
-        let get = || http::Request::get("/version").body(Vec::new()).expect("request");
+        let client =
+            kube::Client::try_from(super::with_read_timeout(config, Duration::from_secs(3)))
+                .expect("client");
+        let get = || {
+            http::Request::get("/version")
+                .body(Vec::new())
+                .expect("request")
+        };
         assert_eq!(client.request_text(get()).await.expect("first"), "ok");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(client.request_text(get()).await.expect("after idle"), "ok");

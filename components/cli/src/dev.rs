@@ -33,6 +33,11 @@ pub struct DevArgs {
     /// Address of the embedded Kubernetes API server (port 0: any free port).
     #[arg(long, env = "SPAWNER_DEV_KUBE_LISTEN", default_value = "127.0.0.1:0")]
     pub kube_listen: SocketAddr,
+    /// Another name (DNS name or IP address) clients may dial the Kubernetes API by, added to
+    /// its certificate (served over HTTPS; the listen address, localhost and loopback are
+    /// always in it). Repeatable.
+    #[arg(long = "kube-tls-san", value_name = "NAME")]
+    pub kube_tls_sans: Vec<String>,
     /// Number of simulated nodes, each with its own sweeper.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub nodes: u8,
@@ -77,6 +82,21 @@ struct ArgsOf<T: clap::Args> {
 fn args_of<T: clap::Args>(argv: &[&str]) -> anyhow::Result<T> {
     let argv = std::iter::once("spawner").chain(argv.iter().copied());
     Ok(ArgsOf::<T>::try_parse_from(argv)?.inner)
+}
+
+/// The names in the Kubernetes API's certificate: the address it listens on, loopback by name
+/// and number, and `extra`.
+fn certificate_names(listen: std::net::IpAddr, extra: &[String]) -> Vec<String> {
+    let mut names = vec![
+        listen.to_string(),
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    names.extend(extra.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn random_token() -> anyhow::Result<String> {
@@ -145,7 +165,14 @@ pub async fn run(
     let kube_listener = TcpListener::bind(args.kube_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.kube_listen))?;
-    let kube_url = format!("http://{}", kube_listener.local_addr()?);
+    let kube_addr = kube_listener.local_addr()?;
+    // HTTPS, as kubectl sends its token only over TLS; the CA goes into the kubeconfig.
+    let kube_certificates = spawner_localcluster::ServerCertificates::generate(&certificate_names(
+        kube_addr.ip(),
+        &args.kube_tls_sans,
+    ))
+    .context("making the Kubernetes API's certificate")?;
+    let kube_url = format!("https://{kube_addr}");
     let api_listener = TcpListener::bind(args.api_listen).await.with_context(|| {
         format!(
             "cannot listen on {} (is another `spawner dev` running? use --api-listen)",
@@ -180,11 +207,15 @@ pub async fn run(
     // The API server stops last: the node agent reports its stopped pods through it.
     let kube_shutdown = CancellationToken::new();
     let kube_router = spawner_localcluster::router(cluster.clone());
+    let kube_listener = spawner_localcluster::TlsListener::new(
+        crate::components::without_nagle(kube_listener),
+        &kube_certificates,
+    )?;
     let kube_server = {
         let kube_shutdown = kube_shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
-                r = spawner_localcluster::serve(crate::components::without_nagle(kube_listener), cluster) => r.map_err(anyhow::Error::from),
+                r = spawner_localcluster::serve(kube_listener, cluster) => r.map_err(anyhow::Error::from),
                 _ = kube_shutdown.cancelled() => Ok(()),
             }
             .context("localcluster")
@@ -197,6 +228,7 @@ pub async fn run(
     spawner_localcluster::write_kubeconfig(
         &kubeconfig,
         &kube_url,
+        Some(&kube_certificates.ca_pem),
         Some(&admin_token),
         Some("default"),
     )
@@ -393,7 +425,8 @@ pub async fn run(
     )?;
     writeln!(
         out,
-        "Watch the objects: kubectl --kubeconfig {} get slab,pods -w",
+        // One type: kubectl watches a single resource type at a time.
+        "Watch the objects: kubectl --kubeconfig {} get slab -w",
         kubeconfig.display()
     )?;
     out.flush()?;

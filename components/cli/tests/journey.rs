@@ -192,3 +192,71 @@ async fn killing_spawner_dev_outright_takes_its_backends_with_it() {
         "backend processes outlived a killed spawner dev: {alive:?}"
     );
 }
+
+/// Whether `kubectl` runs here; its absence fails the test when SPAWNER_REQUIRE_KUBECTL is set.
+fn kubectl_available() -> bool {
+    let found = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found || std::env::var_os("SPAWNER_REQUIRE_KUBECTL").is_none(),
+        "kubectl is required (SPAWNER_REQUIRE_KUBECTL is set) but does not run"
+    );
+    found
+}
+
+/// The kubectl command `spawner dev` prints, run exactly as printed, follows a spawned backend
+/// to Ready (kubectl sends the kubeconfig's token only over TLS: over plain HTTP it got 401).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_kubectl_command_watches_backends() {
+    if !kubectl_available() {
+        eprintln!("kubectl is not installed: skipping the printed kubectl command");
+        return;
+    }
+    let dev = Dev::start(DevOptions::default());
+    let words: Vec<&str> = dev.kubectl_command.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"kubectl"), "{}", dev.kubectl_command);
+    let mut kubectl = tokio::process::Command::new(words[0])
+        .args(&words[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl starts");
+    let name = dev
+        .api()
+        .spawn(&json!({"command": [SPAWNER, "demo-backend"], "gracePeriodSeconds": 60}))
+        .await;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut stdout = tokio::io::BufReader::new(kubectl.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The backend's row, up to Ready (the table's phase column).
+    while !seen
+        .iter()
+        .any(|l: &String| l.starts_with(&format!("{name} ")) && l.contains(" Ready "))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stdout.next_line()).await {
+            Ok(Ok(Some(line))) => seen.push(line),
+            ended => {
+                let _ = kubectl.start_kill();
+                let mut stderr = String::new();
+                if let Some(mut pipe) = kubectl.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr).await;
+                }
+                panic!(
+                    "`{}` did not show {name} Ready ({ended:?}); stdout:\n{}\nstderr:\n{stderr}",
+                    dev.kubectl_command,
+                    seen.join("\n")
+                );
+            }
+        }
+    }
+    let _ = kubectl.start_kill();
+}
