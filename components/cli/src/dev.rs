@@ -515,9 +515,10 @@ pub async fn run(
     let listeners = bind_listeners(&args).await?;
     let kube_addr = listeners.kube.local_addr()?;
     // HTTPS, as kubectl sends its token only over TLS; the CA goes into the kubeconfig.
-    let kube_certificates = spawner_localcluster::ServerCertificates::generate(
-        &certificate_names(kube_addr.ip(), &args.kube_tls_sans),
-    )
+    let kube_certificates = spawner_localcluster::ServerCertificates::generate(&certificate_names(
+        kube_addr.ip(),
+        &args.kube_tls_sans,
+    ))
     .context("making the Kubernetes API's certificate")?;
     let kube_url = format!("https://{kube_addr}");
     let api_url = format!("http://{}", listeners.api.local_addr()?);
