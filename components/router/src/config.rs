@@ -9,6 +9,7 @@ use std::time::Duration;
 use spawner_core::connect_token::{DEFAULT_SESSION_TTL_SECONDS, KeyError, KeyRing};
 
 use crate::route::Mode;
+use crate::trust::{CidrError, TrustedProxies};
 
 /// Unix time in seconds; injected so tests control token expiry.
 pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -80,6 +81,15 @@ pub struct RouterArgs {
     /// Most client connections served at once; further ones wait in the accept queue.
     #[arg(long, env = "SPAWNER_ROUTER_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For/Proto/Host` are believed (kept, the peer appended to
+    /// `X-Forwarded-For`): the load balancers in front, as address ranges (`10.0.0.0/8`,
+    /// `2001:db8::/32`, `192.0.2.7`). Anyone else's copies are replaced.
+    #[arg(
+        long = "trusted-proxy",
+        env = "SPAWNER_ROUTER_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
     /// Recording of WebSocket connections, messages and disconnects as a session trace
     /// (docs/traces.md); the caller starts the recorder and puts it in [`RouterConfig::trace`].
     #[command(flatten)]
@@ -116,6 +126,8 @@ impl RouterArgs {
         }
         config.header_read_timeout = Duration::from_secs(self.header_read_timeout_seconds);
         config.max_connections = self.max_connections;
+        config.trusted_proxies =
+            TrustedProxies::parse(self.trusted_proxies.iter().map(String::as_str))?;
         config.check()?;
         Ok(config)
     }
@@ -136,6 +148,8 @@ pub struct RouterConfig {
     pub max_connections: usize,
     /// Largest request head accepted.
     pub max_header_bytes: usize,
+    /// Peers whose forwarding headers are kept ([`crate::trust`]).
+    pub trusted_proxies: TrustedProxies,
     /// Serve HTTPS with this configuration ([`tls_config`]).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     pub clock: UnixClock,
@@ -154,6 +168,7 @@ impl std::fmt::Debug for RouterConfig {
             .field("https", &self.https)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_connections", &self.max_connections)
+            .field("trusted_proxies", &self.trusted_proxies)
             .field("tls", &self.tls.is_some())
             .field("trace", &self.trace.is_some())
             .finish_non_exhaustive()
@@ -173,6 +188,7 @@ impl RouterConfig {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 20_000,
             max_header_bytes: 64 * 1024,
+            trusted_proxies: TrustedProxies::default(),
             tls: None,
             clock: system_clock(),
             trace: None,
@@ -263,6 +279,8 @@ pub enum ConfigError {
     PathPrefix(String),
     #[error("connect keys: {0}")]
     Keys(#[from] KeyError),
+    #[error("trusted proxies: {0}")]
+    TrustedProxy(#[from] CidrError),
     #[error(
         "session lifetime, header read timeout, connection cap and header size must be positive"
     )]
@@ -314,6 +332,32 @@ mod tests {
         .expect("valid");
         assert_eq!(config.mode, Mode::Path { prefix: "b".into() });
         assert!(config.https);
+        assert!(config.trusted_proxies.is_empty());
+        let config = parse(&[
+            "--path-prefix",
+            "b",
+            "--connect-key",
+            "k1:0123456789abcdef",
+            "--trusted-proxy",
+            "10.0.0.0/8,192.0.2.7",
+        ])
+        .expect("valid");
+        assert!(
+            config
+                .trusted_proxies
+                .trusts("10.9.8.7".parse().expect("ip"))
+        );
+        assert!(matches!(
+            parse(&[
+                "--path-prefix",
+                "b",
+                "--connect-key",
+                "k1:0123456789abcdef",
+                "--trusted-proxy",
+                "10.0.0.0/99",
+            ]),
+            Err(ConfigError::TrustedProxy(_))
+        ));
     }
 
     #[test]
