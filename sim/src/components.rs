@@ -40,6 +40,8 @@ pub fn controller_config(
         &retention,
         "--identity",
         &identity,
+        "--lease-namespace",
+        crate::rbac::SYSTEM_NAMESPACE,
     ];
     if !leader_election {
         argv.push("--no-leader-election");

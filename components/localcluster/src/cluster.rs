@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::auth::Auth;
 use crate::clock::{Clock, format_time};
+use crate::error::ApiError;
 use crate::resources::{self, ResourceType};
 use crate::store::{Store, StoreConfig};
 
@@ -101,6 +102,21 @@ impl Cluster {
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.store().resource_version()
+    }
+
+    /// Creates the namespace `name` unless it exists: a deployment's own namespace, made before
+    /// its components start.
+    pub fn ensure_namespace(&self, name: &str) -> Result<(), ApiError> {
+        let now = self.now();
+        let namespace = json!({"metadata": {"name": name}});
+        match self
+            .store()
+            .create(resources::NAMESPACES, None, namespace, &now, false)
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn types(&self) -> &[ResourceType] {

@@ -8,6 +8,7 @@
 //! binds (loopback TCP in `spawner dev`, turmoil sockets in the simulator). See
 //! docs/localcluster.md.
 
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod cluster;
@@ -23,6 +24,7 @@ pub mod server;
 pub mod store;
 pub mod table;
 
+pub use audit::{Audit, AuditEntry};
 pub use auth::{Auth, Identity, Rbac};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cluster::{Cluster, ServerConfig};
