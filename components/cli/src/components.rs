@@ -72,7 +72,11 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
     let mut config = args.config()?;
     let listener = bind(args.listen).await?;
     let client = kube_client().await?;
-    let recording = crate::trace::start_recording(&args.trace, "api", config.clock.now())?;
+    let recording = crate::trace::start_recording(
+        &args.trace,
+        "api",
+        spawner_core::clock::to_chrono(config.clock.now()),
+    )?;
     config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
     let served = spawner_api::run(
         client,

@@ -63,7 +63,7 @@ impl Cluster {
     pub fn new(config: ServerConfig, clock: Arc<dyn Clock>) -> Self {
         let types = Arc::new(resources::all());
         let mut store = Store::new(types.clone(), config.store.clone());
-        let now = format_time(clock.now());
+        let now = format_time(crate::clock::now(&*clock));
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             // Creating a fixed, valid namespace in an empty store cannot fail.
             let _ = store.create(
@@ -91,7 +91,7 @@ impl Cluster {
     }
 
     pub(crate) fn now(&self) -> String {
-        format_time(self.shared.clock.now())
+        format_time(crate::clock::now(&*self.shared.clock))
     }
 
     /// Drops every type's retained watch history, as etcd compaction does.
@@ -155,7 +155,7 @@ impl Cluster {
         if kind == resources::NEW_EVENTS {
             items
                 .into_iter()
-                .map(|o| Arc::new(crate::events::to_new(&o)))
+                .map(|o| Arc::new(crate::event_versions::to_new(&o)))
                 .collect()
         } else {
             items

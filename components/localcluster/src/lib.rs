@@ -14,7 +14,7 @@ pub mod clock;
 pub mod cluster;
 pub mod decode;
 pub mod error;
-pub mod events;
+pub mod event_versions;
 pub mod kubeconfig;
 pub mod patch;
 pub mod resources;
@@ -26,7 +26,7 @@ pub mod table;
 
 pub use audit::{Audit, AuditEntry};
 pub use auth::{Auth, Identity, Rbac};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, SystemClock};
 pub use cluster::{Cluster, ServerConfig};
 pub use error::ApiError;
 pub use kubeconfig::{kubeconfig_yaml, write_kubeconfig};
