@@ -256,7 +256,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
     let cluster = Cluster::new(
         ServerConfig {
             auth: crate::rbac::auth(config.audit.clone()),
-            bookmark_interval: Duration::from_secs(5),
+            bookmark_interval: crate::net::BOOKMARK_INTERVAL,
             ..ServerConfig::default()
         },
         Arc::new(clocks.of("apiserver")),
