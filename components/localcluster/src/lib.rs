@@ -23,6 +23,7 @@ pub mod selector;
 pub mod server;
 pub mod store;
 pub mod table;
+pub mod tls;
 
 pub use audit::{Audit, AuditEntry};
 pub use auth::{Auth, Identity, Rbac};
@@ -32,3 +33,4 @@ pub use error::ApiError;
 pub use kubeconfig::{kubeconfig_yaml, write_kubeconfig};
 pub use server::{router, serve};
 pub use store::StoreConfig;
+pub use tls::{ServerCertificates, TlsListener};

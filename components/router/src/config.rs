@@ -70,6 +70,10 @@ pub struct RouterArgs {
     /// Most client connections served at once; further ones wait in the accept queue.
     #[arg(long, env = "SPAWNER_ROUTER_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Recording of WebSocket connections, messages and disconnects as a session trace
+    /// (docs/traces.md); the caller starts the recorder and puts it in [`RouterConfig::trace`].
+    #[command(flatten)]
+    pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
 
 impl RouterArgs {
@@ -126,6 +130,8 @@ pub struct RouterConfig {
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Wall-clock time, for token expiry; injected so tests control it.
     pub clock: Arc<dyn Clock>,
+    /// Where WebSocket connections, their messages and disconnects are recorded, if anywhere.
+    pub trace: Option<spawner_trace_recorder::TraceRecorder>,
 }
 
 impl std::fmt::Debug for RouterConfig {
@@ -140,6 +146,7 @@ impl std::fmt::Debug for RouterConfig {
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_connections", &self.max_connections)
             .field("tls", &self.tls.is_some())
+            .field("trace", &self.trace.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -159,6 +166,7 @@ impl RouterConfig {
             max_header_bytes: 64 * 1024,
             tls: None,
             clock: Arc::new(SystemClock),
+            trace: None,
         }
     }
 
