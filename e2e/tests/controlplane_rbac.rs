@@ -448,23 +448,23 @@ async fn bind(admin: &Client, namespace: &str, kind: &str, role: &str) {
     wait_allowed(admin, Identity::Unprivileged, namespace).await;
 }
 
-/// RBAC is served from informer caches: wait until `identity` may get backends in `namespace`
-/// before relying on a binding just written.
+/// RBAC is served from informer caches: wait until `identity` may list backends in `namespace`
+/// (every component's role grants that) before relying on a binding just written.
 async fn wait_allowed(admin: &Client, identity: Identity, namespace: &str) {
-    let get_backends = Permission {
+    let list_backends = Permission {
         group: "spawner.dev",
         resource: "sessionlivedbackends",
         subresource: "",
-        verb: "get",
+        verb: "list",
     };
     for _ in 0..300 {
-        if allowed(admin, identity, namespace, get_backends).await {
+        if allowed(admin, identity, namespace, list_backends).await {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!(
-        "{} never became allowed to get backends in {namespace}",
+        "{} never became allowed to list backends in {namespace}",
         identity.name()
     );
 }
