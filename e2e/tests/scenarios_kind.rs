@@ -56,3 +56,11 @@ async fn terminate_while_starting() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_keeps_its_grace_period_after_ready() {
+    run("slow_start_keeps_its_grace_period_after_ready", |t| async move {
+        scenarios::slow_start_keeps_its_grace_period_after_ready(&t).await
+    })
+    .await;
+}

@@ -79,6 +79,24 @@ impl App {
         }
         request
     }
+
+    /// This app, started only after `delay` (`sh -c 'sleep N; exec ...'`): an app slower to
+    /// accept connections than a short grace period.
+    pub fn started_after(&self, delay: Duration) -> App {
+        let quoted: Vec<String> = self
+            .command
+            .iter()
+            .map(|arg| format!("'{}'", arg.replace('\'', r"'\''")))
+            .collect();
+        App {
+            image: self.image.clone(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("sleep {}; exec {}", delay.as_secs(), quoted.join(" ")),
+            ],
+        }
+    }
 }
 
 /// The applications the scenarios spawn.
@@ -300,6 +318,49 @@ pub async fn spawn_connect_disconnect_swept(target: &Target) -> Result<Timings, 
         )
     })?;
     timings.record("disconnect→Swept", closed);
+    Ok(timings)
+}
+
+/// An app slower to start than its grace period still gets that grace period from Ready: a
+/// WebSocket opened right after Ready works (found on kind, where the sweeper swept such a
+/// backend the moment it marked it Ready, and the WebSocket got the sealed sidecar's 503).
+pub async fn slow_start_keeps_its_grace_period_after_ready(
+    target: &Target,
+) -> Result<Timings, Failure> {
+    const GRACE: Duration = Duration::from_secs(3);
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let app = target.apps.demo.started_after(GRACE + Duration::from_secs(2));
+    let spawned = target
+        .api
+        .spawn(&app.request(json!({ "gracePeriodSeconds": GRACE.as_secs() })))
+        .await?;
+    let name = spawned.name;
+    wait_ready(target, &name).await?;
+    timings.record("spawn→Ready", start);
+    let status = target.api.status(&name).await?;
+    let mut ws = open_room(target, &status, spawned.url.as_deref()).await?;
+    let joined = next_room_state(&mut ws).await?;
+    ensure(joined.peers == 1, || {
+        format!("{name}: first peer sees {} peers", joined.peers)
+    })?;
+    let during = target.api.status(&name).await?;
+    ensure(during.phase == Phase::Ready, || {
+        format!(
+            "{name} is {:?} while a WebSocket is open ({:?})",
+            during.phase, during.reason
+        )
+    })?;
+    let _ = ws.close(None).await;
+    drop(ws);
+    let events = wait_terminal(target, &name, GRACE + Duration::from_secs(60)).await?;
+    ensure(events.last().map(|e| e.phase) == Some(Phase::Swept), || {
+        format!(
+            "{name} after its WebSocket closed: {:?}",
+            client::phases(&events)
+        )
+    })?;
+    timings.record("spawn→Swept", start);
     Ok(timings)
 }
 
