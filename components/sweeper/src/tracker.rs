@@ -238,7 +238,12 @@ mod tests {
         assert!(!step.mark_ready && step.sweep.is_none(), "{step:?}");
         let floor = later + grace + Duration::from_millis(1);
         assert_eq!(step.wake_at, Some(floor));
-        assert!(tracker.on_wake(floor - Duration::from_millis(1)).sweep.is_none());
+        assert!(
+            tracker
+                .on_wake(floor - Duration::from_millis(1))
+                .sweep
+                .is_none()
+        );
         tracker.on_report(state(true, 0, 4), floor - Duration::from_millis(1));
         assert!(tracker.on_wake(floor).sweep.is_some());
     }

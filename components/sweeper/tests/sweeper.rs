@@ -172,7 +172,10 @@ async fn condition_time(client: &Client, name: &str, type_: &str) -> k8s_openapi
         .iter()
         .find(|c| c.type_ == type_)
         .unwrap_or_else(|| panic!("{name} has no {type_} condition: {:?}", status.conditions));
-    condition.last_transition_time.parse().expect("RFC 3339 time")
+    condition
+        .last_transition_time
+        .parse()
+        .expect("RFC 3339 time")
 }
 
 /// Found on kind: the app took longer than the grace period to accept connections (or the
