@@ -73,3 +73,11 @@ async fn router_requires_a_connect_token() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pull_failure_fails() {
+    run("image_pull_failure_fails", |t| async move {
+        scenarios::image_pull_failure_fails(&t).await
+    })
+    .await;
+}

@@ -429,6 +429,53 @@ pub async fn router_requires_a_connect_token(target: &Target) -> Result<Timings,
     Ok(timings)
 }
 
+/// An image that cannot be pulled ends its backend Failed with `ImagePullTimeout` and a
+/// message naming the image, never Ready. For targets that pull images (a cluster).
+pub async fn image_pull_failure_fails(target: &Target) -> Result<Timings, Failure> {
+    const IMAGE: &str = "registry.invalid/spawner-e2e/absent:1";
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let app = App {
+        image: Some(IMAGE.into()),
+        command: target.apps.demo.command.clone(),
+    };
+    let spawned = target
+        .api
+        .spawn(&app.request(json!({ "gracePeriodSeconds": 30 })))
+        .await?;
+    let name = spawned.name;
+    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    timings.record("spawn→Failed", start);
+    let last = events
+        .last()
+        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
+    ensure(
+        last.phase == Phase::Failed && last.reason.as_deref() == Some("ImagePullTimeout"),
+        || {
+            format!(
+                "{name} with an image that cannot be pulled ended {:?} ({:?}: {:?}), phases {:?}",
+                last.phase,
+                last.reason,
+                last.message,
+                client::phases(&events)
+            )
+        },
+    )?;
+    ensure(
+        last.message.as_deref().is_some_and(|m| m.contains(IMAGE)),
+        || {
+            format!(
+                "{name}: the Failed message {:?} does not name the image",
+                last.message
+            )
+        },
+    )?;
+    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
+        format!("{name} was Ready: {:?}", client::phases(&events))
+    })?;
+    Ok(timings)
+}
+
 /// 20 concurrent get-or-create requests for one new key give one backend: every answer names
 /// it, exactly one created it, listing by key finds only it, and it becomes Ready.
 pub async fn get_or_create_concurrently(target: &Target) -> Result<Timings, Failure> {
