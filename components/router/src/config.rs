@@ -11,17 +11,7 @@ use spawner_core::connect_token::{DEFAULT_SESSION_TTL_SECONDS, KeyError, KeyRing
 use crate::route::Mode;
 use crate::trust::{CidrError, TrustedProxies};
 
-/// Unix time in seconds; injected so tests control token expiry.
-pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The operating system's clock.
-pub fn system_clock() -> UnixClock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    })
-}
+pub use spawner_core::clock::{Clock, SystemClock};
 
 /// Command-line arguments of the router, each with an environment fallback.
 #[derive(clap::Args, Clone, Debug)]
@@ -152,7 +142,8 @@ pub struct RouterConfig {
     pub trusted_proxies: TrustedProxies,
     /// Serve HTTPS with this configuration ([`tls_config`]).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    pub clock: UnixClock,
+    /// Wall-clock time, for token expiry; injected so tests control it.
+    pub clock: Arc<dyn Clock>,
     /// Where WebSocket connections, their messages and disconnects are recorded, if anywhere.
     pub trace: Option<spawner_trace_recorder::TraceRecorder>,
 }
@@ -190,7 +181,7 @@ impl RouterConfig {
             max_header_bytes: 64 * 1024,
             trusted_proxies: TrustedProxies::default(),
             tls: None,
-            clock: system_clock(),
+            clock: Arc::new(SystemClock),
             trace: None,
         }
     }
