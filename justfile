@@ -38,6 +38,12 @@ bench-sweeper backends="2000":
 bench-sidecar:
     components/sidecar/bench/run.sh
 
+# `spawner router` (release) -> sidecar vs nginx -> sidecar vs the sidecar alone vs the app,
+# idle WebSocket memory, 10 vs 10,000 backends in the router's cache (needs nginx, wrk); writes
+# target/bench/router.json. Results: docs/router.md.
+bench-router:
+    components/router/bench/run.sh
+
 # Reuse a running Docker engine or start a private one (docs/images.md); prints its DOCKER_HOST.
 docker:
     scripts/docker-engine.sh start
