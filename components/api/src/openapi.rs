@@ -35,7 +35,25 @@ pub fn document() -> Value {
     let _ = generator.subschema_for::<TerminateResponse>();
     let _ = generator.subschema_for::<PhaseEvent>();
     let _ = generator.subschema_for::<ErrorBody>();
-    let schemas = generator.take_definitions(true);
+    let mut schemas = generator.take_definitions(true);
+    // What the handlers require beyond the types: an image or a command (`to_spec`), and a key
+    // for /connect. Said here so that a schema-valid request is one the api accepts.
+    if let Some(spawn) = schemas
+        .get_mut("SpawnRequest")
+        .and_then(Value::as_object_mut)
+    {
+        spawn.insert(
+            "anyOf".into(),
+            json!([{ "required": ["image"] }, { "required": ["command"] }]),
+        );
+    }
+    schemas.insert(
+        "ConnectRequest".into(),
+        json!({
+            "description": "A SpawnRequest with its `key`, which /connect requires.",
+            "allOf": [schema_ref("SpawnRequest"), { "required": ["key"] }]
+        }),
+    );
 
     let auth = json!([{ "bearer": [] }]);
     let id_param = json!({
@@ -56,6 +74,7 @@ pub fn document() -> Value {
     let unavailable =
         error_response("The Kubernetes API failed or is throttling (`unavailable`); try again.");
     let spawn_body = json!({ "required": true, "content": json_content("SpawnRequest") });
+    let connect_body = json!({ "required": true, "content": json_content("ConnectRequest") });
     let spawn_responses = |created: &str, ok: &str| {
         json!({
             "201": { "description": created, "content": json_content("SpawnResponse") },
@@ -87,7 +106,7 @@ pub fn document() -> Value {
                 "operationId": "connect",
                 "summary": "The live backend of `key`, created when there is none.",
                 "security": auth,
-                "requestBody": spawn_body,
+                "requestBody": connect_body,
                 "responses": spawn_responses(
                     "No live backend had the key; this call created one (`spawned: true`).",
                     "The key's live backend (`spawned: false`)."
@@ -210,6 +229,7 @@ mod tests {
             "PhaseEvent",
             "ErrorBody",
             "Phase",
+            "ConnectRequest",
         ] {
             assert!(schemas.contains_key(name), "{name}");
         }
@@ -233,5 +253,27 @@ mod tests {
         ] {
             assert!(paths.contains_key(path), "{path}");
         }
+    }
+
+    /// The constraints the handlers check are in the document: schemathesis found
+    /// schema-valid requests the api refused (no image nor command; /connect without a key).
+    #[test]
+    fn an_image_or_a_command_and_the_connect_key_are_required() {
+        let doc = document();
+        let spawn = &doc["components"]["schemas"]["SpawnRequest"];
+        assert_eq!(
+            spawn["anyOf"],
+            json!([{ "required": ["image"] }, { "required": ["command"] }])
+        );
+        let connect = &doc["paths"]["/connect"]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"];
+        assert_eq!(connect, &schema_ref("ConnectRequest"));
+        let connect = &doc["components"]["schemas"]["ConnectRequest"];
+        assert!(
+            connect["allOf"]
+                .as_array()
+                .expect("allOf")
+                .contains(&json!({ "required": ["key"] }))
+        );
     }
 }
