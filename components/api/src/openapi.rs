@@ -42,9 +42,13 @@ pub fn document() -> Value {
         .get_mut("SpawnRequest")
         .and_then(Value::as_object_mut)
     {
+        // Present and not null: `"image": null` is absent to the api.
         spawn.insert(
             "anyOf".into(),
-            json!([{ "required": ["image"] }, { "required": ["command"] }]),
+            json!([
+                { "required": ["image"], "properties": { "image": { "type": "string" } } },
+                { "required": ["command"], "properties": { "command": { "type": "array" } } }
+            ]),
         );
     }
     schemas.insert(
@@ -75,10 +79,18 @@ pub fn document() -> Value {
         error_response("The Kubernetes API failed or is throttling (`unavailable`); try again.");
     let spawn_body = json!({ "required": true, "content": json_content("SpawnRequest") });
     let connect_body = json!({ "required": true, "content": json_content("ConnectRequest") });
+    // The answer names the backend: the operations on it take that name (OpenAPI links, which
+    // stateful testers such as schemathesis follow to reach real backends).
+    let backend_links = json!({
+        "status": { "operationId": "status", "parameters": { "id": "$response.body#/name" } },
+        "statusStream": { "operationId": "statusStream", "parameters": { "id": "$response.body#/name" } },
+        "ready": { "operationId": "ready", "parameters": { "id": "$response.body#/name" } },
+        "terminate": { "operationId": "terminate", "parameters": { "id": "$response.body#/name" } }
+    });
     let spawn_responses = |created: &str, ok: &str| {
         json!({
-            "201": { "description": created, "content": json_content("SpawnResponse") },
-            "200": { "description": ok, "content": json_content("SpawnResponse") },
+            "201": { "description": created, "content": json_content("SpawnResponse"), "links": backend_links },
+            "200": { "description": ok, "content": json_content("SpawnResponse"), "links": backend_links },
             "400": bad_request, "401": unauthorized, "413": too_large,
             "422": invalid, "503": unavailable
         })
@@ -261,10 +273,10 @@ mod tests {
     fn an_image_or_a_command_and_the_connect_key_are_required() {
         let doc = document();
         let spawn = &doc["components"]["schemas"]["SpawnRequest"];
-        assert_eq!(
-            spawn["anyOf"],
-            json!([{ "required": ["image"] }, { "required": ["command"] }])
-        );
+        assert_eq!(spawn["anyOf"][0]["required"], json!(["image"]));
+        assert_eq!(spawn["anyOf"][0]["properties"]["image"]["type"], "string");
+        assert_eq!(spawn["anyOf"][1]["required"], json!(["command"]));
+        assert_eq!(spawn["anyOf"][1]["properties"]["command"]["type"], "array");
         let connect = &doc["paths"]["/connect"]["post"]["requestBody"]["content"]["application/json"]
             ["schema"];
         assert_eq!(connect, &schema_ref("ConnectRequest"));
