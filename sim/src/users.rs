@@ -142,13 +142,22 @@ async fn session(
     // Each connection with the backend it was opened to.
     let mut sockets: HashMap<String, (Socket, String)> = HashMap::new();
     let mut found_gone = false;
+    // The session asked the api for its backend (a `spawn`) at least once.
+    let mut asked = false;
     for event in events {
         tokio::time::sleep_until(start + Duration::from_millis(event.t_ms)).await;
         match event.kind {
             TraceEventKind::Spawn => {
+                asked = true;
                 backend = get_or_create(client, config, report, &event.key).await;
             }
             TraceEventKind::Connect { conn } => {
+                // A session that connects without having asked (a connection the router
+                // recorded without a user) asks for its key's backend first, as its web app did.
+                if !asked {
+                    asked = true;
+                    backend = get_or_create(client, config, report, &event.key).await;
+                }
                 let mut attempt = 0;
                 let outcome = loop {
                     let result = match &backend {

@@ -98,9 +98,11 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
 }
 
 pub async fn router(args: spawner_router::RouterArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
+    let mut config = args.config()?;
     let listener = bind(args.listen).await?;
     let client = kube_client().await?;
+    let recording = crate::trace::start_recording(&args.trace, "router", chrono::Utc::now())?;
+    config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
     spawner_router::run(
         listener,
         client,
@@ -109,6 +111,7 @@ pub async fn router(args: spawner_router::RouterArgs) -> anyhow::Result<()> {
         crate::shutdown_signal(),
     )
     .await;
+    crate::trace::finish_recording(recording).await;
     Ok(())
 }
 

@@ -65,8 +65,9 @@ pub struct DevArgs {
     /// unpredictable name, removed on exit.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// The api records its spawns and connects as a session trace (docs/traces.md); without
-    /// --trace-key, the ids are hashed with a random key.
+    /// The api (spawns and connects) and the router (WebSocket connections, messages,
+    /// disconnects) record one session trace (docs/traces.md); without --trace-key, the ids are
+    /// hashed with a random key.
     #[command(flatten)]
     pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
@@ -97,6 +98,18 @@ fn certificate_names(listen: std::net::IpAddr, extra: &[String]) -> Vec<String> 
     names.sort();
     names.dedup();
     names
+}
+
+/// Starts the recorder of the api and the router when `--record-trace` asks for one (with a
+/// random key unless `--trace-key` gives one).
+fn start_recording(
+    trace: &spawner_trace_recorder::TraceRecordArgs,
+) -> anyhow::Result<crate::trace::Recording> {
+    let mut trace_args = trace.clone();
+    if trace_args.trace_key.is_none() {
+        trace_args.trace_key = Some(random_token()?);
+    }
+    crate::trace::start_recording(&trace_args, "api+router", chrono::Utc::now())
 }
 
 fn random_token() -> anyhow::Result<String> {
@@ -298,11 +311,17 @@ impl Components {
         Ok(())
     }
 
-    fn start_router(&mut self, listener: TcpListener, connect_key: &str) -> anyhow::Result<()> {
+    fn start_router(
+        &mut self,
+        listener: TcpListener,
+        connect_key: &str,
+        trace: Option<spawner_trace_recorder::TraceRecorder>,
+    ) -> anyhow::Result<()> {
         let router_args: spawner_router::RouterArgs =
             args_of(&["--domain", "localhost", "--connect-key", connect_key])?;
         let client = self.client()?;
-        let config = router_args.config()?;
+        let mut config = router_args.config()?;
+        config.trace = trace;
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             spawner_router::run(
@@ -318,15 +337,15 @@ impl Components {
         Ok(())
     }
 
-    /// Starts the api, recording a session trace when asked to; returns the recording.
+    /// Starts the api, recording its spawns to `trace` if given.
     fn start_api(
         &mut self,
         listener: TcpListener,
         secrets: &Secrets,
         api_url: &str,
         url_template: &str,
-        trace: &spawner_trace_recorder::TraceRecordArgs,
-    ) -> anyhow::Result<crate::trace::Recording> {
+        trace: Option<spawner_trace_recorder::TraceRecorder>,
+    ) -> anyhow::Result<()> {
         let api_args: spawner_api::ApiArgs = args_of(&[
             "--token",
             &secrets.api_token,
@@ -339,14 +358,9 @@ impl Components {
             "--connect-key",
             &secrets.connect_key,
         ])?;
-        let mut trace_args = trace.clone();
-        if trace_args.trace_key.is_none() {
-            trace_args.trace_key = Some(random_token()?);
-        }
-        let recording = crate::trace::start_recording(&trace_args, "api", chrono::Utc::now())?;
         let client = self.client()?;
         let mut config = api_args.config()?;
-        config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
+        config.trace = trace;
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             spawner_api::run(
@@ -358,7 +372,7 @@ impl Components {
             .await
             .context("api")
         });
-        Ok(recording)
+        Ok(())
     }
 
     /// Serves the demo launcher; returns its URL.
@@ -570,17 +584,15 @@ pub async fn run(
     components
         .start_sweepers(&nodes, &secrets.events_secret)
         .await?;
-    components.start_router(listeners.router, &secrets.connect_key)?;
+    // One recorder for the api and the router: one file, one clock, one key, so the api's
+    // spawns and the router's connections of a session line up without a merge.
+    let recording = start_recording(&args.trace)?;
+    let recorder = recording.as_ref().map(|(recorder, _)| recorder.clone());
+    components.start_router(listeners.router, &secrets.connect_key, recorder.clone())?;
     progress(&format!(
         "router on {router_url} (backend <name> at http://<name>.localhost:{router_port}/)"
     ));
-    let recording = components.start_api(
-        listeners.api,
-        &secrets,
-        &api_url,
-        &url_template,
-        &args.trace,
-    )?;
+    components.start_api(listeners.api, &secrets, &api_url, &url_template, recorder)?;
     progress(&format!("api on {api_url}"));
     if let Some(path) = &args.trace.record_trace {
         progress(&format!("recording a session trace to {}", path.display()));
