@@ -322,8 +322,8 @@ pub async fn spawn_connect_disconnect_swept(target: &Target) -> Result<Timings, 
     Ok(timings)
 }
 
-/// An app slower to start than its grace period still gets that grace period from Ready: a
-/// WebSocket opened right after Ready works (found on kind, where the sweeper swept such a
+/// An app slower to start than its grace period is not Ready before it accepts, and still gets
+/// its grace period from Ready: a WebSocket opened right after Ready works (found on kind, where the sweeper swept such a
 /// backend the moment it marked it Ready, and the WebSocket got the sealed sidecar's 503).
 pub async fn slow_start_keeps_its_grace_period_after_ready(
     target: &Target,
@@ -331,10 +331,8 @@ pub async fn slow_start_keeps_its_grace_period_after_ready(
     const GRACE: Duration = Duration::from_secs(3);
     let mut timings = Timings::default();
     let start = Instant::now();
-    let app = target
-        .apps
-        .demo
-        .started_after(GRACE + Duration::from_secs(2));
+    let delay = GRACE + Duration::from_secs(2);
+    let app = target.apps.demo.started_after(delay);
     let spawned = target
         .api
         .spawn(&app.request(json!({ "gracePeriodSeconds": GRACE.as_secs() })))
@@ -342,6 +340,14 @@ pub async fn slow_start_keeps_its_grace_period_after_ready(
     let name = spawned.name;
     wait_ready(target, &name).await?;
     timings.record("spawn→Ready", start);
+    // Never Ready before the app accepts: it cannot listen before its delay has passed.
+    ensure(start.elapsed() >= delay, || {
+        format!(
+            "{name} was Ready {:.2}s after its spawn, before its app (started after {}s) could accept",
+            start.elapsed().as_secs_f64(),
+            delay.as_secs()
+        )
+    })?;
     let status = target.api.status(&name).await?;
     let mut ws = open_room(target, &status, spawned.url.as_deref()).await?;
     let joined = next_room_state(&mut ws).await?;
