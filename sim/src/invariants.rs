@@ -81,8 +81,11 @@ impl Backend {
     /// backend was stopped: one the sweeper had every chance to see.
     fn live_before_stop(&self) -> bool {
         // A failed backend's application is gone (the controller decided from the pod's
-        // status): what is left of its connections is the sidecar draining them.
-        if self.phases_seen.contains(&Phase::Failed) {
+        // status), and a backend stopped on request (a terminate, its lifetime) is ended with
+        // its users connected by design: what is left of their connections is the sidecar
+        // draining them (a close frame a user does not answer lingers 5 s), which can outlast
+        // a short retention.
+        if self.phases_seen.contains(&Phase::Failed) || self.stopped_on_request {
             return false;
         }
         match (self.live_since, self.stopped_at) {
@@ -480,6 +483,14 @@ mod tests {
             },
         )
         .expect("allowed");
+        // Its sidecar may still be draining the connection when its retention is over.
+        c.observe(
+            S(9),
+            Observation::Deleted {
+                backend: "b1".into(),
+            },
+        )
+        .expect("deleting a backend stopped on request while it drains is allowed");
     }
 
     #[test]

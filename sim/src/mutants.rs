@@ -47,6 +47,15 @@ pub enum Mutant {
     /// `SPAWNER_KEY_SECRET`): replicas name a key's backends differently, so two users of one
     /// room who reach different replicas both create.
     ApiReplicasWithOwnKeySecrets,
+    /// The router dials, every fourth time, an address it dialled before for another backend
+    /// (a stale upstream): users reach a backend their token does not name.
+    RouterDialsAnotherBackend,
+    /// The router checks a connect token against the backend the token names, not the one the
+    /// request is routed to: a token for backend A opens backend B.
+    RouterAcceptsTokensForAnyBackend,
+    /// The api answers a terminate request as accepted but its patch records nothing (an
+    /// empty merge patch): the backend lives on.
+    ApiDropsTerminateRequests,
 }
 
 /// Switches the per-thread mutants of the production crates for the calling thread.
@@ -54,6 +63,9 @@ pub fn switch_on(mutant: Option<Mutant>) {
     spawner_sweeper::mutants::sweep_on_lost_stream(mutant == Some(Mutant::SweepOnLostStream));
     spawner_sidecar::mutants::forget_abnormal_countdown(
         mutant == Some(Mutant::SidecarForgetsAbnormalEnds),
+    );
+    spawner_router::mutants::accept_tokens_for_any_backend(
+        mutant == Some(Mutant::RouterAcceptsTokensForAnyBackend),
     );
 }
 
@@ -171,6 +183,38 @@ where
             };
             Ok(http::Response::from_parts(parts, Buffered::new(bytes)))
         })
+    }
+}
+
+/// Wraps the api's connection to the API server: every patch of a backend is sent as an
+/// empty merge patch (the API server answers the unchanged backend).
+#[derive(Clone)]
+pub struct EmptyBackendPatches<S>(pub S);
+
+impl<S> Service<Request> for EmptyBackendPatches<S>
+where
+    S: Service<Request>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let is_backend_patch = request.method() == http::Method::PATCH
+            && request.uri().path().contains("/sessionlivedbackends/");
+        if !is_backend_patch {
+            return self.0.call(request);
+        }
+        let (mut parts, _) = request.into_parts();
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        self.0.call(Request::from_parts(
+            parts,
+            kube::client::Body::from(b"{}".to_vec()),
+        ))
     }
 }
 

@@ -239,10 +239,15 @@ async fn run_pod(
                         .find(|(k, _)| k == "PORT")
                         .and_then(|(_, v)| v.parse().ok())
                         .unwrap_or(APP_PORT);
+                    let backend = env
+                        .iter()
+                        .find(|(k, _)| k == spawner_core::children::BACKEND_NAME_ENV)
+                        .map_or("", |(_, v)| v.as_str());
+                    let app = crate::app::router(backend);
                     match SimListener::bind(("0.0.0.0", port)).await {
                         Ok(listener) => {
                             tokio::spawn(async move {
-                                let serve = axum::serve(listener, crate::app::router())
+                                let serve = axum::serve(listener, app)
                                     .with_graceful_shutdown(stop.cancelled_owned());
                                 let code = match serve.await {
                                     Ok(()) => 143,

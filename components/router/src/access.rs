@@ -87,7 +87,7 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
     let query_token = query_param(request.path_and_query, QUERY_PARAM);
 
     for value in cookie_values(request.cookies.unwrap_or(""), SESSION_COOKIE) {
-        match connect_token::verify(ring, Purpose::Session, value, request.backend, now) {
+        match verify(ring, Purpose::Session, value, request.backend, now) {
             Ok(claims) => {
                 if query_token.is_some() && request.redirectable {
                     // Already in: just take the token out of the address bar.
@@ -104,13 +104,13 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
         }
     }
     if let Some(token) = request.authorization.and_then(bearer) {
-        match connect_token::verify(ring, Purpose::Connect, token, request.backend, now) {
+        match verify(ring, Purpose::Connect, token, request.backend, now) {
             Ok(claims) => return Access::Granted { user: claims.user },
             Err(e) => refusal = Some(e),
         }
     }
     if let Some(token) = query_token {
-        match connect_token::verify(ring, Purpose::Connect, token, request.backend, now) {
+        match verify(ring, Purpose::Connect, token, request.backend, now) {
             Ok(claims) if request.redirectable => {
                 return Access::Redirect {
                     location: without_query_param(request.path_and_query, QUERY_PARAM),
@@ -122,6 +122,18 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
         }
     }
     Access::Denied(refusal.map_or(Denial::Missing, Denial::Token))
+}
+
+/// Checks `token` for `purpose` against `backend` (the one the request is routed to).
+fn verify(
+    ring: &KeyRing,
+    purpose: Purpose,
+    token: &str,
+    backend: &str,
+    now: u64,
+) -> Result<Claims, TokenError> {
+    let backend = crate::mutants::backend_to_check(token, backend);
+    connect_token::verify(ring, purpose, token, backend, now)
 }
 
 /// The `Set-Cookie` value carrying a session token for `claims`' backend and user.
