@@ -112,6 +112,361 @@ fn progress(step: &str) {
     eprintln!("  · {step}");
 }
 
+/// The listeners of `spawner dev`, all bound before anything starts so that a busy port is
+/// reported at once.
+struct Listeners {
+    kube: TcpListener,
+    api: TcpListener,
+    router: TcpListener,
+    demo: Option<TcpListener>,
+}
+
+async fn bind_listeners(args: &DevArgs) -> anyhow::Result<Listeners> {
+    let kube = TcpListener::bind(args.kube_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.kube_listen))?;
+    let api = TcpListener::bind(args.api_listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (is another `spawner dev` running? use --api-listen)",
+            args.api_listen
+        )
+    })?;
+    let router = TcpListener::bind(args.router_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another `spawner dev` running? use --router-listen)",
+                args.router_listen
+            )
+        })?;
+    let demo = if args.demo {
+        Some(
+            TcpListener::bind(args.demo_listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.demo_listen))?,
+        )
+    } else {
+        None
+    };
+    Ok(Listeners {
+        kube,
+        api,
+        router,
+        demo,
+    })
+}
+
+/// The secrets of one `spawner dev` run, random unless the user gave the api token.
+struct Secrets {
+    api_token: String,
+    /// The components' (and kubectl's) token for the embedded API server.
+    admin_token: String,
+    events_secret: String,
+    key_secret: String,
+    connect_key: String,
+}
+
+impl Secrets {
+    fn new(api_token: Option<&str>) -> anyhow::Result<Self> {
+        Ok(Self {
+            api_token: match api_token {
+                Some(t) => t.to_string(),
+                None => random_token()?,
+            },
+            admin_token: random_token()?,
+            events_secret: random_token()?,
+            key_secret: random_token()?,
+            connect_key: format!("dev:{}", random_token()?),
+        })
+    }
+}
+
+/// Where the components run: their tasks, the shutdown they share, and their way to the
+/// embedded API server.
+struct Components {
+    tasks: JoinSet<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+    kube_router: axum::Router,
+    admin_token: String,
+}
+
+impl Components {
+    fn client(&self) -> anyhow::Result<kube::Client> {
+        in_process_client(self.kube_router.clone(), &self.admin_token)
+    }
+
+    fn start_node_agent(
+        &mut self,
+        nodes: &[String],
+        log_dir: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        let joined = nodes.join(",");
+        let log_dir = log_dir.display().to_string();
+        let node_args: NodeAgentArgs = args_of(&["--node", &joined, "--log-dir", &log_dir])?;
+        let client = self.client()?;
+        let runtime = Arc::new(node_args.process_runtime());
+        let config = node_args.config();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            spawner_node_agent::run(client, config, runtime, shutdown.cancelled_owned())
+                .await
+                .context("node agent")
+        });
+        progress(&format!("node agent running nodes {joined}"));
+        Ok(())
+    }
+
+    async fn start_controller(
+        &mut self,
+        events_secret: &str,
+        retention_seconds: u64,
+    ) -> anyhow::Result<()> {
+        let retention = retention_seconds.to_string();
+        let controller_args: spawner_controller::ControllerArgs = args_of(&[
+            "--events-secret",
+            events_secret,
+            "--url-mode",
+            "pod-ip",
+            "--no-leader-election",
+            "--retention-seconds",
+            &retention,
+        ])?;
+        let client = self.client()?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        progress(&format!(
+            "controller (metrics on http://{}/metrics)",
+            listener.local_addr()?
+        ));
+        let config = controller_args.into_config();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            spawner_controller::run(client, listener, config, shutdown.cancelled_owned())
+                .await
+                .context("controller")
+        });
+        Ok(())
+    }
+
+    async fn start_sweepers(
+        &mut self,
+        nodes: &[String],
+        events_secret: &str,
+    ) -> anyhow::Result<()> {
+        for node in nodes {
+            let sweeper_args: spawner_sweeper::SweeperArgs =
+                args_of(&["--node-name", node, "--events-secret", events_secret])?;
+            let client = self.client()?;
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            progress(&format!(
+                "sweeper of {node} (metrics on http://{}/metrics)",
+                listener.local_addr()?
+            ));
+            let config = sweeper_args.into_config();
+            let shutdown = self.shutdown.clone();
+            self.tasks.spawn(async move {
+                spawner_sweeper::run(
+                    client,
+                    listener,
+                    spawner_sweeper::tcp_transport(),
+                    config,
+                    shutdown.cancelled_owned(),
+                )
+                .await
+                .context("sweeper")
+            });
+        }
+        Ok(())
+    }
+
+    fn start_router(&mut self, listener: TcpListener, connect_key: &str) -> anyhow::Result<()> {
+        let router_args: spawner_router::RouterArgs =
+            args_of(&["--domain", "localhost", "--connect-key", connect_key])?;
+        let client = self.client()?;
+        let config = router_args.config()?;
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            spawner_router::run(
+                listener,
+                client,
+                spawner_router::TcpConnector,
+                config,
+                shutdown.cancelled_owned(),
+            )
+            .await;
+            Ok(())
+        });
+        Ok(())
+    }
+
+    /// Starts the api, recording a session trace when asked to; returns the recording.
+    fn start_api(
+        &mut self,
+        listener: TcpListener,
+        secrets: &Secrets,
+        api_url: &str,
+        url_template: &str,
+        trace: &spawner_trace_recorder::TraceRecordArgs,
+    ) -> anyhow::Result<crate::trace::Recording> {
+        let api_args: spawner_api::ApiArgs = args_of(&[
+            "--token",
+            &secrets.api_token,
+            "--key-secret",
+            &secrets.key_secret,
+            "--public-base-url",
+            api_url,
+            "--url-template",
+            url_template,
+            "--connect-key",
+            &secrets.connect_key,
+        ])?;
+        let mut trace_args = trace.clone();
+        if trace_args.trace_key.is_none() {
+            trace_args.trace_key = Some(random_token()?);
+        }
+        let recording = crate::trace::start_recording(&trace_args, "api", chrono::Utc::now())?;
+        let client = self.client()?;
+        let mut config = api_args.config()?;
+        config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            spawner_api::run(
+                client,
+                crate::components::without_nagle(listener),
+                config,
+                shutdown.cancelled_owned(),
+            )
+            .await
+            .context("api")
+        });
+        Ok(recording)
+    }
+
+    /// Serves the demo launcher; returns its URL.
+    fn start_demo(
+        &mut self,
+        listener: TcpListener,
+        api_url: &str,
+        api_token: &str,
+        grace_seconds: u32,
+    ) -> anyhow::Result<String> {
+        let url = format!("http://{}", listener.local_addr()?);
+        let launcher = crate::launcher::Launcher::new(
+            api_url,
+            api_token,
+            std::env::current_exe().context("finding the spawner binary for the demo")?,
+            grace_seconds,
+        )?;
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let router = crate::launcher::router(launcher);
+            let limits = spawner_serve::Limits::default();
+            spawner_serve::serve(listener, router, limits, shutdown.cancelled_owned()).await;
+            Ok(())
+        });
+        Ok(url)
+    }
+
+    /// Runs until a signal, the caller's stop, or a component failing; then stops every
+    /// component (backends first, through the node agent) and returns the failure, if any.
+    async fn run_until_stopped(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Option<anyhow::Error> {
+        let failure = tokio::select! {
+            _ = crate::shutdown_signal() => None,
+            _ = stop => None,
+            finished = self.tasks.join_next() => match finished {
+                Some(Ok(Err(e))) => Some(e),
+                Some(Err(e)) => Some(anyhow!("a component panicked: {e}")),
+                _ => Some(anyhow!("a component stopped unexpectedly")),
+            },
+        };
+        eprintln!("Stopping: backends first, then the components…");
+        self.shutdown.cancel();
+        let drained = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(result) = self.tasks.join_next().await {
+                if let Ok(Err(e)) = result {
+                    tracing::warn!(error = %format!("{e:#}"), "component stopped with an error");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            eprintln!("Some components did not stop within 30 s.");
+        }
+        failure
+    }
+}
+
+/// What `spawner dev` prints once everything runs: the environment to use it, and how.
+struct Banner<'a> {
+    api_url: &'a str,
+    router_url: &'a str,
+    api_token: &'a str,
+    kubeconfig: &'a std::path::Path,
+    demo_url: Option<&'a str>,
+    demo_grace_seconds: u32,
+}
+
+impl Banner<'_> {
+    fn write(&self, out: &mut (dyn std::io::Write + Send)) -> std::io::Result<()> {
+        let Banner {
+            api_url,
+            router_url,
+            api_token,
+            kubeconfig,
+            demo_url,
+            demo_grace_seconds,
+        } = self;
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "spawner".into());
+        writeln!(out)?;
+        writeln!(out, "Spawner is running. Ctrl-C stops everything.")?;
+        writeln!(out)?;
+        writeln!(out, "SPAWNER_API_URL={api_url}")?;
+        writeln!(out, "SPAWNER_ROUTER_URL={router_url}")?;
+        writeln!(out, "SPAWNER_TOKEN={api_token}")?;
+        writeln!(out, "KUBECONFIG={}", kubeconfig.display())?;
+        if let Some(url) = demo_url {
+            writeln!(out, "SPAWNER_DEMO_URL={url}")?;
+            writeln!(out)?;
+            writeln!(
+                out,
+                "Open {url} in two browser tabs: both join one demo backend. Close them and it is swept after {demo_grace_seconds}s.",
+            )?;
+        }
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Spawn a backend (any program that serves HTTP on $PORT):"
+        )?;
+        writeln!(
+            out,
+            "  curl -s -X POST {api_url}/spawn -H 'authorization: Bearer {api_token}' -H 'content-type: application/json' \\"
+        )?;
+        writeln!(
+            out,
+            "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\", \"$(PORT)\", \"--bind\", \"127.0.0.1\"], \"gracePeriodSeconds\": 30}}'"
+        )?;
+        writeln!(out, "or with the CLI:")?;
+        writeln!(
+            out,
+            "  export SPAWNER_API_URL={api_url} SPAWNER_TOKEN={api_token}"
+        )?;
+        writeln!(
+            out,
+            "  {exe} spawn --grace 30 --wait -- python3 -m http.server '$(PORT)' --bind 127.0.0.1"
+        )?;
+        writeln!(
+            out,
+            "Watch the objects: kubectl --kubeconfig {} get slab,pods -w",
+            kubeconfig.display()
+        )?;
+        out.flush()
+    }
+}
+
 /// Runs everything until SIGINT/SIGTERM (or `stop` resolves), then shuts it all down.
 pub async fn run(
     args: DevArgs,
@@ -125,15 +480,9 @@ pub async fn run(
     let logs = state.subdir("logs")?;
 
     eprintln!("Starting Spawner dev…");
-    let api_token = match &args.token {
-        Some(t) => t.clone(),
-        None => random_token()?,
-    };
-    let admin_token = random_token()?;
-    let events_secret = random_token()?;
-    let key_secret = random_token()?;
+    let secrets = Secrets::new(args.token.as_deref())?;
     let mut tokens = std::collections::HashMap::new();
-    tokens.insert(admin_token.clone(), Identity::admin());
+    tokens.insert(secrets.admin_token.clone(), Identity::admin());
     let cluster = Cluster::new(
         ServerConfig {
             auth: Auth::tokens(tokens),
@@ -142,46 +491,21 @@ pub async fn run(
         },
         Arc::new(SystemClock),
     );
-    let kube_listener = TcpListener::bind(args.kube_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.kube_listen))?;
-    let kube_url = format!("http://{}", kube_listener.local_addr()?);
-    let api_listener = TcpListener::bind(args.api_listen).await.with_context(|| {
-        format!(
-            "cannot listen on {} (is another `spawner dev` running? use --api-listen)",
-            args.api_listen
-        )
-    })?;
-    let api_url = format!("http://{}", api_listener.local_addr()?);
-    let router_listener = TcpListener::bind(args.router_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (is another `spawner dev` running? use --router-listen)",
-                args.router_listen
-            )
-        })?;
-    let router_port = router_listener.local_addr()?.port();
+    let listeners = bind_listeners(&args).await?;
+    let kube_url = format!("http://{}", listeners.kube.local_addr()?);
+    let api_url = format!("http://{}", listeners.api.local_addr()?);
+    let router_port = listeners.router.local_addr()?.port();
     // `*.localhost` resolves to loopback in browsers (and in most resolvers), so host mode
     // needs no DNS set-up.
     let router_url = format!("http://localhost:{router_port}");
     let url_template = format!("http://{{name}}.localhost:{router_port}/");
-    let connect_key = format!("dev:{}", random_token()?);
-    let demo_listener = if args.demo {
-        Some(
-            TcpListener::bind(args.demo_listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", args.demo_listen))?,
-        )
-    } else {
-        None
-    };
 
     // The API server stops last: the node agent reports its stopped pods through it.
     let kube_shutdown = CancellationToken::new();
     let kube_router = spawner_localcluster::router(cluster.clone());
     let kube_server = {
         let kube_shutdown = kube_shutdown.clone();
+        let kube_listener = listeners.kube;
         tokio::spawn(async move {
             tokio::select! {
                 r = spawner_localcluster::serve(crate::components::without_nagle(kube_listener), cluster) => r.map_err(anyhow::Error::from),
@@ -190,237 +514,66 @@ pub async fn run(
             .context("localcluster")
         })
     };
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
     progress(&format!("Kubernetes API (localcluster) on {kube_url}"));
     let kubeconfig = state.path.join("kubeconfig");
     spawner_localcluster::write_kubeconfig(
         &kubeconfig,
         &kube_url,
-        Some(&admin_token),
+        Some(&secrets.admin_token),
         Some("default"),
     )
     .with_context(|| format!("writing {}", kubeconfig.display()))?;
 
-    let node_names: Vec<String> = (1..=args.nodes).map(|i| format!("node-{i}")).collect();
-    let joined = node_names.join(",");
-    let log_dir = logs.display().to_string();
-    let node_args: NodeAgentArgs = args_of(&["--node", &joined, "--log-dir", &log_dir])?;
-    {
-        let client = in_process_client(kube_router.clone(), &admin_token)?;
-        let runtime = Arc::new(node_args.process_runtime());
-        let config = node_args.config();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            spawner_node_agent::run(client, config, runtime, shutdown.cancelled_owned())
-                .await
-                .context("node agent")
-        });
-    }
-    progress(&format!("node agent running nodes {joined}"));
-
-    let retention = args.retention_seconds.to_string();
-    let controller_args: spawner_controller::ControllerArgs = args_of(&[
-        "--events-secret",
-        &events_secret,
-        "--url-mode",
-        "pod-ip",
-        "--no-leader-election",
-        "--retention-seconds",
-        &retention,
-    ])?;
-    {
-        let client = in_process_client(kube_router.clone(), &admin_token)?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        progress(&format!(
-            "controller (metrics on http://{}/metrics)",
-            listener.local_addr()?
-        ));
-        let config = controller_args.into_config();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            spawner_controller::run(client, listener, config, shutdown.cancelled_owned())
-                .await
-                .context("controller")
-        });
-    }
-
-    for node in &node_names {
-        let sweeper_args: spawner_sweeper::SweeperArgs =
-            args_of(&["--node-name", node, "--events-secret", &events_secret])?;
-        let client = in_process_client(kube_router.clone(), &admin_token)?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        progress(&format!(
-            "sweeper of {node} (metrics on http://{}/metrics)",
-            listener.local_addr()?
-        ));
-        let config = sweeper_args.into_config();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            spawner_sweeper::run(
-                client,
-                listener,
-                spawner_sweeper::tcp_transport(),
-                config,
-                shutdown.cancelled_owned(),
-            )
-            .await
-            .context("sweeper")
-        });
-    }
-
-    let router_args: spawner_router::RouterArgs =
-        args_of(&["--domain", "localhost", "--connect-key", &connect_key])?;
-    {
-        let client = in_process_client(kube_router.clone(), &admin_token)?;
-        let config = router_args.config()?;
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            spawner_router::run(
-                router_listener,
-                client,
-                spawner_router::TcpConnector,
-                config,
-                shutdown.cancelled_owned(),
-            )
-            .await;
-            Ok(())
-        });
-    }
+    let mut components = Components {
+        tasks: JoinSet::new(),
+        shutdown: CancellationToken::new(),
+        kube_router,
+        admin_token: secrets.admin_token.clone(),
+    };
+    let nodes: Vec<String> = (1..=args.nodes).map(|i| format!("node-{i}")).collect();
+    components.start_node_agent(&nodes, &logs)?;
+    components
+        .start_controller(&secrets.events_secret, args.retention_seconds)
+        .await?;
+    components
+        .start_sweepers(&nodes, &secrets.events_secret)
+        .await?;
+    components.start_router(listeners.router, &secrets.connect_key)?;
     progress(&format!(
         "router on {router_url} (backend <name> at http://<name>.localhost:{router_port}/)"
     ));
-
-    let api_args: spawner_api::ApiArgs = args_of(&[
-        "--token",
-        &api_token,
-        "--key-secret",
-        &key_secret,
-        "--public-base-url",
+    let recording = components.start_api(
+        listeners.api,
+        &secrets,
         &api_url,
-        "--url-template",
         &url_template,
-        "--connect-key",
-        &connect_key,
-    ])?;
-    let mut trace_args = args.trace.clone();
-    if trace_args.trace_key.is_none() {
-        trace_args.trace_key = Some(random_token()?);
-    }
-    let recording = crate::trace::start_recording(&trace_args, "api", chrono::Utc::now())?;
-    {
-        let client = in_process_client(kube_router.clone(), &admin_token)?;
-        let mut config = api_args.config()?;
-        config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            spawner_api::run(
-                client,
-                crate::components::without_nagle(api_listener),
-                config,
-                shutdown.cancelled_owned(),
-            )
-            .await
-            .context("api")
-        });
-    }
+        &args.trace,
+    )?;
     progress(&format!("api on {api_url}"));
     if let Some(path) = &args.trace.record_trace {
         progress(&format!("recording a session trace to {}", path.display()));
     }
-
-    let demo_url = match demo_listener {
-        Some(listener) => {
-            let url = format!("http://{}", listener.local_addr()?);
-            let launcher = crate::launcher::Launcher::new(
-                &api_url,
-                &api_token,
-                std::env::current_exe().context("finding the spawner binary for the demo")?,
-                args.demo_grace_seconds,
-            )?;
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move {
-                let router = crate::launcher::router(launcher);
-                let limits = spawner_serve::Limits::default();
-                spawner_serve::serve(listener, router, limits, shutdown.cancelled_owned()).await;
-                Ok(())
-            });
-            Some(url)
-        }
+    let demo_url = match listeners.demo {
+        Some(listener) => Some(components.start_demo(
+            listener,
+            &api_url,
+            &secrets.api_token,
+            args.demo_grace_seconds,
+        )?),
         None => None,
     };
 
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "spawner".into());
-    writeln!(out)?;
-    writeln!(out, "Spawner is running. Ctrl-C stops everything.")?;
-    writeln!(out)?;
-    writeln!(out, "SPAWNER_API_URL={api_url}")?;
-    writeln!(out, "SPAWNER_ROUTER_URL={router_url}")?;
-    writeln!(out, "SPAWNER_TOKEN={api_token}")?;
-    writeln!(out, "KUBECONFIG={}", kubeconfig.display())?;
-    if let Some(url) = &demo_url {
-        writeln!(out, "SPAWNER_DEMO_URL={url}")?;
-        writeln!(out)?;
-        writeln!(
-            out,
-            "Open {url} in two browser tabs: both join one demo backend. Close them and it is swept after {}s.",
-            args.demo_grace_seconds
-        )?;
+    Banner {
+        api_url: &api_url,
+        router_url: &router_url,
+        api_token: &secrets.api_token,
+        kubeconfig: &kubeconfig,
+        demo_url: demo_url.as_deref(),
+        demo_grace_seconds: args.demo_grace_seconds,
     }
-    writeln!(out)?;
-    writeln!(
-        out,
-        "Spawn a backend (any program that serves HTTP on $PORT):"
-    )?;
-    writeln!(
-        out,
-        "  curl -s -X POST {api_url}/spawn -H 'authorization: Bearer {api_token}' -H 'content-type: application/json' \\"
-    )?;
-    writeln!(
-        out,
-        "       -d '{{\"command\": [\"python3\", \"-m\", \"http.server\", \"$(PORT)\", \"--bind\", \"127.0.0.1\"], \"gracePeriodSeconds\": 30}}'"
-    )?;
-    writeln!(out, "or with the CLI:")?;
-    writeln!(
-        out,
-        "  export SPAWNER_API_URL={api_url} SPAWNER_TOKEN={api_token}"
-    )?;
-    writeln!(
-        out,
-        "  {exe} spawn --grace 30 --wait -- python3 -m http.server '$(PORT)' --bind 127.0.0.1"
-    )?;
-    writeln!(
-        out,
-        "Watch the objects: kubectl --kubeconfig {} get slab,pods -w",
-        kubeconfig.display()
-    )?;
-    out.flush()?;
+    .write(out)?;
 
-    // Run until a signal, the caller's stop, or a component failing.
-    let failure = tokio::select! {
-        _ = crate::shutdown_signal() => None,
-        _ = stop => None,
-        finished = tasks.join_next() => match finished {
-            Some(Ok(Err(e))) => Some(e),
-            Some(Err(e)) => Some(anyhow!("a component panicked: {e}")),
-            _ => Some(anyhow!("a component stopped unexpectedly")),
-        },
-    };
-    eprintln!("Stopping: backends first, then the components…");
-    shutdown.cancel();
-    let drained = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(result) = tasks.join_next().await {
-            if let Ok(Err(e)) = result {
-                tracing::warn!(error = %format!("{e:#}"), "component stopped with an error");
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
-        eprintln!("Some components did not stop within 30 s.");
-    }
+    let failure = components.run_until_stopped(stop).await;
     crate::trace::finish_recording(recording).await;
     kube_shutdown.cancel();
     let _ = kube_server.await;

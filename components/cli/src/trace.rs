@@ -4,12 +4,15 @@
 use anyhow::Context;
 use spawner_trace_recorder::{RecorderHandle, TraceRecordArgs, TraceRecorder};
 
+/// A running recorder and the handle that finishes it, when one was asked for.
+pub type Recording = Option<(TraceRecorder, RecorderHandle)>;
+
 /// Starts the recorder `args` ask for, stamped with `now` as the trace's start.
 pub fn start_recording(
     args: &TraceRecordArgs,
     source: &str,
     now: chrono::DateTime<chrono::Utc>,
-) -> anyhow::Result<Option<(TraceRecorder, RecorderHandle)>> {
+) -> anyhow::Result<Recording> {
     let started_at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let recording = args
         .start(source, &started_at)
@@ -21,7 +24,7 @@ pub fn start_recording(
 }
 
 /// Writes what is buffered, closes the trace and logs what was recorded and dropped.
-pub async fn finish_recording(recording: Option<(TraceRecorder, RecorderHandle)>) {
+pub async fn finish_recording(recording: Recording) {
     let Some((_, handle)) = recording else {
         return;
     };

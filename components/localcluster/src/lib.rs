@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod decode;
 pub mod error;
 pub mod events;
@@ -24,7 +25,8 @@ pub mod table;
 
 pub use auth::{Auth, Identity, Rbac};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use cluster::{Cluster, ServerConfig};
 pub use error::ApiError;
 pub use kubeconfig::{kubeconfig_yaml, write_kubeconfig};
-pub use server::{Cluster, ServerConfig, router, serve};
+pub use server::{router, serve};
 pub use store::StoreConfig;
