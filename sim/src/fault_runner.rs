@@ -94,7 +94,7 @@ impl FaultRunner {
                 host: host(h),
                 by_ms,
             },
-            other @ FaultKind::CrashNode { .. } => other,
+            other @ (FaultKind::CrashNode { .. } | FaultKind::Compact) => other,
         }
     }
 
@@ -103,7 +103,8 @@ impl FaultRunner {
     /// suspends nothing, because the sweeper counts idle time on monotonic time.
     fn recovery(&self, fault: &FaultKind) -> Option<Duration> {
         match fault {
-            FaultKind::ClockStep { .. } => None,
+            // A client relists at once after 410 Expired: nothing is suspended.
+            FaultKind::ClockStep { .. } | FaultKind::Compact => None,
             FaultKind::Latency { max, .. } => Some(*max),
             _ => Some(self.stall_recovery),
         }
@@ -141,7 +142,8 @@ impl FaultRunner {
             FaultKind::Partition { .. }
             | FaultKind::Hold { .. }
             | FaultKind::Latency { .. }
-            | FaultKind::ClockStep { .. } => Vec::new(),
+            | FaultKind::ClockStep { .. }
+            | FaultKind::Compact => Vec::new(),
         }
     }
 
@@ -169,6 +171,7 @@ impl FaultRunner {
                 }
                 FaultKind::Latency { a, b, min, max } => self.set_latency(sim, a, b, *min, *max),
                 FaultKind::ClockStep { host, by_ms } => self.clocks.step(host, *by_ms),
+                FaultKind::Compact => self.cluster.compact(),
                 kind => {
                     for host in Self::hosts(kind, config) {
                         sim.crash(host.as_str());
@@ -201,6 +204,7 @@ impl FaultRunner {
                 }
                 // Corrected: back by as much as it jumped.
                 FaultKind::ClockStep { host, by_ms } => self.clocks.step(host, -by_ms),
+                FaultKind::Compact => {}
                 kind => {
                     for host in Self::hosts(kind, config) {
                         sim.bounce(host.as_str());
@@ -229,7 +233,7 @@ impl FaultRunner {
         if self
             .active
             .iter()
-            .any(|(fault, _)| !matches!(fault.kind, FaultKind::ClockStep { .. }))
+            .any(|(fault, _)| self.recovery(&fault.kind).is_some())
         {
             return Some(now);
         }

@@ -35,6 +35,10 @@ pub enum FaultKind {
     /// corrected (jumps back by as much) when the fault ends. Timers and countdowns run on
     /// monotonic time and do not move: only wall-clock readings do.
     ClockStep { host: String, by_ms: i64 },
+    /// The API server compacts its watch history when the fault starts (its duration does not
+    /// matter): every watch that resumes from an older version gets 410 Expired and must list
+    /// again, as after an etcd compaction.
+    Compact,
 }
 
 /// Whether host `name` matches `pattern`: the same name, or a prefix followed by `*`.

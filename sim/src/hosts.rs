@@ -10,7 +10,9 @@ use spawner_localcluster::{Cluster, ServerConfig};
 
 use crate::clock::HostClocks;
 use crate::leadership::{RecordWrites, WriteLog};
-use crate::mutants::{DuplicatePodCreates, EmptyBackendPatches, ListsWithoutStatus, Mutant};
+use crate::mutants::{
+    DuplicatePodCreates, EmptyBackendPatches, ListsWithoutStatus, Mutant, SwallowsExpiredWatches,
+};
 use crate::net::{SimConnector, SimListener, kube_client, kube_client_over};
 use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
 use crate::users::{SharedReport, UsersConfig};
@@ -74,6 +76,12 @@ pub(crate) fn add_controllers(
                 let client = if mutant == Some(Mutant::ControllerCreatesPodTwice) {
                     kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
                         inner: DuplicatePodCreates(http),
+                        replica,
+                        log: writes,
+                    })
+                } else if mutant == Some(Mutant::ControllerSwallowsExpiredWatches) {
+                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
+                        inner: SwallowsExpiredWatches(http),
                         replica,
                         log: writes,
                     })
@@ -160,7 +168,10 @@ pub(crate) fn add_nodes(
 ) -> SidecarRegistry {
     let sidecars = SidecarRegistry::default();
     for n in 0..config.nodes {
-        let pool = SlotPool::new(sidecars.clone());
+        let mut pool = SlotPool::new(sidecars.clone());
+        if config.mutant == Some(Mutant::AppCrashesUnreported) {
+            pool = pool.hiding_app_crashes();
+        }
         for s in 0..config.slots_per_node {
             let index = pool.add_slot();
             let pool = pool.clone();
@@ -238,6 +249,8 @@ pub(crate) fn add_users(
         ready_timeout: Duration::from_secs(30),
         routers: crate::router_hosts::router_addresses(config.routers.max(1)),
         terminate_every: config.users_terminate_every,
+        crash_every: config.apps_crash_every,
+        crash_after: config.apps_crash_after,
     };
     for (k, share) in shares.into_iter().enumerate() {
         let users_config = users_config.clone();

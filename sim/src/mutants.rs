@@ -56,6 +56,13 @@ pub enum Mutant {
     /// The api answers a terminate request as accepted but its patch records nothing (an
     /// empty merge patch): the backend lives on.
     ApiDropsTerminateRequests,
+    /// The node's runtime never reports an app that crashed: the pod looks running, the
+    /// backend stays Ready with its app dead (as a runtime that lost a container's exit).
+    AppCrashesUnreported,
+    /// The controller's API server client drops a watch's 410 Expired error (the watch just
+    /// ends), so it resumes from the same expired version again and again and never lists:
+    /// after a compaction it sees no change any more.
+    ControllerSwallowsExpiredWatches,
 }
 
 /// Switches the per-thread mutants of the production crates for the calling thread.
@@ -215,6 +222,61 @@ where
             parts,
             kube::client::Body::from(b"{}".to_vec()),
         ))
+    }
+}
+
+/// Wraps a client's connection to the API server: a watch's `ERROR` event with code 410 is
+/// dropped from the stream, so the watch ends as if it timed out.
+#[derive(Clone)]
+pub struct SwallowsExpiredWatches<S>(pub S);
+
+impl<S, B> Service<Request> for SwallowsExpiredWatches<S>
+where
+    S: Service<Request, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<WithoutExpiry<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let call = self.0.call(request);
+        Box::pin(async move { Ok(call.await?.map(WithoutExpiry)) })
+    }
+}
+
+/// A response body without the data frames that carry a 410 watch error.
+pub struct WithoutExpiry<B>(B);
+
+impl<B> http_body::Body for WithoutExpiry<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+        loop {
+            let frame = std::task::ready!(Pin::new(&mut self.0).poll_frame(cx));
+            let expired = frame
+                .as_ref()
+                .and_then(|f| f.as_ref().ok())
+                .and_then(|f| f.data_ref())
+                .is_some_and(|data| {
+                    let text = String::from_utf8_lossy(data);
+                    text.contains("\"type\":\"ERROR\"") && text.contains("\"code\":410")
+                });
+            if !expired {
+                return Poll::Ready(frame);
+            }
+        }
     }
 }
 

@@ -25,6 +25,8 @@ pub(crate) struct Observer {
     last_rv: u64,
     known: BTreeMap<String, (Phase, Option<String>)>,
     live: BTreeMap<String, u64>,
+    /// Backends seen ending (terminate requested or deletion begun).
+    ending: BTreeSet<String>,
     pub(crate) events: Vec<String>,
     clocks: HostClocks,
     controllers: Vec<String>,
@@ -49,6 +51,7 @@ impl Observer {
             last_rv: 0,
             known: BTreeMap::new(),
             live: BTreeMap::new(),
+            ending: BTreeSet::new(),
             events: Vec::new(),
             clocks,
             controllers: (0..config.controllers)
@@ -179,6 +182,7 @@ impl Observer {
             .collect();
         for name in gone {
             self.known.remove(&name);
+            self.ending.remove(&name);
             self.live.remove(&name);
             self.sidecars.remove(&format!("{NAMESPACE}/{name}"));
             self.record(now, format!("{name} deleted"));
@@ -196,6 +200,15 @@ impl Observer {
     ) -> Result<(), Violation> {
         let phase = backend.phase();
         let reason = backend.status.as_ref().and_then(|s| s.reason.clone());
+        let ending = backend.metadata.deletion_timestamp.is_some()
+            || backend
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(spawner_core::resource::TERMINATE_ANNOTATION));
+        if self.known.contains_key(name) {
+            self.note_ending(now, name, ending)?;
+        }
         match self.known.get(name) {
             None => {
                 let key = backend.spec.key.clone();
@@ -223,6 +236,7 @@ impl Observer {
                 }
                 self.known
                     .insert(name.to_string(), (Phase::Submitted, None));
+                self.note_ending(now, name, ending)?;
             }
             Some((known, _)) if *known == phase => return Ok(()),
             Some(_) => {}
@@ -242,6 +256,20 @@ impl Observer {
             )?;
         }
         self.known.insert(name.to_string(), (phase, reason));
+        Ok(())
+    }
+
+    /// Tells the checker, once, that backend `name` is `ending` (terminate requested or being
+    /// deleted): no longer live for its key.
+    fn note_ending(&mut self, now: Duration, name: &str, ending: bool) -> Result<(), Violation> {
+        if ending && self.ending.insert(name.to_string()) {
+            self.checker.observe(
+                now,
+                Observation::Ending {
+                    backend: name.to_string(),
+                },
+            )?;
+        }
         Ok(())
     }
 

@@ -46,6 +46,10 @@ pub struct UsersConfig {
     /// One session in this many ends by terminating its backend (`DELETE /backend/{id}`, an
     /// "end session" button) when it leaves, unless it vanished; 0: none does.
     pub terminate_every: u64,
+    /// The backends of one key in this many run an app that crashes `crash_after` after it
+    /// started; 0: none.
+    pub crash_every: u64,
+    pub crash_after: Duration,
 }
 
 /// One session in this many tries its connect token on another room's backend.
@@ -81,6 +85,9 @@ pub struct UsersReport {
     pub terminate_requests: Vec<String>,
     /// Backends users terminated, in all.
     pub terminated_by_users: u64,
+    /// Open connections that ended from the backend's side (its app crashed, it ended, or its
+    /// sidecar took the user for dead); each was opened again.
+    pub connections_lost: u64,
 }
 
 /// Shared, updated by every user task.
@@ -186,125 +193,172 @@ async fn session(
     report: &SharedReport,
     role: Role,
 ) {
-    let mut tries_foreign_token = role.tries_foreign_token;
-    let mut vanished = false;
     report.update(|r| r.sessions += 1);
-    let mut backend: Option<Backend> = None;
-    // Each connection with the backend it was opened to.
-    let mut sockets: HashMap<String, (Socket, String)> = HashMap::new();
-    let mut found_gone = false;
+    let mut session = Session {
+        client,
+        config,
+        report,
+        tries_foreign_token: role.tries_foreign_token,
+        vanished: false,
+        backend: None,
+        sockets: HashMap::new(),
+        found_gone: false,
+    };
     for event in events {
         tokio::time::sleep_until(start + Duration::from_millis(event.t_ms)).await;
         match event.kind {
             TraceEventKind::Spawn => {
-                backend = get_or_create(client, config, report, &event.key).await;
+                session.backend = get_or_create(client, config, report, &event.key).await;
             }
-            TraceEventKind::Connect { conn } => {
-                let mut attempt = 0;
-                let outcome = loop {
-                    let result = match &backend {
-                        Some(b) => open(b, config, report).await.map(|s| (s, b.name.clone())),
-                        // The spawn failed (the api was unreachable): ask again.
-                        None => Err(OpenError::Ended),
-                    };
-                    match result {
-                        Err(OpenError::Ended | OpenError::Refused)
-                            if attempt < RECONNECT_ATTEMPTS =>
-                        {
-                            // A backend the session had been given (not a failed spawn).
-                            let gone = !found_gone && attempt == 0 && backend.is_some();
-                            found_gone |= gone;
-                            report.update(|r| {
-                                r.retries += 1;
-                                r.sessions_found_backend_gone += u64::from(gone);
-                            });
-                            tokio::time::sleep(RECONNECT_BACKOFF * 2u32.pow(attempt)).await;
-                            attempt += 1;
-                            // Get-or-create by key: the same backend while it lives, a fresh one
-                            // once it is swept.
-                            if let Some(b) = get_or_create(client, config, report, &event.key).await
-                            {
-                                backend = Some(b);
-                            }
-                        }
-                        other => break other,
-                    }
-                };
-                if tries_foreign_token
-                    && outcome.is_ok()
-                    && let Some(b) = &backend
-                {
-                    tries_foreign_token = false;
-                    try_foreign_token(b, &event.key, config, report).await;
-                }
-                match outcome {
-                    Ok((socket, name)) => {
-                        report.update(|r| {
-                            r.connected += 1;
-                            *r.open_by_backend.entry(name.clone()).or_default() += 1;
-                        });
-                        sockets.insert(conn, (socket, name));
-                    }
-                    Err(error) => report.update(|r| {
-                        r.connect_failures += 1;
-                        if error == OpenError::ReadyTimeout {
-                            r.ready_timeouts += 1;
-                        }
-                    }),
-                }
-            }
+            TraceEventKind::Connect { conn } => session.connect(conn, &event.key).await,
             TraceEventKind::Message { conn, bytes } => {
-                let Some((socket, _)) = sockets.get_mut(&conn) else {
-                    continue;
-                };
-                let text = "x".repeat(bytes.clamp(1, 4096) as usize);
-                if socket.send(Message::Text(text.into())).await.is_err() {
-                    continue;
-                }
-                // The sidecar's pings (sent while the user was idle longer than its ping
-                // interval) may come before the echo; the socket itself answers them.
-                let echo = async {
-                    loop {
-                        match socket.next().await {
-                            Some(Ok(Message::Text(_))) => return true,
-                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                            _ => return false,
-                        }
-                    }
-                };
-                if let Ok(true) = tokio::time::timeout(Duration::from_secs(5), echo).await {
-                    report.update(|r| r.messages_echoed += 1);
-                }
+                session.message(conn, &event.key, bytes).await;
             }
-            TraceEventKind::Disconnect { conn, clean } => {
-                let Some((mut socket, name)) = sockets.remove(&conn) else {
-                    continue;
-                };
-                report.update(|r| {
-                    if let Some(n) = r.open_by_backend.get_mut(&name) {
-                        *n = n.saturating_sub(1);
-                    }
-                });
-                if clean {
-                    let _ = socket.close(None).await;
-                } else {
-                    vanished = true;
-                    // The user vanished: no close frame, no FIN, and no pong ever again. The
-                    // socket is parked, unread, until the run ends; only the sidecar's pings
-                    // can notice.
-                    tokio::spawn(async move {
-                        let _parked = socket;
-                        std::future::pending::<()>().await;
-                    });
-                }
-            }
+            TraceEventKind::Disconnect { conn, clean } => session.disconnect(&conn, clean).await,
         }
     }
     if role.terminates
-        && !vanished
-        && let Some(b) = &backend
+        && !session.vanished
+        && let Some(b) = &session.backend
     {
         terminate(client, config, report, &b.name).await;
+    }
+}
+
+/// One user session's state.
+struct Session<'a> {
+    client: &'a HttpClient,
+    config: &'a UsersConfig,
+    report: &'a SharedReport,
+    tries_foreign_token: bool,
+    /// The user vanished at least once (it does not end its session then).
+    vanished: bool,
+    backend: Option<Backend>,
+    /// Each connection with the backend it was opened to.
+    sockets: HashMap<String, (Socket, String)>,
+    found_gone: bool,
+}
+
+impl Session<'_> {
+    /// Opens connection `conn` to the backend of `key`, asking the api again (a few times, with
+    /// backoff) when the backend ended or refused.
+    async fn connect(&mut self, conn: String, key: &str) {
+        let (client, config, report) = (self.client, self.config, self.report);
+        let mut attempt = 0;
+        let outcome = loop {
+            let result = match &self.backend {
+                Some(b) => open(b, config, report).await.map(|s| (s, b.name.clone())),
+                // The spawn failed (the api was unreachable): ask again.
+                None => Err(OpenError::Ended),
+            };
+            match result {
+                Err(OpenError::Ended | OpenError::Refused) if attempt < RECONNECT_ATTEMPTS => {
+                    // A backend the session had been given (not a failed spawn).
+                    let gone = !self.found_gone && attempt == 0 && self.backend.is_some();
+                    self.found_gone |= gone;
+                    report.update(|r| {
+                        r.retries += 1;
+                        r.sessions_found_backend_gone += u64::from(gone);
+                    });
+                    tokio::time::sleep(RECONNECT_BACKOFF * 2u32.pow(attempt)).await;
+                    attempt += 1;
+                    // Get-or-create by key: the same backend while it lives, a fresh one once
+                    // it ended.
+                    if let Some(b) = get_or_create(client, config, report, key).await {
+                        self.backend = Some(b);
+                    }
+                }
+                other => break other,
+            }
+        };
+        if self.tries_foreign_token
+            && outcome.is_ok()
+            && let Some(b) = &self.backend
+        {
+            self.tries_foreign_token = false;
+            try_foreign_token(b, key, config, report).await;
+        }
+        match outcome {
+            Ok((socket, name)) => {
+                report.update(|r| {
+                    r.connected += 1;
+                    *r.open_by_backend.entry(name.clone()).or_default() += 1;
+                });
+                self.sockets.insert(conn, (socket, name));
+            }
+            Err(error) => report.update(|r| {
+                r.connect_failures += 1;
+                if error == OpenError::ReadyTimeout {
+                    r.ready_timeouts += 1;
+                }
+            }),
+        }
+    }
+
+    /// Sends a message on `conn` and waits for its echo. A connection the backend's side
+    /// ended (its app crashed, its backend ended) is reported lost and opened again, as a web
+    /// app reconnects.
+    async fn message(&mut self, conn: String, key: &str, bytes: u64) {
+        let Some((socket, _)) = self.sockets.get_mut(&conn) else {
+            return;
+        };
+        let text = "x".repeat(bytes.clamp(1, 4096) as usize);
+        let echoed = if socket.send(Message::Text(text.into())).await.is_err() {
+            Some(false)
+        } else {
+            // The sidecar's pings (sent while the user was idle longer than its ping interval)
+            // may come before the echo; the socket itself answers them.
+            let echo = async {
+                loop {
+                    match socket.next().await {
+                        Some(Ok(Message::Text(_))) => return true,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        _ => return false,
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), echo)
+                .await
+                .ok()
+        };
+        match echoed {
+            Some(true) => self.report.update(|r| r.messages_echoed += 1),
+            Some(false) => {
+                if let Some((_, name)) = self.sockets.remove(&conn) {
+                    self.report.update(|r| {
+                        r.connections_lost += 1;
+                        if let Some(n) = r.open_by_backend.get_mut(&name) {
+                            *n = n.saturating_sub(1);
+                        }
+                    });
+                }
+                self.connect(conn, key).await;
+            }
+            // No answer yet (a slow or partitioned path): the connection may still be alive.
+            None => {}
+        }
+    }
+
+    async fn disconnect(&mut self, conn: &str, clean: bool) {
+        let Some((mut socket, name)) = self.sockets.remove(conn) else {
+            return;
+        };
+        self.report.update(|r| {
+            if let Some(n) = r.open_by_backend.get_mut(&name) {
+                *n = n.saturating_sub(1);
+            }
+        });
+        if clean {
+            let _ = socket.close(None).await;
+        } else {
+            self.vanished = true;
+            // The user vanished: no close frame, no FIN, and no pong ever again. The socket is
+            // parked, unread, until the run ends; only the sidecar's pings can notice.
+            tokio::spawn(async move {
+                let _parked = socket;
+                std::future::pending::<()>().await;
+            });
+        }
     }
 }
 
@@ -376,6 +430,16 @@ async fn get_or_create(
 ) -> Option<Backend> {
     let mut body = config.spawn_template.clone();
     body["key"] = serde_json::Value::String(key.to_string());
+    if config.crash_every > 0 && session_hash(key).is_multiple_of(config.crash_every) {
+        body["command"] = serde_json::json!([
+            crate::pods::APP_COMMAND,
+            format!(
+                "{}{}",
+                crate::pods::APP_EXIT_AFTER,
+                config.crash_after.as_millis()
+            ),
+        ]);
+    }
     for attempt in 0..5u32 {
         match request(
             client,

@@ -54,6 +54,10 @@ pub struct WorldConfig {
     pub apis: usize,
     /// One user session in this many terminates its backend when it leaves (0: none).
     pub users_terminate_every: u64,
+    /// The backends of one key (room) in this many run an app that crashes
+    /// `apps_crash_after` after it started (0: none).
+    pub apps_crash_every: u64,
+    pub apps_crash_after: Duration,
     /// Router replicas (`router-0` ...; at least one): users reach backends only through
     /// them, each session through one, failing over to the next, as behind a load balancer.
     pub routers: usize,
@@ -94,6 +98,8 @@ impl WorldConfig {
             apis: 2,
             routers: 2,
             users_terminate_every: 0,
+            apps_crash_every: 0,
+            apps_crash_after: Duration::from_secs(15),
             user_hosts: 2,
             grace_seconds: 10,
             max_lifetime_seconds: None,
@@ -135,7 +141,7 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {}: {} sessions, {} connections ({} failed, {} gave up waiting for Ready, {} retried), {} messages echoed, {} tokens tried on another backend; {} backends ({} ready, {} swept, {} failed, {} terminated); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
+            "seed {}: {} sessions, {} connections ({} failed, {} gave up waiting for Ready, {} retried), {} messages echoed, {} connections lost, {} tokens tried on another backend; {} backends ({} ready, {} swept, {} failed, {} terminated); {:.0}s simulated in {:.1}s wall; trace hash {:016x}",
             self.seed,
             self.users.sessions,
             self.users.connected,
@@ -143,6 +149,7 @@ impl std::fmt::Display for Summary {
             self.users.ready_timeouts,
             self.users.retries,
             self.users.messages_echoed,
+            self.users.connections_lost,
             self.users.foreign_token_tries,
             self.backends,
             self.ready,

@@ -270,3 +270,14 @@ fn routers_are_partitioned_from_the_api_server_the_pods_and_the_users() {
         ],
     );
 }
+
+#[test]
+fn watches_resume_after_the_api_server_compacts_its_history() {
+    // The API server restarts (its clients' watches die with their connections and resume
+    // after their read timeout, from the last version they saw), then compacts its history:
+    // every resumed watch gets 410 Expired and must list again.
+    with_faults(
+        47,
+        vec![(20, 1, crash("apiserver")), (22, 1, FaultKind::Compact)],
+    );
+}

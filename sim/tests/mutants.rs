@@ -247,3 +247,61 @@ fn an_api_that_drops_terminate_requests_is_caught() {
         spawner_sim::world::TERMINATED_ON_REQUEST,
     );
 }
+
+#[test]
+fn a_runtime_that_loses_an_apps_crash_is_caught_by_what_users_see() {
+    // Half the rooms' apps crash 10 s after they start; the mutant never reports the crash, so
+    // the backend stays Ready with its app dead and its users cannot connect again.
+    let params = WorkloadParams {
+        users: 16,
+        rooms: 4,
+        session_min_ms: 20_000.0,
+        session_cap_ms: 30_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(31, params);
+    config.apps_crash_every = 2;
+    config.apps_crash_after = Duration::from_secs(10);
+    config.allowed_user_failures = Some(0);
+    caught(
+        config,
+        Mutant::AppCrashesUnreported,
+        spawner_sim::world::USERS_CONNECT,
+    );
+}
+
+#[test]
+fn a_controller_that_swallows_expired_watches_is_caught() {
+    // The API server restarts, then compacts: the controller's watches resume from versions
+    // it no longer has. The mutant drops the 410 and resumes from the same version forever,
+    // so it never sees the backends created afterwards.
+    let params = WorkloadParams {
+        users: 24,
+        rooms: 6,
+        mean_interarrival_ms: 2_000.0,
+        session_cap_ms: 8_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(32, params);
+    config.faults = vec![
+        Fault {
+            at: Duration::from_secs(10),
+            duration: Duration::from_secs(1),
+            kind: FaultKind::Crash {
+                host: "apiserver".into(),
+            },
+        },
+        Fault {
+            at: Duration::from_secs(12),
+            duration: Duration::from_secs(1),
+            kind: FaultKind::Compact,
+        },
+    ];
+    caught(
+        config,
+        Mutant::ControllerSwallowsExpiredWatches,
+        "every spawn ends Ready or Failed",
+    );
+}
