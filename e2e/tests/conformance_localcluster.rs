@@ -68,7 +68,7 @@ async fn conformance_against_localcluster() {
     let dir = std::env::temp_dir().join(format!("spawner-conformance-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
-    write_kubeconfig(&kubeconfig, &format!("http://{addr}"), None, None).unwrap();
+    write_kubeconfig(&kubeconfig, &format!("http://{addr}"), None, None, None).unwrap();
     let client = client_from_kubeconfig(&kubeconfig).await;
     run_suite(client, "conf").await;
     server.abort();

@@ -203,11 +203,13 @@ async fn session(
         backend: None,
         sockets: HashMap::new(),
         found_gone: false,
+        asked: false,
     };
     for event in events {
         tokio::time::sleep_until(start + Duration::from_millis(event.t_ms)).await;
         match event.kind {
             TraceEventKind::Spawn => {
+                session.asked = true;
                 session.backend = get_or_create(client, config, report, &event.key).await;
             }
             TraceEventKind::Connect { conn } => session.connect(conn, &event.key).await,
@@ -237,6 +239,8 @@ struct Session<'a> {
     /// Each connection with the backend it was opened to.
     sockets: HashMap<String, (Socket, String)>,
     found_gone: bool,
+    /// The session asked the api for its backend (a `spawn`) at least once.
+    asked: bool,
 }
 
 impl Session<'_> {
@@ -244,6 +248,12 @@ impl Session<'_> {
     /// backoff) when the backend ended or refused.
     async fn connect(&mut self, conn: String, key: &str) {
         let (client, config, report) = (self.client, self.config, self.report);
+        // A session that connects without having asked (a connection the router recorded
+        // without a user) asks for its key's backend first, as its web app did.
+        if !self.asked {
+            self.asked = true;
+            self.backend = get_or_create(client, config, report, key).await;
+        }
         let mut attempt = 0;
         let outcome = loop {
             let result = match &self.backend {

@@ -33,6 +33,11 @@ pub struct DevArgs {
     /// Address of the embedded Kubernetes API server (port 0: any free port).
     #[arg(long, env = "SPAWNER_DEV_KUBE_LISTEN", default_value = "127.0.0.1:0")]
     pub kube_listen: SocketAddr,
+    /// Another name (DNS name or IP address) clients may dial the Kubernetes API by, added to
+    /// its certificate (served over HTTPS; the listen address, localhost and loopback are
+    /// always in it). Repeatable.
+    #[arg(long = "kube-tls-san", value_name = "NAME")]
+    pub kube_tls_sans: Vec<String>,
     /// Number of simulated nodes, each with its own sweeper.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub nodes: u8,
@@ -60,8 +65,9 @@ pub struct DevArgs {
     /// unpredictable name, removed on exit.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// The api records its spawns and connects as a session trace (docs/traces.md); without
-    /// --trace-key, the ids are hashed with a random key.
+    /// The api (spawns and connects) and the router (WebSocket connections, messages,
+    /// disconnects) record one session trace (docs/traces.md); without --trace-key, the ids are
+    /// hashed with a random key.
     #[command(flatten)]
     pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
@@ -77,6 +83,33 @@ struct ArgsOf<T: clap::Args> {
 fn args_of<T: clap::Args>(argv: &[&str]) -> anyhow::Result<T> {
     let argv = std::iter::once("spawner").chain(argv.iter().copied());
     Ok(ArgsOf::<T>::try_parse_from(argv)?.inner)
+}
+
+/// The names in the Kubernetes API's certificate: the address it listens on, loopback by name
+/// and number, and `extra`.
+fn certificate_names(listen: std::net::IpAddr, extra: &[String]) -> Vec<String> {
+    let mut names = vec![
+        listen.to_string(),
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    names.extend(extra.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Starts the recorder of the api and the router when `--record-trace` asks for one (with a
+/// random key unless `--trace-key` gives one).
+fn start_recording(
+    trace: &spawner_trace_recorder::TraceRecordArgs,
+) -> anyhow::Result<crate::trace::Recording> {
+    let mut trace_args = trace.clone();
+    if trace_args.trace_key.is_none() {
+        trace_args.trace_key = Some(random_token()?);
+    }
+    crate::trace::start_recording(&trace_args, "api+router", chrono::Utc::now())
 }
 
 fn random_token() -> anyhow::Result<String> {
@@ -278,11 +311,17 @@ impl Components {
         Ok(())
     }
 
-    fn start_router(&mut self, listener: TcpListener, connect_key: &str) -> anyhow::Result<()> {
+    fn start_router(
+        &mut self,
+        listener: TcpListener,
+        connect_key: &str,
+        trace: Option<spawner_trace_recorder::TraceRecorder>,
+    ) -> anyhow::Result<()> {
         let router_args: spawner_router::RouterArgs =
             args_of(&["--domain", "localhost", "--connect-key", connect_key])?;
         let client = self.client()?;
-        let config = router_args.config()?;
+        let mut config = router_args.config()?;
+        config.trace = trace;
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             spawner_router::run(
@@ -298,15 +337,15 @@ impl Components {
         Ok(())
     }
 
-    /// Starts the api, recording a session trace when asked to; returns the recording.
+    /// Starts the api, recording its spawns to `trace` if given.
     fn start_api(
         &mut self,
         listener: TcpListener,
         secrets: &Secrets,
         api_url: &str,
         url_template: &str,
-        trace: &spawner_trace_recorder::TraceRecordArgs,
-    ) -> anyhow::Result<crate::trace::Recording> {
+        trace: Option<spawner_trace_recorder::TraceRecorder>,
+    ) -> anyhow::Result<()> {
         let api_args: spawner_api::ApiArgs = args_of(&[
             "--token",
             &secrets.api_token,
@@ -319,14 +358,9 @@ impl Components {
             "--connect-key",
             &secrets.connect_key,
         ])?;
-        let mut trace_args = trace.clone();
-        if trace_args.trace_key.is_none() {
-            trace_args.trace_key = Some(random_token()?);
-        }
-        let recording = crate::trace::start_recording(&trace_args, "api", chrono::Utc::now())?;
         let client = self.client()?;
         let mut config = api_args.config()?;
-        config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
+        config.trace = trace;
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             spawner_api::run(
@@ -338,7 +372,7 @@ impl Components {
             .await
             .context("api")
         });
-        Ok(recording)
+        Ok(())
     }
 
     /// Serves the demo launcher; returns its URL.
@@ -460,7 +494,8 @@ impl Banner<'_> {
         )?;
         writeln!(
             out,
-            "Watch the objects: kubectl --kubeconfig {} get slab,pods -w",
+            // One type: kubectl watches a single resource type at a time.
+            "Watch the objects: kubectl --kubeconfig {} get slab -w",
             kubeconfig.display()
         )?;
         out.flush()
@@ -492,7 +527,14 @@ pub async fn run(
         Arc::new(SystemClock),
     );
     let listeners = bind_listeners(&args).await?;
-    let kube_url = format!("http://{}", listeners.kube.local_addr()?);
+    let kube_addr = listeners.kube.local_addr()?;
+    // HTTPS, as kubectl sends its token only over TLS; the CA goes into the kubeconfig.
+    let kube_certificates = spawner_localcluster::ServerCertificates::generate(&certificate_names(
+        kube_addr.ip(),
+        &args.kube_tls_sans,
+    ))
+    .context("making the Kubernetes API's certificate")?;
+    let kube_url = format!("https://{kube_addr}");
     let api_url = format!("http://{}", listeners.api.local_addr()?);
     let router_port = listeners.router.local_addr()?.port();
     // `*.localhost` resolves to loopback in browsers (and in most resolvers), so host mode
@@ -505,10 +547,13 @@ pub async fn run(
     let kube_router = spawner_localcluster::router(cluster.clone());
     let kube_server = {
         let kube_shutdown = kube_shutdown.clone();
-        let kube_listener = listeners.kube;
+        let kube_listener = spawner_localcluster::TlsListener::new(
+            crate::components::without_nagle(listeners.kube),
+            &kube_certificates,
+        )?;
         tokio::spawn(async move {
             tokio::select! {
-                r = spawner_localcluster::serve(crate::components::without_nagle(kube_listener), cluster) => r.map_err(anyhow::Error::from),
+                r = spawner_localcluster::serve(kube_listener, cluster) => r.map_err(anyhow::Error::from),
                 _ = kube_shutdown.cancelled() => Ok(()),
             }
             .context("localcluster")
@@ -519,6 +564,7 @@ pub async fn run(
     spawner_localcluster::write_kubeconfig(
         &kubeconfig,
         &kube_url,
+        Some(&kube_certificates.ca_pem),
         Some(&secrets.admin_token),
         Some("default"),
     )
@@ -538,17 +584,15 @@ pub async fn run(
     components
         .start_sweepers(&nodes, &secrets.events_secret)
         .await?;
-    components.start_router(listeners.router, &secrets.connect_key)?;
+    // One recorder for the api and the router: one file, one clock, one key, so the api's
+    // spawns and the router's connections of a session line up without a merge.
+    let recording = start_recording(&args.trace)?;
+    let recorder = recording.as_ref().map(|(recorder, _)| recorder.clone());
+    components.start_router(listeners.router, &secrets.connect_key, recorder.clone())?;
     progress(&format!(
         "router on {router_url} (backend <name> at http://<name>.localhost:{router_port}/)"
     ));
-    let recording = components.start_api(
-        listeners.api,
-        &secrets,
-        &api_url,
-        &url_template,
-        &args.trace,
-    )?;
+    components.start_api(listeners.api, &secrets, &api_url, &url_template, recorder)?;
     progress(&format!("api on {api_url}"));
     if let Some(path) = &args.trace.record_trace {
         progress(&format!("recording a session trace to {}", path.display()));

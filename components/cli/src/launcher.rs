@@ -24,6 +24,9 @@ pub struct Launcher {
     api: ApiClient,
     exe: PathBuf,
     grace_seconds: u32,
+    /// Visits so far: each visit is the user `visitor-<n>` (carried by its connect token), so
+    /// a recorded session trace keeps a visit's spawn and its connections in one session.
+    visits: std::sync::atomic::AtomicU64,
 }
 
 impl Launcher {
@@ -40,13 +43,19 @@ impl Launcher {
             })?,
             exe,
             grace_seconds,
+            visits: Default::default(),
         })
     }
 
     /// The demo backend's URL (with this visitor's connect token) once it is Ready.
     async fn open(&self) -> anyhow::Result<String> {
+        let visit = self
+            .visits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let body = json!({
             "key": DEMO_KEY,
+            "user": format!("visitor-{visit}"),
             "command": [self.exe.display().to_string(), "demo-backend"],
             "gracePeriodSeconds": self.grace_seconds,
         });

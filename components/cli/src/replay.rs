@@ -367,6 +367,8 @@ async fn play_session(
     let mut backend: Option<Backend> = None;
     let mut sockets: BTreeMap<String, (Sink, String)> = BTreeMap::new();
     let mut found_gone = false;
+    // The session asked the api for its backend (a `spawn`) at least once.
+    let mut asked = false;
     for event in events {
         let when = at(start, event.t_ms, speed);
         if stop_at.is_some_and(|stop| when > stop) {
@@ -376,9 +378,16 @@ async fn play_session(
         update(seen, |s| s.events_played += 1);
         match event.kind {
             TraceEventKind::Spawn => {
+                asked = true;
                 backend = get_or_create(target, seen, session, &event.key).await;
             }
             TraceEventKind::Connect { conn } => {
+                // A session that connects without having asked (a connection the router
+                // recorded without a user) asks for its key's backend first, as its web app did.
+                if !asked {
+                    asked = true;
+                    backend = get_or_create(target, seen, session, &event.key).await;
+                }
                 let mut attempt = 0;
                 let outcome = loop {
                     let result = match &backend {
@@ -412,10 +421,7 @@ async fn play_session(
             }
             TraceEventKind::Message { conn, bytes } => {
                 if let Some((socket, _)) = sockets.get_mut(&conn) {
-                    // The demo backend's click, padded to the recorded size.
-                    let pad = "x".repeat((bytes as usize).saturating_sub(30).min(64 * 1024));
-                    let text = json!({"op": "increment", "pad": pad}).to_string();
-                    let _ = socket.send(Message::Text(text.into())).await;
+                    let _ = socket.send(Message::Text(click(bytes).into())).await;
                 }
             }
             TraceEventKind::Disconnect { conn, clean } => {
@@ -458,6 +464,11 @@ async fn get_or_create(
 ) -> Option<Backend> {
     let mut body = target.template.clone();
     body["key"] = Value::String(key.to_string());
+    // The session as the token's user too: the router records a connection under its token's
+    // user, so a recording of this replay has each session's spawns and connections together.
+    if spawner_core::connect_token::is_valid_user(session) {
+        body["user"] = Value::String(session.to_string());
+    }
     for attempt in 0..3u32 {
         match target
             .call(http::Method::POST, "/connect", Some(&body), Some(session))
@@ -549,6 +560,13 @@ async fn open(target: &Target, seen: &Shared, backend: &Backend) -> Result<Sink,
     Ok(sink)
 }
 
+/// The demo backend's click, padded to `bytes` (exactly, from the 27 bytes of an unpadded
+/// click on; at most 64 KiB of padding).
+fn click(bytes: u64) -> String {
+    let pad = "x".repeat((bytes as usize).saturating_sub(27).min(64 * 1024));
+    json!({"op": "increment", "pad": pad}).to_string()
+}
+
 /// `http://host/a/?q` -> `ws://host/a/ws?q`.
 fn websocket_url(url: &str) -> Option<String> {
     let rest = url.strip_prefix("http://").map(|r| ("ws://", r));
@@ -577,6 +595,14 @@ pub async fn run(args: ReplayArgs, out: &mut (dyn Write + Send)) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clicks_have_the_recorded_size() {
+        for bytes in [27, 40, 120, 5000] {
+            assert_eq!(click(bytes).len() as u64, bytes);
+        }
+        assert_eq!(click(3).len(), 27);
+    }
 
     #[test]
     fn websocket_urls_keep_the_path_and_the_token() {

@@ -33,6 +33,7 @@ pub async fn finish_recording(recording: Recording) {
             written = stats.written,
             dropped_full = stats.dropped_full,
             dropped_io = stats.dropped_io,
+            dropped_unopened = stats.dropped_unopened,
             files = stats.files,
             "session trace closed"
         ),

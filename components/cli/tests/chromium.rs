@@ -419,24 +419,48 @@ async fn two_pages_share_the_demo_backend() {
     )
     .await;
 
-    // The recording: a spawn per page at least (the launcher's get-or-create of the `demo` key), under
-    // opaque ids, closed cleanly when `spawner dev` stops.
+    // The recording, under opaque ids, closed cleanly when `spawner dev` stops: each page's
+    // visit is a session (the launcher's user `visitor-<n>`) that asked for the demo key (a
+    // spawn) and opened its WebSocket through the router (a connect, in the same session); the
+    // click is a message of the first page's connection.
     let exit = dev
         .interrupt(Duration::from_secs(40))
         .expect("spawner dev stops");
     assert!(exit.success(), "{exit:?}");
     let text = std::fs::read_to_string(&recording).expect("the recorded trace");
     let trace = spawner_core::trace::Trace::read(text.as_bytes()).expect("a valid trace");
-    assert_eq!(trace.header.source, "api");
-    assert!(
-        trace.events.len() >= 2,
-        "one spawn per page at least: {text}"
-    );
+    assert_eq!(trace.header.source, "api+router");
     assert_eq!(
         trace.keys().len(),
         1,
         "both pages ask for the demo key: {text}"
     );
-    assert!(!text.contains("\"demo\""), "{text}");
+    use spawner_core::trace::TraceEventKind;
+    let sessions_of = |f: fn(&TraceEventKind) -> bool| {
+        trace
+            .events
+            .iter()
+            .filter(|e| f(&e.kind))
+            .map(|e| e.session.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let spawned = sessions_of(|k| *k == TraceEventKind::Spawn);
+    let connected = sessions_of(|k| matches!(k, TraceEventKind::Connect { .. }));
+    assert_eq!(spawned.len(), 2, "one session per page: {text}");
+    assert_eq!(
+        connected, spawned,
+        "each page's WebSocket is in its visit's session: {text}"
+    );
+    assert!(
+        trace
+            .events
+            .iter()
+            .any(|e| matches!(e.kind, TraceEventKind::Message { bytes, .. } if bytes > 0)),
+        "the click: {text}"
+    );
+    assert!(
+        !text.contains("\"demo\"") && !text.contains("visitor"),
+        "{text}"
+    );
     println!("recorded trace: {}", recording.display());
 }

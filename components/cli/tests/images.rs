@@ -464,6 +464,10 @@ fn every_component_image_runs_hardened_answers_health_and_stops_on_sigterm() {
             "dev".to_string(),
             "--kube-listen".into(),
             "0.0.0.0:6443".into(),
+            // The components dial it by its container name: that name goes into its
+            // certificate (HTTPS, checked against the CA in the kubeconfig).
+            "--kube-tls-san".into(),
+            kube_name.clone(),
             // A directory `spawner dev` creates itself, as its user: it refuses one that
             // another user (here root, who made the shared mount) owns.
             "--state-dir".into(),
@@ -475,7 +479,7 @@ fn every_component_image_runs_hardened_answers_health_and_stops_on_sigterm() {
     .with_network(network.0.clone())
     .with_container_name(kube_name.clone());
     let kube = cli.run(kube);
-    let kubeconfig = state.kubeconfig_for(&format!("http://{kube_name}:6443"), kube.id());
+    let kubeconfig = state.kubeconfig_for(&format!("https://{kube_name}:6443"), kube.id());
 
     let kube_env = "KUBECONFIG=/etc/spawner/kubeconfig";
     let kube_mount = format!("{}:/etc/spawner/kubeconfig:ro", kubeconfig.display());

@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Dev, DevOptions, PHASES_TO_READY, SPAWNER, app_pid, descendants, dial_router, get_via_router,
-    next_json, phases, process, processes_with_env, wait_gone,
+    Dev, DevOptions, PHASES_TO_READY, ProcessInfo, SPAWNER, app_pid, descendants, dial_router,
+    get_via_router, next_json, phases, process, processes_with_env, wait_gone,
 };
 use futures::SinkExt;
 use serde_json::json;
@@ -165,30 +165,126 @@ async fn spawn_talk_leave_swept_then_ctrl_c_leaves_nothing() {
     assert!(marked.is_empty(), "backend processes left: {marked:?}");
 }
 
-/// If `spawner dev` itself is killed (SIGKILL: no chance to stop its pods), the kernel still
-/// takes the backends' processes with it: the node agent starts them with a parent-death
-/// signal (`PR_SET_PDEATHSIG`, set between its clone and its exec).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_spawner_dev_outright_takes_its_backends_with_it() {
-    let dev = Dev::start(DevOptions::default());
+/// A backend whose app starts a process of its own (`sleep`, a grandchild of `spawner dev`),
+/// Ready: (its app, that child).
+async fn backend_with_a_child(dev: &Dev) -> (String, ProcessInfo, ProcessInfo) {
     let api = dev.api();
     let name = api
-        .spawn(&json!({"command": [SPAWNER, "demo-backend"], "gracePeriodSeconds": 60}))
+        .spawn(&json!({
+            "command": ["sh", "-c", "sleep 600 & exec \"$0\" demo-backend", SPAWNER],
+            "gracePeriodSeconds": 60
+        }))
         .await;
     let events = api.follow(&name, Duration::from_secs(30)).await;
     assert_eq!(phases(&events), PHASES_TO_READY, "phases of {name}");
     let pid = app_pid(&dev.kubeconfig, &name).await;
     let app = process(pid).expect("the app process runs while the backend is Ready");
+    let child = descendants(pid as u32)
+        .into_iter()
+        .find(|p| p.cmdline.starts_with("sleep"))
+        .expect("the app's own child runs");
+    (name, app, child)
+}
+
+/// Every process a backend started ends with its pod, and with `spawner dev` even when that is
+/// killed outright (SIGKILL: no chance to stop its pods): the app by its parent-death signal
+/// (`PR_SET_PDEATHSIG`, set between the clone and the exec), what the app started by the node
+/// agent's process-group keeper, which sees the agent's end of a pipe close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_spawner_dev_outright_takes_its_backends_with_it() {
+    let dev = Dev::start(DevOptions::default());
+
+    // A terminated backend: its app and the app's child go.
+    let (name, app, child) = backend_with_a_child(&dev).await;
+    let (code, body) = dev
+        .api()
+        .call("DELETE", &format!("/backend/{name}"), None)
+        .await;
+    assert!(
+        (200..300).contains(&code),
+        "terminate {name}: {code} {body}"
+    );
+    let alive = wait_gone(&[app, child], Duration::from_secs(30));
+    assert!(alive.is_empty(), "left after the pod ended: {alive:?}");
+
+    let (_, app, child) = backend_with_a_child(&dev).await;
     assert_eq!(
         app.ppid, dev.pid as i32,
         "the app is spawner dev's own child"
     );
-
     // SAFETY: kill has no memory-safety preconditions; only the dev process, not its group.
     unsafe { libc::kill(dev.pid as i32, libc::SIGKILL) };
-    let alive = wait_gone(&[app], Duration::from_secs(10));
+    let alive = wait_gone(&[app, child], Duration::from_secs(10));
     assert!(
         alive.is_empty(),
         "backend processes outlived a killed spawner dev: {alive:?}"
     );
+}
+
+/// Whether `kubectl` runs here; its absence fails the test when SPAWNER_REQUIRE_KUBECTL is set.
+fn kubectl_available() -> bool {
+    let found = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found || std::env::var_os("SPAWNER_REQUIRE_KUBECTL").is_none(),
+        "kubectl is required (SPAWNER_REQUIRE_KUBECTL is set) but does not run"
+    );
+    found
+}
+
+/// The kubectl command `spawner dev` prints, run exactly as printed, follows a spawned backend
+/// to Ready (kubectl sends the kubeconfig's token only over TLS: over plain HTTP it got 401).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_kubectl_command_watches_backends() {
+    if !kubectl_available() {
+        eprintln!("kubectl is not installed: skipping the printed kubectl command");
+        return;
+    }
+    let dev = Dev::start(DevOptions::default());
+    let words: Vec<&str> = dev.kubectl_command.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"kubectl"), "{}", dev.kubectl_command);
+    let mut kubectl = tokio::process::Command::new(words[0])
+        .args(&words[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl starts");
+    let name = dev
+        .api()
+        .spawn(&json!({"command": [SPAWNER, "demo-backend"], "gracePeriodSeconds": 60}))
+        .await;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut stdout = tokio::io::BufReader::new(kubectl.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The backend's row, up to Ready (the table's phase column).
+    while !seen
+        .iter()
+        .any(|l: &String| l.starts_with(&format!("{name} ")) && l.contains(" Ready "))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stdout.next_line()).await {
+            Ok(Ok(Some(line))) => seen.push(line),
+            ended => {
+                let _ = kubectl.start_kill();
+                let mut stderr = String::new();
+                if let Some(mut pipe) = kubectl.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr).await;
+                }
+                panic!(
+                    "`{}` did not show {name} Ready ({ended:?}); stdout:\n{}\nstderr:\n{stderr}",
+                    dev.kubectl_command,
+                    seen.join("\n")
+                );
+            }
+        }
+    }
+    let _ = kubectl.start_kill();
 }

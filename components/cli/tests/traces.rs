@@ -1,6 +1,7 @@
-//! Traces end to end: `spawner dev --record-trace` records while `spawner replay` plays
-//! `fixtures/traces/agreement.jsonl` against it over HTTP and WebSockets; the simulator plays
-//! the same trace, and the recording, in a deterministic world. All three agree exactly on the
+//! Traces end to end: `spawner dev --record-trace` records (its api the spawns, its router the
+//! WebSockets) while `spawner replay` plays `fixtures/traces/agreement.jsonl` against it over
+//! HTTP and WebSockets through the router; the simulator plays the same trace, and the
+//! recording, in a deterministic world. All three agree exactly on the
 //! backends created and swept: the trace has no timing races (every reconnect comes long after
 //! a sweep or long before one, docs/traces.md).
 
@@ -85,22 +86,58 @@ async fn live_replay_recording_and_simulator_agree_on_backends() {
         assert_eq!(report.spawn_to_ready_ms.len(), 4, "{report}");
     }
 
-    // The api recorded every answered /connect: the four sessions' spawns and the notebook's
-    // second ask, under opaque ids.
+    // One recording of the api and the router: every answered /connect (the four sessions'
+    // spawns and the notebook's second ask) and every WebSocket through the router, with the
+    // fixture's message sizes, under opaque ids.
     let recorded = read(&recording);
-    assert_eq!(recorded.header.source, "api");
-    assert!(
-        recorded
-            .events
-            .iter()
-            .all(|e| e.kind == TraceEventKind::Spawn),
-        "the api records spawns only"
+    assert_eq!(recorded.header.source, "api+router");
+    let count =
+        |f: fn(&TraceEventKind) -> bool| recorded.events.iter().filter(|e| f(&e.kind)).count();
+    assert_eq!(
+        count(|k| *k == TraceEventKind::Spawn),
+        5,
+        "{:?}",
+        recorded.events
     );
-    assert_eq!(recorded.events.len(), 5, "{:?}", recorded.events);
+    assert_eq!(count(|k| matches!(k, TraceEventKind::Connect { .. })), 5);
+    assert_eq!(
+        count(|k| matches!(k, TraceEventKind::Disconnect { clean: true, .. })),
+        5,
+        "every replayed close is a clean disconnect: {:?}",
+        recorded.events
+    );
+    let mut sizes: Vec<u64> = recorded
+        .events
+        .iter()
+        .filter_map(|e| match e.kind {
+            TraceEventKind::Message { bytes, .. } => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [40, 120], "the fixture's messages, by size");
     let sessions: std::collections::BTreeSet<_> =
         recorded.events.iter().map(|e| e.session.as_str()).collect();
-    assert_eq!(sessions.len(), 4);
+    assert_eq!(
+        sessions.len(),
+        4,
+        "the router's connections are in the api's sessions"
+    );
     assert_eq!(recorded.keys().len(), 3);
+    // A session's connections go to the key its spawn asked for.
+    let mut asked: std::collections::BTreeMap<&str, &str> = Default::default();
+    for event in &recorded.events {
+        match event.kind {
+            TraceEventKind::Spawn => {
+                asked.insert(&event.session, &event.key);
+            }
+            _ => assert_eq!(
+                asked.get(event.session.as_str()),
+                Some(&event.key.as_str()),
+                "{event:?}"
+            ),
+        }
+    }
     let text = std::fs::read_to_string(&recording).expect("recording");
     assert!(!text.contains("nb-c") && !text.contains("\"s4\""), "{text}");
     // Replayed in the simulator, the recording makes the same backends.
@@ -114,4 +151,5 @@ async fn live_replay_recording_and_simulator_agree_on_backends() {
         (live.backends_created, live.backends_swept),
         "{from_recording}"
     );
+    assert_eq!(from_recording.connect_failures, 0, "{from_recording}");
 }

@@ -19,7 +19,7 @@ pub struct TraceHeader {
     /// Always `spawner-trace`.
     pub format: String,
     pub version: u32,
-    /// Who recorded it: `sidecar`, `api`, `sim`, `synthetic` ...
+    /// Who recorded it: `api`, `router`, `api+router`, `sim`, `synthetic` ...
     pub source: String,
     /// RFC 3339 time the recording started.
     pub started_at: String,

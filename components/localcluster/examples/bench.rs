@@ -19,7 +19,8 @@ use spawner_localcluster::{Cluster, ServerConfig, SystemClock, kubeconfig_yaml, 
 const CONCURRENCY: usize = 32;
 
 async fn client(url: &str) -> Client {
-    let kubeconfig: Kubeconfig = serde_yaml::from_str(&kubeconfig_yaml(url, None, None)).unwrap();
+    let kubeconfig: Kubeconfig =
+        serde_yaml::from_str(&kubeconfig_yaml(url, None, None, None)).unwrap();
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap();

@@ -4,8 +4,20 @@ use std::path::Path;
 
 use serde_json::json;
 
-/// A kubeconfig with one cluster, user and context named `localcluster`.
-pub fn kubeconfig_yaml(server_url: &str, token: Option<&str>, namespace: Option<&str>) -> String {
+/// A kubeconfig with one cluster, user and context named `localcluster`; `ca_pem` is the CA
+/// that signed an `https://` server's certificate ([`crate::tls`]).
+pub fn kubeconfig_yaml(
+    server_url: &str,
+    ca_pem: Option<&str>,
+    token: Option<&str>,
+    namespace: Option<&str>,
+) -> String {
+    use base64::Engine as _;
+    let mut cluster = json!({"server": server_url});
+    if let Some(pem) = ca_pem {
+        cluster["certificate-authority-data"] =
+            json!(base64::engine::general_purpose::STANDARD.encode(pem));
+    }
     let mut user = json!({});
     if let Some(t) = token {
         user["token"] = json!(t);
@@ -17,7 +29,7 @@ pub fn kubeconfig_yaml(server_url: &str, token: Option<&str>, namespace: Option<
     let config = json!({
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "localcluster", "cluster": {"server": server_url}}],
+        "clusters": [{"name": "localcluster", "cluster": cluster}],
         "users": [{"name": "localcluster", "user": user}],
         "contexts": [{"name": "localcluster", "context": context}],
         "current-context": "localcluster",
@@ -31,12 +43,13 @@ pub fn kubeconfig_yaml(server_url: &str, token: Option<&str>, namespace: Option<
 pub fn write_kubeconfig(
     path: &Path,
     server_url: &str,
+    ca_pem: Option<&str>,
     token: Option<&str>,
     namespace: Option<&str>,
 ) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let text = kubeconfig_yaml(server_url, token, namespace);
+    let text = kubeconfig_yaml(server_url, ca_pem, token, namespace);
     // Created 0600, never readable by others even for an instant; an existing file is made
     // 0600 before the token is written into it.
     let mut file = std::fs::OpenOptions::new()
@@ -55,7 +68,7 @@ mod tests {
 
     #[test]
     fn kubeconfig_names_server_token_and_namespace() {
-        let text = kubeconfig_yaml("http://127.0.0.1:6443", Some("t0k"), Some("demo"));
+        let text = kubeconfig_yaml("http://127.0.0.1:6443", None, Some("t0k"), Some("demo"));
         let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
         assert_eq!(v["current-context"].as_str(), Some("localcluster"));
         assert_eq!(
@@ -79,7 +92,7 @@ mod tests {
             if existing {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
             }
-            write_kubeconfig(&path, "http://127.0.0.1:1", Some("t"), None).unwrap();
+            write_kubeconfig(&path, "http://127.0.0.1:1", None, Some("t"), None).unwrap();
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
         }

@@ -22,6 +22,7 @@ pub mod selector;
 pub mod server;
 pub mod store;
 pub mod table;
+pub mod tls;
 
 pub use auth::{Auth, Identity, Rbac};
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -30,3 +31,4 @@ pub use error::ApiError;
 pub use kubeconfig::{kubeconfig_yaml, write_kubeconfig};
 pub use server::{router, serve};
 pub use store::StoreConfig;
+pub use tls::{ServerCertificates, TlsListener};

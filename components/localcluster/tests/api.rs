@@ -32,7 +32,8 @@ async fn start(
 }
 
 async fn client(url: &str, token: Option<&str>) -> Client {
-    let kubeconfig: Kubeconfig = serde_yaml::from_str(&kubeconfig_yaml(url, token, None)).unwrap();
+    let kubeconfig: Kubeconfig =
+        serde_yaml::from_str(&kubeconfig_yaml(url, None, token, None)).unwrap();
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap();

@@ -5,7 +5,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spawner_localcluster::{Cluster, ServerConfig, SystemClock, serve, write_kubeconfig};
+use spawner_localcluster::{
+    Cluster, ServerCertificates, ServerConfig, SystemClock, TlsListener, serve, write_kubeconfig,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -104,15 +106,22 @@ async fn kubectl_get_watch_and_delete() {
         eprintln!("kubectl is not installed: skipping the kubectl test");
         return;
     }
+    // As `spawner dev` serves it: HTTPS with a CA made at start, and a bearer token (which
+    // kubectl sends only over TLS: over plain HTTP every request would be 401).
+    let token = "kubectl-test-token";
     let cluster = Cluster::new(
         ServerConfig {
-            auth: spawner_localcluster::Auth::anyone_is_admin(),
+            auth: spawner_localcluster::Auth::tokens(
+                [(token.to_string(), spawner_localcluster::Identity::admin())].into(),
+            ),
             ..ServerConfig::default()
         },
         Arc::new(SystemClock),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let certificates = ServerCertificates::generate(&["127.0.0.1".to_string()]).unwrap();
+    let listener = TlsListener::new(listener, &certificates).unwrap();
     let server = tokio::spawn(serve(listener, cluster));
     let dir = std::env::temp_dir().join(format!("spawner-kubectl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -120,7 +129,14 @@ async fn kubectl_get_watch_and_delete() {
         kubeconfig: dir.join("kubeconfig"),
         cache: dir.join("cache"),
     };
-    write_kubeconfig(&kubectl.kubeconfig, &format!("http://{addr}"), None, None).unwrap();
+    write_kubeconfig(
+        &kubectl.kubeconfig,
+        &format!("https://{addr}"),
+        Some(&certificates.ca_pem),
+        Some(token),
+        None,
+    )
+    .unwrap();
 
     let created = kubectl
         .run(&["create", "--validate=false", "-f", "-"], Some(MANIFEST))

@@ -11,6 +11,7 @@
 
 mod agent;
 pub mod clock;
+mod keeper;
 mod launch;
 pub mod plan;
 pub mod process;

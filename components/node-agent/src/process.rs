@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::keeper::GroupKeeper;
 use super::launch;
 use super::runtime::{
     ContainerExit, ContainerPlan, ContainerRun, ContainerStart, PodRuntime, PodSandbox,
@@ -74,6 +75,9 @@ pub struct ProcessRuntime<S> {
     /// Where application ports come from, and the next one to try (see [`app_port_range`]).
     port_range: Option<(u16, u16)>,
     next_port: Mutex<u16>,
+    /// Kills every container's process group if the agent dies (`keeper`); absent only if
+    /// `sh` could not start.
+    keeper: Option<Arc<GroupKeeper>>,
 }
 
 /// A random port of `(first, last)`: where a runtime starts walking the range, so two agents
@@ -127,6 +131,13 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
     pub fn new(config: ProcessRuntimeConfig, sidecar: S) -> Self {
         let first = u32::from(config.first_pod_ip);
         let port_range = app_port_range();
+        let keeper = match GroupKeeper::start() {
+            Ok(keeper) => Some(Arc::new(keeper)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the process-group keeper: if the agent is killed, what its containers started lives on");
+                None
+            }
+        };
         Self {
             config,
             next_ip: Mutex::new(first),
@@ -134,7 +145,13 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
             app_ports: Arc::default(),
             port_range,
             next_port: Mutex::new(port_range.map_or(0, random_port_in)),
+            keeper,
         }
+    }
+
+    /// The pid of the process-group keeper, if it runs.
+    pub fn keeper_pid(&self) -> Option<u32> {
+        self.keeper.as_ref().map(|k| k.pid())
     }
 
     /// The next port of the range that no live pod holds and nothing listens on.
@@ -421,12 +438,19 @@ impl<S: InProcessSidecar> ProcessRuntime<S> {
                 }
             }
         }
+        let keeper = self.keeper.clone();
+        if let Some(keeper) = &keeper {
+            keeper.track(pgid);
+        }
         let (exited_tx, exited_rx) = watch::channel(false);
         let exits = exits.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
             // The container is its process group: what the leader left behind goes with it.
             signal_group(pgid, libc::SIGKILL);
+            if let Some(keeper) = keeper {
+                keeper.forget(pgid);
+            }
             let _ = exits.send(exit_of(index, status));
             let _ = exited_tx.send(true);
         });

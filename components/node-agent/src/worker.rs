@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client};
 use serde_json::json;
@@ -202,6 +203,18 @@ enum Outcome {
     Shutdown,
 }
 
+/// One pod's worker: what each step of its life needs.
+struct Worker<R> {
+    ctx: Arc<WorkerContext<R>>,
+    updates: watch::Receiver<PodUpdate>,
+    reporter: Reporter,
+    api: Api<Pod>,
+    name: String,
+    uid: String,
+    /// `namespace/name`, for logs.
+    label: String,
+}
+
 /// Run one pod until its object is gone or the agent stops.
 pub(crate) async fn run_pod<R: PodRuntime>(
     ctx: Arc<WorkerContext<R>>,
@@ -212,26 +225,62 @@ pub(crate) async fn run_pod<R: PodRuntime>(
     };
     let name = pod.metadata.name.clone().unwrap_or_default();
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut reporter = Reporter {
-        api: api.clone(),
-        name: name.clone(),
-        last: None,
-        dirty: false,
+    let mut worker = Worker {
+        reporter: Reporter {
+            api: api.clone(),
+            name: name.clone(),
+            last: None,
+            dirty: false,
+        },
+        api,
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        label: format!("{namespace}/{name}"),
+        name,
+        ctx,
+        updates,
     };
-    let now = ctx.clock.now();
+    let now = worker.ctx.clock.now();
 
     let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
     if is_terminal_phase(phase.as_deref()) {
-        wait_for_deletion(&ctx, &mut updates, &mut reporter, None, &name, &uid).await;
+        worker.wait_for_deletion(None).await;
         return;
     }
     if pod.metadata.deletion_timestamp.is_some() {
-        delete_now(&api, &name, &uid, &ctx.shutdown).await;
+        worker.delete_now().await;
         return;
     }
+    let mut record = initial_record(&pod, &worker.ctx.host_ip, now);
+    if ran_before(&pod) {
+        lost_with_an_earlier_agent(&mut record, now);
+        return worker.report_and_wait(record).await;
+    }
+    let analysis = match plan::analyse(&pod) {
+        Ok(analysis) => analysis,
+        Err(error) => {
+            tracing::warn!(pod = %worker.label, reason = error.reason, message = %error.message, "pod cannot run");
+            cannot_run(&mut record, error, now);
+            return worker.report_and_wait(record).await;
+        }
+    };
+    let sandbox = match worker
+        .ctx
+        .runtime
+        .create_sandbox(analysis.sandbox_request())
+        .await
+    {
+        Ok(sandbox) => sandbox,
+        Err(error) => {
+            record.failure = Some(("FailedCreatePodSandBox".into(), error.to_string()));
+            return worker.report_and_wait(record).await;
+        }
+    };
+    worker.run(sandbox, &analysis, record).await;
+}
 
+/// The status of a pod this worker is about to run: scheduled, its containers waiting.
+fn initial_record(pod: &Pod, host_ip: &str, now: Timestamp) -> PodRecord {
     let mut conditions = Conditions::default();
     let scheduled_at = pod
         .status
@@ -244,10 +293,10 @@ pub(crate) async fn run_pod<R: PodRuntime>(
         .map(|t| t.0)
         .unwrap_or(now);
     conditions.set("PodScheduled", true, None, None, scheduled_at);
-    let mut record = PodRecord {
-        containers: container_views(&pod),
+    PodRecord {
+        containers: container_views(pod),
         conditions,
-        host_ip: ctx.host_ip.clone(),
+        host_ip: host_ip.to_string(),
         pod_ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
         start_time: Some(
             pod.status
@@ -257,97 +306,57 @@ pub(crate) async fn run_pod<R: PodRuntime>(
                 .unwrap_or(now),
         ),
         failure: None,
-    };
+    }
+}
 
-    if ran_before(&pod) {
-        for container in &mut record.containers {
-            container.record = ContainerRecord::Terminated {
+/// Containers an earlier agent ran: their processes died with it, as the kubelet reports them.
+fn lost_with_an_earlier_agent(record: &mut PodRecord, now: Timestamp) {
+    for container in &mut record.containers {
+        container.record = ContainerRecord::Terminated {
+            id: None,
+            exit_code: 137,
+            signal: None,
+            reason: "ContainerStatusUnknown".into(),
+            message: Some("The container could not be located when the pod was terminated".into()),
+            started_at: None,
+            finished_at: now,
+        };
+    }
+}
+
+/// A pod that cannot run here: the container at fault terminated, the others never started.
+fn cannot_run(record: &mut PodRecord, error: plan::PlanError, now: Timestamp) {
+    for container in &mut record.containers {
+        container.record = if Some(&container.name) == error.container.as_ref() {
+            ContainerRecord::Terminated {
                 id: None,
-                exit_code: 137,
+                exit_code: 128,
                 signal: None,
-                reason: "ContainerStatusUnknown".into(),
-                message: Some(
-                    "The container could not be located when the pod was terminated".into(),
-                ),
+                reason: error.reason.into(),
+                message: Some(error.message.clone()),
                 started_at: None,
                 finished_at: now,
-            };
-        }
-        reporter.report(&mut record, ctx.clock.as_ref()).await;
-        wait_for_deletion(
-            &ctx,
-            &mut updates,
-            &mut reporter,
-            Some(&mut record),
-            &name,
-            &uid,
-        )
-        .await;
-        return;
-    }
-
-    let analysis = match plan::analyse(&pod) {
-        Ok(analysis) => analysis,
-        Err(error) => {
-            tracing::warn!(pod = %format!("{namespace}/{name}"), reason = error.reason, message = %error.message, "pod cannot run");
-            for container in &mut record.containers {
-                container.record = if Some(&container.name) == error.container.as_ref() {
-                    ContainerRecord::Terminated {
-                        id: None,
-                        exit_code: 128,
-                        signal: None,
-                        reason: error.reason.into(),
-                        message: Some(error.message.clone()),
-                        started_at: None,
-                        finished_at: now,
-                    }
-                } else {
-                    ContainerRecord::Waiting {
-                        reason: "NotStarted".into(),
-                        message: Some("the pod failed before its containers started".into()),
-                    }
-                };
             }
-            record.failure = Some((error.reason.into(), error.message));
-            reporter.report(&mut record, ctx.clock.as_ref()).await;
-            wait_for_deletion(
-                &ctx,
-                &mut updates,
-                &mut reporter,
-                Some(&mut record),
-                &name,
-                &uid,
-            )
-            .await;
-            return;
-        }
-    };
+        } else {
+            ContainerRecord::Waiting {
+                reason: "NotStarted".into(),
+                message: Some("the pod failed before its containers started".into()),
+            }
+        };
+    }
+    record.failure = Some((error.reason.into(), error.message));
+}
 
-    let sandbox = match ctx.runtime.create_sandbox(analysis.sandbox_request()).await {
-        Ok(sandbox) => sandbox,
-        Err(error) => {
-            record.failure = Some(("FailedCreatePodSandBox".into(), error.to_string()));
-            reporter.report(&mut record, ctx.clock.as_ref()).await;
-            wait_for_deletion(
-                &ctx,
-                &mut updates,
-                &mut reporter,
-                Some(&mut record),
-                &name,
-                &uid,
-            )
-            .await;
-            return;
-        }
-    };
-    let pod_ip = sandbox.pod_ip();
-    let plan = analysis.plan(pod_ip, sandbox.app_port());
-    record.pod_ip = Some(pod_ip.to_string());
-    let mut running = ctx.runtime.start(sandbox, plan.containers).await;
-    let started_at = ctx.clock.now();
-    let mut probes: Vec<Option<ProbeState>> = Vec::with_capacity(plan.readiness.len());
-    for (index, start) in running.starts().iter().enumerate() {
-        let probe = plan.readiness.get(index).cloned().flatten();
+/// Each container's status once started, and its readiness probe state.
+fn started(
+    starts: &[ContainerStart],
+    readiness: &[Option<ReadinessProbe>],
+    record: &mut PodRecord,
+    started_at: Timestamp,
+) -> Vec<Option<ProbeState>> {
+    let mut probes = Vec::with_capacity(readiness.len());
+    for (index, start) in starts.iter().enumerate() {
+        let probe = readiness.get(index).cloned().flatten();
         record.containers[index].record = match start {
             ContainerStart::Running { id } => ContainerRecord::Running {
                 id: id.clone(),
@@ -372,121 +381,213 @@ pub(crate) async fn run_pod<R: PodRuntime>(
             ready: false,
         }));
     }
-    tracing::info!(pod = %format!("{namespace}/{name}"), %pod_ip, "pod started");
-    reporter.report(&mut record, ctx.clock.as_ref()).await;
+    probes
+}
 
-    let grace = analysis.termination_grace;
-    let outcome = loop {
-        // Like a native sidecar, the sidecar stops once the application has finished.
-        if workload_finished(&record.containers) {
-            let sidecars: Vec<usize> = record
-                .containers
+impl<R: PodRuntime> Worker<R> {
+    async fn report(&mut self, record: &mut PodRecord) {
+        self.reporter.report(record, self.ctx.clock.as_ref()).await;
+    }
+
+    /// Nothing of the pod runs (any more): report it and wait for its deletion.
+    async fn report_and_wait(mut self, mut record: PodRecord) {
+        self.report(&mut record).await;
+        self.wait_for_deletion(Some(&mut record)).await;
+    }
+
+    async fn wait_for_deletion(&mut self, record: Option<&mut PodRecord>) {
+        wait_for_deletion(
+            &self.ctx,
+            &mut self.updates,
+            &mut self.reporter,
+            record,
+            &self.name,
+            &self.uid,
+        )
+        .await;
+    }
+
+    async fn delete_now(&self) {
+        delete_now(&self.api, &self.name, &self.uid, &self.ctx.shutdown).await;
+    }
+
+    /// Start the pod in `sandbox`, supervise it until it ends, and conclude.
+    async fn run(
+        mut self,
+        sandbox: R::Sandbox,
+        analysis: &plan::PodAnalysis,
+        mut record: PodRecord,
+    ) {
+        let pod_ip = sandbox.pod_ip();
+        let plan = analysis.plan(pod_ip, sandbox.app_port());
+        record.pod_ip = Some(pod_ip.to_string());
+        let mut running = self.ctx.runtime.start(sandbox, plan.containers).await;
+        let started_at = self.ctx.clock.now();
+        let mut probes = started(running.starts(), &plan.readiness, &mut record, started_at);
+        tracing::info!(pod = %self.label, %pod_ip, "pod started");
+        self.report(&mut record).await;
+
+        let grace = analysis.termination_grace;
+        let outcome = self
+            .supervise(&mut running, &mut record, &mut probes, grace, pod_ip)
+            .await;
+        drain_exits(&mut running, &mut record, self.ctx.clock.as_ref());
+        drop(running);
+        match outcome {
+            Outcome::Finished => {
+                tracing::info!(pod = %self.label, phase = record.phase(), "pod finished");
+                self.report_and_wait(record).await;
+            }
+            Outcome::Deleted => {
+                self.report(&mut record).await;
+                self.delete_now().await;
+            }
+            Outcome::Gone => {}
+            Outcome::Shutdown => {
+                record.failure = Some((REASON_NODE_SHUTDOWN.into(), MESSAGE_NODE_SHUTDOWN.into()));
+                self.report(&mut record).await;
+            }
+        }
+    }
+
+    /// Follow the running pod (exits, probes, its object) until it ends, reporting each change.
+    async fn supervise(
+        &mut self,
+        running: &mut R::Pod,
+        record: &mut PodRecord,
+        probes: &mut [Option<ProbeState>],
+        grace: Duration,
+        pod_ip: std::net::IpAddr,
+    ) -> Outcome {
+        let clock = self.ctx.clock.clone();
+        loop {
+            if self.workload_done(running, record, grace).await {
+                return Outcome::Finished;
+            }
+            let next_probe = probes
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.is_sidecar && c.record.is_running())
-                .map(|(i, _)| i)
-                .collect();
-            for index in sidecars {
-                running.stop_container(index, grace).await;
-            }
-            drain_exits(&mut running, &mut record, ctx.clock.as_ref());
-            if record.containers.iter().all(|c| c.record.is_terminated()) {
-                break Outcome::Finished;
-            }
-        }
-        let next_probe = probes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| record.containers[*i].record.is_running())
-            .filter_map(|(_, p)| p.as_ref().map(|p| p.next_at))
-            .min();
-        tokio::select! {
-            exit = running.next_exit() => match exit {
-                Some(exit) => apply_exit(&mut record, exit, ctx.clock.as_ref()),
-                None => {
-                    // Nothing left running that could still report.
-                    for container in &mut record.containers {
-                        if container.record.is_running() {
-                            container.record = ContainerRecord::exited(&container.record, 137, None, Some("lost".into()), ctx.clock.now());
+                .filter(|(i, _)| record.containers[*i].record.is_running())
+                .filter_map(|(_, p)| p.as_ref().map(|p| p.next_at))
+                .min();
+            tokio::select! {
+                exit = running.next_exit() => match exit {
+                    Some(exit) => apply_exit(record, exit, clock.as_ref()),
+                    None => {
+                        // Nothing left running that could still report.
+                        for container in &mut record.containers {
+                            if container.record.is_running() {
+                                container.record = ContainerRecord::exited(&container.record, 137, None, Some("lost".into()), clock.now());
+                            }
                         }
                     }
-                }
-            },
-            changed = updates.changed() => {
-                if changed.is_err() {
-                    // The agent is gone without a word: stop as on shutdown.
-                    running.stop_all(grace.min(ctx.shutdown_grace)).await;
-                    break Outcome::Shutdown;
-                }
-                let update = updates.borrow_and_update().clone();
-                match update {
-                    PodUpdate::Gone => {
-                        // Removed without graceful deletion (force delete): still stop gracefully.
-                        tracing::info!(pod = %format!("{namespace}/{name}"), "pod removed; stopping it");
-                        running.stop_all(grace).await;
-                        break Outcome::Gone;
+                },
+                changed = self.updates.changed() => {
+                    if let Some(outcome) = self.on_update(changed.is_ok(), running, grace).await {
+                        return outcome;
                     }
-                    PodUpdate::Present(pod) if pod.metadata.deletion_timestamp.is_some() => {
-                        let grace = pod_grace(&pod);
-                        tracing::info!(pod = %format!("{namespace}/{name}"), ?grace, "pod deleted; stopping it");
-                        running.stop_all(grace).await;
-                        break Outcome::Deleted;
-                    }
-                    PodUpdate::Present(_) => {}
-                }
-            },
-            () = sleep_until_opt(next_probe) => {
-                let now = Instant::now();
-                for (index, state) in probes.iter_mut().enumerate() {
-                    let Some(state) = state else { continue };
-                    if state.next_at > now || !record.containers[index].record.is_running() {
-                        continue;
-                    }
-                    let target = match &state.probe.http_path {
-                        Some(path) => ProbeTarget::Http { host: pod_ip, port: state.probe.port, path: path.clone(), timeout: state.probe.timing.timeout },
-                        None => ProbeTarget::Tcp { host: pod_ip, port: state.probe.port, timeout: state.probe.timing.timeout },
-                    };
-                    let success = ctx.runtime.probe(target).await;
-                    state.observe(success);
-                    state.next_at = Instant::now() + state.probe.timing.period;
-                    if let ContainerRecord::Running { ready, .. } = &mut record.containers[index].record {
-                        *ready = state.ready;
-                    }
-                }
-            },
-            () = ctx.shutdown.cancelled() => {
-                running.stop_all(grace.min(ctx.shutdown_grace)).await;
-                break Outcome::Shutdown;
-            },
-            () = tokio::time::sleep(RETRY), if reporter.dirty => {},
+                },
+                () = sleep_until_opt(next_probe) => {
+                    probe_due(self.ctx.runtime.as_ref(), probes, record, pod_ip).await;
+                },
+                () = self.ctx.shutdown.cancelled() => {
+                    running.stop_all(grace.min(self.ctx.shutdown_grace)).await;
+                    return Outcome::Shutdown;
+                },
+                () = tokio::time::sleep(RETRY), if self.reporter.dirty => {},
+            }
+            self.report(record).await;
         }
-        reporter.report(&mut record, ctx.clock.as_ref()).await;
-    };
+    }
 
-    drain_exits(&mut running, &mut record, ctx.clock.as_ref());
-    drop(running);
-    match outcome {
-        Outcome::Finished => {
-            tracing::info!(pod = %format!("{namespace}/{name}"), phase = record.phase(), "pod finished");
-            reporter.report(&mut record, ctx.clock.as_ref()).await;
-            wait_for_deletion(
-                &ctx,
-                &mut updates,
-                &mut reporter,
-                Some(&mut record),
-                &name,
-                &uid,
-            )
-            .await;
+    /// Like a native sidecar, the sidecar stops once the application has finished. Whether
+    /// every container has stopped.
+    async fn workload_done(
+        &self,
+        running: &mut R::Pod,
+        record: &mut PodRecord,
+        grace: Duration,
+    ) -> bool {
+        if !workload_finished(&record.containers) {
+            return false;
         }
-        Outcome::Deleted => {
-            reporter.report(&mut record, ctx.clock.as_ref()).await;
-            delete_now(&api, &name, &uid, &ctx.shutdown).await;
+        let sidecars: Vec<usize> = record
+            .containers
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_sidecar && c.record.is_running())
+            .map(|(i, _)| i)
+            .collect();
+        for index in sidecars {
+            running.stop_container(index, grace).await;
         }
-        Outcome::Gone => {}
-        Outcome::Shutdown => {
-            record.failure = Some((REASON_NODE_SHUTDOWN.into(), MESSAGE_NODE_SHUTDOWN.into()));
-            reporter.report(&mut record, ctx.clock.as_ref()).await;
+        drain_exits(running, record, self.ctx.clock.as_ref());
+        record.containers.iter().all(|c| c.record.is_terminated())
+    }
+
+    /// The pod object changed (or the agent's watch is gone): whether that ends the pod.
+    async fn on_update(
+        &mut self,
+        watched: bool,
+        running: &mut R::Pod,
+        grace: Duration,
+    ) -> Option<Outcome> {
+        if !watched {
+            // The agent is gone without a word: stop as on shutdown.
+            running.stop_all(grace.min(self.ctx.shutdown_grace)).await;
+            return Some(Outcome::Shutdown);
+        }
+        let update = self.updates.borrow_and_update().clone();
+        match update {
+            PodUpdate::Gone => {
+                // Removed without graceful deletion (force delete): still stop gracefully.
+                tracing::info!(pod = %self.label, "pod removed; stopping it");
+                running.stop_all(grace).await;
+                Some(Outcome::Gone)
+            }
+            PodUpdate::Present(pod) if pod.metadata.deletion_timestamp.is_some() => {
+                let grace = pod_grace(&pod);
+                tracing::info!(pod = %self.label, ?grace, "pod deleted; stopping it");
+                running.stop_all(grace).await;
+                Some(Outcome::Deleted)
+            }
+            PodUpdate::Present(_) => None,
+        }
+    }
+}
+
+/// Run the readiness probes that are due and record what they found.
+async fn probe_due<R: PodRuntime>(
+    runtime: &R,
+    probes: &mut [Option<ProbeState>],
+    record: &mut PodRecord,
+    pod_ip: std::net::IpAddr,
+) {
+    let now = Instant::now();
+    for (index, state) in probes.iter_mut().enumerate() {
+        let Some(state) = state else { continue };
+        if state.next_at > now || !record.containers[index].record.is_running() {
+            continue;
+        }
+        let (port, timeout) = (state.probe.port, state.probe.timing.timeout);
+        let target = match &state.probe.http_path {
+            Some(path) => ProbeTarget::Http {
+                host: pod_ip,
+                port,
+                path: path.clone(),
+                timeout,
+            },
+            None => ProbeTarget::Tcp {
+                host: pod_ip,
+                port,
+                timeout,
+            },
+        };
+        let success = runtime.probe(target).await;
+        state.observe(success);
+        state.next_at = Instant::now() + state.probe.timing.period;
+        if let ContainerRecord::Running { ready, .. } = &mut record.containers[index].record {
+            *ready = state.ready;
         }
     }
 }

@@ -3,7 +3,9 @@
 //! - [`FrameCursor`] follows frame boundaries of the application → client stream, so a ping can
 //!   be slipped in between two frames;
 //! - [`ClientFilter`] follows the client → application stream and removes the pongs that answer
-//!   the sidecar's own pings (the application never sent those pings).
+//!   the sidecar's own pings (the application never sent those pings); on the way it tells its
+//!   caller the size of each whole data message and whether the client sent a close frame
+//!   ([`ClientFrame`], for session traces).
 //!
 //! Payloads are never decoded, unmasked or copied aside; only headers (≤ 14 bytes) and the
 //! sidecar's own pong (≤ 14 + 8 bytes) are held between reads.
@@ -11,8 +13,21 @@
 /// Payload of the sidecar's pings; a client's pong echoes it.
 pub(crate) const PING_PAYLOAD: [u8; 8] = *b"spawner1";
 
+const OPCODE_CONTINUATION: u8 = 0x0;
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_BINARY: u8 = 0x2;
 const OPCODE_CLOSE: u8 = 0x8;
 const OPCODE_PONG: u8 = 0xA;
+
+/// What a client sent, as the relay saw it in the frame headers (payloads are never read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// A whole data message (text or binary, all its fragments): its payload size. Reported
+    /// when the header of its last fragment has arrived.
+    Message { bytes: u64 },
+    /// A close frame.
+    Close,
+}
 const MAX_HEADER: usize = 14;
 
 /// Bytes that must be free in front of the data handed to [`ClientFilter::filter`].
@@ -116,6 +131,8 @@ pub(crate) struct ClientFilter {
     held_target: usize,
     /// Payload bytes of the current frame still to pass through.
     payload_left: u64,
+    /// Payload bytes of the fragments of the data message in progress.
+    message_bytes: u64,
 }
 
 impl ClientFilter {
@@ -124,9 +141,33 @@ impl ClientFilter {
         self.held_len == 0 && self.payload_left == 0
     }
 
+    /// A frame header is complete: report whole messages and closes.
+    fn observe(&mut self, payload: u64, on_frame: &mut impl FnMut(ClientFrame)) {
+        let first = self.held[0];
+        match first & 0x0f {
+            OPCODE_CONTINUATION | OPCODE_TEXT | OPCODE_BINARY => {
+                self.message_bytes = self.message_bytes.saturating_add(payload);
+                if first & 0x80 != 0 {
+                    on_frame(ClientFrame::Message {
+                        bytes: std::mem::take(&mut self.message_bytes),
+                    });
+                }
+            }
+            OPCODE_CLOSE => on_frame(ClientFrame::Close),
+            _ => {}
+        }
+    }
+
     /// Filters `buf[start..end]` in place and returns the range to forward. `start` must be at
     /// least [`FILTER_HEADROOM`]: bytes held from an earlier read may be written before it.
-    pub fn filter(&mut self, buf: &mut [u8], start: usize, end: usize) -> (usize, usize) {
+    /// `on_frame` hears of every whole data message and close frame whose header completes.
+    pub fn filter(
+        &mut self,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+        on_frame: &mut impl FnMut(ClientFrame),
+    ) -> (usize, usize) {
         debug_assert!(start >= FILTER_HEADROOM);
         // Fast path: the whole read is payload of a frame already being passed on.
         if self.payload_left >= (end - start) as u64 {
@@ -159,6 +200,7 @@ impl ClientFilter {
             }
             if self.held_len == header_len(self.held[1]) {
                 let len = payload_len(&self.held[..self.held_len]);
+                self.observe(len, on_frame);
                 let masked = self.held[1] & 0x80 != 0;
                 let may_be_ours = self.held[0] & 0x0f == OPCODE_PONG
                     && masked
@@ -204,7 +246,12 @@ mod tests {
 
     /// A client frame (masked).
     fn client_frame(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut f = vec![0x80 | opcode];
+        client_fragment(true, opcode, payload, mask)
+    }
+
+    /// A client frame, the last of its message (`fin`) or not.
+    fn client_fragment(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
         let len = payload.len();
         if len < 126 {
             f.push(0x80 | len as u8);
@@ -227,7 +274,12 @@ mod tests {
             let piece = &wire[last..cut];
             let mut buf = vec![0u8; FILTER_HEADROOM + piece.len()];
             buf[FILTER_HEADROOM..].copy_from_slice(piece);
-            let (a, b) = filter.filter(&mut buf, FILTER_HEADROOM, FILTER_HEADROOM + piece.len());
+            let (a, b) = filter.filter(
+                &mut buf,
+                FILTER_HEADROOM,
+                FILTER_HEADROOM + piece.len(),
+                &mut |_| {},
+            );
             out.extend_from_slice(&buf[a..b]);
             last = cut;
         }
@@ -251,6 +303,46 @@ mod tests {
             let mut filter = ClientFilter::default();
             assert_eq!(filter_in_pieces(&mut filter, &wire, &cuts), expected);
             assert!(filter.at_boundary());
+        }
+    }
+
+    #[test]
+    fn whole_messages_and_closes_are_reported_with_their_sizes() {
+        let wire: Vec<u8> = [
+            client_frame(OPCODE_TEXT, b"hello", [1, 2, 3, 4]),
+            // A message in three fragments, a ping between two of them.
+            client_fragment(false, OPCODE_BINARY, &[7; 300], [5, 5, 5, 5]),
+            client_frame(0x9, b"app", [1, 1, 1, 1]),
+            client_fragment(false, OPCODE_CONTINUATION, &[7; 70_000], [2, 2, 2, 2]),
+            client_frame(OPCODE_PONG, &PING_PAYLOAD, [9, 8, 7, 6]),
+            client_fragment(true, OPCODE_CONTINUATION, b"end", [3, 3, 3, 3]),
+            client_frame(OPCODE_TEXT, b"", [4, 4, 4, 4]),
+            client_frame(OPCODE_CLOSE, &1000u16.to_be_bytes(), [6, 6, 6, 6]),
+        ]
+        .concat();
+        let expected = [
+            ClientFrame::Message { bytes: 5 },
+            ClientFrame::Message { bytes: 70_303 },
+            ClientFrame::Message { bytes: 0 },
+            ClientFrame::Close,
+        ];
+        for cuts in [
+            vec![],
+            (1..wire.len()).step_by(7).collect::<Vec<_>>(),
+            vec![1, 2, 13, 300, 70_350],
+        ] {
+            let mut filter = ClientFilter::default();
+            let mut seen = Vec::new();
+            let mut last = 0;
+            for &cut in cuts.iter().chain([wire.len()].iter()) {
+                let piece = &wire[last..cut];
+                let mut buf = vec![0u8; FILTER_HEADROOM + piece.len()];
+                buf[FILTER_HEADROOM..].copy_from_slice(piece);
+                let end = buf.len();
+                filter.filter(&mut buf, FILTER_HEADROOM, end, &mut |f| seen.push(f));
+                last = cut;
+            }
+            assert_eq!(seen, expected, "cuts {cuts:?}");
         }
     }
 

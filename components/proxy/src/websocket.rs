@@ -23,7 +23,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::connect::{Connect, Upstream};
+pub use crate::frames::ClientFrame;
 use crate::frames::{ClientFilter, FILTER_HEADROOM, FrameCursor, going_away_frame, ping_frame};
+
+/// Hears of each whole message and close frame a client sends ([`PendingUpgrade::connect_observed`]).
+pub type ClientObserver = Box<dyn FnMut(ClientFrame) + Send>;
 use crate::headers::{forward_request_headers, origin_form, remove_hop_by_hop};
 use crate::upstream::{Sender, UpstreamError, dial};
 
@@ -161,6 +165,20 @@ impl PendingUpgrade {
         A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.connect_observed(None).await
+    }
+
+    /// [`connect`](Self::connect), with `observer` told of every whole message (its size) and
+    /// close frame the client sends, from the first byte after its handshake on. It runs on the
+    /// relay's poll: it must not block.
+    pub async fn connect_observed<A, B>(
+        self,
+        observer: Option<ClientObserver>,
+    ) -> Option<Relay<A, B>>
+    where
+        A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (client, upstream) = match tokio::join!(self.client, self.upstream) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
@@ -175,7 +193,7 @@ impl PendingUpgrade {
             tracing::error!("websocket upgrade returned an unexpected connection type");
             return None;
         };
-        let relay = Relay::new(client, upstream, &client_early, &upstream_early);
+        let relay = Relay::new(client, upstream, &client_early, &upstream_early, observer);
         // These share hyper's read buffers; holding them would pin kilobytes per idle WebSocket.
         drop((client_early, upstream_early));
         Some(relay)
@@ -302,6 +320,16 @@ pub struct Relay<A, B> {
     client_seen: bool,
     /// A ping should go to the client at the next frame boundary.
     ping_due: bool,
+    observer: Option<ClientObserver>,
+}
+
+/// Calls the observer, if there is one.
+fn tell(observer: &mut Option<ClientObserver>) -> impl FnMut(ClientFrame) + '_ {
+    move |frame| {
+        if let Some(observer) = observer.as_mut() {
+            observer(frame);
+        }
+    }
 }
 
 impl<A, B> Relay<A, B>
@@ -309,7 +337,13 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    fn new(client: A, upstream: B, client_early: &[u8], upstream_early: &[u8]) -> Self {
+    fn new(
+        client: A,
+        upstream: B,
+        client_early: &[u8],
+        upstream_early: &[u8],
+        observer: Option<ClientObserver>,
+    ) -> Self {
         let mut relay = Self {
             client,
             upstream,
@@ -319,13 +353,19 @@ where
             cursor: FrameCursor::default(),
             client_seen: false,
             ping_due: false,
+            observer,
         };
         // Frames that arrived together with the handshakes go first, through the same tracking.
         if !client_early.is_empty() {
             let mut buf = vec![0u8; FILTER_HEADROOM + client_early.len()];
             buf[FILTER_HEADROOM..].copy_from_slice(client_early);
             let end = buf.len();
-            let (a, b) = relay.filter.filter(&mut buf, FILTER_HEADROOM, end);
+            let (a, b) = relay.filter.filter(
+                &mut buf,
+                FILTER_HEADROOM,
+                end,
+                &mut tell(&mut relay.observer),
+            );
             relay.to_upstream.pending.extend_from_slice(&buf[a..b]);
             relay.to_upstream.bytes += client_early.len() as u64;
         }
@@ -433,11 +473,17 @@ where
             let client = &mut self.client;
             let upstream = &mut self.upstream;
             let filter = &mut self.filter;
+            let observer = &mut self.observer;
             let n = with_scratch(|buf| -> Poll<io::Result<usize>> {
                 let mut read = ReadBuf::new(&mut buf[FILTER_HEADROOM..]);
                 ready!(Pin::new(&mut *client).poll_read(cx, &mut read))?;
                 let n = read.filled().len();
-                let (a, b) = filter.filter(buf, FILTER_HEADROOM, FILTER_HEADROOM + n);
+                let (a, b) = filter.filter(
+                    buf,
+                    FILTER_HEADROOM,
+                    FILTER_HEADROOM + n,
+                    &mut tell(observer),
+                );
                 pump.write_through(cx, upstream, &buf[a..b])?;
                 Poll::Ready(Ok(n))
             });

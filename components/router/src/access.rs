@@ -86,11 +86,25 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
     let mut refusal: Option<TokenError> = None;
     let query_token = query_param(request.path_and_query, QUERY_PARAM);
 
+    // A valid token in the address is the newest word on who the visitor is: it replaces an
+    // older cookie (another user of the same browser opened their own URL).
+    if let Some(token) = query_token {
+        match verify(ring, Purpose::Connect, token, request.backend, now) {
+            Ok(claims) if request.redirectable => {
+                return Access::Redirect {
+                    location: without_query_param(request.path_and_query, QUERY_PARAM),
+                    set_cookie: set_cookie(ring, &claims, cookie, now),
+                };
+            }
+            Ok(claims) => return Access::Granted { user: claims.user },
+            Err(e) => refusal = Some(e),
+        }
+    }
     for value in cookie_values(request.cookies.unwrap_or(""), SESSION_COOKIE) {
         match verify(ring, Purpose::Session, value, request.backend, now) {
             Ok(claims) => {
                 if query_token.is_some() && request.redirectable {
-                    // Already in: just take the token out of the address bar.
+                    // Already in (the token was stale): just take it out of the address bar.
                     return Access::Redirect {
                         location: without_query_param(request.path_and_query, QUERY_PARAM),
                         set_cookie: set_cookie(ring, &claims, cookie, now),
@@ -106,19 +120,9 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
     if let Some(token) = request.authorization.and_then(bearer) {
         match verify(ring, Purpose::Connect, token, request.backend, now) {
             Ok(claims) => return Access::Granted { user: claims.user },
-            Err(e) => refusal = Some(e),
-        }
-    }
-    if let Some(token) = query_token {
-        match verify(ring, Purpose::Connect, token, request.backend, now) {
-            Ok(claims) if request.redirectable => {
-                return Access::Redirect {
-                    location: without_query_param(request.path_and_query, QUERY_PARAM),
-                    set_cookie: set_cookie(ring, &claims, cookie, now),
-                };
-            }
-            Ok(claims) => return Access::Granted { user: claims.user },
-            Err(e) => refusal = Some(e),
+            // The reason given: the address's token's, else the bearer's, else the cookie's.
+            Err(e) if query_token.is_none() => refusal = Some(e),
+            Err(_) => {}
         }
     }
     Access::Denied(refusal.map_or(Denial::Missing, Denial::Token))
@@ -296,6 +300,65 @@ mod tests {
         assert_eq!(
             decide(&ring(), &later, &policy(), NOW + 3600),
             Access::Denied(Denial::Token(TokenError::Expired))
+        );
+        // A fresh token of another user, in a browser holding alice's cookie, makes it bob's.
+        let bobs = format!(
+            "/game?spawner_token={}",
+            connect("sb-a", NOW + 300, Some("bob"))
+        );
+        let switched = decide(
+            &ring(),
+            &Request {
+                cookies: Some(&session),
+                ..request(&bobs)
+            },
+            &policy(),
+            NOW + 10,
+        );
+        let bob_session = format!("spawner_session={}", cookie_of(&switched));
+        assert_eq!(
+            decide(
+                &ring(),
+                &Request {
+                    cookies: Some(&bob_session),
+                    ..request("/game")
+                },
+                &policy(),
+                NOW + 20
+            ),
+            Access::Granted {
+                user: Some("bob".into())
+            }
+        );
+        // A stale token next to a valid cookie only leaves the address.
+        let stale = format!("/game?spawner_token={}", connect("sb-a", NOW, Some("bob")));
+        let kept = decide(
+            &ring(),
+            &Request {
+                cookies: Some(&session),
+                ..request(&stale)
+            },
+            &policy(),
+            NOW + 10,
+        );
+        assert!(
+            matches!(&kept, Access::Redirect { location, .. } if location == "/game"),
+            "{kept:?}"
+        );
+        let kept_session = format!("spawner_session={}", cookie_of(&kept));
+        assert_eq!(
+            decide(
+                &ring(),
+                &Request {
+                    cookies: Some(&kept_session),
+                    ..request("/game")
+                },
+                &policy(),
+                NOW + 20
+            ),
+            Access::Granted {
+                user: Some("alice".into())
+            }
         );
         // Never into another backend.
         let other = Request {

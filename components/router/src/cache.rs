@@ -127,6 +127,15 @@ impl Backends {
             .map_or(Lookup::Unknown, |b| classify(&b))
     }
 
+    /// The key a session trace names backend `name` by, as the api records it: its `key`, or
+    /// its name when it has none.
+    pub fn trace_key(&self, name: &str) -> Option<String> {
+        let backend = self
+            .store
+            .get(&ObjectRef::new(name).within(&self.namespace))?;
+        Some(backend.spec.key.clone().unwrap_or_else(|| name.to_string()))
+    }
+
     /// Number of backends in the cache.
     pub fn len(&self) -> usize {
         self.store.state().len()

@@ -80,6 +80,10 @@ pub struct RouterArgs {
     /// Most client connections served at once; further ones wait in the accept queue.
     #[arg(long, env = "SPAWNER_ROUTER_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Recording of WebSocket connections, messages and disconnects as a session trace
+    /// (docs/traces.md); the caller starts the recorder and puts it in [`RouterConfig::trace`].
+    #[command(flatten)]
+    pub trace: spawner_trace_recorder::TraceRecordArgs,
 }
 
 impl RouterArgs {
@@ -135,6 +139,8 @@ pub struct RouterConfig {
     /// Serve HTTPS with this configuration ([`tls_config`]).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     pub clock: UnixClock,
+    /// Where WebSocket connections, their messages and disconnects are recorded, if anywhere.
+    pub trace: Option<spawner_trace_recorder::TraceRecorder>,
 }
 
 impl std::fmt::Debug for RouterConfig {
@@ -149,6 +155,7 @@ impl std::fmt::Debug for RouterConfig {
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_connections", &self.max_connections)
             .field("tls", &self.tls.is_some())
+            .field("trace", &self.trace.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -168,6 +175,7 @@ impl RouterConfig {
             max_header_bytes: 64 * 1024,
             tls: None,
             clock: system_clock(),
+            trace: None,
         }
     }
 

@@ -15,12 +15,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use spawner_core::connect_token::QUERY_PARAM;
+use spawner_core::trace::TraceEventKind;
 use spawner_proxy::headers::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, forward_request_headers,
     remove_hop_by_hop,
 };
-use spawner_proxy::websocket::{self, Handshake, RelaySettings};
+use spawner_proxy::websocket::{self, ClientFrame, ClientObserver, Handshake, RelaySettings};
 use spawner_proxy::{Connect, Upstream, UpstreamConnections};
+use spawner_trace_recorder::TraceRecorder;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -62,6 +64,10 @@ struct Inner<C: Connect> {
     metrics: Arc<Metrics>,
     relay: RelaySettings,
     connections: Arc<Semaphore>,
+    /// Names recorded WebSocket connections: a random prefix (unique to this router, so
+    /// merged replicas' traces do not share ids) and a counter.
+    trace_prefix: String,
+    traced_connections: std::sync::atomic::AtomicU64,
 }
 
 impl<C: Connect> Router<C> {
@@ -84,6 +90,8 @@ impl<C: Connect> Router<C> {
                     close_linger: Duration::from_secs(5),
                 },
                 connections,
+                trace_prefix: spawner_core::id::new_backend_id("ws-").unwrap_or_default(),
+                traced_connections: Default::default(),
             }),
         }
     }
@@ -335,8 +343,14 @@ impl<C: Connect> Inner<C> {
                 Ok(Handshake::Declined(response)) => (outcome, response.map(Either::Left)),
                 Ok(Handshake::Accepted { response, upgrade }) => {
                     let inner = self.clone();
+                    let traced = self.trace_connection(&target.backend, user.as_deref());
                     tokio::spawn(async move {
-                        let Some(relay) = upgrade.connect::<Io, C::Io>().await else {
+                        let observer = traced.as_ref().map(TracedConnection::observer);
+                        let Some(relay) = upgrade.connect_observed::<Io, C::Io>(observer).await
+                        else {
+                            if let Some(traced) = &traced {
+                                traced.ended();
+                            }
                             return;
                         };
                         inner.metrics.websocket_opened();
@@ -344,6 +358,9 @@ impl<C: Connect> Inner<C> {
                             .run(&inner.relay, |_, _| {}, std::future::pending())
                             .await;
                         tracing::debug!(?end, "websocket relay ended");
+                        if let Some(traced) = &traced {
+                            traced.ended();
+                        }
                         inner.metrics.websocket_closed();
                     });
                     (
@@ -379,6 +396,36 @@ impl<C: Connect> Inner<C> {
             }
             Err(e) => upstream_failed(&upstream_addr, &e),
         }
+    }
+
+    /// Records that a WebSocket to `backend` opened, when recording: its session is the
+    /// token's user (the api records a `/connect` with that `user` under the same session), or
+    /// without one the connection alone.
+    fn trace_connection(&self, backend: &str, user: Option<&str>) -> Option<TracedConnection> {
+        let recorder = self.config.trace.clone()?;
+        let n = self
+            .traced_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn: Arc<str> = format!("{}-{n}", self.trace_prefix).into();
+        let session: Arc<str> = user.map_or_else(|| conn.clone(), Arc::from);
+        let key: Arc<str> = self
+            .backends
+            .trace_key(backend)
+            .map_or_else(|| Arc::from(backend), Arc::from);
+        recorder.record(
+            &session,
+            &key,
+            TraceEventKind::Connect {
+                conn: conn.to_string(),
+            },
+        );
+        Some(TracedConnection {
+            recorder,
+            session,
+            key,
+            conn,
+            client_closed: Arc::default(),
+        })
     }
 
     fn decide(
@@ -481,6 +528,55 @@ impl<C: Connect> Inner<C> {
             }
         };
         (outcome, error(status, e.code(), &e.to_string(), None))
+    }
+}
+
+/// A WebSocket being recorded in the session trace.
+struct TracedConnection {
+    recorder: TraceRecorder,
+    session: Arc<str>,
+    key: Arc<str>,
+    conn: Arc<str>,
+    /// The client sent a close frame: its disconnect is clean.
+    client_closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TracedConnection {
+    /// Records each whole message the client sends (its size only) and notes its close frame;
+    /// runs on the relay's poll, and recording never blocks.
+    fn observer(&self) -> ClientObserver {
+        let recorder = self.recorder.clone();
+        let (session, key, conn) = (self.session.clone(), self.key.clone(), self.conn.clone());
+        let client_closed = self.client_closed.clone();
+        Box::new(move |frame| match frame {
+            ClientFrame::Message { bytes } => recorder.record(
+                &session,
+                &key,
+                TraceEventKind::Message {
+                    conn: conn.to_string(),
+                    bytes,
+                },
+            ),
+            ClientFrame::Close => {
+                client_closed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// The connection ended: clean when the client closed it with a close frame; not when it
+    /// vanished (no close frame: reset, dropped, stopped answering pings).
+    fn ended(&self) {
+        let clean = self
+            .client_closed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.recorder.record(
+            &self.session,
+            &self.key,
+            TraceEventKind::Disconnect {
+                conn: self.conn.to_string(),
+                clean,
+            },
+        );
     }
 }
 

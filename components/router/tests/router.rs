@@ -101,12 +101,29 @@ impl World {
 
     /// Creates backend `name` in `phase`, its sidecar at `upstream`.
     async fn backend(&self, name: &str, phase: &str, upstream: Option<SocketAddr>, public: bool) {
+        self.backend_with_key(name, None, phase, upstream, public)
+            .await;
+    }
+
+    /// [`World::backend`] with a get-or-create `key`.
+    async fn backend_with_key(
+        &self,
+        name: &str,
+        key: Option<&str>,
+        phase: &str,
+        upstream: Option<SocketAddr>,
+        public: bool,
+    ) {
+        let mut spec = json!({"template": {"spec": {"containers": [{"name": "app", "image": "x"}]}},
+                              "httpPort": 8080, "gracePeriodSeconds": 300});
+        if let Some(key) = key {
+            spec["key"] = Value::from(key);
+        }
         let mut b: SessionLivedBackend = serde_json::from_value(json!({
             "apiVersion": "spawner.dev/v1",
             "kind": "SessionLivedBackend",
             "metadata": {"name": name, "namespace": NS},
-            "spec": {"template": {"spec": {"containers": [{"name": "app", "image": "x"}]}},
-                     "httpPort": 8080, "gracePeriodSeconds": 300}
+            "spec": spec
         }))
         .expect("backend");
         if public {
@@ -564,6 +581,112 @@ async fn websockets_go_through_with_a_query_token_and_never_without() {
         other => panic!("expected 401, got {other:?}"),
     }
     assert_eq!(w.handle.metrics.upgrades(Outcome::Unauthorized), 1);
+}
+
+/// The router records each WebSocket in the session trace: its connect under the token's user
+/// and the backend's key, every whole client message by size, its disconnect (clean when the
+/// client closed it), all under opaque ids and without a byte of payload.
+#[tokio::test]
+async fn websockets_are_recorded_by_size_under_opaque_ids() {
+    use spawner_core::trace::{Trace, TraceEventKind};
+    use spawner_trace_recorder::{RecorderConfig, TraceRecorder, opaque_id};
+    const TRACE_KEY: &[u8] = b"trace-key";
+    let dir = std::env::temp_dir().join(format!("spawner-router-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join("router.jsonl");
+    let config = RecorderConfig::new(&path, TRACE_KEY, "router", "2026-12-05T00:00:00Z");
+    let (recorder, recording) = TraceRecorder::start(config).expect("recorder");
+    let w = World::start_with(host_mode(), |c| c.trace = Some(recorder.clone())).await;
+    let (addr, _app) = ws_app("sb-rec").await;
+    w.backend_with_key("sb-rec", Some("doc-7"), "Ready", Some(addr), false)
+        .await;
+    let open = |token: String| async move {
+        let stream = TcpStream::connect(w.router).await.expect("connect");
+        let url = format!("ws://sb-rec.localhost/socket?spawner_token={token}");
+        let (ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .expect("handshake");
+        ws
+    };
+    async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Message {
+        tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+            .expect("message")
+            .expect("ok")
+    }
+
+    // Alice's tab: two messages, a close.
+    let mut alice = open(w.token("sb-rec", Some("alice"))).await;
+    alice.send(Message::text("hello")).await.expect("send");
+    echo(&mut alice).await;
+    alice
+        .send(Message::Binary(vec![7u8; 300].into()))
+        .await
+        .expect("send");
+    alice
+        .send(Message::text("payload-secret"))
+        .await
+        .expect("send");
+    echo(&mut alice).await;
+    alice.close(None).await.expect("close");
+    while let Some(Ok(_)) = alice.next().await {}
+    // A tab without a user that vanishes: no close frame.
+    let mut anonymous = open(w.token("sb-rec", None)).await;
+    anonymous.send(Message::text("x")).await.expect("send");
+    echo(&mut anonymous).await;
+    drop(anonymous);
+
+    // Two connects, four messages, two disconnects.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while recorder.stats().accepted < 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            recorder.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = tokio::task::spawn_blocking(move || recording.finish())
+        .await
+        .expect("finish");
+    assert_eq!((stats.written, stats.dropped_full), (8, 0), "{stats:?}");
+    let text = std::fs::read_to_string(&path).expect("trace");
+    for raw in ["alice", "hello", "payload-secret", "doc-7", "sb-rec"] {
+        assert!(!text.contains(raw), "{raw} in {text}");
+    }
+    let trace = Trace::read(text.as_bytes()).expect("a valid trace");
+    let alice_id = opaque_id(TRACE_KEY, "alice");
+    let key = opaque_id(TRACE_KEY, "doc-7");
+    assert!(trace.events.iter().all(|e| e.key == key), "{text}");
+    let (alices, others): (Vec<_>, Vec<_>) =
+        trace.events.iter().partition(|e| e.session == alice_id);
+    let shape = |events: &[&spawner_core::trace::TraceEvent]| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match &e.kind {
+                TraceEventKind::Connect { .. } => "connect".to_string(),
+                TraceEventKind::Message { bytes, .. } => format!("message {bytes}"),
+                TraceEventKind::Disconnect { clean, .. } => format!("disconnect clean={clean}"),
+                TraceEventKind::Spawn => "spawn".to_string(),
+            })
+            .collect()
+    };
+    assert_eq!(
+        shape(&alices),
+        [
+            "connect",
+            "message 5",
+            "message 300",
+            "message 14",
+            "disconnect clean=true"
+        ]
+    );
+    assert_eq!(
+        shape(&others),
+        ["connect", "message 1", "disconnect clean=false"]
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]

@@ -59,6 +59,9 @@ async fn main() {
     let mut config = kube::Config::new(format!("http://{api_addr}").parse().expect("uri"));
     config.default_namespace = "default".into();
     config.read_timeout = Some(Duration::from_secs(10));
+    // Counted from each request: else a pooled connection's idle time counts too, and the
+    // first request after a quiet spell as long as the timeout fails at once.
+    config.reset_reader_on_write = true;
     let client = Client::try_from(config).expect("client");
 
     // Idle sidecars with a live connection each (so nothing is swept), heartbeat every 5 s.

@@ -182,7 +182,9 @@ async fn real_backends_become_ready_are_swept_when_idle_and_fail_with_their_exit
     let world = World::start(Ipv4Addr::new(127, 61, 0, 1)).await;
     let client = world.client.clone();
 
-    world.spawn("slab-py", python_server(), 2).await;
+    // A grace period longer than any stall of a loaded 2-core machine between two requests
+    // below: with 2 s, one such stall swept the backend while the test was still using it.
+    world.spawn("slab-py", python_server(), 5).await;
     let api: Api<SessionLivedBackend> = Api::default_namespaced(client.clone());
     world
         .spawn(
@@ -251,19 +253,20 @@ async fn real_backends_become_ready_are_swept_when_idle_and_fail_with_their_exit
     let url = status.url.expect("url");
     assert!(NODES.contains(&status.node_name.as_deref().unwrap_or_default()));
     // Requests through the sidecar keep the backend alive.
-    let until = Instant::now() + Duration::from_secs(4);
-    let mut last_request = Instant::now();
+    let until = Instant::now() + Duration::from_secs(7);
+    // When the last request was sent: the sidecar's idle clock starts at its end, later.
+    let mut last_request_sent = Instant::now();
     while Instant::now() < until {
+        last_request_sent = Instant::now();
         assert_eq!(http_get(&format!("{url}/")).await, 200);
-        last_request = Instant::now();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(phase_of(&client, "slab-py").await, Phase::Ready);
-    // Then nobody comes: swept after its 2 s grace period (counted by the sidecar from the end
-    // of the last request, a moment before this test saw the response), and everything goes.
+    // Then nobody comes: swept after its 5 s grace period (counted by the sidecar from the end
+    // of the last request, so never less than 5 s after it was sent), and everything goes.
     wait_for_phase(&client, "slab-py", Phase::Swept, Duration::from_secs(20)).await;
-    let idle = last_request.elapsed();
-    assert!(idle >= Duration::from_millis(1900), "{idle:?}");
+    let idle = last_request_sent.elapsed();
+    assert!(idle >= Duration::from_secs(5), "{idle:?}");
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let services: Api<Service> = Api::default_namespaced(client.clone());
     let deadline = Instant::now() + Duration::from_secs(30);

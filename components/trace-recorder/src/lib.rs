@@ -8,7 +8,9 @@
 //! and cannot be joined with other data without the key), writes them as a session trace
 //! (`docs/trace-format.md`) and starts a new file when the current one reaches its size limit.
 //! A failed write (disk full) drops and counts the lines of that write. Payloads never reach
-//! the recorder: events carry sizes only.
+//! the recorder: events carry sizes only. A dropped `connect` would leave its connection's later
+//! events pointing at a connection the trace never opened (an invalid trace), so the writer
+//! drops and counts those too.
 
 pub mod config;
 
@@ -114,6 +116,9 @@ pub struct RecorderStats {
     pub dropped_full: u64,
     /// Events dropped because writing them failed (disk full, I/O error).
     pub dropped_io: u64,
+    /// Messages and disconnects dropped because their connection's `connect` was dropped (or
+    /// the connection was opened twice).
+    pub dropped_unopened: u64,
     /// Events written to a file.
     pub written: u64,
     /// Files opened.
@@ -125,6 +130,7 @@ struct Counters {
     accepted: AtomicU64,
     dropped_full: AtomicU64,
     dropped_io: AtomicU64,
+    dropped_unopened: AtomicU64,
     written: AtomicU64,
     files: AtomicU64,
 }
@@ -135,6 +141,7 @@ impl Counters {
             accepted: self.accepted.load(Ordering::Relaxed),
             dropped_full: self.dropped_full.load(Ordering::Relaxed),
             dropped_io: self.dropped_io.load(Ordering::Relaxed),
+            dropped_unopened: self.dropped_unopened.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
             files: self.files.load(Ordering::Relaxed),
         }
@@ -328,6 +335,10 @@ struct Writer {
     batch_events: u64,
     last_t: u64,
     reported_drops: u64,
+    /// Connections whose `connect` was taken (raw ids), and those opened in the batch being
+    /// built (forgotten again if the batch cannot be written).
+    open: std::collections::HashSet<String>,
+    opened_in_batch: Vec<String>,
 }
 
 impl Writer {
@@ -343,6 +354,8 @@ impl Writer {
             batch_events: 0,
             last_t: 0,
             reported_drops: 0,
+            open: Default::default(),
+            opened_in_batch: Vec::new(),
         }
     }
 
@@ -376,7 +389,30 @@ impl Writer {
         self.report_drops();
     }
 
+    /// Whether `kind` fits the connections the trace has opened (and notes what it opens and
+    /// closes).
+    fn fits_open_connections(&mut self, kind: &TraceEventKind) -> bool {
+        match kind {
+            TraceEventKind::Spawn => true,
+            TraceEventKind::Connect { conn } => {
+                let fresh = self.open.insert(conn.clone());
+                if fresh {
+                    self.opened_in_batch.push(conn.clone());
+                }
+                fresh
+            }
+            TraceEventKind::Message { conn, .. } => self.open.contains(conn),
+            TraceEventKind::Disconnect { conn, .. } => self.open.remove(conn),
+        }
+    }
+
     fn add(&mut self, event: RawEvent) {
+        if !self.fits_open_connections(&event.kind) {
+            self.counters
+                .dropped_unopened
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let key = &self.config.key;
         let hash_conn = |conn: &str| opaque_id(key, conn);
         let kind = match event.kind {
@@ -426,9 +462,14 @@ impl Writer {
         let written = self.ensure_header() && self.write(&batch);
         batch.clear();
         self.batch = batch;
+        let opened = std::mem::take(&mut self.opened_in_batch);
         if written {
             self.counters.written.fetch_add(events, Ordering::Relaxed);
         } else {
+            // Their connects are not in the file: their later events must not be either.
+            for conn in opened {
+                self.open.remove(&conn);
+            }
             self.counters
                 .dropped_io
                 .fetch_add(events, Ordering::Relaxed);
@@ -502,11 +543,12 @@ impl Writer {
     /// the count doubles.
     fn report_drops(&mut self) {
         let stats = self.counters.snapshot();
-        let dropped = stats.dropped_full + stats.dropped_io;
+        let dropped = stats.dropped_full + stats.dropped_io + stats.dropped_unopened;
         if dropped > 0 && dropped >= self.reported_drops.saturating_mul(2).max(1) {
             tracing::warn!(
                 dropped_full = stats.dropped_full,
                 dropped_io = stats.dropped_io,
+                dropped_unopened = stats.dropped_unopened,
                 "trace events dropped (buffer full or write failed); traffic is not affected"
             );
             self.reported_drops = dropped;

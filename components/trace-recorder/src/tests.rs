@@ -233,3 +233,80 @@ fn refuses_an_empty_key_an_empty_buffer_and_an_unwritable_path() {
     assert!(error.to_string().contains("missing/a.jsonl"), "{error}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A `connect` lost to a full buffer must not leave its connection's later events in the file:
+/// the trace would name a connection it never opened, and readers refuse such a trace.
+#[test]
+fn events_of_connections_never_opened_are_dropped_and_counted() {
+    let dir = scratch("unopened");
+    let path = dir.join("router.jsonl");
+    let (recorder, handle) = TraceRecorder::start(config(&path)).expect("starts");
+    let conn = |c: &str| c.to_string();
+    // `lost`'s connect never reached the recorder (as when the buffer was full).
+    recorder.record(
+        "s",
+        "k",
+        TraceEventKind::Message {
+            conn: conn("lost"),
+            bytes: 5,
+        },
+    );
+    recorder.record("s", "k", TraceEventKind::Connect { conn: conn("kept") });
+    recorder.record("s", "k", TraceEventKind::Connect { conn: conn("kept") });
+    recorder.record(
+        "s",
+        "k",
+        TraceEventKind::Message {
+            conn: conn("kept"),
+            bytes: 9,
+        },
+    );
+    recorder.record(
+        "s",
+        "k",
+        TraceEventKind::Disconnect {
+            conn: conn("lost"),
+            clean: true,
+        },
+    );
+    recorder.record(
+        "s",
+        "k",
+        TraceEventKind::Disconnect {
+            conn: conn("kept"),
+            clean: true,
+        },
+    );
+    recorder.record(
+        "s",
+        "k",
+        TraceEventKind::Message {
+            conn: conn("kept"),
+            bytes: 1,
+        },
+    );
+    let stats = handle.finish();
+    assert_eq!(
+        stats,
+        RecorderStats {
+            accepted: 7,
+            written: 3,
+            dropped_unopened: 4,
+            files: 1,
+            ..RecorderStats::default()
+        }
+    );
+    let trace = read(&path);
+    let kinds: Vec<&str> = trace
+        .events
+        .iter()
+        .map(|e| match e.kind {
+            TraceEventKind::Connect { .. } => "connect",
+            TraceEventKind::Message { .. } => "message",
+            TraceEventKind::Disconnect { .. } => "disconnect",
+            TraceEventKind::Spawn => "spawn",
+        })
+        .collect();
+    assert_eq!(kinds, ["connect", "message", "disconnect"]);
+    let _ = std::fs::remove_dir_all(dir);
+}

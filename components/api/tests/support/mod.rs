@@ -57,6 +57,9 @@ pub fn kube_client(url: &str) -> kube::Client {
     let mut config = kube::Config::new(url.parse().expect("url"));
     config.default_namespace = NAMESPACE.to_string();
     config.read_timeout = Some(Duration::from_secs(30));
+    // Counted from each request: else a pooled connection's idle time counts too, and the
+    // first request after a quiet spell as long as the timeout fails at once.
+    config.reset_reader_on_write = true;
     kube::Client::try_from(config).expect("client")
 }
 

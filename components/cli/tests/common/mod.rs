@@ -81,6 +81,8 @@ pub struct Dev {
     pub kubeconfig: PathBuf,
     pub demo_url: Option<String>,
     pub router_url: String,
+    /// The `kubectl` command line printed after "Watch the objects: ".
+    pub kubectl_command: String,
     stderr: Arc<Mutex<String>>,
     state: TempDir,
 }
@@ -165,6 +167,7 @@ impl Dev {
             kubeconfig: PathBuf::new(),
             demo_url: None,
             router_url: String::new(),
+            kubectl_command: String::new(),
             stderr,
             state,
         };
@@ -175,6 +178,7 @@ impl Dev {
                 && !dev.router_url.is_empty()
                 && !dev.token.is_empty()
                 && !dev.kubeconfig.as_os_str().is_empty()
+                && !dev.kubectl_command.is_empty()
                 && (dev.demo_url.is_some() || !want_demo);
             if done {
                 break;
@@ -195,6 +199,8 @@ impl Dev {
                 dev.kubeconfig = PathBuf::from(v);
             } else if let Some(v) = line.strip_prefix("SPAWNER_ROUTER_URL=") {
                 dev.router_url = v.to_string();
+            } else if let Some(v) = line.strip_prefix("Watch the objects: ") {
+                dev.kubectl_command = v.to_string();
             } else if let Some(v) = line.strip_prefix("SPAWNER_DEMO_URL=") {
                 dev.demo_url = Some(v.to_string());
             }
@@ -416,18 +422,19 @@ pub fn phases(events: &[Value]) -> Vec<String> {
 /// (the node agent reports `spawner-process://<pid>`), read through the printed kubeconfig.
 pub async fn app_pid(kubeconfig: &Path, name: &str) -> i32 {
     let text = std::fs::read_to_string(kubeconfig).expect("read kubeconfig");
-    let config: Value = serde_yaml::from_str(&text).expect("kubeconfig yaml");
-    let server = config["clusters"][0]["cluster"]["server"]
-        .as_str()
-        .expect("server");
-    let token = config["users"][0]["user"]["token"].as_str().expect("token");
-    let api = Api::new(server, Some(token));
+    // As any kube-rs program would: HTTPS, checked against the kubeconfig's CA, and its token.
+    let config = kube::config::Kubeconfig::from_yaml(&text).expect("kubeconfig yaml");
+    let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+        .await
+        .expect("kubeconfig");
+    let client = kube::Client::try_from(config).expect("kube client");
     let path =
         format!("/api/v1/namespaces/default/pods?labelSelector=spawner.dev%2Fbackend%3D{name}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, pods) = api.call("GET", &path, None).await;
-        assert_eq!(status, 200, "listing pods: {pods}");
+        let request = http::Request::get(&path).body(Vec::new()).expect("request");
+        let text = client.request_text(request).await.expect("listing pods");
+        let pods: Value = serde_json::from_str(&text).expect("pod list");
         let container_id = pods["items"]
             .as_array()
             .into_iter()

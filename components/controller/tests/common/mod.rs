@@ -43,6 +43,9 @@ pub fn client_for(addr: SocketAddr) -> Client {
     config.default_namespace = "default".into();
     // Watches get a bookmark every second, so a few seconds of silence is a dead stream.
     config.read_timeout = Some(Duration::from_secs(5));
+    // Counted from each request: else a pooled connection's idle time counts too, and the
+    // first request after a quiet spell as long as the timeout fails at once.
+    config.reset_reader_on_write = true;
     Client::try_from(config).expect("client")
 }
 
