@@ -126,7 +126,7 @@ cleanup() {
             kubectl --context "$context" -n spawner-backends get slab -o wide
             kubectl --context "$context" get events -A --sort-by=.lastTimestamp
         } >"$out/state.txt" 2>&1 || true
-        for workload in deploy/spawner-controller deploy/spawner-api ds/spawner-sweeper; do
+        for workload in deploy/spawner-controller deploy/spawner-api deploy/spawner-router ds/spawner-sweeper; do
             kubectl --context "$context" -n spawner-system logs "$workload" --all-containers \
                 --tail=200 >"$out/$(basename "$workload").log" 2>&1 || true
         done
@@ -172,19 +172,25 @@ run kubectl --context "$context" apply --server-side -k deploy/overlays/kind
 # A rebuilt image keeps the tag spawner:dev: restart so the pods run the image just loaded.
 if [[ $created -eq 0 && "${SPAWNER_E2E_SKIP_BUILD:-0}" != "1" ]]; then
     run kubectl --context "$context" -n spawner-system rollout restart \
-        deploy/spawner-controller deploy/spawner-api ds/spawner-sweeper
+        deploy/spawner-controller deploy/spawner-api deploy/spawner-router ds/spawner-sweeper
 fi
-for workload in deploy/spawner-controller deploy/spawner-api ds/spawner-sweeper; do
+for workload in deploy/spawner-controller deploy/spawner-api deploy/spawner-router ds/spawner-sweeper; do
     run kubectl --context "$context" -n spawner-system rollout status "$workload" --timeout=300s
 done
-# The NodePort answers once kube-proxy has programmed it.
+# The NodePorts answer once kube-proxy has programmed them (the router's answers 404 for a
+# backend that does not exist).
 if [[ $dry_run -eq 0 ]]; then
     for _ in $(seq 1 60); do
         curl -fsS -o /dev/null http://127.0.0.1:30080/healthz 2>/dev/null && break
         sleep 1
     done
+    for _ in $(seq 1 60); do
+        curl -sS -o /dev/null -H 'Host: none.localhost:30081' http://127.0.0.1:30081/ 2>/dev/null && break
+        sleep 1
+    done
 fi
 run curl -fsS -o /dev/null http://127.0.0.1:30080/healthz
+run curl -sS -o /dev/null -H 'Host: none.localhost:30081' http://127.0.0.1:30081/
 
 step "[6/6] scenarios (cargo test -p spawner-e2e --test scenarios_kind)"
 run env SPAWNER_E2E_KIND=1 SPAWNER_E2E_API_URL=http://127.0.0.1:30080 SPAWNER_E2E_TOKEN=kind-dev-token \

@@ -25,8 +25,6 @@
 set -euo pipefail
 
 KIND_VERSION=v0.33.0
-# The CoreDNS version kubeadm of the pinned Kubernetes deploys (constants.CoreDNSVersion).
-COREDNS_VERSION=v1.12.1
 DEBIAN_SUITE=bookworm
 DEBIAN_MIRROR="${SPAWNER_KIND_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # What kind's images/base Dockerfile installs, with Debian's containerd, runc and CNI plugins
@@ -40,14 +38,19 @@ jobs="${SPAWNER_KIND_JOBS:-2}"
 kube_version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ { print $2; exit }' "$root/e2e/kind/go.mod")"
 cp_version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ { print $2; exit }' "$root/e2e/controlplane/go.mod")"
 etcd_version="$(awk '$1 == "go.etcd.io/etcd/server/v3" && $2 ~ /^v/ { print $2; exit }' "$root/e2e/controlplane/go.mod")"
-if [[ -z "$kube_version" || "$kube_version" != "$cp_version" || -z "$etcd_version" ]]; then
+# CoreDNS: the version kubeadm of the pinned Kubernetes deploys (constants.CoreDNSVersion), with
+# only the plugins of kubeadm's Corefile (e2e/kind/coredns/main.go).
+coredns_version="$(awk '$1 == "require" && $2 == "github.com/coredns/coredns" { print $3; exit }' "$root/e2e/kind/coredns/go.mod")"
+if [[ -z "$kube_version" || "$kube_version" != "$cp_version" || -z "$etcd_version" || -z "$coredns_version" ]]; then
     echo "kind-node-image: e2e/kind/go.mod and e2e/controlplane/go.mod must pin one Kubernetes version" >&2
     exit 2
 fi
 kind_bin="$cache/kind-$KIND_VERSION/kind"
 # The node image's name changes with every input: this script, the CNI manifest, the versions.
 inputs_hash="$(cat "${BASH_SOURCE[0]}" "$root/e2e/kind/default-cni.yaml" "$root/e2e/kind/go.sum" \
-    "$root/e2e/controlplane/go.sum" | sha256sum | cut -c1-12)"
+    "$root/e2e/controlplane/go.sum" "$root/e2e/kind/coredns/main.go" "$root/e2e/kind/coredns/go.sum" \
+    | sha256sum | cut -c1-12)"
+coredns_hash="$(cat "$root/e2e/kind/coredns/main.go" "$root/e2e/kind/coredns/go.sum" | sha256sum | cut -c1-12)"
 node_image="spawner.dev/kind-node:$kube_version-$inputs_hash"
 
 case "${1:-build}" in
@@ -146,13 +149,16 @@ if [[ $missing -eq 1 ]]; then
     step_done
 fi
 
-coredns_bin="$cache/coredns-$COREDNS_VERSION/coredns"
+coredns_bin="$cache/coredns-$coredns_version-$coredns_hash/coredns"
 if [[ ! -x "$coredns_bin" ]]; then
-    step "[4/6] CoreDNS $COREDNS_VERSION (go install)"
-    staging="$cache/.coredns-$COREDNS_VERSION.tmp"
+    step "[4/6] CoreDNS $coredns_version with kubeadm's plugins (e2e/kind/coredns)"
+    staging="$cache/.coredns.tmp"
     run rm -rf "$staging"
-    run env GOBIN="$staging" go install -p "$jobs" -trimpath -ldflags=-s\ -w \
-        "github.com/coredns/coredns@$COREDNS_VERSION"
+    run mkdir -p "$staging"
+    (
+        cd "$root/e2e/kind/coredns"
+        run env GOFLAGS="-trimpath -mod=readonly" go build -p "$jobs" -ldflags="-s -w" -o "$staging/coredns" .
+    )
     run mv -T "$staging" "$(dirname "$coredns_bin")"
     step_done
 fi
@@ -250,7 +256,7 @@ static_image "registry.k8s.io/kube-apiserver:$kube_version" "$cp_bin/kube-apiser
 static_image "registry.k8s.io/kube-controller-manager:$kube_version" "$cp_bin/kube-controller-manager" ""
 static_image "registry.k8s.io/kube-scheduler:$kube_version" "$node_bin/kube-scheduler" ""
 static_image "registry.k8s.io/etcd:${etcd_version#v}-0" "$cp_bin/etcd" ""
-static_image "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" "$coredns_bin" /usr/local/bin/coredns
+static_image "registry.k8s.io/coredns/coredns:$coredns_version" "$coredns_bin" /usr/local/bin/coredns
 static_image "registry.k8s.io/pause:$pause_version" "$node_bin/pause" /usr/local/bin/pause
 # kube-proxy and the CNI DaemonSet (default-cni.yaml) run on the Debian base less what only a
 # node needs (containerd, runc, CNI plugins, systemd, perl, docs): they need bash, iptables,

@@ -15,6 +15,7 @@ use futures::future::join_all;
 use http::Method;
 use serde_json::{Value, json};
 use spawner_core::phase::Phase;
+use spawner_core::trace::percentile;
 use spawner_e2e::scenarios::{self, Target};
 
 const STEPS: [&str; 6] = [
@@ -92,22 +93,17 @@ async fn spawn_to_ready(target: &Target) -> Result<(Vec<f64>, String), String> {
     Ok((steps, spawned.name))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn report(run: &str, samples: &[Vec<f64>]) {
     println!("\n{run}: {} spawns", samples.len());
     println!("| step | p50 ms | p99 ms |\n|---|---|---|");
     for (i, step) in STEPS.iter().enumerate() {
-        let mut values: Vec<f64> = samples.iter().map(|s| s[i]).collect();
-        values.sort_by(f64::total_cmp);
-        println!(
-            "| {step} | {:.0} | {:.0} |",
-            percentile(&values, 50.0),
-            percentile(&values, 99.0)
-        );
+        // Whole milliseconds; a step the clocks of two pods put below zero counts as 0.
+        let values: Vec<u64> = samples
+            .iter()
+            .map(|s| s[i].max(0.0).round() as u64)
+            .collect();
+        let at = |q| percentile(&values, q).map_or("-".to_string(), |v| v.to_string());
+        println!("| {step} | {} | {} |", at(50), at(99));
     }
 }
 

@@ -595,3 +595,14 @@ async fn websocket_keeps_the_backend_then_swept_as_service_accounts() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_keeps_its_grace_period_after_ready_as_service_accounts() {
+    run(
+        "slow_start_keeps_its_grace_period_after_ready_as_service_accounts",
+        |scene| async move {
+            scenarios::slow_start_keeps_its_grace_period_after_ready(&scene.target).await
+        },
+    )
+    .await;
+}

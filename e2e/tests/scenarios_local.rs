@@ -59,3 +59,20 @@ async fn terminate_while_starting() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_keeps_its_grace_period_after_ready() {
+    run(
+        "slow_start_keeps_its_grace_period_after_ready",
+        |t| async move { scenarios::slow_start_keeps_its_grace_period_after_ready(&t).await },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_requires_a_connect_token() {
+    run("router_requires_a_connect_token", |t| async move {
+        scenarios::router_requires_a_connect_token(&t).await
+    })
+    .await;
+}

@@ -547,12 +547,21 @@ fn next_status(
             UrlMode::PodIp => plan
                 .pod_ip
                 .as_ref()
-                .map(|ip| format!("http://{ip}:{}", config.children.sidecar_port)),
+                .map(|ip| pod_ip_url(ip, config.children.sidecar_port)),
             UrlMode::Service => None,
         };
     }
     new.observed_generation = backend.metadata.generation.or(new.observed_generation);
     new
+}
+
+/// `http://<podIP>:<port>`, with an IPv6 address in brackets.
+fn pod_ip_url(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("http://[{ip}]:{port}")
+    } else {
+        format!("http://{ip}:{port}")
+    }
 }
 
 /// A finished backend: make sure its pod and service are gone, and delete the backend itself
@@ -630,5 +639,14 @@ mod tests {
         assert_eq!(backoff(50, false), Duration::from_secs(60));
         assert_eq!(backoff(1, true), Duration::from_millis(50));
         assert_eq!(backoff(10, true), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn pod_ip_urls_bracket_ipv6() {
+        assert_eq!(pod_ip_url("10.244.1.7", 9090), "http://10.244.1.7:9090");
+        assert_eq!(
+            pod_ip_url("fd00:10:244::7", 9090),
+            "http://[fd00:10:244::7]:9090"
+        );
     }
 }

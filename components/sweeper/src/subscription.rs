@@ -313,7 +313,12 @@ where
             After::End(end) => return end,
             After::Wait => {
                 sweep_failures = 0;
-                wake_at = step.wake_at;
+                // Once Ready is written, look again at once: the countdown starts from it.
+                wake_at = if step.mark_ready {
+                    Some(Instant::now())
+                } else {
+                    step.wake_at
+                };
             }
             After::RetryReady => {
                 let retry = Instant::now() + READY_RETRY;
@@ -371,13 +376,13 @@ where
         match write(Observation::SidecarReady, Some(target.seen.clone())).await {
             Ok(WriteOutcome::Written(_)) => {
                 metrics.marked_ready.fetch_add(1, Ordering::Relaxed);
-                tracker.ready_written();
+                tracker.ready_written(Some(Instant::now()));
                 tracing::info!(backend = %target.name, "marked Ready");
             }
             Ok(WriteOutcome::Unchanged(phase)) if phase.is_terminal() => {
                 return After::End(End::Done);
             }
-            Ok(WriteOutcome::Unchanged(_)) => tracker.ready_written(),
+            Ok(WriteOutcome::Unchanged(_)) => tracker.ready_written(None),
             Ok(WriteOutcome::Gone) => return After::End(End::Done),
             Err(e) => {
                 // Not swept before it is Ready: a backend that ran goes through Ready (users

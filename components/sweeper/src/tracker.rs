@@ -7,7 +7,14 @@
 //!   sidecar reports again, and between messages the countdown is only trusted while the last
 //!   message is fresher than the heartbeat allows;
 //! - the countdown is the sidecar's own `seconds_since_active` plus the time since that report,
-//!   so a restarted sweeper resumes it instead of restarting it.
+//!   so a restarted sweeper resumes it instead of restarting it;
+//! - a backend is never swept before it is Ready, and one this sweeper marks Ready never sooner
+//!   than a full grace period after that write: before it, no user knew the backend was there
+//!   to connect to. The sidecar's idle time also counts the app's start and the time the
+//!   sweeper took to reach the sidecar (on a real cluster, seconds), which would otherwise
+//!   sweep a slow starter while it starts, or a backend the moment it is Ready. (An app that
+//!   never accepts connections stays Running until it is terminated or its
+//!   `maxLifetimeSeconds` ends it.)
 
 use std::time::Duration;
 
@@ -33,6 +40,8 @@ pub struct Tracker {
     freshness: Duration,
     last: Option<(SidecarState, Instant)>,
     ready_marked: bool,
+    /// When this sweeper's Ready write succeeded: no sweep before a grace period from it.
+    ready_at: Option<Instant>,
 }
 
 impl Tracker {
@@ -42,6 +51,7 @@ impl Tracker {
             freshness,
             last: None,
             ready_marked,
+            ready_at: None,
         }
     }
 
@@ -50,21 +60,37 @@ impl Tracker {
         self.last.as_ref()
     }
 
-    /// The Ready write succeeded (or the backend was already past Running).
-    pub fn ready_written(&mut self) {
+    /// The Ready write succeeded at `at` (`None`: the backend was already past Running, so
+    /// this sweeper did not make it Ready).
+    pub fn ready_written(&mut self, at: Option<Instant>) {
         self.ready_marked = true;
+        if let Some(at) = at {
+            self.ready_at.get_or_insert(at);
+        }
     }
 
     fn verdict_step(&self, state: &SidecarState, elapsed: Duration, now: Instant) -> Step {
+        if !self.ready_marked {
+            // A backend still starting is not idle: users wait for Ready before they connect
+            // (a spawn ends Ready or Failed, never swept while it starts). Ready first; the
+            // countdown starts once it is written.
+            return Step::default();
+        }
+        // Wake just after a deadline: exactly at it is not yet past the grace period.
+        let tick = Duration::from_millis(1);
+        let floor = self.ready_at.map(|at| at + self.grace + tick);
         match idle_verdict(state, elapsed, self.grace) {
             IdleVerdict::Active => Step::default(),
+            IdleVerdict::PastGrace { .. } if floor.is_some_and(|f| now < f) => Step {
+                wake_at: floor,
+                ..Step::default()
+            },
             IdleVerdict::PastGrace { idle } => Step {
                 sweep: Some(idle),
                 ..Step::default()
             },
-            // Wake just after the deadline: exactly at it is not yet past the grace period.
             IdleVerdict::Idle { remaining } => Step {
-                wake_at: Some(now + remaining + Duration::from_millis(1)),
+                wake_at: Some((now + remaining + tick).max(floor.unwrap_or(now))),
                 ..Step::default()
             },
         }
@@ -125,7 +151,7 @@ mod tests {
         let mut tracker = Tracker::new(GRACE, FRESH, false);
         assert!(!tracker.on_report(state(false, 0, 0), t0).mark_ready);
         assert!(tracker.on_report(state(true, 0, 0), t0).mark_ready);
-        tracker.ready_written();
+        tracker.ready_written(Some(t0));
         assert!(!tracker.on_report(state(true, 0, 0), t0).mark_ready);
         let already = Tracker::new(GRACE, FRESH, true).on_report(state(true, 0, 0), t0);
         assert!(!already.mark_ready);
@@ -194,18 +220,60 @@ mod tests {
     }
 
     #[test]
-    fn a_ready_mark_not_yet_written_comes_with_the_sweep() {
-        // The Ready write after the first report failed; the sweep step must carry it again, so
-        // the backend goes through Ready before it is swept.
+    fn no_sweep_before_ready_is_written_and_a_full_grace_period_after_it() {
+        // The Ready write after the first report failed: the retry carries it again, and the
+        // backend is not swept in the meantime, however long the sidecar has been idle.
         let t0 = Instant::now();
-        let mut tracker = Tracker::new(Duration::from_secs(2), FRESH, false);
+        let grace = Duration::from_secs(2);
+        let mut tracker = Tracker::new(grace, FRESH, false);
         let step = tracker.on_report(state(true, 0, 0), t0);
-        assert!(step.mark_ready);
-        let wake = step.wake_at.expect("countdown");
-        let step = tracker.on_wake(wake);
-        assert!(step.mark_ready && step.sweep.is_some(), "{step:?}");
-        tracker.ready_written();
-        assert!(!tracker.on_wake(wake).mark_ready);
+        assert_eq!((step.mark_ready, step.sweep), (true, None), "{step:?}");
+        let later = t0 + Duration::from_millis(2500);
+        let step = tracker.on_wake(later);
+        assert_eq!((step.mark_ready, step.sweep), (true, None), "{step:?}");
+        // Written at `later`: the sidecar says idle 2.5 s, past grace, but users only learn of
+        // the backend now, so it gets its grace period from here.
+        tracker.ready_written(Some(later));
+        let step = tracker.on_wake(later);
+        assert!(!step.mark_ready && step.sweep.is_none(), "{step:?}");
+        let floor = later + grace + Duration::from_millis(1);
+        assert_eq!(step.wake_at, Some(floor));
+        assert!(
+            tracker
+                .on_wake(floor - Duration::from_millis(1))
+                .sweep
+                .is_none()
+        );
+        tracker.on_report(state(true, 0, 4), floor - Duration::from_millis(1));
+        assert!(tracker.on_wake(floor).sweep.is_some());
+    }
+
+    #[test]
+    fn a_slow_start_is_neither_swept_while_starting_nor_at_ready() {
+        // On a real cluster the app may take longer than the grace period to start and the
+        // sweeper reaches the sidecar seconds after it is ready: its first report already says
+        // idle past grace. Ready is written, and the sweep waits a grace period from there.
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(3);
+        let mut tracker = Tracker::new(grace, FRESH, false);
+        // While the app starts (not ready), nothing is swept, however long it takes.
+        let step = tracker.on_report(state(false, 0, 7), t0);
+        assert_eq!(step, Step::default());
+        assert_eq!(tracker.on_wake(t0), Step::default());
+        let step = tracker.on_report(state(true, 0, 7), t0);
+        assert_eq!((step.mark_ready, step.sweep), (true, None), "{step:?}");
+        tracker.ready_written(Some(t0));
+        let step = tracker.on_wake(t0);
+        assert_eq!(step.sweep, None);
+        assert_eq!(step.wake_at, Some(t0 + grace + Duration::from_millis(1)));
+        // A user connects and leaves within it: the sidecar's own countdown counts from then.
+        let left = t0 + Duration::from_secs(2);
+        let step = tracker.on_report(state(true, 0, 0), left);
+        assert_eq!(step.wake_at, Some(left + grace + Duration::from_millis(1)));
+        // A sweeper that finds the backend already Ready (a restart) resumes the sidecar's
+        // countdown as before.
+        let mut restarted = Tracker::new(grace, FRESH, true);
+        assert!(restarted.on_report(state(true, 0, 7), t0).sweep.is_some());
     }
 
     #[test]

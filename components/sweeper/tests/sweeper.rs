@@ -162,6 +162,48 @@ async fn marks_ready_never_sweeps_a_live_backend_and_sweeps_after_grace() {
     sweeper.stop().await;
 }
 
+/// The time of `name`'s condition `type_`.
+async fn condition_time(client: &Client, name: &str, type_: &str) -> k8s_openapi::jiff::Timestamp {
+    let api: kube::Api<spawner_core::SessionLivedBackend> =
+        kube::Api::default_namespaced(client.clone());
+    let status = api.get(name).await.expect("get").status.expect("status");
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("{name} has no {type_} condition: {:?}", status.conditions));
+    condition
+        .last_transition_time
+        .parse()
+        .expect("RFC 3339 time")
+}
+
+/// Found on kind: the app took longer than the grace period to accept connections (or the
+/// sweeper reached the sidecar late, through the readiness-gated Service), so the sidecar's
+/// first report already said "idle past grace", and the backend was swept the moment it was
+/// marked Ready: the user's WebSocket got the sealed sidecar's 503. Ready is when users learn
+/// of the backend; its grace period starts there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_idle_before_ready_gets_a_full_grace_period_after_it() {
+    let client = cluster().await;
+    let sidecar = sidecar_for(&client, "slab-late", "node-a", 2).await;
+    sidecar.set(|c| {
+        c.ready = true;
+        c.last_active = Instant::now() - Duration::from_secs(10);
+    });
+    let sweeper = Sweeper::start(&client, "node-a").await;
+    wait_for_phase(&client, "slab-late", Phase::Ready, Duration::from_secs(10)).await;
+    wait_for_phase(&client, "slab-late", Phase::Swept, Duration::from_secs(15)).await;
+    let ready = condition_time(&client, "slab-late", "Ready").await;
+    let swept = condition_time(&client, "slab-late", "Swept").await;
+    let after_ready = swept.duration_since(ready);
+    assert!(
+        after_ready >= k8s_openapi::jiff::SignedDuration::from_secs(2),
+        "swept {after_ready:?} after Ready, within its 2 s grace period"
+    );
+    sweeper.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_sweeper_resumes_the_countdown() {
     let client = cluster().await;

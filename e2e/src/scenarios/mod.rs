@@ -1,11 +1,12 @@
 //! End-to-end scenarios: what a web application does with Spawner, run against a live
-//! deployment through its public surfaces only (the api over HTTP, the backend through its
-//! sidecar). The same scenarios run against `spawner dev` on this machine
-//! (`tests/scenarios_local.rs`, in CI) and against a kind cluster (`tests/scenarios_kind.rs`).
+//! deployment through its public surfaces only (the api over HTTP, the backend through the
+//! router and its sidecar). The same scenarios run against `spawner dev` on this machine
+//! (`tests/scenarios_local.rs`), against a kind cluster (`tests/scenarios_kind.rs`) and, with
+//! pod-IP URLs and no router, against the real kube-apiserver (`tests/controlplane_scenarios.rs`).
 //!
-//! A [`Target`] says where the api is, how to open a byte stream to a backend's `status.url`
-//! (direct TCP locally; a Kubernetes port-forward to the pod in a cluster, since the backend's
-//! Service is only reachable inside it), and which commands the test applications are.
+//! A [`Target`] says where the api is, how to open a byte stream to a backend's `url` (direct
+//! TCP: to the router's `<name>.localhost` address under `spawner dev` and on kind, where its
+//! NodePort is mapped to loopback), and which commands the test applications are.
 
 pub mod client;
 pub mod kind;
@@ -78,6 +79,24 @@ impl App {
             request.extend(extra.clone());
         }
         request
+    }
+
+    /// This app, started only after `delay` (`sh -c 'sleep N; exec ...'`): an app slower to
+    /// accept connections than a short grace period.
+    pub fn started_after(&self, delay: Duration) -> App {
+        let quoted: Vec<String> = self
+            .command
+            .iter()
+            .map(|arg| format!("'{}'", arg.replace('\'', r"'\''")))
+            .collect();
+        App {
+            image: self.image.clone(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("sleep {}; exec {}", delay.as_secs(), quoted.join(" ")),
+            ],
+        }
     }
 }
 
@@ -300,6 +319,166 @@ pub async fn spawn_connect_disconnect_swept(target: &Target) -> Result<Timings, 
         )
     })?;
     timings.record("disconnect→Swept", closed);
+    Ok(timings)
+}
+
+/// An app slower to start than its grace period is not Ready before it accepts, and still gets
+/// its grace period from Ready: a WebSocket opened right after Ready works (found on kind, where the sweeper swept such a
+/// backend the moment it marked it Ready, and the WebSocket got the sealed sidecar's 503).
+pub async fn slow_start_keeps_its_grace_period_after_ready(
+    target: &Target,
+) -> Result<Timings, Failure> {
+    const GRACE: Duration = Duration::from_secs(3);
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let delay = GRACE + Duration::from_secs(2);
+    let app = target.apps.demo.started_after(delay);
+    let spawned = target
+        .api
+        .spawn(&app.request(json!({ "gracePeriodSeconds": GRACE.as_secs() })))
+        .await?;
+    let name = spawned.name;
+    wait_ready(target, &name).await?;
+    timings.record("spawn→Ready", start);
+    // Never Ready before the app accepts: it cannot listen before its delay has passed.
+    ensure(start.elapsed() >= delay, || {
+        format!(
+            "{name} was Ready {:.2}s after its spawn, before its app (started after {}s) could accept",
+            start.elapsed().as_secs_f64(),
+            delay.as_secs()
+        )
+    })?;
+    let status = target.api.status(&name).await?;
+    let mut ws = open_room(target, &status, spawned.url.as_deref()).await?;
+    let joined = next_room_state(&mut ws).await?;
+    ensure(joined.peers == 1, || {
+        format!("{name}: first peer sees {} peers", joined.peers)
+    })?;
+    let during = target.api.status(&name).await?;
+    ensure(during.phase == Phase::Ready, || {
+        format!(
+            "{name} is {:?} while a WebSocket is open ({:?})",
+            during.phase, during.reason
+        )
+    })?;
+    let _ = ws.close(None).await;
+    drop(ws);
+    let events = wait_terminal(target, &name, GRACE + Duration::from_secs(60)).await?;
+    ensure(events.last().map(|e| e.phase) == Some(Phase::Swept), || {
+        format!(
+            "{name} after its WebSocket closed: {:?}",
+            client::phases(&events)
+        )
+    })?;
+    timings.record("spawn→Swept", start);
+    Ok(timings)
+}
+
+/// The router is the public entry: a request to a Ready backend's `url` without its connect
+/// token gets 401 (nothing reaches the backend), and the `url` as `/connect` gave it (with the
+/// token) opens the demo room's WebSocket. For targets whose `url` is the router's.
+pub async fn router_requires_a_connect_token(target: &Target) -> Result<Timings, Failure> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let request = target
+        .apps
+        .demo
+        .request(json!({ "key": unique("e2e-router"), "gracePeriodSeconds": 30 }));
+    let connected = target.api.connect(&request).await?;
+    let name = connected.name;
+    let url = connected
+        .url
+        .ok_or_else(|| Failure::new(format!("/connect gave {name} no url")))?;
+    ensure(url.contains("token="), || {
+        format!("{name}: /connect url {url:?} carries no connect token")
+    })?;
+    wait_ready(target, &name).await?;
+    timings.record("connect→Ready", start);
+    let status = target.api.status(&name).await?;
+    let host = authority(status.url.as_deref().unwrap_or(&url))?.to_string();
+
+    let mut stream = target.connector.connect(&status).await?;
+    let plain = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(plain.as_bytes())
+        .await
+        .map_err(|e| Failure::new(format!("request without a token: {e}")))?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .map_err(|_| Failure::new("request without a token: no answer in 30 s"))?
+        .map_err(|e| Failure::new(format!("request without a token: {e}")))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status_line = answer.lines().next().unwrap_or_default();
+    ensure(status_line.starts_with("HTTP/1.1 401"), || {
+        format!("{name}: a request without a connect token got {status_line:?}")
+    })?;
+
+    let mut ws = open_room(target, &status, Some(&url)).await?;
+    let joined = next_room_state(&mut ws).await?;
+    ensure(joined.peers == 1, || {
+        format!(
+            "{name}: first peer through the router sees {} peers",
+            joined.peers
+        )
+    })?;
+    timings.record("connect→WebSocket", start);
+    let _ = ws.close(None).await;
+    drop(ws);
+    target.api.terminate(&name).await?;
+    let events = wait_terminal(target, &name, Duration::from_secs(60)).await?;
+    ensure(
+        events.last().map(|e| e.phase) == Some(Phase::Terminated),
+        || format!("{name} after terminate: {:?}", client::phases(&events)),
+    )?;
+    Ok(timings)
+}
+
+/// An image that cannot be pulled ends its backend Failed with `ImagePullTimeout` and a
+/// message naming the image, never Ready. For targets that pull images (a cluster).
+pub async fn image_pull_failure_fails(target: &Target) -> Result<Timings, Failure> {
+    const IMAGE: &str = "registry.invalid/spawner-e2e/absent:1";
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let app = App {
+        image: Some(IMAGE.into()),
+        command: target.apps.demo.command.clone(),
+    };
+    let spawned = target
+        .api
+        .spawn(&app.request(json!({ "gracePeriodSeconds": 30 })))
+        .await?;
+    let name = spawned.name;
+    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    timings.record("spawn→Failed", start);
+    let last = events
+        .last()
+        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
+    ensure(
+        last.phase == Phase::Failed && last.reason.as_deref() == Some("ImagePullTimeout"),
+        || {
+            format!(
+                "{name} with an image that cannot be pulled ended {:?} ({:?}: {:?}), phases {:?}",
+                last.phase,
+                last.reason,
+                last.message,
+                client::phases(&events)
+            )
+        },
+    )?;
+    ensure(
+        last.message.as_deref().is_some_and(|m| m.contains(IMAGE)),
+        || {
+            format!(
+                "{name}: the Failed message {:?} does not name the image",
+                last.message
+            )
+        },
+    )?;
+    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
+        format!("{name} was Ready: {:?}", client::phases(&events))
+    })?;
     Ok(timings)
 }
 
