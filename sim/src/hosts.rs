@@ -15,27 +15,31 @@ use crate::mutants::{
 };
 use crate::net::{SimConnector, SimListener, kube_client, kube_client_over};
 use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
+use crate::rbac::{API_TOKEN as KUBE_API_TOKEN, CONTROLLER_TOKEN, NODE_AGENT_TOKEN, SWEEPER_TOKEN};
 use crate::users::{SharedReport, UsersConfig};
 use crate::world::{
-    API_TOKEN, EVENTS_SECRET, KEY_SECRET, KUBE_TOKEN, NAMESPACE, WorldConfig, api_name, node_name,
-    slot_name,
+    API_TOKEN, EVENTS_SECRET, KEY_SECRET, NAMESPACE, WorldConfig, api_name, node_name, slot_name,
 };
 
 /// The API server: its state lives outside the host, so crashing the host keeps it.
-pub(crate) fn add_apiserver(sim: &mut turmoil::Sim<'_>, clocks: &HostClocks) -> Cluster {
-    let mut tokens = std::collections::HashMap::new();
-    tokens.insert(
-        KUBE_TOKEN.to_string(),
-        spawner_localcluster::Identity::admin(),
-    );
+/// It enforces `deploy/rbac/` with each component's own token (`rbac.rs`), recording what each
+/// used in `audit`.
+pub(crate) fn add_apiserver(
+    sim: &mut turmoil::Sim<'_>,
+    clocks: &HostClocks,
+    audit: Option<spawner_localcluster::Audit>,
+) -> Cluster {
     let cluster = Cluster::new(
         ServerConfig {
-            auth: spawner_localcluster::Auth::tokens(tokens),
-            bookmark_interval: Duration::from_secs(5),
+            auth: crate::rbac::auth(audit),
+            bookmark_interval: crate::net::BOOKMARK_INTERVAL,
             ..ServerConfig::default()
         },
         Arc::new(clocks.of("apiserver")),
     );
+    cluster
+        .ensure_namespace(crate::rbac::SYSTEM_NAMESPACE)
+        .expect("a fixed namespace in a fresh cluster");
     {
         let cluster = cluster.clone();
         sim.host("apiserver", move || {
@@ -74,19 +78,19 @@ pub(crate) fn add_controllers(
             async move {
                 let replica = format!("controller-{i}");
                 let client = if mutant == Some(Mutant::ControllerCreatesPodTwice) {
-                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
+                    kube_client_over(kube_url, CONTROLLER_TOKEN, NAMESPACE, |http| RecordWrites {
                         inner: DuplicatePodCreates(http),
                         replica,
                         log: writes,
                     })
                 } else if mutant == Some(Mutant::ControllerSwallowsExpiredWatches) {
-                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
+                    kube_client_over(kube_url, CONTROLLER_TOKEN, NAMESPACE, |http| RecordWrites {
                         inner: SwallowsExpiredWatches(http),
                         replica,
                         log: writes,
                     })
                 } else {
-                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
+                    kube_client_over(kube_url, CONTROLLER_TOKEN, NAMESPACE, |http| RecordWrites {
                         inner: http,
                         replica,
                         log: writes,
@@ -132,12 +136,12 @@ pub(crate) fn add_apis(
             async move {
                 let client = match mutant {
                     Some(Mutant::ApiListsWithoutStatus) => {
-                        kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, ListsWithoutStatus)
+                        kube_client_over(kube_url, KUBE_API_TOKEN, NAMESPACE, ListsWithoutStatus)
                     }
                     Some(Mutant::ApiDropsTerminateRequests) => {
-                        kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, EmptyBackendPatches)
+                        kube_client_over(kube_url, KUBE_API_TOKEN, NAMESPACE, EmptyBackendPatches)
                     }
-                    _ => kube_client(kube_url, KUBE_TOKEN, NAMESPACE),
+                    _ => kube_client(kube_url, KUBE_API_TOKEN, NAMESPACE),
                 };
                 let config = crate::components::api_config(
                     API_TOKEN,
@@ -189,7 +193,7 @@ pub(crate) fn add_nodes(
             let runtime = runtime.clone();
             let clock = clock.clone();
             async move {
-                let agent_client = kube_client(kube_url.clone(), KUBE_TOKEN, NAMESPACE);
+                let agent_client = kube_client(kube_url.clone(), NODE_AGENT_TOKEN, NAMESPACE);
                 let agent_config =
                     crate::components::node_agent_config(&node_name(n), slots, clock.clone());
                 tokio::spawn(spawner_node_agent::run(
@@ -198,7 +202,7 @@ pub(crate) fn add_nodes(
                     runtime,
                     std::future::pending(),
                 ));
-                let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
+                let client = kube_client(kube_url, SWEEPER_TOKEN, NAMESPACE);
                 let http = hyper_util::client::legacy::Client::builder(
                     hyper_util::rt::TokioExecutor::new(),
                 )

@@ -14,6 +14,7 @@ pub mod mutants;
 pub mod net;
 pub mod observer;
 pub mod pods;
+pub mod rbac;
 pub mod report;
 pub mod rng;
 pub mod router_hosts;

@@ -53,8 +53,8 @@ pub fn add_routers(
             let clock = clock.clone();
             async move {
                 let client =
-                    kube_client(kube_url, crate::world::KUBE_TOKEN, crate::world::NAMESPACE);
-                let config = crate::components::router_config(ROUTER_DOMAIN, CONNECT_KEY, clock)?;
+                    kube_client(kube_url, crate::rbac::ROUTER_TOKEN, crate::world::NAMESPACE);
+                let config = crate::components::router_config(ROUTER_DOMAIN, CONNECT_KEY, clock);
                 let listener = RouterListener(
                     turmoil::net::TcpListener::bind(("0.0.0.0", ROUTER_PORT)).await?,
                 );

@@ -19,7 +19,6 @@ use crate::users::{SharedReport, UsersReport};
 pub(crate) const API_TOKEN: &str = "sim-api-token";
 /// The key secret the api replicas share.
 pub(crate) const KEY_SECRET: &str = "sim-key-secret";
-pub(crate) const KUBE_TOKEN: &str = "sim-admin";
 pub const EVENTS_SECRET: &str = "sim-events-secret";
 pub(crate) const NAMESPACE: &str = "default";
 /// Latency of every link while no fault slows it: turmoil draws each message's delay between
@@ -86,6 +85,9 @@ pub struct WorldConfig {
     /// run fails; `None` leaves what users see unchecked (a world built full on purpose).
     /// Fault-free worlds allow none.
     pub allowed_user_failures: Option<u64>,
+    /// Records which permissions each component used at the API server (which enforces
+    /// `deploy/rbac/` either way).
+    pub audit: Option<spawner_localcluster::Audit>,
 }
 
 impl WorldConfig {
@@ -111,6 +113,7 @@ impl WorldConfig {
             reproduce: format!("--seed {seed} (a custom world: rerun the test that built it)"),
             mutant: None,
             allowed_user_failures: None,
+            audit: None,
         }
     }
 }
@@ -259,7 +262,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
 
     // Hosts are added in a fixed order: turmoil gives them addresses in that order.
     let clocks = HostClocks::default();
-    let cluster = crate::hosts::add_apiserver(&mut sim, &clocks);
+    let cluster = crate::hosts::add_apiserver(&mut sim, &clocks, config.audit.clone());
     let kube_url: http::Uri = "http://apiserver:6443".parse().expect("static uri");
     let writes = crate::hosts::add_controllers(&mut sim, &config, &kube_url, &clocks);
     crate::hosts::add_apis(&mut sim, &config, &kube_url, &clocks);
