@@ -108,13 +108,7 @@ impl SharedReport {
 /// Plays `events` (one client host's share of a trace) from the moment it is called.
 pub async fn play(events: Vec<TraceEvent>, config: UsersConfig, report: SharedReport) {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build(SimConnector);
-    let mut sessions: BTreeMap<String, Vec<TraceEvent>> = BTreeMap::new();
-    for event in events {
-        sessions
-            .entry(event.session.clone())
-            .or_default()
-            .push(event);
-    }
+    let sessions = spawner_core::trace::by_session(events);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (id, events) in sessions {
