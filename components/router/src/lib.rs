@@ -19,6 +19,7 @@ pub mod access;
 pub mod cache;
 pub mod config;
 pub mod metrics;
+pub mod mutants;
 pub mod route;
 mod serve;
 pub mod trust;
