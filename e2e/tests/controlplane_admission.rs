@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceQuota};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -36,30 +35,25 @@ const RBAC: [(&str, &str); 4] = [
 
 const PATIENCE: Duration = Duration::from_secs(90);
 
-#[derive(Parser)]
-struct ArgsOf<T: clap::Args> {
-    #[command(flatten)]
-    inner: T,
-}
-
 /// Runs the controller on `namespace` until the returned sender is dropped or fired.
 async fn controller(cp: &ControlPlane, namespace: &str) -> oneshot::Sender<()> {
     let client = cp.client_for(Identity::Controller).await.unwrap();
     let secret = unique("events-secret");
-    let args = ArgsOf::<spawner_controller::ControllerArgs>::try_parse_from([
+    let args = spawner_assembly::args_of::<spawner_controller::ControllerArgs>(
         "controller",
-        "--namespace",
-        namespace,
-        "--events-secret",
-        &secret,
-        "--no-leader-election",
-        "--pod-refusal-retry-seconds",
-        "2",
-        "--identity",
-        "admission-controller",
-    ])
-    .unwrap()
-    .inner;
+        &[
+            "--namespace",
+            namespace,
+            "--events-secret",
+            &secret,
+            "--no-leader-election",
+            "--pod-refusal-retry-seconds",
+            "2",
+            "--identity",
+            "admission-controller",
+        ],
+    )
+    .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(spawner_controller::run(

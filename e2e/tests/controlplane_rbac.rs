@@ -45,7 +45,7 @@ rules:
   verbs: ["get", "list", "watch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 "#;
 
 /// The control plane of this test binary with `deploy/rbac/` applied, exactly as deployed.
@@ -124,11 +124,12 @@ fn expected_grants(identity: Identity) -> BTreeSet<Permission> {
     };
     let rules: Vec<Vec<Permission>> = match identity {
         Identity::Controller => vec![
+            // A watch cache of backends: never a `get`.
             grant(
                 "spawner.dev",
                 "sessionlivedbackends",
                 "",
-                &["get", "list", "watch", "patch", "delete"],
+                &["list", "watch", "patch", "delete"],
             ),
             grant("spawner.dev", "sessionlivedbackends", "status", &["patch"]),
             grant(
@@ -143,7 +144,8 @@ fn expected_grants(identity: Identity) -> BTreeSet<Permission> {
                 "",
                 &["create", "get", "list", "watch", "delete"],
             ),
-            grant("events.k8s.io", "events", "", &["create", "patch"]),
+            // Posted through spawner-kube-events: create only.
+            grant("events.k8s.io", "events", "", &["create"]),
         ],
         Identity::Sweeper => vec![
             grant(
@@ -153,18 +155,16 @@ fn expected_grants(identity: Identity) -> BTreeSet<Permission> {
                 &["get", "list", "watch"],
             ),
             grant("spawner.dev", "sessionlivedbackends", "status", &["patch"]),
-            grant("events.k8s.io", "events", "", &["create", "patch"]),
+            grant("events.k8s.io", "events", "", &["create"]),
         ],
-        Identity::Api => vec![
-            // `patch`: terminate sets an annotation with a metadata merge patch.
-            grant(
-                "spawner.dev",
-                "sessionlivedbackends",
-                "",
-                &["create", "get", "list", "watch", "patch", "delete"],
-            ),
-            grant("events.k8s.io", "events", "", &["get", "list", "watch"]),
-        ],
+        // `patch`: terminate sets an annotation with a metadata merge patch; the controller
+        // carries it out, so the api never deletes.
+        Identity::Api => vec![grant(
+            "spawner.dev",
+            "sessionlivedbackends",
+            "",
+            &["create", "get", "list", "watch", "patch"],
+        )],
         // A watch cache of backends; it writes nothing.
         Identity::Router => vec![grant(
             "spawner.dev",
@@ -321,7 +321,7 @@ async fn real_requests_follow_the_roles() {
 
     // controller: creates the children and moves the phase, may not read secrets.
     let as_controller: Api<SessionLivedBackend> = Api::namespaced(controller.clone(), &namespace);
-    let owner = as_controller
+    let owner = as_api
         .get("b1")
         .await
         .unwrap()
@@ -365,7 +365,7 @@ async fn real_requests_follow_the_roles() {
             .replace(
                 "b1",
                 &PostParams::default(),
-                &as_controller.get("b1").await.unwrap(),
+                &as_api.get("b1").await.unwrap(),
             )
             .await,
     );
@@ -403,8 +403,16 @@ async fn real_requests_follow_the_roles() {
             .await,
     );
 
-    // api deletes; the controller's pod goes with the backend (owner reference).
-    as_api.delete("b1", &DeleteParams::default()).await.unwrap();
+    // The api never deletes (a terminate is the controller's to carry out); the controller
+    // does, and its pod goes with the backend (owner reference).
+    assert_forbidden(
+        "api deletes a backend",
+        as_api.delete("b1", &DeleteParams::default()).await,
+    );
+    as_controller
+        .delete("b1", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 /// What the sweeper does to one backend: read it, list and watch, then write the status.
@@ -440,23 +448,23 @@ async fn bind(admin: &Client, namespace: &str, kind: &str, role: &str) {
     wait_allowed(admin, Identity::Unprivileged, namespace).await;
 }
 
-/// RBAC is served from informer caches: wait until `identity` may get backends in `namespace`
-/// before relying on a binding just written.
+/// RBAC is served from informer caches: wait until `identity` may list backends in `namespace`
+/// (every component's role grants that) before relying on a binding just written.
 async fn wait_allowed(admin: &Client, identity: Identity, namespace: &str) {
-    let get_backends = Permission {
+    let list_backends = Permission {
         group: "spawner.dev",
         resource: "sessionlivedbackends",
         subresource: "",
-        verb: "get",
+        verb: "list",
     };
     for _ in 0..300 {
-        if allowed(admin, identity, namespace, get_backends).await {
+        if allowed(admin, identity, namespace, list_backends).await {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!(
-        "{} never became allowed to get backends in {namespace}",
+        "{} never became allowed to list backends in {namespace}",
         identity.name()
     );
 }

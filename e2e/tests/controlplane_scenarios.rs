@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::Parser;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
@@ -91,18 +90,9 @@ async fn control_plane(test: &str) -> Option<&'static ControlPlane> {
 }
 
 /// Parses a component's clap arguments from a list, so each component is configured exactly
-/// as its own command line would configure it (defaults included).
-#[derive(Parser)]
-struct ArgsOf<T: clap::Args> {
-    #[command(flatten)]
-    inner: T,
-}
-
+/// as its own command line would configure it (defaults included), as every host does.
 fn args_of<T: clap::Args>(argv: &[&str]) -> T {
-    let full = std::iter::once("spawner").chain(argv.iter().copied());
-    ArgsOf::<T>::try_parse_from(full)
-        .unwrap_or_else(|e| panic!("arguments {argv:?}: {e}"))
-        .inner
+    spawner_assembly::args_of("component", argv).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// RBAC is served from informer caches: a binding just applied takes a moment to count. Waits

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spawner_core::events::{SidecarEvent, SseParser};
+use spawner_core::state_stream::{StateMessage, SseParser};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, bytes)) = data.split_first() else {
@@ -25,6 +25,6 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(all, pieces, "splitting the input changed the messages");
     }
     for message in all.iter().flatten() {
-        let _ = SidecarEvent::from_message(message);
+        let _ = StateMessage::from_message(message);
     }
 });

@@ -87,22 +87,10 @@ impl HostClocks {
     }
 }
 
-impl spawner_localcluster::Clock for SimClock {
-    fn now(&self) -> DateTime<Utc> {
-        SimClock::now(self)
-    }
-}
-
-/// One trait for the controller, the sweeper and the node agent.
+/// The one clock contract, for every component and the API server.
 impl spawner_core::clock::Clock for SimClock {
     fn now(&self) -> k8s_openapi::jiff::Timestamp {
         self.timestamp()
-    }
-}
-
-impl spawner_api::Clock for SimClock {
-    fn now(&self) -> DateTime<Utc> {
-        SimClock::now(self)
     }
 }
 

@@ -1,26 +1,17 @@
-//! The production components' configurations as the simulator runs them: parsed from the same
-//! command-line arguments as in production, then given their host's simulated clock.
+//! The production components' configurations as the simulator runs them: built by
+//! `spawner_assembly` from the same command-line arguments as in production, with their host's
+//! simulated clock.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use spawner_assembly::AssemblyError;
 
 use crate::clock::SimClock;
 
-#[derive(Parser)]
-struct ArgsOf<T: clap::Args> {
-    #[command(flatten)]
-    inner: T,
-}
-
-fn args_of<T: clap::Args>(argv: &[&str]) -> T {
-    let argv = std::iter::once("sim").chain(argv.iter().copied());
-    match ArgsOf::<T>::try_parse_from(argv) {
-        Ok(args) => args.inner,
-        // The arguments are fixed by the simulator: a failure is a bug in this file.
-        Err(e) => panic!("simulator component arguments are invalid: {e}"),
-    }
+/// The arguments are fixed by the simulator: a failure is a bug in this file.
+fn built<T>(config: Result<T, AssemblyError>) -> T {
+    config.unwrap_or_else(|e| panic!("simulator component arguments are invalid: {e}"))
 }
 
 pub fn controller_config(
@@ -40,13 +31,13 @@ pub fn controller_config(
         &retention,
         "--identity",
         &identity,
+        "--lease-namespace",
+        crate::rbac::SYSTEM_NAMESPACE,
     ];
     if !leader_election {
         argv.push("--no-leader-election");
     }
-    let mut config = args_of::<spawner_controller::ControllerArgs>(&argv).into_config();
-    config.clock = Arc::new(clock);
-    config
+    built(spawner_assembly::controller(&argv, Arc::new(clock)))
 }
 
 pub fn sweeper_config(
@@ -54,15 +45,10 @@ pub fn sweeper_config(
     events_secret: &str,
     clock: SimClock,
 ) -> spawner_sweeper::SweeperConfig {
-    let mut config = args_of::<spawner_sweeper::SweeperArgs>(&[
-        "--node-name",
-        node,
-        "--events-secret",
-        events_secret,
-    ])
-    .into_config();
-    config.clock = Arc::new(clock);
-    config
+    built(spawner_assembly::sweeper(
+        &["--node-name", node, "--events-secret", events_secret],
+        Arc::new(clock),
+    ))
 }
 
 /// An api replica: replicas share the key secret, so they name a key's backends alike and the
@@ -73,17 +59,21 @@ pub fn api_config(
     key_secret: &str,
     clock: SimClock,
 ) -> Result<spawner_api::ApiConfig, spawner_api::ConfigError> {
-    let mut config = args_of::<spawner_api::ApiArgs>(&[
-        "--token",
-        token,
-        "--public-base-url",
-        public_base_url,
-        "--key-secret",
-        key_secret,
-    ])
-    .config()?;
-    config.clock = Arc::new(clock);
-    Ok(config)
+    match spawner_assembly::api(
+        &[
+            "--token",
+            token,
+            "--public-base-url",
+            public_base_url,
+            "--key-secret",
+            key_secret,
+        ],
+        Arc::new(clock),
+    ) {
+        Ok(config) => Ok(config),
+        Err(AssemblyError::Api(e)) => Err(e),
+        Err(e) => panic!("simulator component arguments are invalid: {e}"),
+    }
 }
 
 /// A node agent for `node`, whose capacity is its `slots` pod slots: its scheduler binds no
@@ -94,10 +84,10 @@ pub fn node_agent_config(
     clock: SimClock,
 ) -> spawner_node_agent::NodeAgentConfig {
     let slots = slots.to_string();
-    let mut config =
-        args_of::<spawner_node_agent::NodeAgentArgs>(&["--node", node, "--max-pods", &slots])
-            .config();
-    config.clock = Arc::new(clock);
+    let (_, mut config) = built(spawner_assembly::node_agent(
+        &["--node", node, "--max-pods", &slots],
+        Arc::new(clock),
+    ));
     config.host_ip = turmoil::lookup(node);
     config
 }

@@ -93,7 +93,7 @@ impl Backend {
 }
 
 /// How long before a sweep a connection may have opened without breaking the invariant: zero.
-/// The sweeper seals the sidecar before it writes the sweep (`spawner_core::events::SEAL_PATH`),
+/// The sweeper seals the sidecar before it writes the sweep (`spawner_core::state_stream::SEAL_PATH`),
 /// and a sealed sidecar refuses every new connection, so no connection can be live when a
 /// backend is swept, however close to the sweep it was attempted.
 pub const RACE_WINDOW: Duration = Duration::ZERO;

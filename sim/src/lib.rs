@@ -11,6 +11,7 @@ pub mod leadership;
 pub mod mutants;
 pub mod net;
 pub mod pods;
+pub mod rbac;
 pub mod report;
 pub mod rng;
 pub mod scenario;

@@ -123,10 +123,12 @@ pub struct SimConnector;
 #[derive(Clone, Copy, Debug)]
 pub struct SimTimeoutConnector(pub Duration);
 
-/// The read timeout of the components' Kubernetes clients (the agreement: "every long-lived
-/// stream has a client-side read timeout of a few seconds plus server heartbeats"; the
-/// simulated API server sends watch bookmarks every 5 s).
-pub const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often the simulated API server sends watch bookmarks.
+pub const BOOKMARK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The read timeout of the components' Kubernetes clients, by the one rule every host uses
+/// (`spawner_assembly::kube_read_timeout`): 15 s.
+pub const KUBE_READ_TIMEOUT: Duration = spawner_assembly::kube_read_timeout(BOOKMARK_INTERVAL);
 
 async fn dial(uri: http::Uri, read_timeout: Option<Duration>) -> io::Result<SimConnection> {
     let host = uri

@@ -18,12 +18,12 @@ use crate::leadership::{RecordWrites, WriteLog, lease_holder};
 use crate::mutants::{DuplicatePodCreates, ListsWithoutStatus, Mutant};
 use crate::net::{KUBE_READ_TIMEOUT, SimConnector, SimListener, kube_client, kube_client_over};
 use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
+use crate::rbac::{CONTROLLER_TOKEN, NODE_AGENT_TOKEN, SWEEPER_TOKEN};
 use crate::users::{SharedReport, UsersConfig, UsersReport};
 
 const API_TOKEN: &str = "sim-api-token";
 /// The key secret the api replicas share.
 const KEY_SECRET: &str = "sim-key-secret";
-const KUBE_TOKEN: &str = "sim-admin";
 pub const EVENTS_SECRET: &str = "sim-events-secret";
 const NAMESPACE: &str = "default";
 /// Latency of every link while no fault slows it: turmoil draws each message's delay between
@@ -81,6 +81,9 @@ pub struct WorldConfig {
     /// run fails; `None` leaves what users see unchecked (a world built full on purpose).
     /// Fault-free worlds allow none.
     pub allowed_user_failures: Option<u64>,
+    /// Records which permissions each component used at the API server (which enforces
+    /// `deploy/rbac/` either way).
+    pub audit: Option<spawner_localcluster::Audit>,
 }
 
 impl WorldConfig {
@@ -103,6 +106,7 @@ impl WorldConfig {
             reproduce: format!("--seed {seed} (a custom world: rerun the test that built it)"),
             mutant: None,
             allowed_user_failures: None,
+            audit: None,
         }
     }
 }
@@ -248,20 +252,18 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
         .build();
 
     // The API server: its state lives outside the host, so crashing the host keeps it.
-    let mut tokens = std::collections::HashMap::new();
-    tokens.insert(
-        KUBE_TOKEN.to_string(),
-        spawner_localcluster::Identity::admin(),
-    );
     let clocks = HostClocks::default();
     let cluster = Cluster::new(
         ServerConfig {
-            auth: spawner_localcluster::Auth::tokens(tokens),
-            bookmark_interval: Duration::from_secs(5),
+            auth: crate::rbac::auth(config.audit.clone()),
+            bookmark_interval: crate::net::BOOKMARK_INTERVAL,
             ..ServerConfig::default()
         },
         Arc::new(clocks.of("apiserver")),
     );
+    cluster
+        .ensure_namespace(crate::rbac::SYSTEM_NAMESPACE)
+        .expect("a fixed namespace in a fresh cluster");
     {
         let cluster = cluster.clone();
         sim.host("apiserver", move || {
@@ -291,13 +293,13 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             async move {
                 let replica = format!("controller-{i}");
                 let client = if mutant == Some(Mutant::ControllerCreatesPodTwice) {
-                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
+                    kube_client_over(kube_url, CONTROLLER_TOKEN, NAMESPACE, |http| RecordWrites {
                         inner: DuplicatePodCreates(http),
                         replica,
                         log: writes,
                     })
                 } else {
-                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, |http| RecordWrites {
+                    kube_client_over(kube_url, CONTROLLER_TOKEN, NAMESPACE, |http| RecordWrites {
                         inner: http,
                         replica,
                         log: writes,
@@ -331,9 +333,14 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             let key_secret = key_secret.clone();
             async move {
                 let client = if mutant == Some(Mutant::ApiListsWithoutStatus) {
-                    kube_client_over(kube_url, KUBE_TOKEN, NAMESPACE, ListsWithoutStatus)
+                    kube_client_over(
+                        kube_url,
+                        crate::rbac::API_TOKEN,
+                        NAMESPACE,
+                        ListsWithoutStatus,
+                    )
                 } else {
-                    kube_client(kube_url, KUBE_TOKEN, NAMESPACE)
+                    kube_client(kube_url, crate::rbac::API_TOKEN, NAMESPACE)
                 };
                 let config = crate::components::api_config(API_TOKEN, &base, &key_secret, clock)?;
                 let listener = SimListener::bind(("0.0.0.0", 7070)).await?;
@@ -367,7 +374,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
             let runtime = runtime.clone();
             let clock = clock.clone();
             async move {
-                let agent_client = kube_client(kube_url.clone(), KUBE_TOKEN, NAMESPACE);
+                let agent_client = kube_client(kube_url.clone(), NODE_AGENT_TOKEN, NAMESPACE);
                 let agent_config =
                     crate::components::node_agent_config(&node_name(n), slots, clock.clone());
                 tokio::spawn(spawner_node_agent::run(
@@ -376,7 +383,7 @@ pub fn run(config: WorldConfig) -> Result<Summary, Box<Failure>> {
                     runtime,
                     std::future::pending(),
                 ));
-                let client = kube_client(kube_url, KUBE_TOKEN, NAMESPACE);
+                let client = kube_client(kube_url, SWEEPER_TOKEN, NAMESPACE);
                 let http = hyper_util::client::legacy::Client::builder(
                     hyper_util::rt::TokioExecutor::new(),
                 )

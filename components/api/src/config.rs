@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use spawner_core::connect_token::{DEFAULT_CONNECT_TTL_SECONDS, KeyError, KeyRing};
 use spawner_core::id::{DEFAULT_PREFIX, MAX_PREFIX_LEN};
 use spawner_core::validation::Limits;
@@ -20,21 +19,10 @@ pub const MAX_ID_PREFIX_LEN: usize = if MAX_PREFIX_LEN < 63 - KEY_NAME_SUFFIX_MA
     63 - KEY_NAME_SUFFIX_MAX_LEN
 };
 
-/// The source of wall-clock timestamps (terminate-request times). Injected so that tests and the
-/// simulator control it; waiting always uses `tokio::time`.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-/// The operating system's clock, for production.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
+/// The source of wall-clock timestamps (terminate-request times): the workspace's one clock
+/// contract, injected so that tests and the simulator control it; waiting always uses
+/// `tokio::time`.
+pub use spawner_core::clock::{Clock, SystemClock};
 
 /// Command-line arguments of the api, each with an environment fallback.
 #[derive(clap::Args, Clone, Debug)]

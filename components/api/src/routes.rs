@@ -197,7 +197,7 @@ fn spawn_answer(
     if let (Some(keys), Some(plain)) = (&state.config.connect_keys, &url)
         && !is_public(backend)
     {
-        let now = state.config.clock.now().timestamp().max(0) as u64;
+        let now = state.config.clock.now().as_second().max(0) as u64;
         let claims = Claims {
             backend: name.clone(),
             expires_at: now.saturating_add(state.config.connect_token_ttl.as_secs()),
@@ -489,10 +489,7 @@ async fn request_terminate(state: &AppState, name: &str) -> Result<SessionLivedB
         if terminate_requested_at(&backend).is_some() || backend.phase().is_terminal() {
             return Ok(backend);
         }
-        let now = state
-            .config
-            .clock
-            .now()
+        let now = spawner_core::clock::to_chrono(state.config.clock.now())
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let patch = serde_json::json!({
             "metadata": {

@@ -364,7 +364,7 @@ async fn status_stream_sends_heartbeats_while_nothing_changes() {
     // Still live after heartbeats (and watch restarts): a transition arrives.
     h.patch_status(&name, json!({"phase": "Failed", "exitCode": 1}))
         .await;
-    let mut parser = spawner_core::events::SseParser::new();
+    let mut parser = spawner_core::state_stream::SseParser::new();
     let failed = loop {
         let frame = tokio::time::timeout(WAIT, body.frame())
             .await

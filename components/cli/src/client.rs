@@ -13,7 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use spawner_core::events::SseParser;
+use spawner_core::state_stream::SseParser;
 
 /// Where the api is and how to authenticate; shared by the client commands.
 #[derive(Debug, Clone, clap::Args)]

@@ -6,11 +6,10 @@
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-/// How long a Kubernetes connection may stay silent before it is dropped and re-established.
-/// The API server sends watch bookmarks about once a minute, so a healthy watch is never silent
-/// longer than that; a silently partitioned one is noticed after this long instead of when the
-/// server's watch timeout (up to ~5 minutes) ends it.
-pub const KUBE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
+/// How long a Kubernetes connection may stay silent before it is dropped and re-established
+/// (75 s: the one rule of `spawner_assembly::kube_read_timeout` for a real API server).
+pub const KUBE_READ_TIMEOUT: std::time::Duration =
+    spawner_assembly::kube_read_timeout(spawner_assembly::API_SERVER_BOOKMARK_INTERVAL);
 
 async fn kube_client() -> anyhow::Result<kube::Client> {
     let config = kube::Config::infer()
@@ -83,7 +82,11 @@ pub async fn api(args: spawner_api::ApiArgs) -> anyhow::Result<()> {
     let mut config = args.config()?;
     let listener = bind(args.listen).await?;
     let client = kube_client().await?;
-    let recording = crate::trace::start_recording(&args.trace, "api", config.clock.now())?;
+    let recording = crate::trace::start_recording(
+        &args.trace,
+        "api",
+        spawner_core::clock::to_chrono(config.clock.now()),
+    )?;
     config.trace = recording.as_ref().map(|(recorder, _)| recorder.clone());
     let served = spawner_api::run(
         client,

@@ -8,14 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::StateDir;
 use spawner_localcluster::{Auth, Cluster, Identity, ServerConfig, SystemClock};
-use spawner_node_agent::NodeAgentArgs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DevArgs {
@@ -70,19 +68,6 @@ pub struct DevArgs {
     /// hashed with a random key.
     #[command(flatten)]
     pub trace: spawner_trace_recorder::TraceRecordArgs,
-}
-
-/// Parses a component's clap arguments from a list, so dev configures every component
-/// exactly as its own command line would.
-#[derive(Parser)]
-struct ArgsOf<T: clap::Args> {
-    #[command(flatten)]
-    inner: T,
-}
-
-fn args_of<T: clap::Args>(argv: &[&str]) -> anyhow::Result<T> {
-    let argv = std::iter::once("spawner").chain(argv.iter().copied());
-    Ok(ArgsOf::<T>::try_parse_from(argv)?.inner)
 }
 
 /// The names in the Kubernetes API's certificate: the address it listens on, loopback by name
@@ -235,10 +220,12 @@ impl Components {
     ) -> anyhow::Result<()> {
         let joined = nodes.join(",");
         let log_dir = log_dir.display().to_string();
-        let node_args: NodeAgentArgs = args_of(&["--node", &joined, "--log-dir", &log_dir])?;
+        let (node_args, config) = spawner_assembly::node_agent(
+            &["--node", &joined, "--log-dir", &log_dir],
+            Arc::new(SystemClock),
+        )?;
         let client = self.client()?;
         let runtime = Arc::new(node_args.process_runtime());
-        let config = node_args.config();
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             spawner_node_agent::run(client, config, runtime, shutdown.cancelled_owned())
@@ -255,22 +242,24 @@ impl Components {
         retention_seconds: u64,
     ) -> anyhow::Result<()> {
         let retention = retention_seconds.to_string();
-        let controller_args: spawner_controller::ControllerArgs = args_of(&[
-            "--events-secret",
-            events_secret,
-            "--url-mode",
-            "pod-ip",
-            "--no-leader-election",
-            "--retention-seconds",
-            &retention,
-        ])?;
+        let config = spawner_assembly::controller(
+            &[
+                "--events-secret",
+                events_secret,
+                "--url-mode",
+                "pod-ip",
+                "--no-leader-election",
+                "--retention-seconds",
+                &retention,
+            ],
+            Arc::new(SystemClock),
+        )?;
         let client = self.client()?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         progress(&format!(
             "controller (metrics on http://{}/metrics)",
             listener.local_addr()?
         ));
-        let config = controller_args.into_config();
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
             spawner_controller::run(client, listener, config, shutdown.cancelled_owned())
@@ -286,15 +275,16 @@ impl Components {
         events_secret: &str,
     ) -> anyhow::Result<()> {
         for node in nodes {
-            let sweeper_args: spawner_sweeper::SweeperArgs =
-                args_of(&["--node-name", node, "--events-secret", events_secret])?;
+            let config = spawner_assembly::sweeper(
+                &["--node-name", node, "--events-secret", events_secret],
+                Arc::new(SystemClock),
+            )?;
             let client = self.client()?;
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             progress(&format!(
                 "sweeper of {node} (metrics on http://{}/metrics)",
                 listener.local_addr()?
             ));
-            let config = sweeper_args.into_config();
             let shutdown = self.shutdown.clone();
             self.tasks.spawn(async move {
                 spawner_sweeper::run(
@@ -317,10 +307,11 @@ impl Components {
         connect_key: &str,
         trace: Option<spawner_trace_recorder::TraceRecorder>,
     ) -> anyhow::Result<()> {
-        let router_args: spawner_router::RouterArgs =
-            args_of(&["--domain", "localhost", "--connect-key", connect_key])?;
+        let mut config = spawner_assembly::router(
+            &["--domain", "localhost", "--connect-key", connect_key],
+            Arc::new(SystemClock),
+        )?;
         let client = self.client()?;
-        let mut config = router_args.config()?;
         config.trace = trace;
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
@@ -346,20 +337,22 @@ impl Components {
         url_template: &str,
         trace: Option<spawner_trace_recorder::TraceRecorder>,
     ) -> anyhow::Result<()> {
-        let api_args: spawner_api::ApiArgs = args_of(&[
-            "--token",
-            &secrets.api_token,
-            "--key-secret",
-            &secrets.key_secret,
-            "--public-base-url",
-            api_url,
-            "--url-template",
-            url_template,
-            "--connect-key",
-            &secrets.connect_key,
-        ])?;
+        let mut config = spawner_assembly::api(
+            &[
+                "--token",
+                &secrets.api_token,
+                "--key-secret",
+                &secrets.key_secret,
+                "--public-base-url",
+                api_url,
+                "--url-template",
+                url_template,
+                "--connect-key",
+                &secrets.connect_key,
+            ],
+            Arc::new(SystemClock),
+        )?;
         let client = self.client()?;
-        let mut config = api_args.config()?;
         config.trace = trace;
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use spawner_core::events::{SidecarEvent, SidecarState, SseParser};
+use spawner_core::state_stream::{SidecarState, SseParser, StateMessage};
 use testcontainers::clients::Cli;
 use testcontainers::{GenericImage, RunnableImage};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -306,7 +306,7 @@ fn follow_events(port: u16) -> mpsc::Receiver<SidecarState> {
                 return;
             };
             for message in messages {
-                if let Ok(Some(event)) = SidecarEvent::from_message(&message)
+                if let Ok(Some(event)) = StateMessage::from_message(&message)
                     && tx.send(*event.state()).is_err()
                 {
                     return;

@@ -11,6 +11,19 @@ pub trait Clock: Send + Sync + Debug {
     fn now(&self) -> Timestamp;
 }
 
+/// `t` as a chrono time, for the code that formats or computes with chrono (truncated to
+/// nanoseconds, which both represent exactly).
+pub fn to_chrono(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp(t.as_second(), t.subsec_nanosecond().max(0) as u32)
+        .unwrap_or_default()
+}
+
+/// A chrono time as a [`Timestamp`].
+pub fn from_chrono(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
 /// The system's clock, for production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
@@ -50,6 +63,17 @@ impl Clock for TokioClock {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn chrono_conversions_round_trip() {
+        let t: Timestamp = "2030-01-02T03:04:05.123456789Z".parse().expect("ts");
+        let c = to_chrono(t);
+        assert_eq!(
+            c.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            "2030-01-02T03:04:05.123456789Z"
+        );
+        assert_eq!(from_chrono(c), t);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn tokio_clock_follows_tokio_time() {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::events::SidecarState;
+use crate::state_stream::SidecarState;
 
 /// What the sweeper should do about one backend now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub fn idle_verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::PROTOCOL_VERSION;
+    use crate::state_stream::PROTOCOL_VERSION;
     use proptest::prelude::*;
 
     fn state(live: u64, idle: u64) -> SidecarState {

@@ -9,12 +9,12 @@
 pub mod children;
 pub mod clock;
 pub mod connect_token;
-pub mod events;
 pub mod id;
 pub mod idle;
 pub mod phase;
 pub mod policy;
 pub mod resource;
+pub mod state_stream;
 pub mod status;
 pub mod token;
 pub mod trace;

@@ -1,11 +1,12 @@
 //! Bearer-token authentication and optional RBAC authorization from Role/ClusterRole/
 //! RoleBinding/ClusterRoleBinding YAML.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::audit::Audit;
 use crate::error::ApiError;
 
 /// Who is making a request.
@@ -233,6 +234,36 @@ impl Rbac {
         Ok(())
     }
 
+    /// Every (API group, resource, verb) the roles bound to `who` name, in any namespace, as
+    /// written (a `*` stays a `*`).
+    pub fn grants(&self, who: &Identity) -> BTreeSet<(String, String, String)> {
+        let mut out = BTreeSet::new();
+        for b in &self.bindings {
+            if !b
+                .subjects
+                .iter()
+                .any(|s| s.matches(who, b.namespace.as_deref()))
+            {
+                continue;
+            }
+            let rules = match (b.role.kind.as_str(), &b.namespace) {
+                ("ClusterRole", _) => self.cluster_roles.get(&b.role.name),
+                ("Role", Some(ns)) => self.roles.get(&(ns.clone(), b.role.name.clone())),
+                _ => None,
+            };
+            for rule in rules.into_iter().flatten() {
+                for group in &rule.api_groups {
+                    for resource in &rule.resources {
+                        for verb in &rule.verbs {
+                            out.insert((group.clone(), resource.clone(), verb.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn allows(&self, who: &Identity, a: &Attributes<'_>) -> bool {
         if who.is_master() {
             return true;
@@ -271,6 +302,8 @@ pub struct Auth {
     pub anonymous: Option<Identity>,
     /// When set, every resource request is checked against it.
     pub rbac: Option<Rbac>,
+    /// When set, records which permissions each caller used.
+    pub audit: Option<Audit>,
 }
 
 impl Auth {
@@ -309,10 +342,11 @@ impl Auth {
         a: &Attributes<'_>,
         plural_group: (&str, &str),
     ) -> Result<(), ApiError> {
-        let Some(rbac) = &self.rbac else {
-            return Ok(());
-        };
-        if rbac.allows(who, a) {
+        let allowed = self.rbac.as_ref().is_none_or(|rbac| rbac.allows(who, a));
+        if let Some(audit) = &self.audit {
+            audit.record(who, a, allowed);
+        }
+        if allowed {
             return Ok(());
         }
         let (plural, group) = plural_group;

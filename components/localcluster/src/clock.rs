@@ -1,51 +1,15 @@
-//! Injected wall clock (DESIGN.md rule 3): every timestamp the server writes comes from here.
+//! Injected wall clock (DESIGN.md rule 3): every timestamp the server writes comes from here,
+//! and its formats.
 
-use std::sync::{Arc, Mutex};
+use chrono::{DateTime, SecondsFormat, Utc};
 
-use chrono::{DateTime, Duration, SecondsFormat, Utc};
+/// The one clock contract of the workspace (`spawner_core::clock`): localcluster reads every
+/// timestamp it writes from it.
+pub use spawner_core::clock::{Clock, SystemClock};
 
-/// Source of wall-clock time for timestamps (creationTimestamp, deletionTimestamp, ages).
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-/// The real clock of the machine.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
-
-/// A clock that only moves when told to; for tests and the simulator.
-#[derive(Debug, Clone)]
-pub struct ManualClock {
-    now: Arc<Mutex<DateTime<Utc>>>,
-}
-
-impl ManualClock {
-    pub fn new(start: DateTime<Utc>) -> Self {
-        Self {
-            now: Arc::new(Mutex::new(start)),
-        }
-    }
-
-    pub fn advance(&self, by: std::time::Duration) {
-        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
-        *now += Duration::from_std(by).unwrap_or(Duration::zero());
-    }
-
-    pub fn set(&self, to: DateTime<Utc>) {
-        *self.now.lock().unwrap_or_else(|e| e.into_inner()) = to;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> DateTime<Utc> {
-        *self.now.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// The clock's reading as chrono, which the server formats and computes with.
+pub fn now(clock: &dyn Clock) -> DateTime<Utc> {
+    spawner_core::clock::to_chrono(clock.now())
 }
 
 /// Kubernetes `Time` format: RFC 3339 with second precision.
@@ -72,17 +36,6 @@ pub fn human_age(secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn manual_clock_moves_only_when_told() {
-        let start = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let clock = ManualClock::new(start);
-        assert_eq!(format_time(clock.now()), "2026-01-01T00:00:00Z");
-        clock.advance(std::time::Duration::from_secs(61));
-        assert_eq!(format_time(clock.now()), "2026-01-01T00:01:01Z");
-    }
 
     #[test]
     fn ages_read_like_kubectl() {

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::auth::Auth;
 use crate::clock::{Clock, format_time};
+use crate::error::ApiError;
 use crate::resources::{self, ResourceType};
 use crate::store::{Store, StoreConfig};
 
@@ -62,7 +63,7 @@ impl Cluster {
     pub fn new(config: ServerConfig, clock: Arc<dyn Clock>) -> Self {
         let types = Arc::new(resources::all());
         let mut store = Store::new(types.clone(), config.store.clone());
-        let now = format_time(clock.now());
+        let now = format_time(crate::clock::now(&*clock));
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             // Creating a fixed, valid namespace in an empty store cannot fail.
             let _ = store.create(
@@ -90,7 +91,7 @@ impl Cluster {
     }
 
     pub(crate) fn now(&self) -> String {
-        format_time(self.shared.clock.now())
+        format_time(crate::clock::now(&*self.shared.clock))
     }
 
     /// Drops every type's retained watch history, as etcd compaction does.
@@ -101,6 +102,21 @@ impl Cluster {
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.store().resource_version()
+    }
+
+    /// Creates the namespace `name` unless it exists: a deployment's own namespace, made before
+    /// its components start.
+    pub fn ensure_namespace(&self, name: &str) -> Result<(), ApiError> {
+        let now = self.now();
+        let namespace = json!({"metadata": {"name": name}});
+        match self
+            .store()
+            .create(resources::NAMESPACES, None, namespace, &now, false)
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn types(&self) -> &[ResourceType] {
@@ -139,7 +155,7 @@ impl Cluster {
         if kind == resources::NEW_EVENTS {
             items
                 .into_iter()
-                .map(|o| Arc::new(crate::events::to_new(&o)))
+                .map(|o| Arc::new(crate::event_versions::to_new(&o)))
                 .collect()
         } else {
             items

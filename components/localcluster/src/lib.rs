@@ -8,12 +8,13 @@
 //! binds (loopback TCP in `spawner dev`, turmoil sockets in the simulator). See
 //! docs/localcluster.md.
 
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod cluster;
 pub mod decode;
 pub mod error;
-pub mod events;
+pub mod event_versions;
 pub mod kubeconfig;
 pub mod patch;
 pub mod resources;
@@ -24,8 +25,9 @@ pub mod store;
 pub mod table;
 pub mod tls;
 
+pub use audit::{Audit, AuditEntry};
 pub use auth::{Auth, Identity, Rbac};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, SystemClock};
 pub use cluster::{Cluster, ServerConfig};
 pub use error::ApiError;
 pub use kubeconfig::{kubeconfig_yaml, write_kubeconfig};

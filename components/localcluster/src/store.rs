@@ -28,7 +28,7 @@ pub use admission::name_causes;
 pub use gc::{DeleteOptions, Propagation};
 pub use list::{Filter, ListResult};
 pub use object::{name_of, namespace_of, rv_of};
-pub use watch::{Event, EventType, WatchStart, encode_watch_line};
+pub use watch::{Change, ChangeType, WatchStart, encode_watch_line};
 pub use write::{PatchKind, Target, View};
 
 use gc::Work;
@@ -51,10 +51,10 @@ const NAMESPACE_FINALIZER: &str = "kubernetes";
 
 struct KindStore {
     objects: BTreeMap<(String, String), Obj>,
-    history: VecDeque<Arc<Event>>,
+    history: VecDeque<Arc<Change>>,
     /// Events with `rv <= compacted_rv` are no longer retained.
     compacted_rv: u64,
-    tx: broadcast::Sender<Arc<Event>>,
+    tx: broadcast::Sender<Arc<Change>>,
 }
 
 /// Tunables of the store.
@@ -155,7 +155,7 @@ impl Store {
     }
 
     /// Stores a new version of an object and publishes the event.
-    fn put(&mut self, key: &ObjKey, mut obj: Value, etype: EventType) -> Obj {
+    fn put(&mut self, key: &ObjKey, mut obj: Value, etype: ChangeType) -> Obj {
         self.rv += 1;
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(self.rv.to_string()));
         let obj = Arc::new(obj);
@@ -177,7 +177,7 @@ impl Store {
         if entered_deletion && key.kind == resources::NAMESPACES {
             self.pending.push_back(Work::Namespace(key.name.clone()));
         }
-        let event = Event::new(self.rv, etype, obj.clone(), prev);
+        let event = Change::new(self.rv, etype, obj.clone(), prev);
         self.publish(key.kind, event);
         obj
     }
@@ -201,7 +201,7 @@ impl Store {
         if !key.ns.is_empty() {
             self.pending.push_back(Work::Namespace(key.ns.clone()));
         }
-        let event = Event::new(self.rv, EventType::Deleted, last.clone(), Some(prev));
+        let event = Change::new(self.rv, ChangeType::Deleted, last.clone(), Some(prev));
         self.publish(key.kind, event);
         Some(last)
     }

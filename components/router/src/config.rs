@@ -10,17 +10,7 @@ use spawner_core::connect_token::{DEFAULT_SESSION_TTL_SECONDS, KeyError, KeyRing
 
 use crate::route::Mode;
 
-/// Unix time in seconds; injected so tests control token expiry.
-pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The operating system's clock.
-pub fn system_clock() -> UnixClock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    })
-}
+pub use spawner_core::clock::{Clock, SystemClock};
 
 /// Command-line arguments of the router, each with an environment fallback.
 #[derive(clap::Args, Clone, Debug)]
@@ -138,7 +128,8 @@ pub struct RouterConfig {
     pub max_header_bytes: usize,
     /// Serve HTTPS with this configuration ([`tls_config`]).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    pub clock: UnixClock,
+    /// Wall-clock time, for token expiry; injected so tests control it.
+    pub clock: Arc<dyn Clock>,
     /// Where WebSocket connections, their messages and disconnects are recorded, if anywhere.
     pub trace: Option<spawner_trace_recorder::TraceRecorder>,
 }
@@ -174,7 +165,7 @@ impl RouterConfig {
             max_connections: 20_000,
             max_header_bytes: 64 * 1024,
             tls: None,
-            clock: system_clock(),
+            clock: Arc::new(SystemClock),
             trace: None,
         }
     }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use cache::Backends;
-pub use config::{ConfigError, RouterArgs, RouterConfig};
+pub use config::{Clock, ConfigError, RouterArgs, RouterConfig, SystemClock};
 pub use metrics::{Metrics, Outcome};
 pub use spawner_proxy::{Connect, TcpConnector};
 

@@ -452,7 +452,12 @@ impl<C: Connect> Inner<C> {
             secure: self.config.https,
             ttl_seconds: self.config.session_ttl.as_secs(),
         };
-        access::decide(&self.config.keys, &request, &policy, (self.config.clock)())
+        access::decide(
+            &self.config.keys,
+            &request,
+            &policy,
+            self.config.clock.now().as_second().max(0) as u64,
+        )
     }
 
     /// What the app gets: the router's own credentials removed, `X-Forwarded-*` and

@@ -68,8 +68,7 @@ impl World {
 
         let now = Arc::new(AtomicU64::new(1_000_000));
         let mut config = RouterConfig::new(NS, mode, keys());
-        let clock = now.clone();
-        config.clock = Arc::new(move || clock.load(Ordering::SeqCst));
+        config.clock = Arc::new(UnixSeconds(now.clone()));
         config.wait_ready = Duration::from_secs(5);
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -304,6 +303,18 @@ async fn get(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Answer {
 fn host_mode() -> Mode {
     Mode::Host {
         domain: "localhost".into(),
+    }
+}
+
+/// The router's clock in these tests: Unix seconds the test sets.
+#[derive(Debug)]
+struct UnixSeconds(Arc<AtomicU64>);
+
+impl spawner_router::Clock for UnixSeconds {
+    fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        let secs = self.0.load(Ordering::SeqCst) as i64;
+        k8s_openapi::jiff::Timestamp::from_second(secs)
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
     }
 }
 

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use spawner_core::children::{ALIVE_PATH, HEALTH_PATH};
-use spawner_core::events::{
-    EVENTS_PATH, EVENTS_TOKEN_HEADER, SEAL_HOLD_SECONDS, SEAL_PATH, SEAL_PERMANENT_PATH,
-    SidecarEvent, UNSEAL_PATH,
+use spawner_core::state_stream::{
+    CONTROL_TOKEN_HEADER, SEAL_HOLD_SECONDS, SEAL_PATH, SEAL_PERMANENT_PATH, STATE_STREAM_PATH,
+    StateMessage, UNSEAL_PATH,
 };
 use spawner_core::token::check_token;
 use tokio::sync::mpsc;
@@ -37,7 +37,7 @@ pub(crate) fn handle<C: Connect, B>(
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n");
     }
     match path {
-        EVENTS_PATH => events(shared, req.headers()),
+        STATE_STREAM_PATH => events(shared, req.headers()),
         HEALTH_PATH => {
             if shared.monitor.is_ready() {
                 plain(StatusCode::OK, "ready\n")
@@ -64,7 +64,7 @@ pub(crate) fn handle<C: Connect, B>(
     }
 }
 
-/// `POST` on the seal paths: see `spawner_core::events::SEAL_PATH`, `SEAL_PERMANENT_PATH` and
+/// `POST` on the seal paths: see `spawner_core::state_stream::SEAL_PATH`, `SEAL_PERMANENT_PATH` and
 /// `UNSEAL_PATH`.
 fn seal<C: Connect, B>(shared: &Arc<Shared<C>>, req: &Request<B>) -> Response<ResponseBody> {
     if req.method() != Method::POST {
@@ -136,7 +136,7 @@ fn authorized(config: &crate::SidecarConfig, headers: &HeaderMap) -> bool {
         return config.allow_unauthenticated_control;
     };
     let given = headers
-        .get(EVENTS_TOKEN_HEADER)
+        .get(CONTROL_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
         .or_else(|| {
             headers
@@ -182,7 +182,7 @@ async fn stream_events<C: Connect>(shared: Arc<Shared<C>>, tx: mpsc::Sender<Byte
     // The live atomics, not the coalesced snapshot: the first message is the truth right now.
     let mut last = shared.monitor.activity();
     changes.borrow_and_update();
-    let first = SidecarEvent::State(last.state_at(Instant::now())).to_sse();
+    let first = StateMessage::State(last.state_at(Instant::now())).to_sse();
     if tx.send(Bytes::from(first)).await.is_err() {
         return;
     }
@@ -197,10 +197,10 @@ async fn stream_events<C: Connect>(shared: Arc<Shared<C>>, tx: mpsc::Sender<Byte
                     continue;
                 }
                 last = now;
-                SidecarEvent::State(now.state_at(Instant::now()))
+                StateMessage::State(now.state_at(Instant::now()))
             }
             _ = heartbeat.tick() => {
-                SidecarEvent::Heartbeat(shared.monitor.activity().state_at(Instant::now()))
+                StateMessage::Heartbeat(shared.monitor.activity().state_at(Instant::now()))
             }
             () = drain::reached(&mut drain, DrainState::Draining) => return,
             () = tx.closed() => return,
@@ -297,7 +297,7 @@ mod tests {
         assert!(!authorized(&config(None, false), &headers));
         assert!(authorized(&config(None, true), &headers));
         assert!(!authorized(&config(Some("abc"), true), &headers));
-        headers.insert(EVENTS_TOKEN_HEADER, HeaderValue::from_static("abc"));
+        headers.insert(CONTROL_TOKEN_HEADER, HeaderValue::from_static("abc"));
         assert!(authorized(&config(Some("abc"), false), &headers));
         assert!(!authorized(&config(Some("abd"), false), &headers));
         // The controller configures a digest of the token, not the token.
@@ -306,7 +306,7 @@ mod tests {
         assert!(!authorized(&config(Some(&check), false), &{
             let mut h = HeaderMap::new();
             h.insert(
-                EVENTS_TOKEN_HEADER,
+                CONTROL_TOKEN_HEADER,
                 HeaderValue::from_str(&check).expect("value"),
             );
             h

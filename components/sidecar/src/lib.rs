@@ -6,7 +6,7 @@
 //! - A monitor counts live connections (open WebSockets and requests in flight) and the time of
 //!   last activity; readiness is "the application accepts TCP on its port".
 //! - `/_spawner/events` streams that state as Server-Sent Events in the core protocol
-//!   ([`spawner_core::events`]), `/_spawner/health` answers 200/503, `/_spawner/metrics` is
+//!   ([`spawner_core::state_stream`]), `/_spawner/health` answers 200/503, `/_spawner/metrics` is
 //!   Prometheus text.
 //! - WebSocket clients are pinged; one that stops answering (a half-open connection) is dropped.
 //!
@@ -33,7 +33,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spawner_core::events::SidecarState;
+use spawner_core::state_stream::SidecarState;
 use tokio::sync::watch;
 
 pub use config::{SidecarArgs, SidecarConfig};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use spawner_core::events::{PROTOCOL_VERSION, SidecarState};
+use spawner_core::state_stream::{PROTOCOL_VERSION, SidecarState};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use hyper::StatusCode;
-use spawner_core::events::SidecarEvent;
+use spawner_core::state_stream::StateMessage;
 use spawner_sidecar::SidecarConfig;
 use tokio::net::TcpListener;
 
@@ -20,7 +20,7 @@ async fn not_ready_until_the_app_binds_and_the_event_stream_shows_both() {
     let sidecar = TestSidecar::start(test_config(app_addr)).await;
     let mut events = EventReader::open(sidecar.addr, None).await;
     let first = events.next().await;
-    assert!(matches!(first, SidecarEvent::State(_)), "{first:?}");
+    assert!(matches!(first, StateMessage::State(_)), "{first:?}");
     assert!(!first.state().ready);
     assert_eq!(
         fetch(sidecar.addr, "/_spawner/health").await.status,
@@ -30,13 +30,13 @@ async fn not_ready_until_the_app_binds_and_the_event_stream_shows_both() {
     assert_eq!(proxied.status, StatusCode::BAD_GATEWAY);
     // Heartbeats keep coming while not ready.
     let beat = events
-        .until(|e| matches!(e, SidecarEvent::Heartbeat(_)))
+        .until(|e| matches!(e, StateMessage::Heartbeat(_)))
         .await;
     assert!(!beat.state().ready);
 
     let app = HttpApp::serve(TcpListener::bind(app_addr).await.unwrap());
     let ready = events.until(|e| e.state().ready).await;
-    assert!(matches!(ready, SidecarEvent::State(_)), "{ready:?}");
+    assert!(matches!(ready, StateMessage::State(_)), "{ready:?}");
     assert_eq!(
         fetch(sidecar.addr, "/_spawner/health").await.status,
         StatusCode::OK
@@ -63,14 +63,14 @@ async fn event_stream_reports_changes_and_heartbeats_with_growing_idle_time() {
 
     let ws = ws_connect(sidecar.addr, "/ws").await;
     let up = events.until(|e| e.state().live_connections == 1).await;
-    assert!(matches!(up, SidecarEvent::State(_)));
+    assert!(matches!(up, StateMessage::State(_)));
     drop(ws);
     let down = events.until(|e| e.state().live_connections == 0).await;
     assert_eq!(down.state().seconds_since_active, 0);
 
     // Heartbeats carry seconds_since_active, growing from the close.
     let later = events
-        .until(|e| matches!(e, SidecarEvent::Heartbeat(s) if s.seconds_since_active >= 2))
+        .until(|e| matches!(e, StateMessage::Heartbeat(s) if s.seconds_since_active >= 2))
         .await;
     assert_eq!(later.state().live_connections, 0);
 }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use spawner_core::events::{SidecarEvent, SseParser};
+use spawner_core::state_stream::{SseParser, StateMessage};
 use spawner_sidecar::{SidecarConfig, TurmoilConnector};
 
 async fn app() -> Result<(), Box<dyn std::error::Error>> {
@@ -72,7 +72,7 @@ fn the_sidecar_runs_on_the_simulated_network_and_clock() -> turmoil::Result {
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
                 for message in parser.push(&data)? {
-                    if let Some(event) = SidecarEvent::from_message(&message)? {
+                    if let Some(event) = StateMessage::from_message(&message)? {
                         // Simulated time since the world started, as the app's 3 s are counted.
                         events.push((turmoil::sim_elapsed().unwrap_or_default(), event));
                     }
@@ -86,7 +86,7 @@ fn the_sidecar_runs_on_the_simulated_network_and_clock() -> turmoil::Result {
                 assert_eq!(&text[..], b"simulated");
                 proxied = true;
             }
-            if let Some((_, SidecarEvent::Heartbeat(state))) = events.last()
+            if let Some((_, StateMessage::Heartbeat(state))) = events.last()
                 && proxied
                 && state.seconds_since_active >= 5
             {

@@ -19,8 +19,8 @@ use bytes::Bytes;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use spawner_core::events::{PROTOCOL_VERSION, SidecarEvent, SidecarState};
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend};
+use spawner_core::state_stream::{PROTOCOL_VERSION, SidecarState, StateMessage};
 use spawner_localcluster::{Cluster, ServerConfig, SystemClock};
 use spawner_sweeper::{SweeperConfig, tcp_transport};
 use tokio::net::TcpListener;
@@ -87,9 +87,9 @@ async fn main() {
                         tokio::time::sleep(Duration::from_secs(5)).await;
                     }
                     let event = if first {
-                        SidecarEvent::State(state)
+                        StateMessage::State(state)
                     } else {
-                        SidecarEvent::Heartbeat(state)
+                        StateMessage::Heartbeat(state)
                     };
                     Some((Ok::<_, Infallible>(Bytes::from(event.to_sse())), false))
                 });

@@ -52,6 +52,8 @@ const EVENTS_FLUSH: Duration = Duration::from_secs(2);
 pub enum Error {
     #[error("metrics server failed: {0}")]
     Serve(std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Command-line and environment configuration of the sweeper.
@@ -275,6 +277,10 @@ where
     L::Addr: std::fmt::Debug,
     C: Connect + Clone + Send + Sync + 'static,
 {
+    // As the api and the controller do: an empty or placeholder secret would let anyone who
+    // reads deploy/base derive every backend's token.
+    spawner_core::token::check_secret("events secret", &config.events_secret)
+        .map_err(Error::Config)?;
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -430,6 +436,47 @@ mod tests {
         assert_eq!(config.node_name, "node-7");
         assert_eq!(config.read_timeout(), Duration::from_secs(6));
         assert!(config.reconnect_min <= config.reconnect_max);
+    }
+
+    #[tokio::test]
+    async fn run_refuses_an_empty_or_placeholder_events_secret() {
+        for secret in ["", "CHANGE-ME", " change-me "] {
+            let config = SweeperConfig {
+                node_name: "n".into(),
+                namespace: None,
+                events_secret: secret.as_bytes().to_vec(),
+                heartbeat: Duration::from_secs(2),
+                read_timeout_heartbeats: 3,
+                reconnect_min: Duration::from_millis(100),
+                reconnect_max: Duration::from_secs(1),
+                identity: "s".into(),
+                clock: Arc::new(SystemClock),
+            };
+            // Nothing listens there: a sweeper that started would retry forever.
+            let kube = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+            let client = Client::try_from(kube).expect("client");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let ran = tokio::time::timeout(
+                Duration::from_secs(10),
+                run(
+                    client,
+                    listener,
+                    tcp_transport(),
+                    config,
+                    std::future::pending(),
+                ),
+            )
+            .await;
+            match ran {
+                Ok(Err(Error::Config(message))) => {
+                    assert!(message.contains("events secret"), "{message}")
+                }
+                Ok(other) => panic!("{secret:?}: expected a configuration error, got {other:?}"),
+                Err(_) => panic!("{secret:?}: the sweeper started with it"),
+            }
+        }
     }
 
     #[test]

@@ -16,12 +16,12 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::Connect;
 use kube::Api;
-use spawner_core::events::{
-    EVENTS_PATH, EVENTS_TOKEN_HEADER, SEAL_PATH, SEAL_PERMANENT_PATH, SEAL_RENEW_SECONDS,
-    SidecarEvent, SseParser, UNSEAL_PATH,
-};
 use spawner_core::phase::Observation;
 use spawner_core::resource::SessionLivedBackend;
+use spawner_core::state_stream::{
+    CONTROL_TOKEN_HEADER, SEAL_PATH, SEAL_PERMANENT_PATH, SEAL_RENEW_SECONDS, STATE_STREAM_PATH,
+    SseParser, StateMessage, UNSEAL_PATH,
+};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
@@ -122,7 +122,8 @@ where
     C: Connect + Clone + Send + Sync + 'static,
 {
     let config = &shared.config;
-    let uri: Uri = match format!("{}{EVENTS_PATH}", target.url.trim_end_matches('/')).parse() {
+    let uri: Uri = match format!("{}{STATE_STREAM_PATH}", target.url.trim_end_matches('/')).parse()
+    {
         Ok(uri) => uri,
         Err(e) => {
             tracing::warn!(backend = %target.name, url = %target.url, error = %e,
@@ -208,7 +209,7 @@ where
     let metrics = &shared.metrics;
     let read_timeout = shared.config.read_timeout();
     let request = match Request::get(uri.clone())
-        .header(EVENTS_TOKEN_HEADER, token)
+        .header(CONTROL_TOKEN_HEADER, token)
         .header(ACCEPT, "text/event-stream")
         .body(Empty::new())
     {
@@ -281,7 +282,7 @@ where
                 };
                 let mut step = None;
                 for message in &messages {
-                    match SidecarEvent::from_message(message) {
+                    match StateMessage::from_message(message) {
                         Ok(Some(event)) => {
                             metrics.messages.fetch_add(1, Ordering::Relaxed);
                             heard = true;
@@ -509,7 +510,7 @@ enum Seal {
     Failed(String),
 }
 
-/// Posts to one of the sidecar's seal paths (`spawner_core::events::SEAL_PATH`: seal or renew,
+/// Posts to one of the sidecar's seal paths (`spawner_core::state_stream::SEAL_PATH`: seal or renew,
 /// `SEAL_PERMANENT_PATH`, `UNSEAL_PATH`).
 async fn seal<C>(target: &Target, token: &str, shared: &Shared<C>, path: &str) -> Seal
 where
@@ -520,7 +521,7 @@ where
         Err(e) => return Seal::Failed(format!("bad seal URI: {e}")),
     };
     let request = match Request::post(uri)
-        .header(EVENTS_TOKEN_HEADER, token)
+        .header(CONTROL_TOKEN_HEADER, token)
         .body(Empty::new())
     {
         Ok(r) => r,

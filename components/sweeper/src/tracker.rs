@@ -18,8 +18,8 @@
 
 use std::time::Duration;
 
-use spawner_core::events::SidecarState;
 use spawner_core::idle::{IdleVerdict, idle_verdict};
+use spawner_core::state_stream::SidecarState;
 use tokio::time::Instant;
 
 /// What to do after an input.
@@ -130,7 +130,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spawner_core::events::PROTOCOL_VERSION;
+    use spawner_core::state_stream::PROTOCOL_VERSION;
 
     fn state(ready: bool, live: u64, idle: u64) -> SidecarState {
         SidecarState {

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::Value;
 use spawner_core::Phase;
-use spawner_core::events::SseParser;
+use spawner_core::state_stream::SseParser;
 
 use super::Failure;
 

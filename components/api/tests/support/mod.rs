@@ -16,8 +16,8 @@ use kube::api::{Patch, PatchParams};
 use serde_json::Value;
 use spawner_api::{ApiConfig, Clock};
 use spawner_core::SessionLivedBackend;
-use spawner_core::events::{SseMessage, SseParser};
 use spawner_core::resource::BackendCondition;
+use spawner_core::state_stream::{SseMessage, SseParser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -29,11 +29,12 @@ pub const NAMESPACE: &str = "default";
 pub const WAIT: Duration = Duration::from_secs(20);
 
 /// The api's clock in tests: a fixed instant.
+#[derive(Debug)]
 pub struct FixedClock(pub DateTime<Utc>);
 
 impl Clock for FixedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.0
+    fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        spawner_core::clock::from_chrono(self.0)
     }
 }
 

@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use spawner_core::events::SseParser;
+use spawner_core::state_stream::SseParser;
 
 /// The compiled `spawner` binary under test.
 pub const SPAWNER: &str = env!("CARGO_BIN_EXE_spawner");

@@ -19,8 +19,8 @@ use crate::store::{Filter, Obj, PatchKind, Target, View};
 
 pub(super) fn new_events_view() -> View {
     View {
-        to_view: crate::events::to_new,
-        from_view: crate::events::to_core,
+        to_view: crate::event_versions::to_new,
+        from_view: crate::event_versions::to_core,
     }
 }
 
@@ -46,7 +46,7 @@ impl ResourceRequest<'_> {
     /// An object as the client sees it.
     fn shown(&self, o: Obj) -> Obj {
         if self.view {
-            Arc::new(crate::events::to_new(&o))
+            Arc::new(crate::event_versions::to_new(&o))
         } else {
             o
         }
@@ -55,7 +55,7 @@ impl ResourceRequest<'_> {
     /// A body as it is stored.
     fn stored(&self, v: Value) -> Value {
         if self.view {
-            crate::events::to_core(&v)
+            crate::event_versions::to_core(&v)
         } else {
             v
         }
@@ -63,7 +63,7 @@ impl ResourceRequest<'_> {
 
     fn deletion_time(&self) -> impl Fn(i64) -> String + use<> {
         let clock = self.cluster.shared.clock.clone();
-        move |secs| deletion_time(clock.now(), secs)
+        move |secs| deletion_time(crate::clock::now(&*clock), secs)
     }
 
     fn list(&self, repr: Repr) -> Result<Response, ApiError> {
@@ -222,7 +222,7 @@ pub(super) async fn serve_resource(
     let stored_rt = &types[rp.kind];
     let rt = view.unwrap_or(stored_rt);
     let field_selector = match (view, q.get("fieldSelector")) {
-        (Some(_), Some(f)) => crate::events::field_selector_to_core(f),
+        (Some(_), Some(f)) => crate::event_versions::field_selector_to_core(f),
         (_, f) => f.unwrap_or("").to_string(),
     };
     let target = match rp.subresource.as_deref() {

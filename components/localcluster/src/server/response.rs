@@ -87,7 +87,7 @@ pub(super) fn object_response(
                 include,
                 json!({"resourceVersion": crate::store::rv_of(obj)}),
                 true,
-                cluster.shared.clock.now(),
+                crate::clock::now(&*cluster.shared.clock),
             ),
         ),
     }
@@ -111,7 +111,14 @@ pub(super) fn list_response(
             let objs: Vec<&Value> = result.items.iter().map(|o| &**o).collect();
             value_response(
                 200,
-                &table::table(rt, &objs, include, meta, true, cluster.shared.clock.now()),
+                &table::table(
+                    rt,
+                    &objs,
+                    include,
+                    meta,
+                    true,
+                    crate::clock::now(&*cluster.shared.clock),
+                ),
             )
         }
         Repr::Metadata => {

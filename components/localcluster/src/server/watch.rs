@@ -18,7 +18,7 @@ use crate::cluster::Cluster;
 use crate::error::ApiError;
 use crate::resources;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{Event, EventType, Filter, encode_watch_line};
+use crate::store::{Change, ChangeType, Filter, encode_watch_line};
 use crate::table;
 
 /// The longest watch served, whatever `timeoutSeconds` asks (one year).
@@ -26,8 +26,8 @@ const MAX_WATCH_SECONDS: u64 = 365 * 24 * 3600;
 
 pub(super) struct WatchState {
     cluster: Cluster,
-    backlog: VecDeque<Arc<Event>>,
-    rx: broadcast::Receiver<Arc<Event>>,
+    backlog: VecDeque<Arc<Change>>,
+    rx: broadcast::Receiver<Arc<Change>>,
     namespace: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
@@ -54,24 +54,24 @@ impl WatchState {
     }
 
     /// The line to send for an event, if this watcher sees it (with selector transitions).
-    fn line(&mut self, ev: &Event) -> Option<Bytes> {
+    fn line(&mut self, ev: &Change) -> Option<Bytes> {
         self.last_rv = self.last_rv.max(ev.rv);
         let f = self.filter();
         let now_matches = f.matches(&ev.object);
         let was_matching = ev.prev.as_deref().is_some_and(|p| f.matches(p));
         let etype = match ev.etype {
-            EventType::Added if now_matches => EventType::Added,
-            EventType::Modified if now_matches && was_matching => EventType::Modified,
-            EventType::Modified if now_matches => EventType::Added,
-            EventType::Modified if was_matching => EventType::Deleted,
-            EventType::Deleted if was_matching || now_matches => EventType::Deleted,
+            ChangeType::Added if now_matches => ChangeType::Added,
+            ChangeType::Modified if now_matches && was_matching => ChangeType::Modified,
+            ChangeType::Modified if now_matches => ChangeType::Added,
+            ChangeType::Modified if was_matching => ChangeType::Deleted,
+            ChangeType::Deleted if was_matching || now_matches => ChangeType::Deleted,
             _ => return None,
         };
         if etype == ev.etype && self.repr == Repr::Full && !self.convert {
             return Some(ev.encoded().clone());
         }
         if self.convert {
-            let shown = crate::events::to_new(&ev.object);
+            let shown = crate::event_versions::to_new(&ev.object);
             return Some(self.encode(etype.as_str(), &shown));
         }
         Some(self.encode(etype.as_str(), &ev.object))
@@ -89,7 +89,7 @@ impl WatchState {
                     include,
                     json!({"resourceVersion": crate::store::rv_of(obj)}),
                     self.first,
-                    self.cluster.shared.clock.now(),
+                    crate::clock::now(&*self.cluster.shared.clock),
                 );
                 self.first = false;
                 encode_watch_line(etype, &t)

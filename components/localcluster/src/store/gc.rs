@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::object::{finalizers_of, is_deleting, meta_mut, owner_uids, rv_of, uid_of};
-use super::watch::EventType;
+use super::watch::ChangeType;
 use super::{FOREGROUND, ORPHAN, Obj, ObjKey, Store};
 use crate::error::ApiError;
 use crate::resources::{self, ResourceType};
@@ -90,7 +90,7 @@ impl Store {
                 let meta = meta_mut(&mut marked);
                 meta.insert("deletionTimestamp".into(), json!(now_plus(0)));
                 meta.insert("deletionGracePeriodSeconds".into(), json!(0));
-                self.put(&key, marked, EventType::Modified);
+                self.put(&key, marked, ChangeType::Modified);
             }
             let last = self.remove(&key).unwrap_or(old);
             self.run_pending(now);
@@ -137,7 +137,7 @@ impl Store {
         if opts.dry_run {
             return Ok(Arc::new(obj));
         }
-        let stored = self.put(&key, obj, EventType::Modified);
+        let stored = self.put(&key, obj, ChangeType::Modified);
         self.run_pending(now);
         Ok(stored)
     }
@@ -180,7 +180,7 @@ impl Store {
                 .insert((key.ns.clone(), key.name.clone()), Arc::new(new));
             self.remove(key);
         } else {
-            self.put(key, new, EventType::Modified);
+            self.put(key, new, ChangeType::Modified);
         }
         let _ = now;
     }
@@ -205,7 +205,7 @@ impl Store {
             }
         }
         if new != *obj {
-            self.put(key, new, EventType::Modified);
+            self.put(key, new, ChangeType::Modified);
         }
     }
 
@@ -366,7 +366,7 @@ impl Store {
             } else {
                 let mut new = (*nsobj).clone();
                 new["spec"] = json!({});
-                self.put(&key, new, EventType::Modified);
+                self.put(&key, new, ChangeType::Modified);
             }
         }
     }

@@ -12,35 +12,35 @@ use super::{Obj, Store};
 use crate::error::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
+pub enum ChangeType {
     Added,
     Modified,
     Deleted,
 }
 
-impl EventType {
+impl ChangeType {
     pub fn as_str(self) -> &'static str {
         match self {
-            EventType::Added => "ADDED",
-            EventType::Modified => "MODIFIED",
-            EventType::Deleted => "DELETED",
+            ChangeType::Added => "ADDED",
+            ChangeType::Modified => "MODIFIED",
+            ChangeType::Deleted => "DELETED",
         }
     }
 }
 
 /// One change, shared by every watcher; its JSON line is encoded once, on first use.
 #[derive(Debug)]
-pub struct Event {
+pub struct Change {
     pub rv: u64,
-    pub etype: EventType,
+    pub etype: ChangeType,
     pub object: Obj,
     /// The object before the change (for selector transitions), when there was one.
     pub prev: Option<Obj>,
     encoded: OnceLock<Bytes>,
 }
 
-impl Event {
-    pub fn new(rv: u64, etype: EventType, object: Obj, prev: Option<Obj>) -> Self {
+impl Change {
+    pub fn new(rv: u64, etype: ChangeType, object: Obj, prev: Option<Obj>) -> Self {
         Self {
             rv,
             etype,
@@ -73,7 +73,7 @@ pub fn encode_watch_line(etype: &str, object: &Value) -> Bytes {
 }
 
 /// The start of a watch: events to replay first, then the live feed.
-pub type WatchStart = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+pub type WatchStart = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
 
 impl Store {
     /// Subscribes to a type's changes. Without a version, the current objects come back as
@@ -86,7 +86,7 @@ impl Store {
                 .values()
                 .map(|o| {
                     let rv = rv_of(o).parse().unwrap_or(0);
-                    Arc::new(Event::new(rv, EventType::Added, o.clone(), None))
+                    Arc::new(Change::new(rv, ChangeType::Added, o.clone(), None))
                 })
                 .collect(),
             Some(rv) => {
@@ -103,7 +103,7 @@ impl Store {
         Ok((backlog, ks.tx.subscribe()))
     }
 
-    pub(super) fn publish(&mut self, kind: usize, event: Event) {
+    pub(super) fn publish(&mut self, kind: usize, event: Change) {
         let event = Arc::new(event);
         let ks = &mut self.kinds[kind];
         ks.history.push_back(event.clone());

@@ -13,7 +13,7 @@ use super::object::{
     finalizers_of, is_deleting, meta_mut, name_of, name_suffix, namespace_of, new_uid, owner_uids,
     rv_of,
 };
-use super::watch::EventType;
+use super::watch::ChangeType;
 use super::{Obj, ObjKey, Store};
 use crate::error::{ApiError, FieldCause};
 use crate::patch;
@@ -131,7 +131,7 @@ impl Store {
         }
         let owners = owner_uids(&obj);
         let key = ObjKey { kind, ns, name };
-        let stored = self.put(&key, obj, EventType::Added);
+        let stored = self.put(&key, obj, ChangeType::Added);
         // A dependent created after all its owners are gone is collected, as the real garbage
         // collector does once it notices.
         if !owners.is_empty() && owners.iter().all(|u| !self.uids.contains_key(u)) {
@@ -294,7 +294,7 @@ impl Store {
             self.run_pending(now);
             return Ok(last);
         }
-        let stored = self.put(&key, merged, EventType::Modified);
+        let stored = self.put(&key, merged, ChangeType::Modified);
         self.run_pending(now);
         Ok(stored)
     }
@@ -434,7 +434,7 @@ impl Store {
             ns: ns.to_string(),
             name: name.to_string(),
         };
-        let stored = self.put(&key, obj, EventType::Modified);
+        let stored = self.put(&key, obj, ChangeType::Modified);
         self.run_pending(now);
         Ok(stored)
     }

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use spawner_core::events::{SidecarEvent, SseParser};
+use spawner_core::state_stream::{SseParser, StateMessage};
 use spawner_sidecar::{Activity, SidecarConfig, SidecarHandle, TcpConnector};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -446,7 +446,7 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> Reply {
 pub struct EventReader {
     body: Incoming,
     parser: SseParser,
-    queue: std::collections::VecDeque<SidecarEvent>,
+    queue: std::collections::VecDeque<StateMessage>,
     _client: HttpClient,
 }
 
@@ -471,7 +471,7 @@ impl EventReader {
         }
     }
 
-    pub async fn next(&mut self) -> SidecarEvent {
+    pub async fn next(&mut self) -> StateMessage {
         loop {
             if let Some(event) = self.queue.pop_front() {
                 return event;
@@ -483,7 +483,7 @@ impl EventReader {
                 .expect("frame");
             if let Ok(data) = frame.into_data() {
                 for message in self.parser.push(&data).expect("sse") {
-                    if let Some(event) = SidecarEvent::from_message(&message).expect("json") {
+                    if let Some(event) = StateMessage::from_message(&message).expect("json") {
                         self.queue.push_back(event);
                     }
                 }
@@ -492,7 +492,7 @@ impl EventReader {
     }
 
     /// Reads until an event satisfies `f`.
-    pub async fn until(&mut self, f: impl Fn(&SidecarEvent) -> bool) -> SidecarEvent {
+    pub async fn until(&mut self, f: impl Fn(&StateMessage) -> bool) -> StateMessage {
         loop {
             let event = self.next().await;
             if f(&event) {

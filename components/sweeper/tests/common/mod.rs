@@ -1,5 +1,5 @@
 //! Test harness: a localcluster API server on loopback, and sidecars that speak the real event
-//! protocol (core's `SidecarEvent::to_sse`) with a state the test controls.
+//! protocol (core's `StateMessage::to_sse`) with a state the test controls.
 
 #![allow(dead_code)]
 
@@ -18,9 +18,11 @@ use bytes::Bytes;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use spawner_core::events::{EVENTS_TOKEN_HEADER, PROTOCOL_VERSION, SidecarEvent, SidecarState};
 use spawner_core::phase::Phase;
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend};
+use spawner_core::state_stream::{
+    CONTROL_TOKEN_HEADER, PROTOCOL_VERSION, SidecarState, StateMessage,
+};
 use spawner_localcluster::{Cluster, ServerConfig, SystemClock};
 use tokio::net::TcpListener;
 
@@ -171,7 +173,7 @@ impl FakeSidecar {
 fn seal(sidecar: FakeSidecar, headers: HeaderMap) -> Response {
     let expected = sidecar.token.lock().expect("lock").clone();
     let given = headers
-        .get(EVENTS_TOKEN_HEADER)
+        .get(CONTROL_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if expected.is_none() || expected != given {
@@ -188,7 +190,7 @@ fn seal(sidecar: FakeSidecar, headers: HeaderMap) -> Response {
 async fn events(sidecar: FakeSidecar, headers: HeaderMap, heartbeat: Duration) -> Response {
     let expected = sidecar.token.lock().expect("lock").clone();
     let given = headers
-        .get(EVENTS_TOKEN_HEADER)
+        .get(CONTROL_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if expected.is_none() || expected != given {
@@ -203,7 +205,7 @@ async fn events(sidecar: FakeSidecar, headers: HeaderMap, heartbeat: Duration) -
                 let (state, silent, version) = sidecar.snapshot();
                 if !silent {
                     if sent_version != Some(version) {
-                        let bytes = Bytes::from(SidecarEvent::State(state).to_sse());
+                        let bytes = Bytes::from(StateMessage::State(state).to_sse());
                         return Some((
                             Ok::<_, Infallible>(bytes),
                             (sidecar, Some(version), Instant::now()),
@@ -211,7 +213,7 @@ async fn events(sidecar: FakeSidecar, headers: HeaderMap, heartbeat: Duration) -
                     }
                     if last_sent.elapsed() >= heartbeat {
                         last_sent = Instant::now();
-                        let bytes = Bytes::from(SidecarEvent::Heartbeat(state).to_sse());
+                        let bytes = Bytes::from(StateMessage::Heartbeat(state).to_sse());
                         return Some((Ok(bytes), (sidecar, sent_version, last_sent)));
                     }
                 }

@@ -1,4 +1,6 @@
-//! The sidecar's event protocol: what `/_spawner/events` streams as Server-Sent Events.
+//! The sidecar's state stream: what `/_spawner/events` streams as Server-Sent Events (the path
+//! keeps its first name for compatibility; "events" in Spawner otherwise means Kubernetes
+//! Events, see docs/architecture.md#words).
 //!
 //! Each SSE message has an event name (`state` on every change, `heartbeat` every few seconds)
 //! and a JSON body, [`SidecarState`]. Compatibility rules, so a sweeper and a sidecar of
@@ -12,11 +14,11 @@ use serde::{Deserialize, Serialize};
 /// Protocol version written by this release.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// SSE event name of a state change (also sent once when a subscriber connects).
-pub const EVENT_STATE: &str = "state";
+pub const STATE_MESSAGE: &str = "state";
 /// SSE event name of the periodic heartbeat.
-pub const EVENT_HEARTBEAT: &str = "heartbeat";
-/// Path of the event stream on the sidecar's serve port.
-pub const EVENTS_PATH: &str = "/_spawner/events";
+pub const HEARTBEAT_MESSAGE: &str = "heartbeat";
+/// Path of the state stream on the sidecar's serve port.
+pub const STATE_STREAM_PATH: &str = "/_spawner/events";
 /// Path where the sweeper seals a backend before it sweeps it (`POST`, with the events token):
 /// the sidecar answers `200` and refuses every new connection from then on (for
 /// [`SEAL_HOLD_SECONDS`]) if it has no live connection, or `409` if it has one. Sealing closes
@@ -40,7 +42,7 @@ pub const SEAL_HOLD_SECONDS: u64 = 30;
 /// [`SEAL_HOLD_SECONDS`].
 pub const SEAL_RENEW_SECONDS: u64 = 10;
 /// Header carrying the events token (`Authorization: Bearer <token>` works too).
-pub const EVENTS_TOKEN_HEADER: &str = "x-spawner-token";
+pub const CONTROL_TOKEN_HEADER: &str = "x-spawner-token";
 
 /// What a sidecar knows about its backend at one moment.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,24 +76,24 @@ fn default_version() -> u32 {
     PROTOCOL_VERSION
 }
 
-/// One message of the event stream.
+/// One message of the state stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SidecarEvent {
+pub enum StateMessage {
     State(SidecarState),
     Heartbeat(SidecarState),
 }
 
-impl SidecarEvent {
+impl StateMessage {
     pub fn state(&self) -> &SidecarState {
         match self {
-            SidecarEvent::State(s) | SidecarEvent::Heartbeat(s) => s,
+            StateMessage::State(s) | StateMessage::Heartbeat(s) => s,
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            SidecarEvent::State(_) => EVENT_STATE,
-            SidecarEvent::Heartbeat(_) => EVENT_HEARTBEAT,
+            StateMessage::State(_) => STATE_MESSAGE,
+            StateMessage::Heartbeat(_) => HEARTBEAT_MESSAGE,
         }
     }
 
@@ -104,9 +106,9 @@ impl SidecarEvent {
 
     /// Interprets one parsed SSE message. `Ok(None)` for event names this release does not know.
     pub fn from_message(message: &SseMessage) -> Result<Option<Self>, serde_json::Error> {
-        let wrap: fn(SidecarState) -> SidecarEvent = match message.event.as_str() {
-            EVENT_STATE => SidecarEvent::State,
-            EVENT_HEARTBEAT => SidecarEvent::Heartbeat,
+        let wrap: fn(SidecarState) -> StateMessage = match message.event.as_str() {
+            STATE_MESSAGE => StateMessage::State,
+            HEARTBEAT_MESSAGE => StateMessage::Heartbeat,
             _ => return Ok(None),
         };
         Ok(Some(wrap(serde_json::from_str(&message.data)?)))
@@ -241,13 +243,13 @@ mod tests {
     #[test]
     fn event_round_trips_through_sse() {
         for event in [
-            SidecarEvent::State(sample()),
-            SidecarEvent::Heartbeat(sample()),
+            StateMessage::State(sample()),
+            StateMessage::Heartbeat(sample()),
         ] {
             let mut parser = SseParser::new();
             let messages = parser.push(event.to_sse().as_bytes()).expect("parse");
             assert_eq!(messages.len(), 1);
-            let back = SidecarEvent::from_message(&messages[0]).expect("json");
+            let back = StateMessage::from_message(&messages[0]).expect("json");
             assert_eq!(back, Some(event));
         }
     }
@@ -255,13 +257,13 @@ mod tests {
     #[test]
     fn newer_writer_with_extra_fields_is_understood() {
         let message = SseMessage {
-            event: EVENT_STATE.into(),
+            event: STATE_MESSAGE.into(),
             data:
                 r#"{"v":7,"ready":false,"live_connections":1,"seconds_since_active":4,"cpu":0.5}"#
                     .into(),
             id: None,
         };
-        let event = SidecarEvent::from_message(&message)
+        let event = StateMessage::from_message(&message)
             .expect("json")
             .expect("known");
         assert_eq!(event.state().v, 7);
@@ -283,7 +285,7 @@ mod tests {
             data: "{}".into(),
             id: None,
         };
-        assert_eq!(SidecarEvent::from_message(&message).expect("ok"), None);
+        assert_eq!(StateMessage::from_message(&message).expect("ok"), None);
     }
 
     #[test]
@@ -323,12 +325,12 @@ mod tests {
         ) {
             let events: Vec<_> = states
                 .iter()
-                .map(|&(ready, live, idle)| SidecarEvent::State(SidecarState {
+                .map(|&(ready, live, idle)| StateMessage::State(SidecarState {
                     v: PROTOCOL_VERSION, ready, live_connections: live, seconds_since_active: idle,
                     millis_since_active: Some(idle * 1000),
                 }))
                 .collect();
-            let wire: String = events.iter().map(SidecarEvent::to_sse).collect();
+            let wire: String = events.iter().map(StateMessage::to_sse).collect();
             let bytes = wire.as_bytes();
             let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len())).collect();
             points.sort();
@@ -341,7 +343,7 @@ mod tests {
             }
             let back: Vec<_> = parsed
                 .iter()
-                .map(|m| SidecarEvent::from_message(m).expect("json").expect("known"))
+                .map(|m| StateMessage::from_message(m).expect("json").expect("known"))
                 .collect();
             prop_assert_eq!(back, events);
         }
