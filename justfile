@@ -21,6 +21,10 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
+# Every fuzz target of fuzz/ for a bounded time from fuzz/corpus (docs/fuzzing.md); CI runs 8 s each.
+fuzz seconds="25":
+    scripts/fuzz.sh {{seconds}}
+
 # Build (or reuse) the real kube-apiserver, kube-controller-manager and etcd used by the tests.
 controlplane:
     e2e/controlplane/build.sh
@@ -37,6 +41,12 @@ bench-sweeper backends="2000":
 # (needs `apt-get install nginx wrk`); writes target/bench/sidecar.json.
 bench-sidecar:
     components/sidecar/bench/run.sh
+
+# `spawner router` (release) -> sidecar vs nginx -> sidecar vs the sidecar alone vs the app,
+# idle WebSocket memory, 10 vs 10,000 backends in the router's cache (needs nginx, wrk); writes
+# target/bench/router.json. Results: docs/router.md.
+bench-router:
+    components/router/bench/run.sh
 
 # Reuse a running Docker engine or start a private one (docs/images.md); prints its DOCKER_HOST.
 docker:
@@ -73,6 +83,11 @@ e2e:
 # Spawn-to-ready latency on the kind cluster `SPAWNER_E2E_KEEP=1 just e2e` leaves.
 bench-kind:
     eval "$(scripts/docker-engine.sh env)" && kubeconfig="$(mktemp)" && "$(scripts/kind-node-image.sh --print-kind)" get kubeconfig --name spawner >"$kubeconfig" && KUBECONFIG="$kubeconfig" cargo run -p spawner-e2e --example kind_spawn_bench
+
+# `spawner dev` under N spawns/min for M minutes, its memory sampled every 30 s
+# (benches/soak.rs; target/bench/soak.md). Defaults 1000/min for 30 min; e.g. `just bench-soak 1000 10`.
+bench-soak per_minute="1000" minutes="30":
+    SPAWNER_DEV_LOG=warn SPAWNER_SOAK_PER_MINUTE={{per_minute}} SPAWNER_SOAK_MINUTES={{minutes}} cargo bench -p spawner --bench soak
 
 # Spawn-to-ready latency of `spawner dev` (release). Measured with a backend that binds at once
 # (examples/bind_at_once.rs: target/bench/spawn.md and spawn.json), then with

@@ -52,11 +52,15 @@ pub fn sweeper_config(
 }
 
 /// An api replica: replicas share the key secret, so they name a key's backends alike and the
-/// API server's AlreadyExists answer settles get-or-create races between them.
+/// API server's AlreadyExists answer settles get-or-create races between them. The `url` it
+/// answers is `url_template` (the routers' address of a backend) with a connect token signed
+/// with `connect_key`, the routers' key.
 pub fn api_config(
     token: &str,
     public_base_url: &str,
     key_secret: &str,
+    url_template: &str,
+    connect_key: &str,
     clock: SimClock,
 ) -> Result<spawner_api::ApiConfig, spawner_api::ConfigError> {
     match spawner_assembly::api(
@@ -67,6 +71,10 @@ pub fn api_config(
             public_base_url,
             "--key-secret",
             key_secret,
+            "--url-template",
+            url_template,
+            "--connect-key",
+            connect_key,
         ],
         Arc::new(clock),
     ) {
@@ -90,4 +98,17 @@ pub fn node_agent_config(
     ));
     config.host_ip = turmoil::lookup(node);
     config
+}
+
+/// A router replica in host mode under `domain`, verifying connect tokens with `connect_key`
+/// (the api's), on its host's simulated clock.
+pub fn router_config(
+    domain: &str,
+    connect_key: &str,
+    clock: SimClock,
+) -> spawner_router::RouterConfig {
+    built(spawner_assembly::router(
+        &["--domain", domain, "--connect-key", connect_key],
+        Arc::new(clock),
+    ))
 }

@@ -31,6 +31,9 @@ pub enum Observation {
     Live { backend: String, live: u64 },
     /// The backend object is gone from the API server.
     Deleted { backend: String },
+    /// The backend is ending: its terminate was requested or its deletion began. The api
+    /// counts it as no longer live for its key (the next get-or-create makes a new one).
+    Ending { backend: String },
     /// The backend has a `maxLifetimeSeconds`: its `creationTimestamp` plus that, in
     /// milliseconds since the UNIX epoch (the deadline as the controller computes it).
     Lifetime { backend: String, deadline_ms: i64 },
@@ -73,6 +76,8 @@ struct Backend {
     lifetime_deadline_ms: Option<i64>,
     /// Whether it ended by request (terminate, lifetime) rather than by its own doing.
     stopped_on_request: bool,
+    /// Its terminate was requested or its deletion began ([`Observation::Ending`]).
+    ending: bool,
     deleted: bool,
 }
 
@@ -81,8 +86,11 @@ impl Backend {
     /// backend was stopped: one the sweeper had every chance to see.
     fn live_before_stop(&self) -> bool {
         // A failed backend's application is gone (the controller decided from the pod's
-        // status): what is left of its connections is the sidecar draining them.
-        if self.phases_seen.contains(&Phase::Failed) {
+        // status), and a backend stopped on request (a terminate, its lifetime) is ended with
+        // its users connected by design: what is left of their connections is the sidecar
+        // draining them (a close frame a user does not answer lingers 5 s), which can outlast
+        // a short retention.
+        if self.phases_seen.contains(&Phase::Failed) || self.stopped_on_request {
             return false;
         }
         match (self.live_since, self.stopped_at) {
@@ -157,7 +165,10 @@ impl InvariantChecker {
             } => {
                 if let Some(key) = &key
                     && let Some((other, _)) = self.backends.iter().find(|(_, b)| {
-                        b.key.as_ref() == Some(key) && !b.deleted && !b.phase.is_terminal()
+                        b.key.as_ref() == Some(key)
+                            && !b.deleted
+                            && !b.ending
+                            && !b.phase.is_terminal()
                     })
                 {
                     return Err(Self::violation(
@@ -187,6 +198,7 @@ impl InvariantChecker {
                         stopped_at: None,
                         lifetime_deadline_ms: None,
                         stopped_on_request: false,
+                        ending: false,
                         deleted: false,
                     },
                 );
@@ -272,6 +284,12 @@ impl InvariantChecker {
             } => {
                 if let Some(b) = self.backends.get_mut(&backend) {
                     b.lifetime_deadline_ms = Some(deadline_ms);
+                }
+                Ok(())
+            }
+            Observation::Ending { backend } => {
+                if let Some(b) = self.backends.get_mut(&backend) {
+                    b.ending = true;
                 }
                 Ok(())
             }
@@ -480,6 +498,37 @@ mod tests {
             },
         )
         .expect("allowed");
+        // Its sidecar may still be draining the connection when its retention is over.
+        c.observe(
+            S(9),
+            Observation::Deleted {
+                backend: "b1".into(),
+            },
+        )
+        .expect("deleting a backend stopped on request while it drains is allowed");
+    }
+
+    #[test]
+    fn a_key_whose_backend_is_ending_may_get_a_new_one() {
+        let mut c = InvariantChecker::new();
+        created(&mut c, "b1", "k");
+        c.observe(S(1), phase("b1", Phase::Ready)).expect("ready");
+        c.observe(
+            S(2),
+            Observation::Ending {
+                backend: "b1".into(),
+            },
+        )
+        .expect("terminate requested");
+        c.observe(
+            S(3),
+            Observation::Created {
+                backend: "b2".into(),
+                key: Some("k".into()),
+                grace: S(10),
+            },
+        )
+        .expect("the api counts b1 as no longer live");
     }
 
     #[test]

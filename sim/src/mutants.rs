@@ -47,6 +47,22 @@ pub enum Mutant {
     /// `SPAWNER_KEY_SECRET`): replicas name a key's backends differently, so two users of one
     /// room who reach different replicas both create.
     ApiReplicasWithOwnKeySecrets,
+    /// The router dials, every fourth time, an address it dialled before for another backend
+    /// (a stale upstream): users reach a backend their token does not name.
+    RouterDialsAnotherBackend,
+    /// The router checks a connect token against the backend the token names, not the one the
+    /// request is routed to: a token for backend A opens backend B.
+    RouterAcceptsTokensForAnyBackend,
+    /// The api answers a terminate request as accepted but its patch records nothing (an
+    /// empty merge patch): the backend lives on.
+    ApiDropsTerminateRequests,
+    /// The node's runtime never reports an app that crashed: the pod looks running, the
+    /// backend stays Ready with its app dead (as a runtime that lost a container's exit).
+    AppCrashesUnreported,
+    /// The controller's API server client drops a watch's 410 Expired error (the watch just
+    /// ends), so it resumes from the same expired version again and again and never lists:
+    /// after a compaction it sees no change any more.
+    ControllerSwallowsExpiredWatches,
 }
 
 /// Switches the per-thread mutants of the production crates for the calling thread.
@@ -54,6 +70,9 @@ pub fn switch_on(mutant: Option<Mutant>) {
     spawner_sweeper::mutants::sweep_on_lost_stream(mutant == Some(Mutant::SweepOnLostStream));
     spawner_sidecar::mutants::forget_abnormal_countdown(
         mutant == Some(Mutant::SidecarForgetsAbnormalEnds),
+    );
+    spawner_router::mutants::accept_tokens_for_any_backend(
+        mutant == Some(Mutant::RouterAcceptsTokensForAnyBackend),
     );
 }
 
@@ -171,6 +190,93 @@ where
             };
             Ok(http::Response::from_parts(parts, Buffered::new(bytes)))
         })
+    }
+}
+
+/// Wraps the api's connection to the API server: every patch of a backend is sent as an
+/// empty merge patch (the API server answers the unchanged backend).
+#[derive(Clone)]
+pub struct EmptyBackendPatches<S>(pub S);
+
+impl<S> Service<Request> for EmptyBackendPatches<S>
+where
+    S: Service<Request>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let is_backend_patch = request.method() == http::Method::PATCH
+            && request.uri().path().contains("/sessionlivedbackends/");
+        if !is_backend_patch {
+            return self.0.call(request);
+        }
+        let (mut parts, _) = request.into_parts();
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        self.0.call(Request::from_parts(
+            parts,
+            kube::client::Body::from(b"{}".to_vec()),
+        ))
+    }
+}
+
+/// Wraps a client's connection to the API server: a watch's `ERROR` event with code 410 is
+/// dropped from the stream, so the watch ends as if it timed out.
+#[derive(Clone)]
+pub struct SwallowsExpiredWatches<S>(pub S);
+
+impl<S, B> Service<Request> for SwallowsExpiredWatches<S>
+where
+    S: Service<Request, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<WithoutExpiry<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let call = self.0.call(request);
+        Box::pin(async move { Ok(call.await?.map(WithoutExpiry)) })
+    }
+}
+
+/// A response body without the data frames that carry a 410 watch error.
+pub struct WithoutExpiry<B>(B);
+
+impl<B> http_body::Body for WithoutExpiry<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+        loop {
+            let frame = std::task::ready!(Pin::new(&mut self.0).poll_frame(cx));
+            let expired = frame
+                .as_ref()
+                .and_then(|f| f.as_ref().ok())
+                .and_then(|f| f.data_ref())
+                .is_some_and(|data| {
+                    let text = String::from_utf8_lossy(data);
+                    text.contains("\"type\":\"ERROR\"") && text.contains("\"code\":410")
+                });
+            if !expired {
+                return Poll::Ready(frame);
+            }
+        }
     }
 }
 

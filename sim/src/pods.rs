@@ -29,6 +29,11 @@ use crate::net::{SimListener, SimSidecarConnector};
 pub const APP_COMMAND: &str = "sim-app";
 /// First argument of a container command that exits at once with the code in its second.
 pub const CRASH_COMMAND: &str = "sim-crash";
+/// An argument of [`APP_COMMAND`]: `exit-after-ms=N` makes the app crash N ms after it started
+/// (exit code [`APP_CRASH_CODE`]), ending its WebSockets.
+pub const APP_EXIT_AFTER: &str = "exit-after-ms=";
+/// The exit code of an app that crashed on purpose.
+pub const APP_CRASH_CODE: i32 = 3;
 /// Port the application listens on in its slot.
 pub const APP_PORT: u16 = 8080;
 /// How long a new pod waits for a slot whose pod is stopping: longer than a pod's default
@@ -104,6 +109,8 @@ struct Slot {
 pub struct SlotPool {
     slots: Arc<Mutex<Vec<Slot>>>,
     sidecars: SidecarRegistry,
+    /// Mutant: an app's crash is never reported (the pod looks running with its app dead).
+    hide_app_crashes: bool,
 }
 
 impl SlotPool {
@@ -111,7 +118,14 @@ impl SlotPool {
         Self {
             slots: Arc::default(),
             sidecars,
+            hide_app_crashes: false,
         }
+    }
+
+    /// The pool with the mutant that never reports an app's crash.
+    pub fn hiding_app_crashes(mut self) -> Self {
+        self.hide_app_crashes = true;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
@@ -162,6 +176,7 @@ impl SlotPool {
         while let Some(start) = rx.recv().await {
             let starts = run_pod(
                 &self.sidecars,
+                self.hide_app_crashes,
                 Arc::downgrade(&alive),
                 start.pod,
                 start.containers,
@@ -177,6 +192,7 @@ impl SlotPool {
 
 async fn run_pod(
     sidecars: &SidecarRegistry,
+    hide_app_crashes: bool,
     host_alive: Weak<()>,
     pod: String,
     containers: Vec<ContainerPlan>,
@@ -234,28 +250,8 @@ async fn run_pod(
             }
             ContainerRun::Process { argv, env, .. } => match argv.first().map(String::as_str) {
                 Some(APP_COMMAND) => {
-                    let port = env
-                        .iter()
-                        .find(|(k, _)| k == "PORT")
-                        .and_then(|(_, v)| v.parse().ok())
-                        .unwrap_or(APP_PORT);
-                    match SimListener::bind(("0.0.0.0", port)).await {
-                        Ok(listener) => {
-                            tokio::spawn(async move {
-                                let serve = axum::serve(listener, crate::app::router())
-                                    .with_graceful_shutdown(stop.cancelled_owned());
-                                let code = match serve.await {
-                                    Ok(()) => 143,
-                                    Err(_) => 1,
-                                };
-                                report(code, None);
-                            });
-                            starts.push(ContainerStart::Running { id });
-                        }
-                        Err(e) => starts.push(ContainerStart::Failed {
-                            message: format!("cannot listen on {port}: {e}"),
-                        }),
-                    }
+                    let start = start_app(&argv, &env, stop, hide_app_crashes, report, id).await;
+                    starts.push(start.unwrap_or_else(|message| ContainerStart::Failed { message }));
                 }
                 Some(CRASH_COMMAND) => {
                     let code = argv.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
@@ -272,6 +268,56 @@ async fn run_pod(
         }
     }
     starts
+}
+
+/// Starts the sim's echo app (`APP_COMMAND`) on `PORT`, named after its backend; with
+/// `exit-after-ms=N` it crashes N ms later (reported unless the mutant hides it).
+async fn start_app(
+    argv: &[String],
+    env: &[(String, String)],
+    stop: CancellationToken,
+    hide_app_crashes: bool,
+    report: impl FnOnce(i32, Option<String>) + Send + 'static,
+    id: String,
+) -> Result<ContainerStart, String> {
+    let port = env
+        .iter()
+        .find(|(k, _)| k == "PORT")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(APP_PORT);
+    let backend = env
+        .iter()
+        .find(|(k, _)| k == spawner_core::children::BACKEND_NAME_ENV)
+        .map_or("", |(_, v)| v.as_str());
+    let exit_after = argv
+        .iter()
+        .find_map(|a| a.strip_prefix(APP_EXIT_AFTER))
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis);
+    let killed = CancellationToken::new();
+    let app = crate::app::router(backend, killed.clone());
+    let listener = SimListener::bind(("0.0.0.0", port))
+        .await
+        .map_err(|e| format!("cannot listen on {port}: {e}"))?;
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+        let ended = |r: std::io::Result<()>| if r.is_ok() { 143 } else { 1 };
+        let Some(after) = exit_after else {
+            report(ended(serve.await), None);
+            return;
+        };
+        tokio::select! {
+            r = serve => report(ended(r), None),
+            () = tokio::time::sleep(after) => {
+                // Crashed: the listener goes with `serve`, the WebSockets with `killed`.
+                killed.cancel();
+                if !hide_app_crashes {
+                    report(APP_CRASH_CODE, Some("crashed on purpose".into()));
+                }
+            }
+        }
+    });
+    Ok(ContainerStart::Running { id })
 }
 
 /// What a pod was given by [`SlotRuntime::create_sandbox`].

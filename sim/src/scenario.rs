@@ -50,6 +50,9 @@ pub fn world(seed: u64, users: usize, faults: usize) -> WorldConfig {
     config.nodes = 2;
     config.slots_per_node = 16;
     config.user_hosts = 2;
+    // One session in 20 ends by terminating its backend (an "end session" button): the
+    // room's other users then meet an ended backend and get a fresh one.
+    config.users_terminate_every = 20;
     // A user who vanished is noticed by the sidecar's pings within 60 s of its last byte
     // (15 s interval, 2 missed pongs, checked on the ticks); then grace, sweep and retention.
     config.drain = Duration::from_secs(90);
@@ -67,6 +70,7 @@ pub fn world(seed: u64, users: usize, faults: usize) -> WorldConfig {
         end.max(Duration::from_secs(6)),
         config.nodes,
         config.controllers,
+        config.routers,
     );
     config
 }

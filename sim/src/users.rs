@@ -1,8 +1,15 @@
-//! Simulated users: they replay a trace's sessions against the api and the backends' sidecars,
-//! over turmoil, as browsers would — get-or-create a backend by key, wait until it is Ready,
-//! open WebSockets through the sidecar, send messages, refresh, leave or vanish. Like a real web
-//! app, a user whose backend ended or refused the connection (a sidecar sealed for its sweep
-//! answers 503) asks the api for the key's backend again, with a short backoff, a few times.
+//! Simulated users: they replay a trace's sessions against the api and the routers, over
+//! turmoil, as browsers would — get-or-create a backend by key (`POST /connect`, answering a
+//! `url` with a connect token), open WebSockets to that `url` through a router replica (which
+//! waits for the backend to be Ready), send messages, refresh, leave or vanish. Like a real web
+//! app, a user whose backend ended, whose token was refused, or whose connection was refused (a
+//! sidecar sealed for its sweep answers 503) asks the api for the key's backend again, with a
+//! short backoff, a few times.
+//!
+//! Every backend's app names itself in its answers ([`crate::app::BACKEND_HEADER`]): on every
+//! connection the user checks that it reached the backend its token names, and one session in
+//! [`FOREIGN_TOKEN_EVERY`] also tries its token on another room's backend, which must refuse
+//! it. What breaks either is reported in [`UsersReport::misrouted`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -30,11 +37,23 @@ pub struct UsersConfig {
     pub token: String,
     /// The spawn request sent for every key (without the key).
     pub spawn_template: serde_json::Value,
-    /// How long a user waits for its backend to become Ready before giving up.
+    /// How long a user waits for a router's answer to a WebSocket handshake (the router
+    /// itself waits up to its bound, 30 s, for a starting backend).
     pub ready_timeout: Duration,
-    /// How often a waiting user polls the backend's status.
-    pub poll_interval: Duration,
+    /// `host:port` of every router replica. A session starts with one (by its id) and moves
+    /// to the next when it cannot reach it, as behind a load balancer.
+    pub routers: Vec<String>,
+    /// One session in this many ends by terminating its backend (`DELETE /backend/{id}`, an
+    /// "end session" button) when it leaves, unless it vanished; 0: none does.
+    pub terminate_every: u64,
+    /// The backends of one key in this many run an app that crashes `crash_after` after it
+    /// started; 0: none.
+    pub crash_every: u64,
+    pub crash_after: Duration,
 }
+
+/// One session in this many tries its connect token on another room's backend.
+pub const FOREIGN_TOKEN_EVERY: u64 = 8;
 
 /// What users saw, shared with the sim loop.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -56,6 +75,19 @@ pub struct UsersReport {
     pub backends_by_key: BTreeMap<String, String>,
     /// Connections open now, by backend name.
     pub open_by_backend: BTreeMap<String, u64>,
+    /// Connections that reached a backend other than the one their token names, or a token
+    /// that opened another backend: each must never happen.
+    pub misrouted: Vec<String>,
+    /// Tries of a token on another backend (each refused, or it is in `misrouted`).
+    pub foreign_token_tries: u64,
+    /// Backends users terminated (the api accepted the DELETE), not yet taken by the world's
+    /// check that they end.
+    pub terminate_requests: Vec<String>,
+    /// Backends users terminated, in all.
+    pub terminated_by_users: u64,
+    /// Open connections that ended from the backend's side (its app crashed, it ended, or its
+    /// sidecar took the user for dead); each was opened again.
+    pub connections_lost: u64,
 }
 
 /// Shared, updated by every user task.
@@ -76,13 +108,7 @@ impl SharedReport {
 /// Plays `events` (one client host's share of a trace) from the moment it is called.
 pub async fn play(events: Vec<TraceEvent>, config: UsersConfig, report: SharedReport) {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build(SimConnector);
-    let mut sessions: BTreeMap<String, Vec<TraceEvent>> = BTreeMap::new();
-    for event in events {
-        sessions
-            .entry(event.session.clone())
-            .or_default()
-            .push(event);
-    }
+    let sessions = spawner_core::trace::by_session(events);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (id, events) in sessions {
@@ -92,10 +118,19 @@ pub async fn play(events: Vec<TraceEvent>, config: UsersConfig, report: SharedRe
         config
             .apis
             .rotate_left(session_hash(&id) as usize % replicas);
+        let routers = config.routers.len().max(1);
+        config
+            .routers
+            .rotate_left(session_hash(&id) as usize % routers);
+        let role = Role {
+            tries_foreign_token: session_hash(&id).is_multiple_of(FOREIGN_TOKEN_EVERY),
+            terminates: config.terminate_every > 0
+                && (session_hash(&id) >> 16).is_multiple_of(config.terminate_every),
+        };
         let report = report.clone();
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
-            session(events, start, &client, &config, &report).await
+            session(events, start, &client, &config, &report, role).await
         }));
     }
     for task in tasks {
@@ -103,8 +138,19 @@ pub async fn play(events: Vec<TraceEvent>, config: UsersConfig, report: SharedRe
     }
 }
 
+/// What a session does besides replaying its trace.
+#[derive(Clone, Copy)]
+struct Role {
+    /// Tries its token on another room's backend once (it must be refused).
+    tries_foreign_token: bool,
+    /// Terminates its backend when it leaves (unless it vanished).
+    terminates: bool,
+}
+
 struct Backend {
     name: String,
+    /// The `url` the api answered: the routers' address of the backend, with a connect token.
+    url: Option<String>,
 }
 
 fn session_hash(id: &str) -> u64 {
@@ -122,11 +168,14 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(250);
 /// Why a connection could not be opened.
 #[derive(Debug, PartialEq, Eq)]
 enum OpenError {
-    /// The backend was not Ready within the user's patience: the user gives up.
+    /// The backend was not Ready within the router's bound (503 `not_ready`): the user gives
+    /// up.
     ReadyTimeout,
-    /// The backend ended before the user connected (swept, failed, terminated).
+    /// The backend ended before the user connected (410), is unknown (404), or the token was
+    /// refused (401, e.g. expired): a fresh `/connect` answers a live backend and a new token.
     Ended,
-    /// The sidecar refused the WebSocket (503 while sealed) or could not be reached.
+    /// The sidecar refused the WebSocket (503 while sealed), or neither a router nor the
+    /// backend could be reached.
     Refused,
 }
 
@@ -136,118 +185,203 @@ async fn session(
     client: &HttpClient,
     config: &UsersConfig,
     report: &SharedReport,
+    role: Role,
 ) {
     report.update(|r| r.sessions += 1);
-    let mut backend: Option<Backend> = None;
-    // Each connection with the backend it was opened to.
-    let mut sockets: HashMap<String, (Socket, String)> = HashMap::new();
-    let mut found_gone = false;
-    // The session asked the api for its backend (a `spawn`) at least once.
-    let mut asked = false;
+    let mut session = Session {
+        client,
+        config,
+        report,
+        tries_foreign_token: role.tries_foreign_token,
+        vanished: false,
+        backend: None,
+        sockets: HashMap::new(),
+        found_gone: false,
+        asked: false,
+    };
     for event in events {
         tokio::time::sleep_until(start + Duration::from_millis(event.t_ms)).await;
         match event.kind {
             TraceEventKind::Spawn => {
-                asked = true;
-                backend = get_or_create(client, config, report, &event.key).await;
+                session.asked = true;
+                session.backend = get_or_create(client, config, report, &event.key).await;
             }
-            TraceEventKind::Connect { conn } => {
-                // A session that connects without having asked (a connection the router
-                // recorded without a user) asks for its key's backend first, as its web app did.
-                if !asked {
-                    asked = true;
-                    backend = get_or_create(client, config, report, &event.key).await;
-                }
-                let mut attempt = 0;
-                let outcome = loop {
-                    let result = match &backend {
-                        Some(b) => open(b, config, client).await.map(|s| (s, b.name.clone())),
-                        // The spawn failed (the api was unreachable): ask again.
-                        None => Err(OpenError::Ended),
-                    };
-                    match result {
-                        Err(OpenError::Ended | OpenError::Refused)
-                            if attempt < RECONNECT_ATTEMPTS =>
-                        {
-                            // A backend the session had been given (not a failed spawn).
-                            let gone = !found_gone && attempt == 0 && backend.is_some();
-                            found_gone |= gone;
-                            report.update(|r| {
-                                r.retries += 1;
-                                r.sessions_found_backend_gone += u64::from(gone);
-                            });
-                            tokio::time::sleep(RECONNECT_BACKOFF * 2u32.pow(attempt)).await;
-                            attempt += 1;
-                            // Get-or-create by key: the same backend while it lives, a fresh one
-                            // once it is swept.
-                            if let Some(b) = get_or_create(client, config, report, &event.key).await
-                            {
-                                backend = Some(b);
-                            }
-                        }
-                        other => break other,
-                    }
-                };
-                match outcome {
-                    Ok((socket, name)) => {
-                        report.update(|r| {
-                            r.connected += 1;
-                            *r.open_by_backend.entry(name.clone()).or_default() += 1;
-                        });
-                        sockets.insert(conn, (socket, name));
-                    }
-                    Err(error) => report.update(|r| {
-                        r.connect_failures += 1;
-                        if error == OpenError::ReadyTimeout {
-                            r.ready_timeouts += 1;
-                        }
-                    }),
-                }
-            }
+            TraceEventKind::Connect { conn } => session.connect(conn, &event.key).await,
             TraceEventKind::Message { conn, bytes } => {
-                let Some((socket, _)) = sockets.get_mut(&conn) else {
-                    continue;
-                };
-                let text = "x".repeat(bytes.clamp(1, 4096) as usize);
-                if socket.send(Message::Text(text.into())).await.is_err() {
-                    continue;
-                }
-                // The sidecar's pings (sent while the user was idle longer than its ping
-                // interval) may come before the echo; the socket itself answers them.
-                let echo = async {
-                    loop {
-                        match socket.next().await {
-                            Some(Ok(Message::Text(_))) => return true,
-                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                            _ => return false,
-                        }
-                    }
-                };
-                if let Ok(true) = tokio::time::timeout(Duration::from_secs(5), echo).await {
-                    report.update(|r| r.messages_echoed += 1);
-                }
+                session.message(conn, &event.key, bytes).await;
             }
-            TraceEventKind::Disconnect { conn, clean } => {
-                let Some((mut socket, name)) = sockets.remove(&conn) else {
-                    continue;
-                };
-                report.update(|r| {
-                    if let Some(n) = r.open_by_backend.get_mut(&name) {
-                        *n = n.saturating_sub(1);
+            TraceEventKind::Disconnect { conn, clean } => session.disconnect(&conn, clean).await,
+        }
+    }
+    if role.terminates
+        && !session.vanished
+        && let Some(b) = &session.backend
+    {
+        terminate(client, config, report, &b.name).await;
+    }
+}
+
+/// One user session's state.
+struct Session<'a> {
+    client: &'a HttpClient,
+    config: &'a UsersConfig,
+    report: &'a SharedReport,
+    tries_foreign_token: bool,
+    /// The user vanished at least once (it does not end its session then).
+    vanished: bool,
+    backend: Option<Backend>,
+    /// Each connection with the backend it was opened to.
+    sockets: HashMap<String, (Socket, String)>,
+    found_gone: bool,
+    /// The session asked the api for its backend (a `spawn`) at least once.
+    asked: bool,
+}
+
+impl Session<'_> {
+    /// Opens connection `conn` to the backend of `key`, asking the api again (a few times, with
+    /// backoff) when the backend ended or refused.
+    async fn connect(&mut self, conn: String, key: &str) {
+        let (client, config, report) = (self.client, self.config, self.report);
+        // A session that connects without having asked (a connection the router recorded
+        // without a user) asks for its key's backend first, as its web app did.
+        if !self.asked {
+            self.asked = true;
+            self.backend = get_or_create(client, config, report, key).await;
+        }
+        let mut attempt = 0;
+        let outcome = loop {
+            let result = match &self.backend {
+                Some(b) => open(b, config, report).await.map(|s| (s, b.name.clone())),
+                // The spawn failed (the api was unreachable): ask again.
+                None => Err(OpenError::Ended),
+            };
+            match result {
+                Err(OpenError::Ended | OpenError::Refused) if attempt < RECONNECT_ATTEMPTS => {
+                    // A backend the session had been given (not a failed spawn).
+                    let gone = !self.found_gone && attempt == 0 && self.backend.is_some();
+                    self.found_gone |= gone;
+                    report.update(|r| {
+                        r.retries += 1;
+                        r.sessions_found_backend_gone += u64::from(gone);
+                    });
+                    tokio::time::sleep(RECONNECT_BACKOFF * 2u32.pow(attempt)).await;
+                    attempt += 1;
+                    // Get-or-create by key: the same backend while it lives, a fresh one once
+                    // it ended.
+                    if let Some(b) = get_or_create(client, config, report, key).await {
+                        self.backend = Some(b);
                     }
+                }
+                other => break other,
+            }
+        };
+        if self.tries_foreign_token
+            && outcome.is_ok()
+            && let Some(b) = &self.backend
+        {
+            self.tries_foreign_token = false;
+            try_foreign_token(b, key, config, report).await;
+        }
+        match outcome {
+            Ok((socket, name)) => {
+                report.update(|r| {
+                    r.connected += 1;
+                    *r.open_by_backend.entry(name.clone()).or_default() += 1;
                 });
-                if clean {
-                    let _ = socket.close(None).await;
-                } else {
-                    // The user vanished: no close frame, no FIN, and no pong ever again. The
-                    // socket is parked, unread, until the run ends; only the sidecar's pings
-                    // can notice.
-                    tokio::spawn(async move {
-                        let _parked = socket;
-                        std::future::pending::<()>().await;
+                self.sockets.insert(conn, (socket, name));
+            }
+            Err(error) => report.update(|r| {
+                r.connect_failures += 1;
+                if error == OpenError::ReadyTimeout {
+                    r.ready_timeouts += 1;
+                }
+            }),
+        }
+    }
+
+    /// Sends a message on `conn` and waits for its echo. A connection the backend's side
+    /// ended (its app crashed, its backend ended) is reported lost and opened again, as a web
+    /// app reconnects.
+    async fn message(&mut self, conn: String, key: &str, bytes: u64) {
+        let Some((socket, _)) = self.sockets.get_mut(&conn) else {
+            return;
+        };
+        let text = "x".repeat(bytes.clamp(1, 4096) as usize);
+        let echoed = if socket.send(Message::Text(text.into())).await.is_err() {
+            Some(false)
+        } else {
+            // The sidecar's pings (sent while the user was idle longer than its ping interval)
+            // may come before the echo; the socket itself answers them.
+            let echo = async {
+                loop {
+                    match socket.next().await {
+                        Some(Ok(Message::Text(_))) => return true,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        _ => return false,
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), echo)
+                .await
+                .ok()
+        };
+        match echoed {
+            Some(true) => self.report.update(|r| r.messages_echoed += 1),
+            Some(false) => {
+                if let Some((_, name)) = self.sockets.remove(&conn) {
+                    self.report.update(|r| {
+                        r.connections_lost += 1;
+                        if let Some(n) = r.open_by_backend.get_mut(&name) {
+                            *n = n.saturating_sub(1);
+                        }
                     });
                 }
+                self.connect(conn, key).await;
             }
+            // No answer yet (a slow or partitioned path): the connection may still be alive.
+            None => {}
+        }
+    }
+
+    async fn disconnect(&mut self, conn: &str, clean: bool) {
+        let Some((mut socket, name)) = self.sockets.remove(conn) else {
+            return;
+        };
+        self.report.update(|r| {
+            if let Some(n) = r.open_by_backend.get_mut(&name) {
+                *n = n.saturating_sub(1);
+            }
+        });
+        if clean {
+            let _ = socket.close(None).await;
+        } else {
+            self.vanished = true;
+            // The user vanished: no close frame, no FIN, and no pong ever again. The socket is
+            // parked, unread, until the run ends; only the sidecar's pings can notice.
+            tokio::spawn(async move {
+                let _parked = socket;
+                std::future::pending::<()>().await;
+            });
+        }
+    }
+}
+
+/// `DELETE /backend/{name}` (through the session's api replica, then the next ones); an
+/// accepted request is reported for the world's check that the backend ends.
+async fn terminate(client: &HttpClient, config: &UsersConfig, report: &SharedReport, name: &str) {
+    for attempt in 0..config.apis.len().max(1) {
+        let path = format!("/backend/{name}");
+        match request(client, config, attempt, http::Method::DELETE, &path, None).await {
+            Ok((status, _)) if status.is_success() => {
+                report.update(|r| {
+                    r.terminated_by_users += 1;
+                    r.terminate_requests.push(name.to_string());
+                });
+                return;
+            }
+            // Gone already: nothing to end.
+            Ok((http::StatusCode::NOT_FOUND, _)) => return,
+            _ => report.update(|r| r.api_errors += 1),
         }
     }
 }
@@ -300,6 +434,16 @@ async fn get_or_create(
 ) -> Option<Backend> {
     let mut body = config.spawn_template.clone();
     body["key"] = serde_json::Value::String(key.to_string());
+    if config.crash_every > 0 && session_hash(key).is_multiple_of(config.crash_every) {
+        body["command"] = serde_json::json!([
+            crate::pods::APP_COMMAND,
+            format!(
+                "{}{}",
+                crate::pods::APP_EXIT_AFTER,
+                config.crash_after.as_millis()
+            ),
+        ]);
+    }
     for attempt in 0..5u32 {
         match request(
             client,
@@ -313,13 +457,14 @@ async fn get_or_create(
         {
             Ok((status, json)) if status.is_success() => {
                 let name = json["name"].as_str()?.to_string();
+                let url = json["url"].as_str().map(str::to_string);
                 report.update(|r| {
                     if json["spawned"].as_bool() == Some(true) {
                         r.spawned += 1;
                     }
                     r.backends_by_key.insert(key.to_string(), name.clone());
                 });
-                return Some(Backend { name });
+                return Some(Backend { name, url });
             }
             _ => {
                 report.update(|r| r.api_errors += 1);
@@ -330,53 +475,163 @@ async fn get_or_create(
     None
 }
 
-/// Waits for the backend to be Ready (learning its URL), then opens a WebSocket through its
-/// sidecar.
+/// A backend's `url` as the api answered it: `http://<authority>/<path>?<query>`, the query
+/// carrying the connect token.
+struct RouterUrl {
+    authority: String,
+    query: String,
+}
+
+impl RouterUrl {
+    fn parse(url: &str) -> Option<Self> {
+        let rest = url.strip_prefix("http://")?;
+        let (authority, path_and_query) = rest.split_once('/').unwrap_or((rest, ""));
+        let query = path_and_query
+            .split_once('?')
+            .map_or("", |(_, q)| q)
+            .to_string();
+        Some(Self {
+            authority: authority.to_string(),
+            query,
+        })
+    }
+
+    /// The backend the connect token names (its third dot-separated field).
+    fn token_backend(&self) -> Option<&str> {
+        let token = self.query.split('&').find_map(|pair| {
+            pair.strip_prefix(spawner_core::connect_token::QUERY_PARAM)?
+                .strip_prefix('=')
+        })?;
+        token.split('.').nth(2)
+    }
+
+    /// The WebSocket URL of the app's `/ws`, on the host of backend `name` (the one the URL
+    /// names, or another).
+    fn ws_url(&self, own: &str, name: &str) -> String {
+        let authority = match self.authority.strip_prefix(own) {
+            Some(domain) => format!("{name}{domain}"),
+            None => self.authority.clone(),
+        };
+        format!("ws://{authority}/ws?{}", self.query)
+    }
+}
+
+/// What a router replica answered to a WebSocket handshake.
+enum Handshake {
+    /// Upgraded, by the backend named in the app's answer (if it named one).
+    Open(Box<Socket>, Option<String>),
+    Refused(OpenError),
+}
+
+/// Opens a WebSocket to the backend through a router replica (the router waits for it to be
+/// Ready), and checks that the backend its token names answered.
 async fn open(
     backend: &Backend,
     config: &UsersConfig,
-    client: &HttpClient,
+    report: &SharedReport,
 ) -> Result<Socket, OpenError> {
-    let deadline = Instant::now() + config.ready_timeout;
-    let mut failed_reads = 0;
-    let url = loop {
-        let read = request(
-            client,
-            config,
-            failed_reads,
-            http::Method::GET,
-            &format!("/backend/{}/status", backend.name),
-            None,
-        )
-        .await;
-        match read {
-            Ok((status, json)) if status.is_success() => match json["phase"].as_str() {
-                Some("Ready") => {
-                    if let Some(url) = json["url"].as_str() {
-                        break url.to_string();
-                    }
-                }
-                Some("Swept" | "Failed" | "Terminated") => return Err(OpenError::Ended),
-                _ => {}
-            },
-            // Gone already (deleted after its retention).
-            Ok((http::StatusCode::NOT_FOUND, _)) => return Err(OpenError::Ended),
-            _ => failed_reads += 1,
+    let url = backend
+        .url
+        .as_deref()
+        .and_then(RouterUrl::parse)
+        .ok_or(OpenError::Refused)?;
+    let named = url.token_backend().unwrap_or(&backend.name).to_string();
+    match handshake(config, &url.ws_url(&backend.name, &backend.name)).await {
+        Handshake::Open(socket, answered) => {
+            if answered.as_deref() != Some(named.as_str()) {
+                report.update(|r| {
+                    r.misrouted.push(format!(
+                        "a user with a token for {named} reached {}",
+                        answered
+                            .as_deref()
+                            .unwrap_or("an app that did not name itself")
+                    ))
+                });
+            }
+            Ok(*socket)
         }
-        if Instant::now() > deadline {
-            return Err(OpenError::ReadyTimeout);
-        }
-        tokio::time::sleep(config.poll_interval).await;
+        Handshake::Refused(error) => Err(error),
+    }
+}
+
+/// Tries the token for `backend` on the backend of another key the users know: the router must
+/// refuse it (401, or 404/410 for a backend it does not know or that ended).
+async fn try_foreign_token(
+    backend: &Backend,
+    key: &str,
+    config: &UsersConfig,
+    report: &SharedReport,
+) {
+    let other = report.update(|r| {
+        r.backends_by_key
+            .iter()
+            .find(|(k, name)| k.as_str() != key && **name != backend.name)
+            .map(|(_, name)| name.clone())
+    });
+    let (Some(other), Some(url)) = (other, backend.url.as_deref().and_then(RouterUrl::parse))
+    else {
+        return;
     };
-    let uri: http::Uri = url.parse().map_err(|_| OpenError::Refused)?;
-    let host = uri.host().ok_or(OpenError::Refused)?.to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = turmoil::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|_| OpenError::Refused)?;
-    let ws_url = format!("ws://{host}:{port}/ws");
-    let (socket, _) = tokio_tungstenite::client_async(ws_url, stream)
-        .await
-        .map_err(|_| OpenError::Refused)?;
-    Ok(socket)
+    report.update(|r| r.foreign_token_tries += 1);
+    if let Handshake::Open(mut socket, answered) =
+        handshake(config, &url.ws_url(&backend.name, &other)).await
+    {
+        report.update(|r| {
+            r.misrouted.push(format!(
+                "a token for {} opened {other} (answered by {})",
+                backend.name,
+                answered
+                    .as_deref()
+                    .unwrap_or("an app that did not name itself")
+            ))
+        });
+        let _ = (*socket).close(None).await;
+    }
+}
+
+/// A WebSocket handshake for `ws_url` through the session's router replica, or the next ones
+/// when it cannot be reached.
+async fn handshake(config: &UsersConfig, ws_url: &str) -> Handshake {
+    use tokio_tungstenite::tungstenite::Error;
+    for router in &config.routers {
+        let dial = tokio::time::timeout(
+            Duration::from_secs(5),
+            turmoil::net::TcpStream::connect(router.as_str()),
+        );
+        let Ok(Ok(stream)) = dial.await else {
+            continue;
+        };
+        let answer = tokio::time::timeout(
+            config.ready_timeout + Duration::from_secs(10),
+            tokio_tungstenite::client_async(ws_url, stream),
+        );
+        return match answer.await {
+            Ok(Ok((socket, response))) => {
+                let answered = response
+                    .headers()
+                    .get(crate::app::BACKEND_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Handshake::Open(Box::new(socket), answered)
+            }
+            Ok(Err(Error::Http(response))) => Handshake::Refused(match response.status() {
+                http::StatusCode::UNAUTHORIZED
+                | http::StatusCode::NOT_FOUND
+                | http::StatusCode::GONE => OpenError::Ended,
+                http::StatusCode::SERVICE_UNAVAILABLE
+                    if response
+                        .body()
+                        .as_deref()
+                        .is_some_and(|b| b.windows(9).any(|w| w == b"not_ready")) =>
+                {
+                    OpenError::ReadyTimeout
+                }
+                _ => OpenError::Refused,
+            }),
+            // The router went away mid-handshake: the next one.
+            Ok(Err(_)) => continue,
+            Err(_) => Handshake::Refused(OpenError::Refused),
+        };
+    }
+    Handshake::Refused(OpenError::Refused)
 }

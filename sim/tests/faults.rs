@@ -249,3 +249,35 @@ fn the_leaders_api_server_link_is_slow_then_partitioned() {
         ],
     );
 }
+
+#[test]
+fn a_router_crashes_and_restarts() {
+    // The users relayed by router-0 lose their sockets with it (the sidecars notice by their
+    // pings); new connections go to router-1 while it is down.
+    with_faults(44, vec![(15, 10, crash("router-0"))]);
+}
+
+#[test]
+fn routers_are_partitioned_from_the_api_server_the_pods_and_the_users() {
+    // router-0's backend cache goes stale (it neither sees new backends nor ends), router-1
+    // cannot reach the pods, and one users host cannot reach router-0 (its sessions fail over).
+    with_faults(
+        45,
+        vec![
+            (10, 12, partition("router-0", "apiserver")),
+            (25, 10, partition("router-1", "node-*-pod-*")),
+            (40, 10, partition("users-0", "router-0")),
+        ],
+    );
+}
+
+#[test]
+fn watches_resume_after_the_api_server_compacts_its_history() {
+    // The API server restarts (its clients' watches die with their connections and resume
+    // after their read timeout, from the last version they saw), then compacts its history:
+    // every resumed watch gets 410 Expired and must list again.
+    with_faults(
+        47,
+        vec![(20, 1, crash("apiserver")), (22, 1, FaultKind::Compact)],
+    );
+}

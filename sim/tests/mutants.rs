@@ -33,7 +33,10 @@ fn caught(config: WorldConfig, mutant: Mutant, invariant: &str) {
     };
     match run(mutated) {
         Ok(summary) => panic!("{mutant:?} went unnoticed: {summary}"),
-        Err(failure) => assert_eq!(failure.violation.invariant, invariant, "{failure}"),
+        Err(failure) => {
+            println!("{mutant:?} caught: {}", failure.violation);
+            assert_eq!(failure.violation.invariant, invariant, "{failure}");
+        }
     }
 }
 
@@ -184,5 +187,121 @@ fn api_replicas_that_name_keys_differently_are_caught() {
         world(27, params),
         Mutant::ApiReplicasWithOwnKeySecrets,
         "at most one live backend per key",
+    );
+}
+
+#[test]
+fn a_router_that_dials_another_backend_is_caught() {
+    // Four rooms at once: the router dials several backends, and the mutant sends every fourth
+    // handshake to an address it dialled for another one. The app names itself; the user's
+    // token names the backend it must reach.
+    let params = WorkloadParams {
+        users: 16,
+        rooms: 4,
+        session_cap_ms: 8_000.0,
+        ..WorkloadParams::default()
+    };
+    caught(
+        world(28, params),
+        Mutant::RouterDialsAnotherBackend,
+        spawner_sim::world::ROUTED_BY_TOKEN,
+    );
+}
+
+#[test]
+fn a_router_that_accepts_a_token_for_another_backend_is_caught() {
+    // Long sessions in four rooms: the sessions that try their token on another room's live
+    // backend must be refused; the mutant checks a token against the backend it names itself.
+    let params = WorkloadParams {
+        users: 24,
+        rooms: 4,
+        session_min_ms: 20_000.0,
+        session_cap_ms: 30_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    caught(
+        world(29, params),
+        Mutant::RouterAcceptsTokensForAnyBackend,
+        spawner_sim::world::ROUTED_BY_TOKEN,
+    );
+}
+
+#[test]
+fn an_api_that_drops_terminate_requests_is_caught() {
+    // Every other session ends by terminating its backend; the mutant's api answers the
+    // DELETE as accepted but records nothing, so the backend lives on past the bound.
+    let params = WorkloadParams {
+        users: 12,
+        rooms: 3,
+        session_cap_ms: 8_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(30, params);
+    config.users_terminate_every = 2;
+    config.grace_seconds = 30;
+    caught(
+        config,
+        Mutant::ApiDropsTerminateRequests,
+        spawner_sim::world::TERMINATED_ON_REQUEST,
+    );
+}
+
+#[test]
+fn a_runtime_that_loses_an_apps_crash_is_caught_by_what_users_see() {
+    // Half the rooms' apps crash 10 s after they start; the mutant never reports the crash, so
+    // the backend stays Ready with its app dead and its users cannot connect again.
+    let params = WorkloadParams {
+        users: 16,
+        rooms: 4,
+        session_min_ms: 20_000.0,
+        session_cap_ms: 30_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(31, params);
+    config.apps_crash_every = 2;
+    config.apps_crash_after = Duration::from_secs(10);
+    config.allowed_user_failures = Some(0);
+    caught(
+        config,
+        Mutant::AppCrashesUnreported,
+        spawner_sim::world::USERS_CONNECT,
+    );
+}
+
+#[test]
+fn a_controller_that_swallows_expired_watches_is_caught() {
+    // The API server restarts, then compacts: the controller's watches resume from versions
+    // it no longer has. The mutant drops the 410 and resumes from the same version forever,
+    // so it never sees the backends created afterwards.
+    let params = WorkloadParams {
+        users: 24,
+        rooms: 6,
+        mean_interarrival_ms: 2_000.0,
+        session_cap_ms: 8_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(32, params);
+    config.faults = vec![
+        Fault {
+            at: Duration::from_secs(10),
+            duration: Duration::from_secs(1),
+            kind: FaultKind::Crash {
+                host: "apiserver".into(),
+            },
+        },
+        Fault {
+            at: Duration::from_secs(12),
+            duration: Duration::from_secs(1),
+            kind: FaultKind::Compact,
+        },
+    ];
+    caught(
+        config,
+        Mutant::ControllerSwallowsExpiredWatches,
+        "every spawn ends Ready or Failed",
     );
 }

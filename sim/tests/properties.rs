@@ -77,6 +77,7 @@ fn invariants_hold_for_any_workload_and_faults() {
                 end.max(Duration::from_secs(4)),
                 config.nodes,
                 config.controllers,
+                config.routers,
             );
             config.reproduce = format!("(property case {case:?})");
             // Without faults every user connects; with faults, what users saw is reported in

@@ -29,7 +29,7 @@ struct Unreached {
 }
 
 const UNREACHED: [Unreached; 4] = [
-    // Status streams: simulated users poll the status instead.
+    // Status streams: simulated users wait for Ready in the router instead.
     Unreached {
         component: "api",
         permission: ("spawner.dev", "sessionlivedbackends", "watch"),

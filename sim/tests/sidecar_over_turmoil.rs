@@ -20,7 +20,13 @@ fn sidecar_counts_simulated_websockets() -> turmoil::Result {
         let handle_tx = handle_tx.clone();
         async move {
             let app = SimListener::bind(("0.0.0.0", 8080)).await?;
-            tokio::spawn(async move { axum::serve(app, spawner_sim::app::router()).await });
+            tokio::spawn(async move {
+                axum::serve(
+                    app,
+                    spawner_sim::app::router("sim-backend", Default::default()),
+                )
+                .await
+            });
             let listener = SimListener::bind(("0.0.0.0", 9090)).await?;
             let config = spawner_sidecar::SidecarConfig::new("127.0.0.1:8080".to_string());
             let (handle, serve) = spawner_sidecar::run_with_handle(

@@ -35,7 +35,29 @@ pub fn document() -> Value {
     let _ = generator.subschema_for::<TerminateResponse>();
     let _ = generator.subschema_for::<PhaseEvent>();
     let _ = generator.subschema_for::<ErrorBody>();
-    let schemas = generator.take_definitions(true);
+    let mut schemas = generator.take_definitions(true);
+    // What the handlers require beyond the types: an image or a command (`to_spec`), and a key
+    // for /connect. Said here so that a schema-valid request is one the api accepts.
+    if let Some(spawn) = schemas
+        .get_mut("SpawnRequest")
+        .and_then(Value::as_object_mut)
+    {
+        // Present and not null: `"image": null` is absent to the api.
+        spawn.insert(
+            "anyOf".into(),
+            json!([
+                { "required": ["image"], "properties": { "image": { "type": "string" } } },
+                { "required": ["command"], "properties": { "command": { "type": "array" } } }
+            ]),
+        );
+    }
+    schemas.insert(
+        "ConnectRequest".into(),
+        json!({
+            "description": "A SpawnRequest with its `key`, which /connect requires.",
+            "allOf": [schema_ref("SpawnRequest"), { "required": ["key"] }]
+        }),
+    );
 
     let auth = json!([{ "bearer": [] }]);
     let id_param = json!({
@@ -56,10 +78,19 @@ pub fn document() -> Value {
     let unavailable =
         error_response("The Kubernetes API failed or is throttling (`unavailable`); try again.");
     let spawn_body = json!({ "required": true, "content": json_content("SpawnRequest") });
+    let connect_body = json!({ "required": true, "content": json_content("ConnectRequest") });
+    // The answer names the backend: the operations on it take that name (OpenAPI links, which
+    // stateful testers such as schemathesis follow to reach real backends).
+    let backend_links = json!({
+        "status": { "operationId": "status", "parameters": { "id": "$response.body#/name" } },
+        "statusStream": { "operationId": "statusStream", "parameters": { "id": "$response.body#/name" } },
+        "ready": { "operationId": "ready", "parameters": { "id": "$response.body#/name" } },
+        "terminate": { "operationId": "terminate", "parameters": { "id": "$response.body#/name" } }
+    });
     let spawn_responses = |created: &str, ok: &str| {
         json!({
-            "201": { "description": created, "content": json_content("SpawnResponse") },
-            "200": { "description": ok, "content": json_content("SpawnResponse") },
+            "201": { "description": created, "content": json_content("SpawnResponse"), "links": backend_links },
+            "200": { "description": ok, "content": json_content("SpawnResponse"), "links": backend_links },
             "400": bad_request, "401": unauthorized, "413": too_large,
             "422": invalid, "503": unavailable
         })
@@ -87,7 +118,7 @@ pub fn document() -> Value {
                 "operationId": "connect",
                 "summary": "The live backend of `key`, created when there is none.",
                 "security": auth,
-                "requestBody": spawn_body,
+                "requestBody": connect_body,
                 "responses": spawn_responses(
                     "No live backend had the key; this call created one (`spawned: true`).",
                     "The key's live backend (`spawned: false`)."
@@ -210,6 +241,7 @@ mod tests {
             "PhaseEvent",
             "ErrorBody",
             "Phase",
+            "ConnectRequest",
         ] {
             assert!(schemas.contains_key(name), "{name}");
         }
@@ -233,5 +265,27 @@ mod tests {
         ] {
             assert!(paths.contains_key(path), "{path}");
         }
+    }
+
+    /// The constraints the handlers check are in the document: schemathesis found
+    /// schema-valid requests the api refused (no image nor command; /connect without a key).
+    #[test]
+    fn an_image_or_a_command_and_the_connect_key_are_required() {
+        let doc = document();
+        let spawn = &doc["components"]["schemas"]["SpawnRequest"];
+        assert_eq!(spawn["anyOf"][0]["required"], json!(["image"]));
+        assert_eq!(spawn["anyOf"][0]["properties"]["image"]["type"], "string");
+        assert_eq!(spawn["anyOf"][1]["required"], json!(["command"]));
+        assert_eq!(spawn["anyOf"][1]["properties"]["command"]["type"], "array");
+        let connect = &doc["paths"]["/connect"]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"];
+        assert_eq!(connect, &schema_ref("ConnectRequest"));
+        let connect = &doc["components"]["schemas"]["ConnectRequest"];
+        assert!(
+            connect["allOf"]
+                .as_array()
+                .expect("allOf")
+                .contains(&json!({ "required": ["key"] }))
+        );
     }
 }

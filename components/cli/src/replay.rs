@@ -185,13 +185,7 @@ pub async fn replay(args: &ReplayArgs, progress: bool) -> anyhow::Result<ReplayR
         ready_timeout: Duration::from_secs(args.ready_timeout_seconds),
     });
     let total_events = trace.events.len() as u64;
-    let mut sessions: BTreeMap<String, Vec<TraceEvent>> = BTreeMap::new();
-    for event in trace.events {
-        sessions
-            .entry(event.session.clone())
-            .or_default()
-            .push(event);
-    }
+    let sessions = spawner_core::trace::by_session(trace.events);
     let seen: Shared = Arc::default();
     let start = Instant::now();
     let speed = args.speed;

@@ -212,6 +212,21 @@ impl Trace {
     }
 }
 
+/// The events of each session, in trace order, sessions ordered by id: what a replay plays, one
+/// task per session (`spawner replay`, the simulator's users).
+pub fn by_session(
+    events: impl IntoIterator<Item = TraceEvent>,
+) -> std::collections::BTreeMap<String, Vec<TraceEvent>> {
+    let mut sessions: std::collections::BTreeMap<String, Vec<TraceEvent>> = Default::default();
+    for event in events {
+        sessions
+            .entry(event.session.clone())
+            .or_default()
+            .push(event);
+    }
+    sessions
+}
+
 /// What a replay of a trace did, from the simulator (simulated time) or a live deployment
 /// (`spawner replay`): the same fields, printed the same way.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -328,6 +343,19 @@ mod tests {
         trace.write(&mut out).expect("write");
         assert_eq!(Trace::read(&out[..]).expect("reread"), trace);
         assert_eq!(trace.keys(), ["room-1"]);
+        let mut two = trace.events.clone();
+        two.insert(
+            1,
+            TraceEvent {
+                t_ms: 10,
+                session: "s0".into(),
+                key: "room-1".into(),
+                kind: TraceEventKind::Spawn,
+            },
+        );
+        let sessions = by_session(two);
+        assert_eq!(sessions.keys().collect::<Vec<_>>(), ["s0", "s1"]);
+        assert_eq!(sessions["s1"], trace.events);
     }
 
     #[test]

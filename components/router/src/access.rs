@@ -89,7 +89,7 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
     // A valid token in the address is the newest word on who the visitor is: it replaces an
     // older cookie (another user of the same browser opened their own URL).
     if let Some(token) = query_token {
-        match connect_token::verify(ring, Purpose::Connect, token, request.backend, now) {
+        match verify(ring, Purpose::Connect, token, request.backend, now) {
             Ok(claims) if request.redirectable => {
                 return Access::Redirect {
                     location: without_query_param(request.path_and_query, QUERY_PARAM),
@@ -101,7 +101,7 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
         }
     }
     for value in cookie_values(request.cookies.unwrap_or(""), SESSION_COOKIE) {
-        match connect_token::verify(ring, Purpose::Session, value, request.backend, now) {
+        match verify(ring, Purpose::Session, value, request.backend, now) {
             Ok(claims) => {
                 if query_token.is_some() && request.redirectable {
                     // Already in (the token was stale): just take it out of the address bar.
@@ -118,7 +118,7 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
         }
     }
     if let Some(token) = request.authorization.and_then(bearer) {
-        match connect_token::verify(ring, Purpose::Connect, token, request.backend, now) {
+        match verify(ring, Purpose::Connect, token, request.backend, now) {
             Ok(claims) => return Access::Granted { user: claims.user },
             // The reason given: the address's token's, else the bearer's, else the cookie's.
             Err(e) if query_token.is_none() => refusal = Some(e),
@@ -126,6 +126,18 @@ pub fn decide(ring: &KeyRing, request: &Request<'_>, cookie: &CookiePolicy, now:
         }
     }
     Access::Denied(refusal.map_or(Denial::Missing, Denial::Token))
+}
+
+/// Checks `token` for `purpose` against `backend` (the one the request is routed to).
+fn verify(
+    ring: &KeyRing,
+    purpose: Purpose,
+    token: &str,
+    backend: &str,
+    now: u64,
+) -> Result<Claims, TokenError> {
+    let backend = crate::mutants::backend_to_check(token, backend);
+    connect_token::verify(ring, purpose, token, backend, now)
 }
 
 /// The `Set-Cookie` value carrying a session token for `claims`' backend and user.

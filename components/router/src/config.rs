@@ -9,6 +9,7 @@ use std::time::Duration;
 use spawner_core::connect_token::{DEFAULT_SESSION_TTL_SECONDS, KeyError, KeyRing};
 
 use crate::route::Mode;
+use crate::trust::{CidrError, TrustedProxies};
 
 pub use spawner_core::clock::{Clock, SystemClock};
 
@@ -70,6 +71,15 @@ pub struct RouterArgs {
     /// Most client connections served at once; further ones wait in the accept queue.
     #[arg(long, env = "SPAWNER_ROUTER_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For/Proto/Host` are believed (kept, the peer appended to
+    /// `X-Forwarded-For`): the load balancers in front, as address ranges (`10.0.0.0/8`,
+    /// `2001:db8::/32`, `192.0.2.7`). Anyone else's copies are replaced.
+    #[arg(
+        long = "trusted-proxy",
+        env = "SPAWNER_ROUTER_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
     /// Recording of WebSocket connections, messages and disconnects as a session trace
     /// (docs/traces.md); the caller starts the recorder and puts it in [`RouterConfig::trace`].
     #[command(flatten)]
@@ -106,6 +116,8 @@ impl RouterArgs {
         }
         config.header_read_timeout = Duration::from_secs(self.header_read_timeout_seconds);
         config.max_connections = self.max_connections;
+        config.trusted_proxies =
+            TrustedProxies::parse(self.trusted_proxies.iter().map(String::as_str))?;
         config.check()?;
         Ok(config)
     }
@@ -126,6 +138,8 @@ pub struct RouterConfig {
     pub max_connections: usize,
     /// Largest request head accepted.
     pub max_header_bytes: usize,
+    /// Peers whose forwarding headers are kept ([`crate::trust`]).
+    pub trusted_proxies: TrustedProxies,
     /// Serve HTTPS with this configuration ([`tls_config`]).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Wall-clock time, for token expiry; injected so tests control it.
@@ -145,6 +159,7 @@ impl std::fmt::Debug for RouterConfig {
             .field("https", &self.https)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_connections", &self.max_connections)
+            .field("trusted_proxies", &self.trusted_proxies)
             .field("tls", &self.tls.is_some())
             .field("trace", &self.trace.is_some())
             .finish_non_exhaustive()
@@ -164,6 +179,7 @@ impl RouterConfig {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 20_000,
             max_header_bytes: 64 * 1024,
+            trusted_proxies: TrustedProxies::default(),
             tls: None,
             clock: Arc::new(SystemClock),
             trace: None,
@@ -254,6 +270,8 @@ pub enum ConfigError {
     PathPrefix(String),
     #[error("connect keys: {0}")]
     Keys(#[from] KeyError),
+    #[error("trusted proxies: {0}")]
+    TrustedProxy(#[from] CidrError),
     #[error(
         "session lifetime, header read timeout, connection cap and header size must be positive"
     )]
@@ -305,6 +323,32 @@ mod tests {
         .expect("valid");
         assert_eq!(config.mode, Mode::Path { prefix: "b".into() });
         assert!(config.https);
+        assert!(config.trusted_proxies.is_empty());
+        let config = parse(&[
+            "--path-prefix",
+            "b",
+            "--connect-key",
+            "k1:0123456789abcdef",
+            "--trusted-proxy",
+            "10.0.0.0/8,192.0.2.7",
+        ])
+        .expect("valid");
+        assert!(
+            config
+                .trusted_proxies
+                .trusts("10.9.8.7".parse().expect("ip"))
+        );
+        assert!(matches!(
+            parse(&[
+                "--path-prefix",
+                "b",
+                "--connect-key",
+                "k1:0123456789abcdef",
+                "--trusted-proxy",
+                "10.0.0.0/99",
+            ]),
+            Err(ConfigError::TrustedProxy(_))
+        ));
     }
 
     #[test]

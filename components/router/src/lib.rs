@@ -7,7 +7,8 @@
 //!   waits for Ready up to a bound, then 503.
 //! - Lets in only requests with a valid connect token or the session cookie it was swapped for
 //!   ([`access`]), except for public backends; hands the token's user to the app as
-//!   `X-Spawner-User`; sets `X-Forwarded-For/Proto/Host` itself (client copies are dropped).
+//!   `X-Spawner-User`; sets `X-Forwarded-For/Proto/Host` itself (client copies are dropped,
+//!   except from trusted proxies: [`trust`]).
 //! - Forwards with the proxy core ([`spawner_proxy`]) that the sidecar uses too.
 //! - Serves `/healthz` and `/metrics` (Prometheus text) on any host that is not a backend's.
 //!
@@ -18,8 +19,10 @@ pub mod access;
 pub mod cache;
 pub mod config;
 pub mod metrics;
+pub mod mutants;
 pub mod route;
 mod serve;
+pub mod trust;
 
 use std::future::Future;
 use std::io;

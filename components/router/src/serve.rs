@@ -47,6 +47,10 @@ const CLIENT_HEADERS_DROPPED: [HeaderName; 6] = [
     header::FORWARDED,
 ];
 
+/// Of those, what a trusted proxy in front may set.
+const FORWARDED_BY_TRUSTED: [HeaderName; 3] =
+    [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+
 type Body = Either<Incoming, Full<Bytes>>;
 
 /// The upstream connections of one client connection: to one backend at a time (a client
@@ -159,6 +163,8 @@ impl<C: Connect> Inner<C> {
         let kept: Arc<Kept<C>> = Arc::new(Mutex::new(None));
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown"));
+        // A load balancer we trust says who the client is; anyone else is not believed.
+        let trusted = self.config.trusted_proxies.trusts(peer.ip());
         let service = {
             let inner = self.clone();
             let kept = kept.clone();
@@ -166,7 +172,9 @@ impl<C: Connect> Inner<C> {
                 let inner = inner.clone();
                 let kept = kept.clone();
                 let peer_ip = peer_ip.clone();
-                async move { Ok::<_, Infallible>(inner.handle::<Io>(req, &kept, peer_ip).await) }
+                async move {
+                    Ok::<_, Infallible>(inner.handle::<Io>(req, &kept, peer_ip, trusted).await)
+                }
             })
         };
         let mut builder = http1::Builder::new();
@@ -204,6 +212,7 @@ impl<C: Connect> Inner<C> {
         req: Request<Incoming>,
         kept: &Kept<C>,
         peer_ip: HeaderValue,
+        trusted: bool,
     ) -> Response<Body>
     where
         Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -211,7 +220,7 @@ impl<C: Connect> Inner<C> {
         let started = Instant::now();
         let upgrade = websocket::is_upgrade(&req);
         let (outcome, response) = self
-            .route_and_forward::<Io>(req, kept, peer_ip, upgrade, started)
+            .route_and_forward::<Io>(req, kept, peer_ip, trusted, upgrade, started)
             .await;
         self.metrics.count(upgrade, outcome);
         response
@@ -222,6 +231,7 @@ impl<C: Connect> Inner<C> {
         req: Request<Incoming>,
         kept: &Kept<C>,
         peer_ip: HeaderValue,
+        trusted: bool,
         upgrade: bool,
         started: Instant,
     ) -> (Outcome, Response<Body>)
@@ -328,6 +338,7 @@ impl<C: Connect> Inner<C> {
             host.as_deref(),
             user.as_deref(),
             &target,
+            trusted,
         );
         let upstream = Upstream::new(self.connector.clone(), upstream_addr.clone());
         let outcome = if waited {
@@ -461,16 +472,20 @@ impl<C: Connect> Inner<C> {
     }
 
     /// What the app gets: the router's own credentials removed, `X-Forwarded-*` and
-    /// `X-Spawner-User` from the router only.
+    /// `X-Spawner-User` from the router only; from a `trusted` proxy, its
+    /// `X-Forwarded-For/Proto/Host` are kept (the proxy core appends the peer to `-For`).
     fn prepare_headers(
         &self,
         headers: &mut http::HeaderMap,
         host: Option<&str>,
         user: Option<&str>,
         target: &Target,
+        trusted: bool,
     ) {
         for name in CLIENT_HEADERS_DROPPED {
-            headers.remove(name);
+            if !(trusted && FORWARDED_BY_TRUSTED.contains(&name)) {
+                headers.remove(name);
+            }
         }
         let cookies: Vec<String> = headers
             .get_all(header::COOKIE)
@@ -490,9 +505,13 @@ impl<C: Connect> Inner<C> {
         {
             headers.remove(header::AUTHORIZATION);
         }
-        let proto = if self.config.https { "https" } else { "http" };
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        if !headers.contains_key(X_FORWARDED_PROTO) {
+            let proto = if self.config.https { "https" } else { "http" };
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if !headers.contains_key(X_FORWARDED_HOST)
+            && let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok())
+        {
             headers.insert(X_FORWARDED_HOST, value);
         }
         if let Some(value) = user.and_then(|u| HeaderValue::from_str(u).ok()) {

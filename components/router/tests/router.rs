@@ -700,6 +700,42 @@ async fn websockets_are_recorded_by_size_under_opaque_ids() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Behind a TLS-terminating load balancer: the forwarding headers of a trusted peer are kept
+/// (the peer appended to `X-Forwarded-For`); an untrusted peer's are replaced, as always.
+#[tokio::test]
+async fn forwarding_headers_are_believed_from_trusted_proxies_only() {
+    use spawner_router::trust::TrustedProxies;
+    let (addr, _app) = echo_app("sb-lb").await;
+    let claimed = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\
+                   X-Forwarded-Host: rooms.example.com\r\nX-Spawner-User: mallory\r\n";
+    for (ranges, expected) in [
+        (
+            vec!["10.0.0.0/8", "127.0.0.0/8"],
+            ("203.0.113.7, 127.0.0.1", "https", "rooms.example.com"),
+        ),
+        (vec!["10.0.0.0/8"], ("127.0.0.1", "http", "sb-lb.localhost")),
+    ] {
+        let trusted = TrustedProxies::parse(ranges.iter().copied()).expect("ranges");
+        let w = World::start_with(host_mode(), |c| c.trusted_proxies = trusted).await;
+        w.backend("sb-lb", "Ready", Some(addr), true).await;
+        let answer = get(w.router, "sb-lb.localhost", "/", claimed).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let seen = answer.json();
+        let headers = &seen["headers"];
+        assert_eq!(
+            (
+                headers["x-forwarded-for"].as_str(),
+                headers["x-forwarded-proto"].as_str(),
+                headers["x-forwarded-host"].as_str(),
+            ),
+            (Some(expected.0), Some(expected.1), Some(expected.2)),
+            "trusting {ranges:?}: {seen}"
+        );
+        // The router's own headers are never taken from anyone.
+        assert!(headers.get("x-spawner-user").is_none(), "{seen}");
+    }
+}
+
 #[tokio::test]
 async fn a_slow_request_head_is_cut_off() {
     let w = World::start_with(host_mode(), |c| {

@@ -5,6 +5,8 @@
 //!   p50/p99 in microseconds.
 //! - `bench_ws hold <addr> <connections>`: opens that many WebSockets, prints `ready`, keeps
 //!   them idle until stdin closes, then closes them.
+//!
+//! `<addr>` is `host:port` (WebSocket at `/ws`) or `host:port/path` (at `/path/ws`).
 
 use std::time::{Duration, Instant};
 
@@ -14,10 +16,18 @@ use tokio_tungstenite::tungstenite::Message;
 
 type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
 
+/// `addr` is `host:port`, or `host:port/path` for a WebSocket at `/path/ws` (a router's path
+/// mode).
 async fn open(addr: &str) -> Ws {
-    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (host, path) = addr.split_once('/').unwrap_or((addr, ""));
+    let stream = TcpStream::connect(host).await.expect("connect");
     let _ = stream.set_nodelay(true);
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+    let url = if path.is_empty() {
+        format!("ws://{host}/ws")
+    } else {
+        format!("ws://{host}/{path}/ws")
+    };
+    let (ws, _) = tokio_tungstenite::client_async(url, stream)
         .await
         .expect("websocket handshake");
     ws

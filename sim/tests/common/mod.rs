@@ -29,11 +29,13 @@ pub fn scale_world(seed: u64, users: usize) {
             summary.backends * 10 >= users,
             "at least one backend per 10 users: {summary}"
         );
+        // Swept, or terminated by the users who end their sessions (one in 20).
         assert_eq!(
-            summary.swept + summary.failed,
+            summary.swept + summary.failed + summary.terminated,
             summary.backends,
             "{summary}"
         );
+        assert!(summary.users.terminated_by_users > 0, "{summary}");
         // Without faults nothing makes a pod fail: a failure is a bug (a pod bound past its
         // node's capacity failed for a slot before the node agent kept its bindings).
         assert_eq!(summary.failed, 0, "{summary}");

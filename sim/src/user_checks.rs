@@ -1,0 +1,78 @@
+//! What users saw, checked after every step: no user reached a backend other than the one its
+//! token names (and no token opened another backend), and every backend a user terminated
+//! ended within [`TERMINATE_BOUND`] of the api accepting the request.
+
+use std::time::Duration;
+
+use spawner_core::Phase;
+
+use crate::invariants::Violation;
+use crate::users::SharedReport;
+
+/// The routers take every user to the backend its token names, and no token opens another.
+pub const ROUTED_BY_TOKEN: &str = "users reach only the backend their token names";
+/// A terminate request the api accepted is carried out.
+pub const TERMINATED_ON_REQUEST: &str = "a backend its user terminated ends";
+/// How long after the api accepted a user's terminate request its backend may still be live:
+/// the controller ends it on the next reconcile (the request is a watched change). Suspended
+/// while a fault is active and until its recovery time has passed, like the sweep deadlines.
+pub const TERMINATE_BOUND: Duration = Duration::from_secs(10);
+
+/// The users' terminate requests not yet seen carried out.
+#[derive(Default)]
+pub struct UserChecks {
+    /// Backend and when the world first saw its request.
+    pending: Vec<(String, Duration)>,
+}
+
+impl UserChecks {
+    /// Checks the users' report at `now`. `phase_of` is a backend's phase in the API server
+    /// (`None` once deleted); `deadlines_from` is when deadlines are owed again after faults
+    /// (`None` when there never was one, `now` while one is active).
+    pub fn check(
+        &mut self,
+        report: &SharedReport,
+        now: Duration,
+        deadlines_from: Option<Duration>,
+        phase_of: impl Fn(&str) -> Option<Phase>,
+    ) -> Result<(), Violation> {
+        let (misrouted, requested) = report.update(|r| {
+            (
+                r.misrouted.first().cloned(),
+                std::mem::take(&mut r.terminate_requests),
+            )
+        });
+        if let Some(detail) = misrouted {
+            return Err(Violation {
+                at: now,
+                invariant: ROUTED_BY_TOKEN,
+                detail,
+            });
+        }
+        self.pending
+            .extend(requested.into_iter().map(|name| (name, now)));
+        let owed_from = deadlines_from.unwrap_or(Duration::ZERO);
+        let mut late = None;
+        self.pending.retain(|(name, at)| match phase_of(name) {
+            None => false,
+            Some(phase) if phase.is_terminal() => false,
+            Some(phase) => {
+                if (*at).max(owed_from) + TERMINATE_BOUND < now && late.is_none() {
+                    late = Some(format!(
+                        "{name} is still {phase} {:.1}s after its user's terminate request was accepted",
+                        (now - *at).as_secs_f64()
+                    ));
+                }
+                true
+            }
+        });
+        match late {
+            Some(detail) => Err(Violation {
+                at: now,
+                invariant: TERMINATED_ON_REQUEST,
+                detail,
+            }),
+            None => Ok(()),
+        }
+    }
+}
