@@ -61,6 +61,9 @@ const RBAC: [(&str, &str); 4] = [
 
 /// Grace period of the backends that are meant to be swept.
 const GRACE: Duration = Duration::from_secs(3);
+/// How long a backend may run without being Ready before the controller fails it.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long the controller keeps a finished backend before deleting it.
 const RETENTION_SECONDS: u64 = 3;
 /// Longest wait for anything the scenarios expect (spawn → Ready, cleanup ...).
@@ -198,6 +201,7 @@ impl World {
         // Controller, leader-elected on a Lease of its own in spawner-system.
         let lease = format!("spawner-controller-{namespace}");
         let retention = RETENTION_SECONDS.to_string();
+        let start_timeout = START_TIMEOUT.as_secs().to_string();
         let controller_args: spawner_controller::ControllerArgs = args_of(&[
             "--namespace",
             &namespace,
@@ -207,6 +211,8 @@ impl World {
             "pod-ip",
             "--retention-seconds",
             &retention,
+            "--start-timeout-seconds",
+            &start_timeout,
             "--lease-name",
             &lease,
             "--lease-namespace",
@@ -299,6 +305,7 @@ impl World {
                 },
             },
             ready_timeout: PATIENCE,
+            start_timeout: START_TIMEOUT,
         };
         World {
             scene: Scene {
@@ -564,6 +571,15 @@ async fn crashing_app_fails_as_service_accounts() {
     run(
         "crashing_app_fails_as_service_accounts",
         |scene| async move { scenarios::crashing_app_fails(&scene.target).await },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_ready_fails_with_start_timeout_as_service_accounts() {
+    run(
+        "never_ready_fails_with_start_timeout_as_service_accounts",
+        |scene| async move { scenarios::never_ready_fails_with_start_timeout(&scene.target).await },
     )
     .await;
 }

@@ -53,6 +53,14 @@ async fn crashing_app_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_ready_fails_with_start_timeout() {
+    run("never_ready_fails_with_start_timeout", |t| async move {
+        scenarios::never_ready_fails_with_start_timeout(&t).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_while_starting() {
     run("terminate_while_starting", |t| async move {
         scenarios::terminate_while_starting(&t).await

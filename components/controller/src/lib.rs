@@ -119,6 +119,10 @@ pub struct ControllerArgs {
         default_value_t = 120
     )]
     pub image_pull_timeout_seconds: u64,
+    /// How long a backend's pod may run before its application accepts connections: a backend
+    /// not Ready this long after it became Running fails with `StartTimeout` (0: no limit).
+    #[arg(long, env = "SPAWNER_START_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub start_timeout_seconds: u64,
     /// How long a finished (Swept, Failed, Terminated) backend stays readable before deletion.
     #[arg(long, env = "SPAWNER_RETENTION_SECONDS", default_value_t = 300)]
     pub retention_seconds: u64,
@@ -161,6 +165,8 @@ pub struct ControllerConfig {
     pub events_secret: Vec<u8>,
     pub url_mode: UrlMode,
     pub image_pull_timeout: Duration,
+    /// How long a Running backend may take to become Ready before it fails; `None`: no limit.
+    pub start_timeout: Option<Duration>,
     pub retention: Duration,
     pub resync: Duration,
     pub concurrency: u16,
@@ -218,6 +224,8 @@ impl ControllerArgs {
             events_secret: self.events_secret.into_bytes(),
             url_mode: self.url_mode,
             image_pull_timeout: Duration::from_secs(self.image_pull_timeout_seconds),
+            start_timeout: (self.start_timeout_seconds > 0)
+                .then(|| Duration::from_secs(self.start_timeout_seconds)),
             retention: Duration::from_secs(self.retention_seconds),
             resync: Duration::from_secs(self.resync_seconds.max(1)),
             concurrency: self.concurrency,
@@ -486,6 +494,7 @@ mod tests {
         let config = cli.args.into_config();
         assert_eq!(config.url_mode, UrlMode::PodIp);
         assert_eq!(config.retention, Duration::from_secs(7));
+        assert_eq!(config.start_timeout, Some(Duration::from_secs(300)));
         assert_eq!(config.events_secret, b"s3cret");
         assert_eq!(config.limits.reserved_ports, vec![DEFAULT_SIDECAR_PORT]);
         let lease = config.lease.expect("leader election on by default");
@@ -494,6 +503,19 @@ mod tests {
         assert_eq!(lease.check(), Ok(()));
         assert_eq!(config.pod_policy, PodPolicy::default());
         assert!(!config.children.allow_service_account_token);
+    }
+
+    #[test]
+    fn a_zero_start_timeout_means_none() {
+        let cli = Cli::try_parse_from([
+            "controller",
+            "--events-secret",
+            "s3cret",
+            "--start-timeout-seconds",
+            "0",
+        ])
+        .expect("parses");
+        assert_eq!(cli.args.into_config().start_timeout, None);
     }
 
     #[test]

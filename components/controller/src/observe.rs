@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 use spawner_core::children::SIDECAR_CONTAINER_NAME;
 use spawner_core::phase::{Observation, Phase};
-use spawner_core::resource::SessionLivedBackend;
+use spawner_core::resource::{SessionLivedBackend, SessionLivedBackendStatus};
 use spawner_core::status::phase_time;
 
 /// Waiting reasons of the application container that mean its image is not coming (yet).
@@ -201,6 +201,24 @@ pub fn retention_deadline(backend: &SessionLivedBackend, retention: Duration) ->
         .and_then(|t| t.parse::<Timestamp>().ok())
         .or_else(|| backend.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
     Some(add(finished, retention))
+}
+
+/// When a backend that is Running but not yet Ready fails its start: `timeout` after the time
+/// of its `Running` condition. `None` once it was Ready, before it runs, or without a timeout.
+/// Counting from Running, not creation: scheduling and image pulls have their own limits
+/// (`--image-pull-timeout-seconds`), and a large image that pulls slowly but surely is no
+/// reason to fail.
+pub fn start_deadline(
+    status: &SessionLivedBackendStatus,
+    timeout: Option<Duration>,
+) -> Option<Timestamp> {
+    if status.phase != Phase::Running {
+        return None;
+    }
+    let running = phase_time(status, Phase::Running)?
+        .parse::<Timestamp>()
+        .ok()?;
+    Some(add(running, timeout?))
 }
 
 /// The earliest of some optional deadlines.
@@ -454,6 +472,27 @@ mod tests {
             s.phase = Phase::Ready;
         }
         assert_eq!(retention_deadline(&live, Duration::from_secs(30)), None);
+    }
+
+    #[test]
+    fn the_start_deadline_counts_from_running_until_ready() {
+        let mut status: SessionLivedBackendStatus = serde_json::from_value(json!({
+            "phase": "Running", "conditions": [
+                {"type": "Scheduled", "status": "True", "lastTransitionTime": "2024-01-01T00:00:01Z"},
+                {"type": "Running", "status": "True", "lastTransitionTime": "2024-01-01T00:00:05Z"}
+            ]
+        }))
+        .expect("status");
+        let timeout = Some(Duration::from_secs(300));
+        assert_eq!(
+            start_deadline(&status, timeout),
+            Some(ts("2024-01-01T00:05:05Z"))
+        );
+        assert_eq!(start_deadline(&status, None), None);
+        status.phase = Phase::Ready;
+        assert_eq!(start_deadline(&status, timeout), None);
+        status.phase = Phase::Scheduled;
+        assert_eq!(start_deadline(&status, timeout), None);
     }
 
     #[test]

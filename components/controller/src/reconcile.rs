@@ -27,7 +27,8 @@ use spawner_kube_events::EventPublisher;
 
 use crate::metrics::Metrics;
 use crate::observe::{
-    add, earliest, expects_pod, lifetime_deadline, observe_pod, retention_deadline, until,
+    add, earliest, expects_pod, lifetime_deadline, observe_pod, retention_deadline, start_deadline,
+    until,
 };
 use crate::{ControllerConfig, UrlMode};
 
@@ -459,6 +460,17 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             }
         }
     }
+    // After the pod's own observations, so a crash or a refusal reported meanwhile wins.
+    if let Some(deadline) = start_deadline(&status, config.start_timeout) {
+        if now >= deadline {
+            plan.observations.push(Observation::StartTimedOut {
+                waited_seconds: config.start_timeout.unwrap_or_default().as_secs(),
+                port: backend.spec.http_port,
+            });
+        } else {
+            plan.recheck_at.push(Some(deadline));
+        }
+    }
     plan.node = plan.observations.iter().find_map(|o| match o {
         Observation::PodScheduled { node } => Some(node.clone()),
         _ => None,
@@ -495,6 +507,9 @@ async fn reconcile_backend(backend: &SessionLivedBackend, ctx: &Context) -> Resu
             config.retention.max(Duration::from_millis(100)),
         ));
     }
+    // A backend that became Running just now: its start deadline counts from this write.
+    plan.recheck_at
+        .push(start_deadline(&new_status, config.start_timeout));
     let next = earliest(plan.recheck_at)
         .map(|d| until(now, d).max(Duration::from_millis(100)))
         .unwrap_or(config.resync)

@@ -12,6 +12,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use spawner_controller::ControllerConfig;
 use spawner_core::children::{EVENTS_TOKEN_ENV, SIDECAR_CONTAINER_NAME};
 use spawner_core::phase::Phase;
 use spawner_core::resource::{NODE_LABEL, SessionLivedBackend};
@@ -388,6 +389,98 @@ async fn a_template_refused_by_the_pod_policy_fails_with_an_event() {
         assert!(
             std::time::Instant::now() < deadline,
             "no PolicyViolation Event"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    controller.stop();
+}
+
+/// An application that never accepts connections does not keep its pod forever: not Ready
+/// `start_timeout` after it became Running, the backend fails with `StartTimeout`, an Event,
+/// and its pod and Service deleted. The deadline is a requeue, not the resync (30 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_never_ready_fails_with_start_timeout_at_its_deadline() {
+    let api = cluster().await;
+    let client = client_for(api);
+    let timeout = Duration::from_secs(2);
+    let controller = RunningController::start(
+        api,
+        ControllerConfig {
+            start_timeout: Some(timeout),
+            ..config("c1", false)
+        },
+    );
+    create_backend(
+        &client,
+        &backend_json("slab-mute", json!({"httpPort": 8123})),
+    )
+    .await;
+    wait_for_pod(&client, "slab-mute").await;
+    bind(&client, "slab-mute", "node-a").await;
+    set_pod_status(
+        &client,
+        "slab-mute",
+        json!({"phase": "Running", "podIP": "127.0.5.7",
+               "containerStatuses": [container("app", json!({"running": {}}))]}),
+    )
+    .await;
+    wait_for_phase(&client, "slab-mute", Phase::Running).await;
+    let failed = wait_for_phase(&client, "slab-mute", Phase::Failed).await;
+    let status = failed.status.expect("status");
+    assert_eq!(status.reason.as_deref(), Some("StartTimeout"));
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("2s") && message.contains("port 8123"),
+        "{message}"
+    );
+    let at = |phase: Phase| {
+        spawner_core::status::phase_time(&status, phase)
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .expect("condition time")
+    };
+    let waited = at(Phase::Failed).duration_since(at(Phase::Running));
+    assert!(
+        waited.as_secs_f64() >= timeout.as_secs_f64(),
+        "failed {waited:?} after Running"
+    );
+    // Deleted: a bound, running pod waits for its kubelet (none here) to confirm, so it may
+    // still be listed, with its deletion timestamp.
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pods
+        .get_opt("slab-mute")
+        .await
+        .expect("pod")
+        .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        assert!(std::time::Instant::now() < deadline, "pod not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let services: Api<Service> = Api::default_namespaced(client.clone());
+    while services.get_opt("slab-mute").await.expect("svc").is_some() {
+        assert!(std::time::Instant::now() < deadline, "service left behind");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let events: Api<Event> = Api::default_namespaced(client.clone());
+    loop {
+        let found = events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("slab-mute")
+                    && e.reason.as_deref() == Some("StartTimeout")
+                    && e.type_.as_deref() == Some("Warning")
+            });
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no StartTimeout Event"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -42,7 +42,8 @@ pub enum Phase {
     Ready,
     /// It stayed without connections past its grace period and was swept.
     Swept,
-    /// It failed: the application exited, the pod failed or vanished, or its image never came.
+    /// It failed: the application exited, the pod failed or vanished, its image never came, or
+    /// it was not Ready within the start timeout.
     Failed,
     /// It was stopped on request or at its maximum lifetime.
     Terminated,
@@ -86,6 +87,9 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// Reason of a backend that failed because it was not Ready within its start timeout.
+pub const START_TIMEOUT_REASON: &str = "StartTimeout";
+
 /// Something a component saw that may move a backend to another phase.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Observation {
@@ -103,6 +107,9 @@ pub enum Observation {
     PodMissing,
     /// The application image could not be pulled for longer than the configured timeout.
     ImagePullTimedOut { image: String, message: String },
+    /// The pod ran for the start timeout and its application never accepted a connection on
+    /// `port` (the sidecar never reported Ready).
+    StartTimedOut { waited_seconds: u64, port: u16 },
     /// The pod cannot be started at all (for example an image with no command in process mode).
     PodUnstartable { reason: String, message: String },
     /// The sidecar reported that the application accepts connections.
@@ -203,6 +210,24 @@ pub fn next_phase(current: Phase, observation: &Observation) -> Option<Transitio
             format!("image {image} could not be pulled: {message}"),
             None,
         ),
+        Observation::StartTimedOut {
+            waited_seconds,
+            port,
+        } => {
+            // Only a start can time out: a Ready backend ends by being swept or stopped.
+            if current >= Phase::Ready {
+                return None;
+            }
+            (
+                Phase::Failed,
+                START_TIMEOUT_REASON.to_string(),
+                format!(
+                    "not Ready {waited_seconds}s after its pod started running: \
+                     the application never accepted a connection on port {port}"
+                ),
+                None,
+            )
+        }
         Observation::PodUnstartable { reason, message } => {
             (Phase::Failed, reason.clone(), message.clone(), None)
         }
@@ -327,6 +352,23 @@ mod tests {
     }
 
     #[test]
+    fn a_start_times_out_only_before_ready() {
+        let timed_out = Observation::StartTimedOut {
+            waited_seconds: 300,
+            port: 8080,
+        };
+        let t = next_phase(Phase::Running, &timed_out).expect("fails");
+        assert_eq!(t.to, Phase::Failed);
+        assert_eq!(t.reason, START_TIMEOUT_REASON);
+        assert!(
+            t.message.contains("300s") && t.message.contains("port 8080"),
+            "{}",
+            t.message
+        );
+        assert_eq!(next_phase(Phase::Ready, &timed_out), None);
+    }
+
+    #[test]
     fn terminate_while_starting_is_honoured() {
         let t = next_phase(Phase::Constructed, &Observation::TerminateRequested).expect("moves");
         assert_eq!(t.to, Phase::Terminated);
@@ -363,6 +405,12 @@ mod tests {
                 message: "no command".into()
             }),
             Just(Observation::SidecarReady),
+            (any::<u64>(), any::<u16>()).prop_map(|(waited_seconds, port)| {
+                Observation::StartTimedOut {
+                    waited_seconds,
+                    port,
+                }
+            }),
             any::<u64>().prop_map(|idle_seconds| Observation::IdlePastGrace { idle_seconds }),
             any::<u32>()
                 .prop_map(|lifetime_seconds| Observation::LifetimeExceeded { lifetime_seconds }),

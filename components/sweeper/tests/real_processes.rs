@@ -79,6 +79,7 @@ impl World {
                 events_secret: SECRET.to_vec(),
                 url_mode: UrlMode::PodIp,
                 image_pull_timeout: Duration::from_secs(60),
+                start_timeout: Some(Duration::from_secs(300)),
                 retention: Duration::from_secs(5),
                 resync: Duration::from_secs(30),
                 concurrency: 8,

@@ -45,6 +45,7 @@ async fn spawn_ready_swept_and_cleaned_up() {
             events_secret: SECRET.to_vec(),
             url_mode: UrlMode::PodIp,
             image_pull_timeout: Duration::from_secs(60),
+            start_timeout: Some(Duration::from_secs(300)),
             retention: Duration::from_secs(1),
             resync: Duration::from_secs(30),
             concurrency: 4,

@@ -21,6 +21,10 @@ use super::{
 /// How long `spawner dev` may take to print its api URL.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long it may take to stop its backends and itself after SIGTERM.
+/// The dev controller's start timeout (`SPAWNER_START_TIMEOUT_SECONDS`): long enough for any
+/// app of the suite to listen on a loaded machine, short enough to wait for a never-ready one.
+const LOCAL_START_TIMEOUT: Duration = Duration::from_secs(30);
+
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Connects straight to `status.url`'s host and port: `spawner dev`'s router
@@ -83,6 +87,12 @@ impl LocalDev {
             .args(["--router-listen", "127.0.0.1:0"])
             .args(["--token", &token])
             .args(["--retention-seconds", "30"])
+            // The controller reads its flags' environment fallbacks: a never-ready app fails
+            // within the suite's patience, not after the 300 s default.
+            .env(
+                "SPAWNER_START_TIMEOUT_SECONDS",
+                LOCAL_START_TIMEOUT.as_secs().to_string(),
+            )
             .arg("--state-dir")
             .arg(&state_dir)
             .env("RUST_LOG", "info")
@@ -172,6 +182,7 @@ impl LocalDev {
                 },
             },
             ready_timeout: Duration::from_secs(60),
+            start_timeout: LOCAL_START_TIMEOUT,
         }
     }
 }

@@ -124,6 +124,8 @@ pub struct Target {
     pub apps: Apps,
     /// Longest wait from spawn to Ready (image pulls make a cluster slower than local).
     pub ready_timeout: Duration,
+    /// The controller's start timeout: a backend Running this long without being Ready fails.
+    pub start_timeout: Duration,
 }
 
 /// Durations a scenario observed, printed by the suites (never asserted: no wall-clock speed
@@ -578,6 +580,56 @@ pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
             )
         },
     )?;
+    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
+        format!("{name} was Ready: {:?}", client::phases(&events))
+    })?;
+    Ok(timings)
+}
+
+/// An application that never accepts connections does not keep its backend forever: once the
+/// controller's start timeout has passed since it became Running, it ends Failed with
+/// `StartTimeout` and a message naming the port, and users on the status stream see it.
+pub async fn never_ready_fails_with_start_timeout(target: &Target) -> Result<Timings, Failure> {
+    let mut timings = Timings::default();
+    let start = Instant::now();
+    let spawned = target
+        .api
+        .spawn(
+            &target
+                .apps
+                .never_ready
+                .request(json!({ "gracePeriodSeconds": 5 })),
+        )
+        .await?;
+    let name = spawned.name;
+    let events = wait_terminal(target, &name, target.ready_timeout + target.start_timeout).await?;
+    timings.record("spawn→Failed", start);
+    let last = events
+        .last()
+        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
+    ensure(
+        last.phase == Phase::Failed && last.reason.as_deref() == Some("StartTimeout"),
+        || {
+            format!(
+                "{name}, never listening, ended {:?} ({:?}: {:?}), phases {:?}",
+                last.phase,
+                last.reason,
+                last.message,
+                client::phases(&events)
+            )
+        },
+    )?;
+    let message = last.message.clone().unwrap_or_default();
+    ensure(
+        message.contains("never accepted") && message.contains("port"),
+        || format!("{name}: StartTimeout message {message:?} does not say what never happened"),
+    )?;
+    ensure(events.iter().any(|e| e.phase == Phase::Running), || {
+        format!(
+            "{name} failed without running: {:?}",
+            client::phases(&events)
+        )
+    })?;
     ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
         format!("{name} was Ready: {:?}", client::phases(&events))
     })?;

@@ -56,6 +56,8 @@ pub fn config(identity: &str, lease: bool) -> ControllerConfig {
         events_secret: SECRET.to_vec(),
         url_mode: UrlMode::Service,
         image_pull_timeout: Duration::from_secs(2),
+        // No start timeout: nothing here writes Ready (no sweeper); tests that want one set it.
+        start_timeout: None,
         retention: Duration::from_secs(2),
         resync: Duration::from_secs(30),
         concurrency: 8,
