@@ -144,9 +144,41 @@ struct Container {
 }
 
 impl Container {
+    /// `docker run -d ARGS`. Docker picks a published port from the kernel's ephemeral range
+    /// without checking that nothing on the host holds it, so on a busy machine (the rest of the
+    /// suite has thousands of client sockets open) its proxy can fail to bind with "address
+    /// already in use"; the container is then left created under its name. That is Docker's
+    /// allocation racing other processes, not the image: remove it and run again.
     fn run(args: &[&str]) -> Self {
         let mut full = vec!["run", "-d"];
         full.extend_from_slice(args);
+        let name = args
+            .windows(2)
+            .find(|pair| pair[0] == "--name")
+            .map(|pair| pair[1]);
+        for _ in 0..4 {
+            let out = Command::new("docker")
+                .args(&full)
+                .output()
+                .expect("run the docker client");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() && stderr.contains("address already in use") {
+                if let Some(name) = name {
+                    docker(&["rm", "-f", "-v", name]);
+                    continue;
+                }
+            }
+            assert!(
+                out.status.success(),
+                "docker {}: {}",
+                full.join(" "),
+                stderr.trim()
+            );
+            return Self {
+                id: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+                owned: true,
+            };
+        }
         Self {
             id: docker(&full),
             owned: true,
