@@ -42,8 +42,7 @@ pub enum Phase {
     Ready,
     /// It stayed without connections past its grace period and was swept.
     Swept,
-    /// It failed: the application exited, the pod failed or vanished, its image never came, or
-    /// it was not Ready within the start timeout.
+    /// It failed: the app exited, its pod failed or vanished, its image never came, or it timed out.
     Failed,
     /// It was stopped on request or at its maximum lifetime.
     Terminated,
