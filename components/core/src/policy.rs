@@ -186,25 +186,30 @@ impl Refusals<'_> {
                 "an unmasked /proc",
             );
         }
-        if let Some(profile) = &context.seccomp_profile
-            && profile.type_ == "Unconfined"
-        {
+        self.unconfined_profiles(
+            &path,
+            context.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            context.app_armor_profile.as_ref().map(|p| p.type_.as_str()),
+        );
+        self.se_linux(&path, context.se_linux_options.as_ref());
+    }
+
+    /// Seccomp and AppArmor profiles, set the same way on a pod and on a container.
+    fn unconfined_profiles(&mut self, path: &str, seccomp: Option<&str>, app_armor: Option<&str>) {
+        if seccomp == Some("Unconfined") {
             self.refuse(
                 PodAllowance::Unconfined,
                 format!("{path}.seccompProfile.type"),
                 "an unconfined seccomp profile",
             );
         }
-        if let Some(profile) = &context.app_armor_profile
-            && profile.type_ == "Unconfined"
-        {
+        if app_armor == Some("Unconfined") {
             self.refuse(
                 PodAllowance::Unconfined,
                 format!("{path}.appArmorProfile.type"),
                 "an unconfined AppArmor profile",
             );
         }
-        self.se_linux(&path, context.se_linux_options.as_ref());
     }
 
     fn se_linux(
@@ -232,24 +237,11 @@ impl Refusals<'_> {
             return;
         };
         let path = "spec.template.spec.securityContext";
-        if let Some(profile) = &context.seccomp_profile
-            && profile.type_ == "Unconfined"
-        {
-            self.refuse(
-                PodAllowance::Unconfined,
-                format!("{path}.seccompProfile.type"),
-                "an unconfined seccomp profile",
-            );
-        }
-        if let Some(profile) = &context.app_armor_profile
-            && profile.type_ == "Unconfined"
-        {
-            self.refuse(
-                PodAllowance::Unconfined,
-                format!("{path}.appArmorProfile.type"),
-                "an unconfined AppArmor profile",
-            );
-        }
+        self.unconfined_profiles(
+            path,
+            context.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            context.app_armor_profile.as_ref().map(|p| p.type_.as_str()),
+        );
         if context
             .windows_options
             .as_ref()
