@@ -106,6 +106,11 @@ fn random_token() -> anyhow::Result<String> {
 /// its TCP listener, too).
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long the embedded API server keeps an Event (a real cluster's `--event-ttl` is 1 h):
+/// enough to read a backend's story with kubectl, short enough that a long session with many
+/// spawns does not keep every Event (docs/dev.md, the soak).
+const EVENT_TTL: Duration = Duration::from_secs(10 * 60);
+
 /// A kube client whose requests go straight to the embedded API server's router, as
 /// `token`: every component of `spawner dev` runs in this process, so loopback TCP and HTTP/1.1
 /// framing in both directions were pure overhead (about a third of `spawner dev`'s CPU per
@@ -515,6 +520,10 @@ pub async fn run(
         ServerConfig {
             auth: Auth::tokens(tokens),
             bookmark_interval: BOOKMARK_INTERVAL,
+            store: spawner_localcluster::StoreConfig {
+                event_ttl: Some(EVENT_TTL),
+                ..Default::default()
+            },
             ..ServerConfig::default()
         },
         Arc::new(SystemClock),

@@ -49,6 +49,10 @@ pub const CONTROLLER_NAME: &str = "spawner-controller";
 /// How long a stopping controller waits for its queued Events to be posted.
 const EVENTS_FLUSH: Duration = Duration::from_secs(2);
 
+/// How often the controller drops what it remembers of backends that are gone
+/// ([`Context::forget_gone`]).
+const FORGET_GONE_EVERY: Duration = Duration::from_secs(60);
+
 /// Where `status.url` points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum UrlMode {
@@ -366,6 +370,7 @@ where
         if let Ok(mut slot) = ctx.children.lock() {
             *slot = Some(caches);
         }
+        let forgetting = tokio::spawn(forget_gone_periodically(ctx.clone(), controller.store()));
         let mut lost = leading_rx.clone();
         let mut stop_inner = stop_rx.clone();
         let lease_enabled = config.lease.is_some();
@@ -400,6 +405,9 @@ where
                 }
             })
             .await;
+        // Awaited, so that its clone of the context is dropped before the Events are flushed.
+        forgetting.abort();
+        let _ = forgetting.await;
         if let Ok(mut slot) = store.lock() {
             *slot = None;
         }
@@ -420,6 +428,23 @@ where
     }
     http.await
         .map_err(|e| Error::Serve(std::io::Error::other(e)))
+}
+
+/// Every [`FORGET_GONE_EVERY`], drops the per-backend entries of backends no longer in
+/// `store`, once it holds its first full list (before, empty would mean "all gone").
+async fn forget_gone_periodically(ctx: Arc<Context>, store: Store<SessionLivedBackend>) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    let mut every = tokio::time::interval(FORGET_GONE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let dropped = ctx.forget_gone(&store);
+        if dropped > 0 {
+            tracing::debug!(dropped, "forgot backends that are gone");
+        }
+    }
 }
 
 /// The controller of one leadership term, and the caches of children its watches fill.

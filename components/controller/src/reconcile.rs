@@ -80,12 +80,52 @@ pub struct Context {
     pub events: EventPublisher,
     /// The caches of the current leadership term; `None` reads everything from the API server.
     pub children: Mutex<Option<ChildCaches>>,
+    /// What is remembered per backend between reconciles.
+    per_backend: PerBackend,
+}
+
+/// What the controller remembers per backend uid between its reconciles. kube-runtime calls
+/// no reconcile for a backend that is gone, so an entry of a backend deleted by someone else
+/// (or while its reconciles failed) would stay for ever: [`PerBackend::forget_gone`], run
+/// periodically against the watch cache, drops them.
+#[derive(Default)]
+pub(crate) struct PerBackend {
     /// Consecutive failures per backend uid, for the error policy's backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Backends whose spawn-to-ready time was recorded, so it is recorded once.
     ready_recorded: Mutex<HashSet<String>>,
     /// When the API server first forbade each backend's pod (by uid), for the bounded retry.
     refused_since: Mutex<HashMap<String, tokio::time::Instant>>,
+}
+
+impl PerBackend {
+    /// Drops the entries of every uid not in `present()`. The three maps are locked before
+    /// `present` is read, so a reconcile that records a new backend (one the cache already
+    /// holds: reconciles start from it) cannot fall between the read and the pruning.
+    pub(crate) fn forget_gone(&self, present: impl FnOnce() -> HashSet<String>) -> usize {
+        let (Ok(mut failures), Ok(mut ready), Ok(mut refused)) = (
+            self.failures.lock(),
+            self.ready_recorded.lock(),
+            self.refused_since.lock(),
+        ) else {
+            return 0;
+        };
+        let present = present();
+        let before = failures.len() + ready.len() + refused.len();
+        failures.retain(|uid, _| present.contains(uid));
+        ready.retain(|uid| present.contains(uid));
+        refused.retain(|uid, _| present.contains(uid));
+        before - (failures.len() + ready.len() + refused.len())
+    }
+
+    /// Entries held, all maps together.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let count = |n: Option<usize>| n.unwrap_or(0);
+        count(self.failures.lock().ok().map(|m| m.len()))
+            + count(self.ready_recorded.lock().ok().map(|s| s.len()))
+            + count(self.refused_since.lock().ok().map(|m| m.len()))
+    }
 }
 
 impl Context {
@@ -103,10 +143,20 @@ impl Context {
             reporter,
             events,
             children: Mutex::new(None),
-            failures: Mutex::new(HashMap::new()),
-            ready_recorded: Mutex::new(HashSet::new()),
-            refused_since: Mutex::new(HashMap::new()),
+            per_backend: PerBackend::default(),
         }
+    }
+
+    /// Drops what is remembered of backends the watch cache no longer holds (see
+    /// [`PerBackend`]); how many entries went.
+    pub fn forget_gone(&self, store: &kube::runtime::reflector::Store<SessionLivedBackend>) -> usize {
+        self.per_backend.forget_gone(|| {
+            store
+                .state()
+                .iter()
+                .filter_map(|b| b.metadata.uid.clone())
+                .collect()
+        })
     }
 }
 
@@ -123,7 +173,7 @@ pub fn backoff(failures: u32, conflict: bool) -> Duration {
 /// kube-runtime's error policy: back off per backend.
 pub fn error_policy(backend: Arc<SessionLivedBackend>, error: &Error, ctx: Arc<Context>) -> Action {
     let uid = backend.uid().unwrap_or_default();
-    let failures = match ctx.failures.lock() {
+    let failures = match ctx.per_backend.failures.lock() {
         Ok(mut map) => {
             let n = map.entry(uid).or_insert(0);
             *n = n.saturating_add(1);
@@ -152,7 +202,7 @@ pub async fn reconcile(
     ctx.metrics.reconcile_duration.observe(started.elapsed());
     match &result {
         Ok(_) => {
-            if let (Ok(mut map), Some(uid)) = (ctx.failures.lock(), backend.uid()) {
+            if let (Ok(mut map), Some(uid)) = (ctx.per_backend.failures.lock(), backend.uid()) {
                 map.remove(&uid);
             }
         }
@@ -307,7 +357,7 @@ fn owned_by(pod: &Pod, uid: &str) -> bool {
 /// longer than the configured retry.
 fn refusal_outlasted(ctx: &Context, uid: &str) -> bool {
     let now = tokio::time::Instant::now();
-    let Ok(mut map) = ctx.refused_since.lock() else {
+    let Ok(mut map) = ctx.per_backend.refused_since.lock() else {
         return true;
     };
     let since = *map.entry(uid.to_string()).or_insert(now);
@@ -320,7 +370,7 @@ fn refusal_outlasted(ctx: &Context, uid: &str) -> bool {
 }
 
 fn forget_refusal(ctx: &Context, uid: &str) {
-    if let Ok(mut map) = ctx.refused_since.lock() {
+    if let Ok(mut map) = ctx.per_backend.refused_since.lock() {
         map.remove(uid);
     }
 }
@@ -617,7 +667,7 @@ async fn finish(
         Err(e) if is_status(&e, kube::core::Status::is_conflict) => {}
         Err(e) => return Err(e.into()),
     }
-    if let (Ok(mut set), Some(uid)) = (ctx.ready_recorded.lock(), backend.uid()) {
+    if let (Ok(mut set), Some(uid)) = (ctx.per_backend.ready_recorded.lock(), backend.uid()) {
         set.remove(&uid);
     }
     tracing::info!(backend = %name, phase = %backend.phase(), "deleted after retention");
@@ -635,7 +685,7 @@ fn record_spawn_to_ready(backend: &SessionLivedBackend, ctx: &Context) {
     ) else {
         return;
     };
-    let Ok(mut set) = ctx.ready_recorded.lock() else {
+    let Ok(mut set) = ctx.per_backend.ready_recorded.lock() else {
         return;
     };
     if set.insert(uid) {
@@ -646,6 +696,39 @@ fn record_spawn_to_ready(backend: &SessionLivedBackend, ctx: &Context) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend deleted behind the controller's back (no reconcile follows) loses its
+    /// entries at the next pruning; a backend still cached keeps them.
+    #[test]
+    fn a_removed_backends_entries_go() {
+        let memory = PerBackend::default();
+        for uid in ["kept", "gone"] {
+            memory
+                .failures
+                .lock()
+                .expect("lock")
+                .insert(uid.to_string(), 3);
+            memory
+                .ready_recorded
+                .lock()
+                .expect("lock")
+                .insert(uid.to_string());
+            memory
+                .refused_since
+                .lock()
+                .expect("lock")
+                .insert(uid.to_string(), tokio::time::Instant::now());
+        }
+        assert_eq!(memory.len(), 6);
+        let dropped = memory.forget_gone(|| HashSet::from(["kept".to_string()]));
+        assert_eq!(dropped, 3);
+        assert_eq!(memory.len(), 3);
+        assert_eq!(memory.failures.lock().expect("lock").get("kept"), Some(&3));
+        assert!(memory.ready_recorded.lock().expect("lock").contains("kept"));
+        assert!(memory.refused_since.lock().expect("lock").contains_key("kept"));
+        assert_eq!(memory.forget_gone(HashSet::new), 3);
+        assert_eq!(memory.len(), 0);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -9,6 +9,7 @@
 //! an event.
 
 mod admission;
+mod expiry;
 mod gc;
 mod list;
 mod object;
@@ -68,6 +69,10 @@ pub struct StoreConfig {
     /// Buffer of each type's broadcast channel; a watcher that falls further behind is ended
     /// and resumes from its last resourceVersion.
     pub watch_buffer: usize,
+    /// How long an Event lives after its creation (kube-apiserver's `--event-ttl`, 1 h there);
+    /// `None`: for ever. Without it a server that records Events for every backend grows
+    /// without bound.
+    pub event_ttl: Option<std::time::Duration>,
 }
 
 impl Default for StoreConfig {
@@ -76,6 +81,8 @@ impl Default for StoreConfig {
             history_per_type: 50_000,
             initial_resource_version: 1000,
             watch_buffer: 16_384,
+            // Tests read every Event they caused; `spawner dev` sets one.
+            event_ttl: None,
         }
     }
 }
@@ -88,6 +95,9 @@ pub struct Store {
     uids: HashMap<String, ObjKey>,
     dependents: HashMap<String, BTreeSet<ObjKey>>,
     pending: VecDeque<Work>,
+    /// Stored Events in creation order with the Unix second they expire at, and their uid
+    /// (an Event deleted and created again under its name is not the one that expires).
+    event_expiry: VecDeque<(i64, ObjKey, String)>,
     config: StoreConfig,
     next_service_ip: u32,
     /// Set while the collector runs, so writes it makes do not start it again.
@@ -114,6 +124,7 @@ impl Store {
             uids: HashMap::new(),
             dependents: HashMap::new(),
             pending: VecDeque::new(),
+            event_expiry: VecDeque::new(),
             config,
             next_service_ip: 1,
             collecting: false,

@@ -132,6 +132,10 @@ impl Store {
         let owners = owner_uids(&obj);
         let key = ObjKey { kind, ns, name };
         let stored = self.put(&key, obj, ChangeType::Added);
+        if kind == resources::CORE_EVENTS {
+            self.expire_later(&key, &stored, now);
+        }
+        self.expire_events(now);
         // A dependent created after all its owners are gone is collected, as the real garbage
         // collector does once it notices.
         if !owners.is_empty() && owners.iter().all(|u| !self.uids.contains_key(u)) {
