@@ -25,6 +25,11 @@ lint:
 fuzz seconds="25":
     scripts/fuzz.sh {{seconds}}
 
+# schemathesis (from PyPI, cached in ~/.cache/spawner/schemathesis) against the api of a
+# `spawner dev` it starts: every operation and check of /openapi.json (docs/api.md); CI runs 10.
+schemathesis examples="25":
+    scripts/schemathesis.sh {{examples}}
+
 # Build (or reuse) the real kube-apiserver, kube-controller-manager and etcd used by the tests.
 controlplane:
     e2e/controlplane/build.sh

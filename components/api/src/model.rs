@@ -39,16 +39,24 @@ pub struct SpawnRequest {
     #[serde(default)]
     pub args: Option<Vec<String>>,
     /// Port the application listens on (given to it as `PORT`); default 8080.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub port: Option<u16>,
     /// Environment variables of the application.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Seconds the backend may stay without any connection before it is swept; default 300.
-    #[serde(default, alias = "grace_period_seconds")]
+    #[serde(
+        default,
+        alias = "grace_period_seconds",
+        deserialize_with = "whole_number"
+    )]
     pub grace_period_seconds: Option<u32>,
     /// Hard deadline from creation, in seconds, whatever the activity.
-    #[serde(default, alias = "max_lifetime_seconds")]
+    #[serde(
+        default,
+        alias = "max_lifetime_seconds",
+        deserialize_with = "whole_number"
+    )]
     pub max_lifetime_seconds: Option<u32>,
     /// Get-or-create key: at most one live backend per key. Required by `/connect`.
     #[serde(default)]
@@ -63,6 +71,47 @@ pub struct SpawnRequest {
     /// Let anyone in through the router without a connect token (demos, public rooms).
     #[serde(default)]
     pub public: bool,
+}
+
+/// A whole number for an integer field, `null` for none. JSON Schema's `integer` (what the
+/// document says) is any number without a fraction, `30.0` too, which serde's integers refuse.
+fn whole_number<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64> + num_bounds::Max,
+{
+    use serde::de::Error;
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    let whole = number.as_u64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=T::MAX as f64).contains(f))
+            .map(|f| f as u64)
+    });
+    whole
+        .and_then(|w| T::try_from(w).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            D::Error::custom(format!(
+                "invalid value: {number}, expected a whole number from 0 to {}",
+                T::MAX
+            ))
+        })
+}
+
+mod num_bounds {
+    /// The largest value of an unsigned integer type.
+    pub trait Max {
+        const MAX: u64;
+    }
+    impl Max for u16 {
+        const MAX: u64 = u16::MAX as u64;
+    }
+    impl Max for u32 {
+        const MAX: u64 = u32::MAX as u64;
+    }
 }
 
 impl SpawnRequest {
@@ -389,6 +438,32 @@ mod tests {
             app.args.as_deref(),
             Some(&["--bind".to_string(), "0.0.0.0".to_string()][..])
         );
+    }
+
+    /// JSON Schema's `integer`, which the document gives these fields, includes `30.0`; a
+    /// fraction or a value out of the type's range is still refused (400).
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        let req = request(serde_json::json!({
+            "image": "x", "port": 3000.0, "gracePeriodSeconds": 30.0, "maxLifetimeSeconds": 6e1
+        }));
+        assert_eq!(req.port, Some(3000));
+        assert_eq!(req.grace_period_seconds, Some(30));
+        assert_eq!(req.max_lifetime_seconds, Some(60));
+        let req = request(serde_json::json!({"image": "x", "gracePeriodSeconds": null}));
+        assert_eq!(req.grace_period_seconds, None);
+        for body in [
+            serde_json::json!({"port": 30.5}),
+            serde_json::json!({"port": 65536.0}),
+            serde_json::json!({"port": -1.0}),
+            serde_json::json!({"gracePeriodSeconds": 4294967296u64}),
+            serde_json::json!({"gracePeriodSeconds": 1e300}),
+            serde_json::json!({"maxLifetimeSeconds": "60"}),
+        ] {
+            let error = crate::extract::parse_json::<SpawnRequest>(body.to_string().as_bytes())
+                .expect_err("refused");
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{body}");
+        }
     }
 
     #[test]

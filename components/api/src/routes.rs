@@ -101,8 +101,8 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn openapi() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
+async fn openapi(State(state): State<SharedState>) -> Json<serde_json::Value> {
+    Json(crate::openapi::document_with(&state.config.limits))
 }
 
 /// `POST /spawn`: a new backend; with a `key`, get-or-create as `/connect`.

@@ -98,7 +98,8 @@ pub fn validate_spec(
         );
     }
     if let Some(key) = &spec.key {
-        if key.is_empty() || key.len() > limits.max_key_len {
+        // Characters, as the message (and the api's document) says, not bytes.
+        if key.is_empty() || key.chars().count() > limits.max_key_len {
             errors.push(
                 "spec.key",
                 format!("must be 1 to {} characters", limits.max_key_len),
@@ -255,6 +256,20 @@ mod tests {
     #[test]
     fn a_minimal_spec_is_valid() {
         assert_eq!(validate_spec(&valid(), &Limits::default()), Ok(()));
+    }
+
+    /// The key's limit is in characters (as the CRD's `maxLength` and the api's document
+    /// count), not bytes: 253 three-byte characters are a valid key, 254 are not.
+    #[test]
+    fn the_key_limit_counts_characters() {
+        let mut spec = valid();
+        spec.key = Some("€".repeat(253));
+        assert_eq!(validate_spec(&spec, &Limits::default()), Ok(()));
+        spec.key = Some("€".repeat(254));
+        assert_eq!(
+            fields(validate_spec(&spec, &Limits::default())),
+            ["spec.key"]
+        );
     }
 
     #[test]
