@@ -149,7 +149,10 @@ impl Context {
 
     /// Drops what is remembered of backends the watch cache no longer holds (see
     /// [`PerBackend`]); how many entries went.
-    pub fn forget_gone(&self, store: &kube::runtime::reflector::Store<SessionLivedBackend>) -> usize {
+    pub fn forget_gone(
+        &self,
+        store: &kube::runtime::reflector::Store<SessionLivedBackend>,
+    ) -> usize {
         self.per_backend.forget_gone(|| {
             store
                 .state()
@@ -725,7 +728,13 @@ mod tests {
         assert_eq!(memory.len(), 3);
         assert_eq!(memory.failures.lock().expect("lock").get("kept"), Some(&3));
         assert!(memory.ready_recorded.lock().expect("lock").contains("kept"));
-        assert!(memory.refused_since.lock().expect("lock").contains_key("kept"));
+        assert!(
+            memory
+                .refused_since
+                .lock()
+                .expect("lock")
+                .contains_key("kept")
+        );
         assert_eq!(memory.forget_gone(HashSet::new), 3);
         assert_eq!(memory.len(), 0);
     }

@@ -121,10 +121,19 @@ mod tests {
         create_event(&mut store, "newest", "2030-01-01T00:10:00Z");
         assert_eq!(store.object_count(resources::CORE_EVENTS), 2);
         assert!(store.get(resources::CORE_EVENTS, "default", "old").is_err());
-        assert!(store.get(resources::CORE_EVENTS, "default", "young").is_ok());
+        assert!(
+            store
+                .get(resources::CORE_EVENTS, "default", "young")
+                .is_ok()
+        );
         assert_eq!(store.expiring_events(), 2);
         let kinds: Vec<_> = std::iter::from_fn(|| watch.try_recv().ok())
-            .map(|change| (change.etype, crate::store::name_of(&change.object).to_string()))
+            .map(|change| {
+                (
+                    change.etype,
+                    crate::store::name_of(&change.object).to_string(),
+                )
+            })
             .collect();
         assert!(
             kinds.contains(&(crate::store::ChangeType::Deleted, "old".to_string())),
