@@ -3,7 +3,7 @@
 //! prints one line and passes: there is no cluster to test. Configuration: see
 //! `spawner_e2e::scenarios::kind`.
 
-use spawner_e2e::scenarios::{self, Failure, Target, Timings};
+use spawner_e2e::scenarios::{self, Failure, Target, Timings, disruption};
 
 async fn run<F, Fut>(test: &str, scenario: F)
 where
@@ -78,6 +78,48 @@ async fn router_requires_a_connect_token() {
 async fn image_pull_failure_fails() {
     run("image_pull_failure_fails", |t| async move {
         scenarios::image_pull_failure_fails(&t).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_ready_fails_with_start_timeout() {
+    run("never_ready_fails_with_start_timeout", |t| async move {
+        scenarios::never_ready_fails_with_start_timeout(&t).await
+    })
+    .await;
+}
+
+// Disruptions: each leaves the cluster whole again (workloads rolled out, the node uncordoned).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_leader_deleted_mid_spawn() {
+    run("controller_leader_deleted_mid_spawn", |t| async move {
+        disruption::controller_leader_deleted_mid_spawn(&t).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_pod_deleted_while_streaming() {
+    run("api_pod_deleted_while_streaming", |t| async move {
+        disruption::api_pod_deleted_while_streaming(&t).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeper_deleted_while_user_connected() {
+    run("sweeper_deleted_while_user_connected", |t| async move {
+        disruption::sweeper_deleted_while_user_connected(&t).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_drained_backends_fail() {
+    run("worker_drained_backends_fail", |t| async move {
+        disruption::worker_drained_backends_fail(&t).await
     })
     .await;
 }

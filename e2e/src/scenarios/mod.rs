@@ -9,6 +9,7 @@
 //! NodePort is mapped to loopback), and which commands the test applications are.
 
 pub mod client;
+pub mod disruption;
 pub mod kind;
 pub mod local;
 
@@ -24,7 +25,7 @@ use spawner_core::Phase;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 
-pub use client::{ApiClient, BackendStatus, PhaseEvent};
+pub use client::{ApiClient, BackendStatus, PhaseEvent, StatusStream, StreamItem};
 
 /// Why a scenario failed, in words a person can act on.
 #[derive(Debug, thiserror::Error)]
