@@ -12,6 +12,7 @@ pub mod client;
 pub mod disruption;
 pub mod kind;
 pub mod local;
+pub mod suite;
 
 use std::fmt;
 use std::future::Future;
@@ -26,6 +27,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 
 pub use client::{ApiClient, BackendStatus, PhaseEvent, StatusStream, StreamItem};
+// The disruption scenarios, beside the others for the suites' `scenario_tests!`.
+pub use disruption::{
+    api_pod_deleted_while_streaming, controller_leader_deleted_mid_spawn,
+    sweeper_deleted_while_user_connected, worker_drained_backends_fail,
+};
 
 /// Why a scenario failed, in words a person can act on.
 #[derive(Debug, thiserror::Error)]
