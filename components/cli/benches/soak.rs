@@ -53,6 +53,10 @@ struct Row {
     backend_processes: usize,
     backends_rss_mib: f64,
     listed_backends: usize,
+    /// Listed backends the controller has not moved past Submitted yet: its backlog.
+    submitted: usize,
+    /// The machine's 1-minute load average (the bench may share the machine).
+    load: f64,
     spawned: u64,
     /// Refused, or not answered within 30 s.
     refused: u64,
@@ -62,17 +66,24 @@ async fn sample(api: &Api, dev_pid: u32, started: Instant, counts: &Counts) -> R
     let children = descendants(dev_pid);
     let backends_kib: u64 = children.iter().map(|p| rss_kib(p.pid)).sum();
     let (code, list) = api.call("GET", "/backends", None).await;
-    let listed = if code == 200 {
-        list["items"].as_array().map_or(0, Vec::len)
+    let items = if code == 200 {
+        list["items"].as_array().cloned().unwrap_or_default()
     } else {
-        0
+        Vec::new()
     };
+    let submitted = items.iter().filter(|b| b["phase"] == "Submitted").count();
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
     Row {
         minute: started.elapsed().as_secs_f64() / 60.0,
         dev_rss_mib: rss_kib(dev_pid as i32) as f64 / 1024.0,
         backend_processes: children.len(),
         backends_rss_mib: backends_kib as f64 / 1024.0,
-        listed_backends: listed,
+        listed_backends: items.len(),
+        submitted,
+        load,
         spawned: counts.spawned.load(Ordering::Relaxed),
         refused: counts.refused.load(Ordering::Relaxed),
     }
@@ -142,14 +153,16 @@ fn main() {
             tokio::time::sleep(sample_every).await;
             let row = sample(&api, dev.pid, started, &counts).await;
             eprintln!(
-                "{:5.1} min: spawner dev {:6.1} MiB, {} backend processes ({:.1} MiB), {} listed, {} spawned, {} refused",
+                "{:5.1} min: spawner dev {:6.1} MiB, {} backend processes ({:.1} MiB), {} listed ({} Submitted), {} spawned, {} refused, load {:.1}",
                 row.minute,
                 row.dev_rss_mib,
                 row.backend_processes,
                 row.backends_rss_mib,
                 row.listed_backends,
+                row.submitted,
                 row.spawned,
-                row.refused
+                row.refused,
+                row.load
             );
             rows.push(row);
         }
@@ -162,19 +175,21 @@ fn main() {
 fn write_report(rows: &[Row], per_minute: u64, minutes: u64, grace: u64, retention: u64) {
     let mut md = format!(
         "# Soak: {per_minute} spawns/min for {minutes} min (grace {grace} s, retention {retention} s)\n\n\
-         | minute | spawner dev RSS (MiB) | backend processes | their RSS (MiB) | backends listed | spawned | refused or timed out |\n\
-         |---:|---:|---:|---:|---:|---:|---:|\n"
+         | minute | spawner dev RSS (MiB) | backend processes | their RSS (MiB) | backends listed | of which Submitted | spawned | refused or timed out | load average |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in rows {
         md.push_str(&format!(
-            "| {:.1} | {:.1} | {} | {:.1} | {} | {} | {} |\n",
+            "| {:.1} | {:.1} | {} | {:.1} | {} | {} | {} | {} | {:.1} |\n",
             r.minute,
             r.dev_rss_mib,
             r.backend_processes,
             r.backends_rss_mib,
             r.listed_backends,
+            r.submitted,
             r.spawned,
-            r.refused
+            r.refused,
+            r.load
         ));
     }
     // Flat after warm-up: the last third against the middle third.
@@ -193,7 +208,8 @@ fn write_report(rows: &[Row], per_minute: u64, minutes: u64, grace: u64, retenti
         .map(|r| {
             json!({"minute": r.minute, "devRssMib": r.dev_rss_mib,
                 "backendProcesses": r.backend_processes, "backendsRssMib": r.backends_rss_mib,
-                "listedBackends": r.listed_backends, "spawned": r.spawned, "refused": r.refused})
+                "listedBackends": r.listed_backends, "submitted": r.submitted, "load": r.load,
+                "spawned": r.spawned, "refused": r.refused})
         })
         .collect();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");

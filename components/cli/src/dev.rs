@@ -111,6 +111,12 @@ const BOOKMARK_INTERVAL: Duration = Duration::from_secs(5);
 /// spawns does not keep every Event (docs/dev.md, the soak).
 const EVENT_TTL: Duration = Duration::from_secs(10 * 60);
 
+/// How far back a watch of the embedded API server can resume (older: 410, and the client
+/// lists again). Every client in `spawner dev` gets a bookmark every 5 s, so it resumes from
+/// seconds ago. Kept for ever (up to 50,000 changes per type), the history grew by 300 KiB per
+/// spawn, gigabytes at 1,000 spawns a minute (docs/dev.md, the soak).
+const HISTORY_WINDOW: Duration = Duration::from_secs(60);
+
 /// A kube client whose requests go straight to the embedded API server's router, as
 /// `token`: every component of `spawner dev` runs in this process, so loopback TCP and HTTP/1.1
 /// framing in both directions were pure overhead (about a third of `spawner dev`'s CPU per
@@ -522,6 +528,7 @@ pub async fn run(
             bookmark_interval: BOOKMARK_INTERVAL,
             store: spawner_localcluster::StoreConfig {
                 event_ttl: Some(EVENT_TTL),
+                history_window: Some(HISTORY_WINDOW),
                 ..Default::default()
             },
             ..ServerConfig::default()

@@ -69,6 +69,12 @@ pub struct StoreConfig {
     /// Buffer of each type's broadcast channel; a watcher that falls further behind is ended
     /// and resumes from its last resourceVersion.
     pub watch_buffer: usize,
+    /// How long a change stays in the watch history whatever `history_per_type` allows, as
+    /// etcd compaction drops old revisions (kube-apiserver compacts every 5 min; its watch
+    /// cache keeps about 75 s); `None`: only the count bounds it. A watch from a version older
+    /// than the window gets 410 Expired and lists again. Without it, history costs memory in
+    /// proportion to the count, however old: at 1,000 spawns a minute, gigabytes.
+    pub history_window: Option<std::time::Duration>,
     /// How long an Event lives after its creation (kube-apiserver's `--event-ttl`, 1 h there);
     /// `None`: for ever. Without it a server that records Events for every backend grows
     /// without bound.
@@ -81,7 +87,9 @@ impl Default for StoreConfig {
             history_per_type: 50_000,
             initial_resource_version: 1000,
             watch_buffer: 16_384,
-            // Tests read every Event they caused; `spawner dev` sets one.
+            // Tests read every Event they caused, and may watch from any version they saw;
+            // `spawner dev` sets both.
+            history_window: None,
             event_ttl: None,
         }
     }
@@ -98,6 +106,11 @@ pub struct Store {
     /// Stored Events in creation order with the Unix second they expire at, and their uid
     /// (an Event deleted and created again under its name is not the one that expires).
     event_expiry: VecDeque<(i64, ObjKey, String)>,
+    /// The global resourceVersion at the end of a write, once per second of the writes' time
+    /// (Unix second, version), oldest first: which changes are older than `history_window`.
+    time_marks: VecDeque<(i64, u64)>,
+    /// The time of the last write, as given and in Unix seconds.
+    last_write: (String, Option<i64>),
     config: StoreConfig,
     next_service_ip: u32,
     /// Set while the collector runs, so writes it makes do not start it again.
@@ -125,6 +138,8 @@ impl Store {
             dependents: HashMap::new(),
             pending: VecDeque::new(),
             event_expiry: VecDeque::new(),
+            time_marks: VecDeque::new(),
+            last_write: (String::new(), None),
             config,
             next_service_ip: 1,
             collecting: false,

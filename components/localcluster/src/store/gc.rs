@@ -214,6 +214,8 @@ impl Store {
         if self.collecting {
             return;
         }
+        // What has outlived its time goes first (its deletions are collected below).
+        self.pass_time(now);
         self.collecting = true;
         self.collect(now);
         self.collecting = false;

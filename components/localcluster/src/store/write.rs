@@ -135,7 +135,6 @@ impl Store {
         if kind == resources::CORE_EVENTS {
             self.expire_later(&key, &stored, now);
         }
-        self.expire_events(now);
         // A dependent created after all its owners are gone is collected, as the real garbage
         // collector does once it notices.
         if !owners.is_empty() && owners.iter().all(|u| !self.uids.contains_key(u)) {
