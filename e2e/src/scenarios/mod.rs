@@ -38,7 +38,8 @@ impl Failure {
     }
 }
 
-fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failure> {
+/// `Ok` if `condition` holds, else a Failure saying `message`.
+pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failure> {
     if condition {
         Ok(())
     } else {
@@ -135,7 +136,8 @@ pub struct Target {
 pub struct Timings(pub Vec<(&'static str, Duration)>);
 
 impl Timings {
-    fn record(&mut self, what: &'static str, since: Instant) {
+    /// Records `what` took from `since` until now.
+    pub fn record(&mut self, what: &'static str, since: Instant) {
         self.0.push((what, since.elapsed()));
     }
 }
@@ -179,7 +181,7 @@ pub fn authority(url: &str) -> Result<&str, Failure> {
 }
 
 /// Waits for `name` to be Ready; a Failure names the phases seen and the reason.
-async fn wait_ready(target: &Target, name: &str) -> Result<(), Failure> {
+pub async fn wait_ready(target: &Target, name: &str) -> Result<(), Failure> {
     let events = target
         .api
         .follow_phases(name, target.ready_timeout, |p| p == Phase::Ready)
@@ -195,13 +197,61 @@ async fn wait_ready(target: &Target, name: &str) -> Result<(), Failure> {
     })
 }
 
-/// Waits for a terminal phase and returns the phase events.
-async fn wait_terminal(
+/// Follows `name`'s status stream to its terminal phase (within `timeout`) and checks that it
+/// ended in `phase`, with `reason` when one is given; returns every phase event, the last one
+/// being the end. A Failure names the phases seen, `what` happened before, and the reason.
+pub async fn ended(
     target: &Target,
     name: &str,
     timeout: Duration,
+    what: &str,
+    phase: Phase,
+    reason: Option<&str>,
 ) -> Result<Vec<PhaseEvent>, Failure> {
-    target.api.follow_phases(name, timeout, |_| false).await
+    let events = target.api.follow_phases(name, timeout, |_| false).await?;
+    let last = events
+        .last()
+        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
+    ensure(
+        last.phase == phase && reason.is_none_or(|r| last.reason.as_deref() == Some(r)),
+        || {
+            format!(
+                "{name} {what} ended {:?} ({:?}: {:?}), expected {phase:?}{}; phases {:?}",
+                last.phase,
+                last.reason,
+                last.message,
+                reason.map_or(String::new(), |r| format!(" ({r})")),
+                client::phases(&events)
+            )
+        },
+    )?;
+    Ok(events)
+}
+
+/// The last of `events` (those [`ended`] returns, never empty).
+fn end(events: &[PhaseEvent]) -> &PhaseEvent {
+    &events[events.len() - 1]
+}
+
+/// Checks that `name` was never Ready in `events`.
+fn never_ready(name: &str, events: &[PhaseEvent]) -> Result<(), Failure> {
+    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
+        format!("{name} was Ready: {:?}", client::phases(events))
+    })
+}
+
+/// Terminates `name` and follows it to Terminated.
+async fn terminate(target: &Target, name: &str) -> Result<Vec<PhaseEvent>, Failure> {
+    target.api.terminate(name).await?;
+    ended(
+        target,
+        name,
+        Duration::from_secs(60),
+        "after terminate",
+        Phase::Terminated,
+        None,
+    )
+    .await
 }
 
 type WebSocket = tokio_tungstenite::WebSocketStream<BoxedStream>;
@@ -313,14 +363,15 @@ pub async fn spawn_connect_disconnect_swept(target: &Target) -> Result<Timings, 
     let _ = ws.close(None).await;
     drop(ws);
     let closed = Instant::now();
-    let events = wait_terminal(target, &name, GRACE + Duration::from_secs(60)).await?;
-    let last = events.last().map(|e| e.phase);
-    ensure(last == Some(Phase::Swept), || {
-        format!(
-            "{name} ended {last:?} after its WebSocket closed (phases {:?})",
-            client::phases(&events)
-        )
-    })?;
+    ended(
+        target,
+        &name,
+        GRACE + Duration::from_secs(60),
+        "after its WebSocket closed",
+        Phase::Swept,
+        None,
+    )
+    .await?;
     timings.record("disconnect→Swept", closed);
     Ok(timings)
 }
@@ -366,13 +417,15 @@ pub async fn slow_start_keeps_its_grace_period_after_ready(
     })?;
     let _ = ws.close(None).await;
     drop(ws);
-    let events = wait_terminal(target, &name, GRACE + Duration::from_secs(60)).await?;
-    ensure(events.last().map(|e| e.phase) == Some(Phase::Swept), || {
-        format!(
-            "{name} after its WebSocket closed: {:?}",
-            client::phases(&events)
-        )
-    })?;
+    ended(
+        target,
+        &name,
+        GRACE + Duration::from_secs(60),
+        "after its WebSocket closed",
+        Phase::Swept,
+        None,
+    )
+    .await?;
     timings.record("spawn→Swept", start);
     Ok(timings)
 }
@@ -429,12 +482,7 @@ pub async fn router_requires_a_connect_token(target: &Target) -> Result<Timings,
     timings.record("connect→WebSocket", start);
     let _ = ws.close(None).await;
     drop(ws);
-    target.api.terminate(&name).await?;
-    let events = wait_terminal(target, &name, Duration::from_secs(60)).await?;
-    ensure(
-        events.last().map(|e| e.phase) == Some(Phase::Terminated),
-        || format!("{name} after terminate: {:?}", client::phases(&events)),
-    )?;
+    terminate(target, &name).await?;
     Ok(timings)
 }
 
@@ -453,35 +501,21 @@ pub async fn image_pull_failure_fails(target: &Target) -> Result<Timings, Failur
         .spawn(&app.request(json!({ "gracePeriodSeconds": 30 })))
         .await?;
     let name = spawned.name;
-    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    let events = ended(
+        target,
+        &name,
+        target.ready_timeout,
+        "with an image that cannot be pulled",
+        Phase::Failed,
+        Some("ImagePullTimeout"),
+    )
+    .await?;
     timings.record("spawn→Failed", start);
-    let last = events
-        .last()
-        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
-    ensure(
-        last.phase == Phase::Failed && last.reason.as_deref() == Some("ImagePullTimeout"),
-        || {
-            format!(
-                "{name} with an image that cannot be pulled ended {:?} ({:?}: {:?}), phases {:?}",
-                last.phase,
-                last.reason,
-                last.message,
-                client::phases(&events)
-            )
-        },
-    )?;
-    ensure(
-        last.message.as_deref().is_some_and(|m| m.contains(IMAGE)),
-        || {
-            format!(
-                "{name}: the Failed message {:?} does not name the image",
-                last.message
-            )
-        },
-    )?;
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} was Ready: {:?}", client::phases(&events))
+    let message = &end(&events).message;
+    ensure(message.as_deref().is_some_and(|m| m.contains(IMAGE)), || {
+        format!("{name}: the Failed message {message:?} does not name the image")
     })?;
+    never_ready(&name, &events)?;
     Ok(timings)
 }
 
@@ -529,12 +563,7 @@ pub async fn get_or_create_concurrently(target: &Target) -> Result<Timings, Fail
             again.name, again.spawned
         )
     })?;
-    target.api.terminate(&name).await?;
-    let events = wait_terminal(target, &name, Duration::from_secs(60)).await?;
-    ensure(
-        events.last().map(|e| e.phase) == Some(Phase::Terminated),
-        || format!("{name} after terminate: {:?}", client::phases(&events)),
-    )?;
+    terminate(target, &name).await?;
     Ok(timings)
 }
 
@@ -553,18 +582,17 @@ pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
         )
         .await?;
     let name = spawned.name;
-    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    let events = ended(
+        target,
+        &name,
+        target.ready_timeout,
+        &format!("(an app exiting {CRASH_EXIT_CODE})"),
+        Phase::Failed,
+        None,
+    )
+    .await?;
     timings.record("spawn→Failed", start);
-    let last = events
-        .last()
-        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
-    ensure(last.phase == Phase::Failed, || {
-        format!(
-            "{name}: an app exiting {CRASH_EXIT_CODE} ended {:?} (phases {:?})",
-            last.phase,
-            client::phases(&events)
-        )
-    })?;
+    let last = end(&events);
     ensure(last.exit_code == Some(CRASH_EXIT_CODE), || {
         format!(
             "{name}: Failed event has exit code {:?} ({:?}: {:?})",
@@ -581,9 +609,7 @@ pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
             )
         },
     )?;
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} was Ready: {:?}", client::phases(&events))
-    })?;
+    never_ready(&name, &events)?;
     Ok(timings)
 }
 
@@ -603,24 +629,17 @@ pub async fn never_ready_fails_with_start_timeout(target: &Target) -> Result<Tim
         )
         .await?;
     let name = spawned.name;
-    let events = wait_terminal(target, &name, target.ready_timeout + target.start_timeout).await?;
+    let events = ended(
+        target,
+        &name,
+        target.ready_timeout + target.start_timeout,
+        "(never listening)",
+        Phase::Failed,
+        Some("StartTimeout"),
+    )
+    .await?;
     timings.record("spawn→Failed", start);
-    let last = events
-        .last()
-        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
-    ensure(
-        last.phase == Phase::Failed && last.reason.as_deref() == Some("StartTimeout"),
-        || {
-            format!(
-                "{name}, never listening, ended {:?} ({:?}: {:?}), phases {:?}",
-                last.phase,
-                last.reason,
-                last.message,
-                client::phases(&events)
-            )
-        },
-    )?;
-    let message = last.message.clone().unwrap_or_default();
+    let message = end(&events).message.clone().unwrap_or_default();
     ensure(
         message.contains("never accepted") && message.contains("port"),
         || format!("{name}: StartTimeout message {message:?} does not say what never happened"),
@@ -631,9 +650,7 @@ pub async fn never_ready_fails_with_start_timeout(target: &Target) -> Result<Tim
             client::phases(&events)
         )
     })?;
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} was Ready: {:?}", client::phases(&events))
-    })?;
+    never_ready(&name, &events)?;
     Ok(timings)
 }
 
@@ -656,18 +673,17 @@ pub async fn terminate_while_starting(target: &Target) -> Result<Timings, Failur
         format!("{name} is {:?} right after its spawn", spawned.phase)
     })?;
     target.api.terminate(&name).await?;
-    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    let events = ended(
+        target,
+        &name,
+        target.ready_timeout,
+        "(terminated while starting)",
+        Phase::Terminated,
+        None,
+    )
+    .await?;
     timings.record("spawn→Terminated", start);
-    let last = events.last().map(|e| e.phase);
-    ensure(last == Some(Phase::Terminated), || {
-        format!(
-            "{name} terminated while starting ended {last:?} (phases {:?})",
-            client::phases(&events)
-        )
-    })?;
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} became Ready: {:?}", client::phases(&events))
-    })?;
+    never_ready(&name, &events)?;
     Ok(timings)
 }
 
