@@ -11,6 +11,8 @@
 pub mod client;
 pub mod kind;
 pub mod local;
+pub mod phases;
+pub mod room;
 pub mod suite;
 
 use std::fmt;
@@ -26,6 +28,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 
 pub use client::{ApiClient, BackendStatus, PhaseEvent};
+pub use phases::{ended, wait_ready};
+
+use phases::{end, never_ready, terminate};
+use room::{next_room_state, open_room};
 
 /// Why a scenario failed, in words a person can act on.
 #[derive(Debug, thiserror::Error)]
@@ -178,129 +184,6 @@ pub fn authority(url: &str) -> Result<&str, Failure> {
     let end = rest.find('/').unwrap_or(rest.len());
     ensure(end > 0, || format!("backend url {url:?} has no host"))?;
     Ok(&rest[..end])
-}
-
-/// Waits for `name` to be Ready; a Failure names the phases seen and the reason.
-pub async fn wait_ready(target: &Target, name: &str) -> Result<(), Failure> {
-    let events = target
-        .api
-        .follow_phases(name, target.ready_timeout, |p| p == Phase::Ready)
-        .await?;
-    let last = events.last();
-    ensure(last.is_some_and(|e| e.phase == Phase::Ready), || {
-        format!(
-            "{name} never became Ready: phases {:?}, last reason {:?}: {:?}",
-            client::phases(&events),
-            last.and_then(|e| e.reason.clone()),
-            last.and_then(|e| e.message.clone()),
-        )
-    })
-}
-
-/// Follows `name`'s status stream to its terminal phase (within `timeout`) and checks that it
-/// ended in `phase`, with `reason` when one is given; returns every phase event, the last one
-/// being the end. A Failure names the phases seen, `what` happened before, and the reason.
-pub async fn ended(
-    target: &Target,
-    name: &str,
-    timeout: Duration,
-    what: &str,
-    phase: Phase,
-    reason: Option<&str>,
-) -> Result<Vec<PhaseEvent>, Failure> {
-    let events = target.api.follow_phases(name, timeout, |_| false).await?;
-    let last = events
-        .last()
-        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
-    ensure(
-        last.phase == phase && reason.is_none_or(|r| last.reason.as_deref() == Some(r)),
-        || {
-            format!(
-                "{name} {what} ended {:?} ({:?}: {:?}), expected {phase:?}{}; phases {:?}",
-                last.phase,
-                last.reason,
-                last.message,
-                reason.map_or(String::new(), |r| format!(" ({r})")),
-                client::phases(&events)
-            )
-        },
-    )?;
-    Ok(events)
-}
-
-/// The last of `events` (those [`ended`] returns, never empty).
-fn end(events: &[PhaseEvent]) -> &PhaseEvent {
-    &events[events.len() - 1]
-}
-
-/// Checks that `name` was never Ready in `events`.
-fn never_ready(name: &str, events: &[PhaseEvent]) -> Result<(), Failure> {
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} was Ready: {:?}", client::phases(events))
-    })
-}
-
-/// Terminates `name` and follows it to Terminated.
-async fn terminate(target: &Target, name: &str) -> Result<Vec<PhaseEvent>, Failure> {
-    target.api.terminate(name).await?;
-    ended(
-        target,
-        name,
-        Duration::from_secs(60),
-        "after terminate",
-        Phase::Terminated,
-        None,
-    )
-    .await
-}
-
-type WebSocket = tokio_tungstenite::WebSocketStream<BoxedStream>;
-
-/// The demo room's state as the backend sends it.
-#[derive(Debug, serde::Deserialize)]
-struct RoomState {
-    count: u64,
-    peers: u64,
-}
-
-async fn next_room_state(ws: &mut WebSocket) -> Result<RoomState, Failure> {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .map_err(|_| Failure::new("the demo backend sent nothing for 30 s"))?
-            .ok_or_else(|| Failure::new("the WebSocket closed"))?
-            .map_err(|e| Failure::new(format!("WebSocket: {e}")))?;
-        if let Message::Text(text) = message {
-            return serde_json::from_str(text.as_str())
-                .map_err(|e| Failure::new(format!("demo state {text:?}: {e}")));
-        }
-    }
-}
-
-/// Opens the demo room's WebSocket on `backend` through its sidecar (through the router when
-/// `status.url` is the router's), with the connect token of `spawned_url` if it carries one.
-async fn open_room(
-    target: &Target,
-    backend: &BackendStatus,
-    spawned_url: Option<&str>,
-) -> Result<WebSocket, Failure> {
-    let url = backend
-        .url
-        .as_deref()
-        .ok_or_else(|| Failure::new(format!("{} is Ready without a url", backend.name)))?;
-    let host = authority(url)?;
-    let query = spawned_url
-        .and_then(|u| u.split_once('?'))
-        .map_or(String::new(), |(_, q)| format!("?{q}"));
-    let stream = target.connector.connect(backend).await?;
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio_tungstenite::client_async(format!("ws://{host}/ws{query}"), stream),
-    )
-    .await
-    .map_err(|_| Failure::new("WebSocket handshake through the sidecar: no answer in 30 s"))?
-    .map_err(|e| Failure::new(format!("WebSocket handshake through the sidecar: {e}")))?;
-    Ok(ws)
 }
 
 /// Spawn → Ready (seen on the status stream) → a WebSocket through the sidecar that works and
@@ -512,9 +395,10 @@ pub async fn image_pull_failure_fails(target: &Target) -> Result<Timings, Failur
     .await?;
     timings.record("spawn→Failed", start);
     let message = &end(&events).message;
-    ensure(message.as_deref().is_some_and(|m| m.contains(IMAGE)), || {
-        format!("{name}: the Failed message {message:?} does not name the image")
-    })?;
+    ensure(
+        message.as_deref().is_some_and(|m| m.contains(IMAGE)),
+        || format!("{name}: the Failed message {message:?} does not name the image"),
+    )?;
     never_ready(&name, &events)?;
     Ok(timings)
 }
