@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spawner_core::connect_token::{
-    ConnectKeyArgs, DEFAULT_CONNECT_TTL_SECONDS, KeyError, KeyRing,
-};
+use spawner_core::connect_token::{ConnectKeyArgs, DEFAULT_CONNECT_TTL_SECONDS, KeyError, KeyRing};
 use spawner_core::id::{DEFAULT_PREFIX, MAX_PREFIX_LEN};
 use spawner_core::validation::Limits;
 

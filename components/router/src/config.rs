@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spawner_core::connect_token::{
-    ConnectKeyArgs, DEFAULT_SESSION_TTL_SECONDS, KeyError, KeyRing,
-};
+use spawner_core::connect_token::{ConnectKeyArgs, DEFAULT_SESSION_TTL_SECONDS, KeyError, KeyRing};
 
 use crate::route::Mode;
 use crate::trust::{CidrError, TrustedProxies};
