@@ -77,14 +77,17 @@ pub fn observe_pod(
 
     // A pod being deleted while its backend is not finished was taken by someone else (the
     // controller deletes pods only after writing a terminal phase): a drain's eviction, a lost
-    // node, `kubectl delete pod`. Reported before the containers' exits, which now are its
-    // consequence, so the backend fails with why its pod went.
-    if pod.metadata.deletion_timestamp.is_some() {
-        let disruption = status
-            .and_then(|s| s.conditions.as_deref())
-            .unwrap_or_default()
-            .iter()
-            .find(|c| c.type_ == "DisruptionTarget" && c.status == "True");
+    // node, `kubectl delete pod`. So was a pod Kubernetes marked Failed with a DisruptionTarget
+    // condition: pod garbage collection does that to the pods of a deleted Node before it
+    // force-deletes them (seen on kind). Reported before the containers' exits, which now are
+    // its consequence, so the backend fails with why its pod went.
+    let disruption = status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True");
+    if pod.metadata.deletion_timestamp.is_some() || (disruption.is_some() && pod_phase == "Failed")
+    {
         let reason = disruption_reason(disruption.and_then(|c| c.reason.as_deref()));
         let message = disruption
             .and_then(|c| c.message.clone())
@@ -520,6 +523,26 @@ mod tests {
         assert_eq!(
             first_failure(&by_hand),
             Some(("PodDeleted".into(), "the backend's pod was deleted".into()))
+        );
+    }
+
+    #[test]
+    fn a_pod_failed_by_pod_garbage_collection_is_node_lost() {
+        // What kind showed after `kubectl delete node`: the pod Failed, no reason of its own,
+        // its containers still reported running, no deletionTimestamp (it is force-deleted next).
+        let mut p = deleted_pod(json!([{
+            "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+            "message": "PodGC: node no longer exists",
+        }]));
+        p.metadata.deletion_timestamp = None;
+        if let Some(status) = p.status.as_mut() {
+            status.phase = Some("Failed".into());
+            status.container_statuses = None;
+        }
+        let report = observe_pod(&p, "app", ts("2024-01-01T00:00:06Z"), TIMEOUT);
+        assert_eq!(
+            first_failure(&report),
+            Some(("NodeLost".into(), "PodGC: node no longer exists".into()))
         );
     }
 

@@ -580,12 +580,37 @@ pub async fn sweeper_deleted_while_user_connected(target: &Target) -> Result<Tim
     Ok(timings)
 }
 
+/// How a scenario takes a worker away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkerLoss {
+    /// `kubectl drain --delete-emptydir-data --ignore-daemonsets`, then `kubectl uncordon`.
+    Drain,
+    /// `kubectl delete node`; its pods go when pod garbage collection finds them orphaned
+    /// (after its 40 s quarantine). Restored by restarting the node's kubelet (a kind node is a
+    /// Docker container: `docker exec <node> systemctl restart kubelet`), which registers the
+    /// Node again.
+    Delete,
+}
+
 /// A worker is drained (`kubectl drain --delete-emptydir-data --ignore-daemonsets`): the
 /// backends on it end Failed `Evicted`, and nothing of them is left (no pod, no Service, no
 /// live backend); backends elsewhere are untouched. The worker drained is one the leading
 /// controller does not run on, so the leader sees the evictions as they happen. The node is
 /// uncordoned afterwards, whatever the outcome.
 pub async fn worker_drained_backends_fail(target: &Target) -> Result<Timings, Failure> {
+    lose_a_worker(target, WorkerLoss::Drain).await
+}
+
+/// A worker's Node is deleted (`kubectl delete node`): the backends on it end Failed `NodeLost`
+/// (pod garbage collection marks their pods Failed with a DisruptionTarget condition, then
+/// force-deletes them; `PodMissing` when the controller sees them only gone), nothing of them
+/// is left, backends elsewhere are untouched. The node's kubelet is restarted afterwards, whatever the outcome, so its Node
+/// comes back.
+pub async fn worker_deleted_backends_fail(target: &Target) -> Result<Timings, Failure> {
+    lose_a_worker(target, WorkerLoss::Delete).await
+}
+
+async fn lose_a_worker(target: &Target, loss: WorkerLoss) -> Result<Timings, Failure> {
     let mut timings = Timings::default();
     wait_spawner_rolled_out().await?;
     let leader = controller_leader().await?;
@@ -652,29 +677,39 @@ pub async fn worker_drained_backends_fail(target: &Target) -> Result<Timings, Fa
         })?;
         timings.record("backends Ready", start);
 
-        let drained = Instant::now();
-        kubectl(&[
-            "drain",
-            &node,
-            "--delete-emptydir-data",
-            "--ignore-daemonsets",
-            "--timeout=240s",
-        ])
-        .await?;
+        let lost = Instant::now();
+        let expected: &[&str] = match loss {
+            WorkerLoss::Drain => {
+                kubectl(&[
+                    "drain",
+                    &node,
+                    "--delete-emptydir-data",
+                    "--ignore-daemonsets",
+                    "--timeout=240s",
+                ])
+                .await?;
+                &[spawner_core::phase::EVICTED_REASON]
+            }
+            WorkerLoss::Delete => {
+                kubectl(&["delete", "node", &node, "--wait=true"]).await?;
+                &[spawner_core::phase::NODE_LOST_REASON, "PodMissing"]
+            }
+        };
         for name in &on_node {
+            // Pod garbage collection waits 40 s before it removes a deleted node's pods.
             let (events, _) = target
                 .api
-                .follow_phases_resuming(name, Duration::from_secs(120), |_| false)
+                .follow_phases_resuming(name, Duration::from_secs(240), |_| false)
                 .await?;
             let last = events
                 .last()
                 .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
             ensure(
                 last.phase == Phase::Failed
-                    && last.reason.as_deref() == Some(spawner_core::phase::EVICTED_REASON),
+                    && last.reason.as_deref().is_some_and(|r| expected.contains(&r)),
                 || {
                     format!(
-                        "{name} on the drained {node} ended {:?} ({:?}: {:?}), phases {:?}",
+                        "{name} on {node} ({loss:?}) ended {:?} ({:?}: {:?}), phases {:?}, expected Failed {expected:?}",
                         last.phase,
                         last.reason,
                         last.message,
@@ -683,12 +718,12 @@ pub async fn worker_drained_backends_fail(target: &Target) -> Result<Timings, Fa
                 },
             )?;
         }
-        timings.record("drain→backends Failed", drained);
+        timings.record("node lost→backends Failed", lost);
         for name in &elsewhere {
             let status = target.api.status(name).await?;
             ensure(status.phase == Phase::Ready, || {
                 format!(
-                    "{name}, not on {node}, is {:?} after the drain",
+                    "{name}, not on {node}, is {:?} after {node} was lost ({loss:?})",
                     status.phase
                 )
             })?;
@@ -709,7 +744,7 @@ pub async fn worker_drained_backends_fail(target: &Target) -> Result<Timings, Fa
             }
             if Instant::now() >= gone_by {
                 return Err(Failure::new(format!(
-                    "pods or Services of the evicted backends still exist: {left:?}"
+                    "pods or Services of the backends on {node} still exist: {left:?}"
                 )));
             }
             tokio::time::sleep(POLL).await;
@@ -717,10 +752,10 @@ pub async fn worker_drained_backends_fail(target: &Target) -> Result<Timings, Fa
         Ok::<(), Failure>(())
     }
     .await;
-    let uncordoned = kubectl(&["uncordon", &node]).await;
+    let restored = restore_worker(&node, loss).await;
     let cleanup = terminate_all(target, &names).await;
     result?;
-    uncordoned?;
+    restored?;
     cleanup?;
     // No backend of this scenario is left live.
     let slabs = kubectl_json(&["-n", BACKENDS_NAMESPACE, "get", "slab"]).await?;
@@ -736,9 +771,69 @@ pub async fn worker_drained_backends_fail(target: &Target) -> Result<Timings, Fa
         .map(name_of)
         .collect();
     ensure(live.is_empty(), || {
-        format!("backends still live after the drain test: {live:?}")
+        format!("backends still live after {node} was lost ({loss:?}): {live:?}")
     })?;
     wait_spawner_rolled_out().await?;
     timings.record("total", start);
     Ok(timings)
+}
+
+/// Makes `node` a schedulable, Ready worker again after `loss`.
+async fn restore_worker(node: &str, loss: WorkerLoss) -> Result<(), Failure> {
+    match loss {
+        WorkerLoss::Drain => {
+            kubectl(&["uncordon", node]).await?;
+        }
+        WorkerLoss::Delete => {
+            let output = tokio::time::timeout(
+                KUBECTL_TIMEOUT,
+                Command::new("docker")
+                    .args(["exec", node, "systemctl", "restart", "kubelet"])
+                    .kill_on_drop(true)
+                    .output(),
+            )
+            .await
+            .map_err(|_| Failure::new(format!("restarting the kubelet of {node}: timed out")))?
+            .map_err(|e| Failure::new(format!("docker exec {node}: {e}")))?;
+            ensure(output.status.success(), || {
+                format!(
+                    "restarting the kubelet of {node}: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )
+            })?;
+            // The kubelet registers its Node again; then it must become Ready.
+            let deadline = Instant::now() + Duration::from_secs(180);
+            while kubectl(&["get", "node", node]).await.is_err() {
+                if Instant::now() >= deadline {
+                    return Err(Failure::new(format!("{node} did not register again")));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            kubectl(&[
+                "wait",
+                "--for=condition=Ready",
+                &format!("node/{node}"),
+                "--timeout=180s",
+            ])
+            .await?;
+            for daemonset in ["ds/kube-proxy", "ds/spawner-kind-cni"] {
+                // kind's published node image has kindnet instead of our CNI DaemonSet.
+                if kubectl(&["-n", "kube-system", "get", daemonset])
+                    .await
+                    .is_ok()
+                {
+                    kubectl(&[
+                        "-n",
+                        "kube-system",
+                        "rollout",
+                        "status",
+                        daemonset,
+                        &format!("--timeout={ROLLOUT_TIMEOUT}"),
+                    ])
+                    .await?;
+                }
+            }
+        }
+    }
+    wait_spawner_rolled_out().await
 }

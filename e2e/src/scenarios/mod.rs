@@ -32,7 +32,8 @@ pub use client::{ApiClient, BackendStatus, PhaseEvent, StatusStream, StreamItem}
 // The disruption scenarios, beside the others for the suites' `scenario_tests!`.
 pub use disruption::{
     api_pod_deleted_while_streaming, controller_leader_deleted_mid_spawn,
-    sweeper_deleted_while_user_connected, worker_drained_backends_fail,
+    sweeper_deleted_while_user_connected, worker_deleted_backends_fail,
+    worker_drained_backends_fail,
 };
 pub use phases::{ended, wait_ready};
 
