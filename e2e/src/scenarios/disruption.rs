@@ -719,6 +719,10 @@ async fn lose_a_worker(target: &Target, loss: WorkerLoss) -> Result<Timings, Fai
             )?;
         }
         timings.record("node lost→backends Failed", lost);
+        for name in &on_node {
+            let status = target.api.status(name).await?;
+            eprintln!("{name} on {node} ({loss:?}): Failed {:?}: {:?}", status.reason, status.message);
+        }
         for name in &elsewhere {
             let status = target.api.status(name).await?;
             ensure(status.phase == Phase::Ready, || {
