@@ -30,7 +30,7 @@ use kube::api::Api;
 use serde_json::json;
 use spawner_core::Phase;
 use spawner_core::resource::SessionLivedBackend;
-use spawner_e2e::controlplane::{ControlPlane, Identity, SYSTEM_NAMESPACE};
+use spawner_e2e::controlplane::{ControlPlane, DEPLOY_RBAC, Identity, SYSTEM_NAMESPACE};
 use spawner_e2e::scenarios::{
     self, ApiClient, App, Apps, Failure, Target, Timings, authority, ensure, local::DirectTcp,
     unique,
@@ -41,23 +41,6 @@ use tokio::sync::{Mutex, OnceCell, oneshot};
 use tokio::task::JoinHandle;
 
 const SPAWNER: &str = env!("CARGO_BIN_EXE_spawner-e2e-cli");
-
-/// `deploy/rbac/`, applied exactly as deployed.
-const RBAC: [(&str, &str); 4] = [
-    (
-        "serviceaccounts.yaml",
-        include_str!("../../deploy/rbac/serviceaccounts.yaml"),
-    ),
-    (
-        "controller.yaml",
-        include_str!("../../deploy/rbac/controller.yaml"),
-    ),
-    (
-        "sweeper.yaml",
-        include_str!("../../deploy/rbac/sweeper.yaml"),
-    ),
-    ("api.yaml", include_str!("../../deploy/rbac/api.yaml")),
-];
 
 /// Grace period of the backends that are meant to be swept.
 const GRACE: Duration = Duration::from_secs(3);
@@ -79,7 +62,7 @@ async fn control_plane(test: &str) -> Option<&'static ControlPlane> {
     APPLIED
         .get_or_init(|| async {
             let admin = cp.admin_client().await.unwrap();
-            for (file, yaml) in RBAC {
+            for (file, yaml) in DEPLOY_RBAC {
                 cp.apply_yaml(&admin, yaml, SYSTEM_NAMESPACE)
                     .await
                     .unwrap_or_else(|e| panic!("applying deploy/rbac/{file}: {e}"));
