@@ -63,6 +63,9 @@ pub enum Mutant {
     /// ends), so it resumes from the same expired version again and again and never lists:
     /// after a compaction it sees no change any more.
     ControllerSwallowsExpiredWatches,
+    /// The controller's API server client sends a request answered 429 again at once,
+    /// ignoring `Retry-After` (a hot loop), below the retry layer that would wait.
+    ControllerRetriesThrottledAtOnce,
 }
 
 /// Switches the per-thread mutants of the production crates for the calling thread.
@@ -277,6 +280,53 @@ where
                 return Poll::Ready(frame);
             }
         }
+    }
+}
+
+/// Wraps a client's connection to the API server: a request answered 429 is sent again at
+/// once, until it is answered otherwise.
+#[derive(Clone)]
+pub struct RetriesThrottledAtOnce<S>(pub S);
+
+impl<S, B> Service<Request> for RetriesThrottledAtOnce<S>
+where
+    S: Service<Request, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    B: Send,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let again = self.0.clone();
+        let mut first = std::mem::replace(&mut self.0, again.clone());
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let rebuild = || {
+                let mut builder = http::Request::builder()
+                    .method(parts.method.clone())
+                    .uri(parts.uri.clone());
+                for (name, value) in &parts.headers {
+                    builder = builder.header(name, value);
+                }
+                let Ok(request) = builder.body(kube::client::Body::from(bytes.clone())) else {
+                    unreachable!("the parts came from a valid request")
+                };
+                request
+            };
+            let mut response = first.call(rebuild()).await?;
+            while response.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                response = again.clone().ready_oneshot().await?.call(rebuild()).await?;
+            }
+            Ok(response)
+        })
     }
 }
 

@@ -132,6 +132,10 @@ pub struct Summary {
     /// Finished backends still kept at the end because their retention is not over by the
     /// controller's clock (a clock ahead stamped their terminal phase).
     pub retained: usize,
+    /// Requests the API server answered 429 (throttling faults), and the most one identity got
+    /// within a second.
+    pub throttled: u64,
+    pub throttled_peak: u64,
     pub sim_time: Duration,
     pub wall_time: Duration,
     /// Hash of the observable events (phase transitions and deletions with their times).
@@ -163,6 +167,13 @@ impl std::fmt::Display for Summary {
             self.wall_time.as_secs_f64(),
             self.trace_hash
         )?;
+        if self.throttled > 0 {
+            write!(
+                f,
+                "; {} requests answered 429 (at most {} to one identity within a second)",
+                self.throttled, self.throttled_peak
+            )?;
+        }
         if self.retained > 0 {
             write!(
                 f,
@@ -374,6 +385,8 @@ impl Running {
             failed: checker.reached(Phase::Failed),
             terminated: checker.reached(Phase::Terminated),
             retained,
+            throttled: self.observer.throttled(),
+            throttled_peak: self.observer.throttles.peak,
             sim_time: now,
             wall_time: wall.elapsed(),
             trace_hash: hasher.finish(),

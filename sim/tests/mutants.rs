@@ -305,3 +305,28 @@ fn a_controller_that_swallows_expired_watches_is_caught() {
         "every spawn ends Ready or Failed",
     );
 }
+
+#[test]
+fn a_controller_that_retries_throttled_requests_at_once_is_caught() {
+    // The API server answers every request 429 (Retry-After: 1) for 10 s while users come and
+    // go: the mutant sends each refused request again at once, a round trip (a few ms) later.
+    let params = WorkloadParams {
+        users: 24,
+        rooms: 6,
+        mean_interarrival_ms: 1_000.0,
+        session_cap_ms: 8_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(33, params);
+    config.faults = vec![Fault {
+        at: Duration::from_secs(5),
+        duration: Duration::from_secs(10),
+        kind: FaultKind::Throttle { per_mille: 1_000 },
+    }];
+    caught(
+        config,
+        Mutant::ControllerRetriesThrottledAtOnce,
+        spawner_sim::throttling::BACKS_OFF_WHEN_THROTTLED,
+    );
+}
