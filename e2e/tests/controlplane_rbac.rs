@@ -170,7 +170,7 @@ fn expected_grants(identity: Identity) -> BTreeSet<Permission> {
             "spawner.dev",
             "sessionlivedbackends",
             "",
-            &["get", "list", "watch"],
+            &["list", "watch"],
         )],
         _ => vec![],
     };

@@ -3,8 +3,9 @@
 //! prints one line and passes: there is no cluster to test. Configuration: see
 //! `spawner_e2e::scenarios::kind`.
 
-use spawner_e2e::scenarios::{self, Failure, Target, Timings};
+use spawner_e2e::scenarios::{self, Failure, Target, Timings, suite};
 
+/// Runs `scenario` against the kind cluster; on failure, says where to look.
 async fn run<F, Fut>(test: &str, scenario: F)
 where
     F: FnOnce(Target) -> Fut,
@@ -17,67 +18,17 @@ where
     let target = scenarios::kind::target()
         .await
         .unwrap_or_else(|e| panic!("{test} (kind): {e}"));
-    match scenario(target).await {
-        Ok(timings) => eprintln!("{test} (kind): {timings}"),
-        Err(failure) => panic!(
-            "{test} (kind): {failure}\n(see `kubectl -n spawner-system logs deploy/spawner-controller` and `kubectl -n spawner-backends get slab,pods`)"
-        ),
-    }
+    suite::report(test, "kind", scenario(target).await, || {
+        "(see `kubectl -n spawner-system logs deploy/spawner-controller` and `kubectl -n spawner-backends get slab,pods`)".into()
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spawn_connect_disconnect_swept() {
-    run("spawn_connect_disconnect_swept", |t| async move {
-        scenarios::spawn_connect_disconnect_swept(&t).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_or_create_concurrently() {
-    run("get_or_create_concurrently", |t| async move {
-        scenarios::get_or_create_concurrently(&t).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crashing_app_fails() {
-    run("crashing_app_fails", |t| async move {
-        scenarios::crashing_app_fails(&t).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminate_while_starting() {
-    run("terminate_while_starting", |t| async move {
-        scenarios::terminate_while_starting(&t).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_start_keeps_its_grace_period_after_ready() {
-    run(
-        "slow_start_keeps_its_grace_period_after_ready",
-        |t| async move { scenarios::slow_start_keeps_its_grace_period_after_ready(&t).await },
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn router_requires_a_connect_token() {
-    run("router_requires_a_connect_token", |t| async move {
-        scenarios::router_requires_a_connect_token(&t).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn image_pull_failure_fails() {
-    run("image_pull_failure_fails", |t| async move {
-        scenarios::image_pull_failure_fails(&t).await
-    })
-    .await;
-}
+spawner_e2e::scenario_tests!(run:
+    spawn_connect_disconnect_swept,
+    get_or_create_concurrently,
+    crashing_app_fails,
+    terminate_while_starting,
+    slow_start_keeps_its_grace_period_after_ready,
+    router_requires_a_connect_token,
+    image_pull_failure_fails,
+);

@@ -92,7 +92,7 @@ fn each_component_uses_exactly_what_deploy_rbac_grants() {
     }
 
     let rbac = deployed_rbac();
-    for component in ["controller", "sweeper", "api"] {
+    for component in ["controller", "sweeper", "api", "router"] {
         let refused = audited(&audit, component, false);
         assert!(
             refused.is_empty(),

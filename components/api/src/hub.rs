@@ -4,7 +4,8 @@
 //!
 //! The watch runs only while some stream listens. A watch that stays silent longer than the
 //! idle timeout may lead into a partition: it is replaced after a fresh list, which every
-//! stream catches up from (a backend missing from it was deleted meanwhile).
+//! stream catches up from. A backend missing from a list is read before a stream calls it
+//! deleted: the list may have started before the backend was created.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

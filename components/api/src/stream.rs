@@ -198,7 +198,7 @@ impl PhaseStream {
                     }
                 }
                 received = self.subscription.changes.recv() => match received {
-                    Ok(change) => self.apply(&change),
+                    Ok(change) => self.apply(&change).await,
                     // Fell behind the shared watch: catch up from a read.
                     Err(RecvError::Lagged(_)) => self.resync().await,
                     Err(RecvError::Closed) => return None,
@@ -208,7 +208,7 @@ impl PhaseStream {
     }
 
     /// Queues what one change of the shared watch shows of this backend.
-    fn apply(&mut self, change: &Change) {
+    async fn apply(&mut self, change: &Change) {
         match change {
             Change::Applied(b) if b.name_any() == self.name => self.observe(b),
             Change::Deleted(b) if b.name_any() == self.name => {
@@ -217,7 +217,9 @@ impl PhaseStream {
             }
             Change::Relisted(all) => match all.get(&self.name) {
                 Some(b) => self.observe(b),
-                None => self.backend_gone(),
+                // A list that was already under way when this stream subscribed can predate
+                // the backend's creation: only a read says whether it is really gone.
+                None => self.resync().await,
             },
             _ => {}
         }

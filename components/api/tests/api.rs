@@ -409,6 +409,53 @@ async fn status_stream_survives_a_silent_partition_of_its_watch() {
 }
 
 #[tokio::test]
+async fn a_backend_created_while_the_shared_list_is_under_way_is_not_taken_for_deleted() {
+    let (h, proxy) = support::Harness::start_behind_proxy(|c| {
+        c.watch_idle_timeout = std::time::Duration::from_secs(20);
+    })
+    .await;
+    let first = spawn(&h, json!({"image": "x"})).await;
+    let mut late = h.backends.get(&first).await.expect("get");
+    late.metadata = kube::api::ObjectMeta {
+        name: Some("slab-created-during-the-list".into()),
+        labels: late.metadata.labels.clone(),
+        ..Default::default()
+    };
+    // The first stream starts the replica's shared watch with a list, whose answer is held
+    // back; the second backend is created after the API server answered that list, and its
+    // stream subscribes before the list reaches the api.
+    proxy.hold_answers();
+    let created_after_the_list = async {
+        proxy.wait_until_held("SessionLivedBackendList").await;
+        h.backends
+            .create(&Default::default(), &late)
+            .await
+            .expect("create");
+        h.stream("slab-created-during-the-list", None).await
+    };
+    let release = async {
+        proxy.wait_until_held("SessionLivedBackendList").await;
+        proxy
+            .wait_until_held("\"name\":\"slab-created-during-the-list\"")
+            .await;
+        proxy.release_answers();
+    };
+    let (_first_stream, mut stream, ()) =
+        tokio::join!(h.stream(&first, None), created_after_the_list, release);
+    assert_eq!(
+        stream.next().await.expect("history").id.as_deref(),
+        Some("Submitted")
+    );
+    h.patch_status("slab-created-during-the-list", json!({"phase": "Running"}))
+        .await;
+    let next = stream.next().await.expect("live");
+    assert_eq!(
+        (next.event.as_str(), next.id.as_deref()),
+        ("phase", Some("Running"))
+    );
+}
+
+#[tokio::test]
 async fn connect_gets_or_creates_exactly_one_backend_under_50_concurrent_calls() {
     let h = std::sync::Arc::new(Harness::start().await);
     let mut calls = tokio::task::JoinSet::new();

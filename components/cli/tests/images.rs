@@ -162,11 +162,12 @@ impl Container {
                 .output()
                 .expect("run the docker client");
             let stderr = String::from_utf8_lossy(&out.stderr);
-            if !out.status.success() && stderr.contains("address already in use") {
-                if let Some(name) = name {
-                    docker(&["rm", "-f", "-v", name]);
-                    continue;
-                }
+            if !out.status.success()
+                && stderr.contains("address already in use")
+                && let Some(name) = name
+            {
+                docker(&["rm", "-f", "-v", name]);
+                continue;
             }
             assert!(
                 out.status.success(),

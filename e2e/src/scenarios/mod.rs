@@ -11,6 +11,7 @@
 pub mod client;
 pub mod kind;
 pub mod local;
+pub mod suite;
 
 use std::fmt;
 use std::future::Future;

@@ -345,10 +345,15 @@ pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code
 
 /// A TCP proxy that can silently black-hole every connection open at some instant (bytes are
 /// read and dropped, nothing is closed), as a network partition does; later connections work.
+/// It can also hold back every answer of the API server for a while (a slow network), to
+/// order responses against what a test does meanwhile.
 pub struct Proxy {
     pub addr: std::net::SocketAddr,
     accepted: Arc<AtomicU64>,
     frozen_before: Arc<AtomicU64>,
+    holding: tokio::sync::watch::Sender<bool>,
+    /// Every byte the API server sent while answers were held.
+    held: Arc<std::sync::Mutex<Vec<u8>>>,
     task: JoinHandle<()>,
 }
 
@@ -361,7 +366,10 @@ impl Proxy {
         let addr = listener.local_addr().expect("addr");
         let accepted = Arc::new(AtomicU64::new(0));
         let frozen_before = Arc::new(AtomicU64::new(0));
+        let (holding, _) = tokio::sync::watch::channel(false);
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (counter, frozen) = (accepted.clone(), frozen_before.clone());
+        let (hold, held_bytes) = (holding.clone(), held.clone());
         let task = tokio::spawn(async move {
             // Dropped with this task, which aborts every forwarding task.
             let mut forwarders = tokio::task::JoinSet::new();
@@ -376,8 +384,10 @@ impl Proxy {
                     (Box::new(client_read), Box::new(server_write)),
                     (Box::new(server_read), Box::new(client_write)),
                 ];
-                for (mut from, mut to) in directions {
+                for (answers, (mut from, mut to)) in [false, true].into_iter().zip(directions) {
                     let frozen = frozen.clone();
+                    let mut hold = hold.subscribe();
+                    let held_bytes = held_bytes.clone();
                     forwarders.spawn(async move {
                         let mut buffer = vec![0u8; 16 * 1024];
                         loop {
@@ -387,6 +397,14 @@ impl Proxy {
                             };
                             if id < frozen.load(Ordering::SeqCst) {
                                 continue;
+                            }
+                            if answers && *hold.borrow_and_update() {
+                                if let Ok(mut held) = held_bytes.lock() {
+                                    held.extend_from_slice(&buffer[..n]);
+                                }
+                                if hold.wait_for(|holding| !*holding).await.is_err() {
+                                    return;
+                                }
                             }
                             if to.write_all(&buffer[..n]).await.is_err() {
                                 return;
@@ -400,8 +418,42 @@ impl Proxy {
             addr,
             accepted,
             frozen_before,
+            holding,
+            held,
             task,
         }
+    }
+
+    /// Holds back every answer of the API server, on open and new connections, until
+    /// [`Proxy::release_answers`]; requests still reach it.
+    pub fn hold_answers(&self) {
+        if let Ok(mut held) = self.held.lock() {
+            held.clear();
+        }
+        self.holding.send_replace(true);
+    }
+
+    /// Delivers the held answers and forwards again.
+    pub fn release_answers(&self) {
+        self.holding.send_replace(false);
+    }
+
+    /// Waits until the held answers contain `needle` (the API server has answered a request
+    /// whose answer contains it).
+    pub async fn wait_until_held(&self, needle: &str) {
+        let found = || {
+            self.held.lock().is_ok_and(|held| {
+                held.windows(needle.len())
+                    .any(|window| window == needle.as_bytes())
+            })
+        };
+        tokio::time::timeout(WAIT, async {
+            while !found() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no held answer contains {needle:?}"));
     }
 
     /// Black-holes every connection accepted so far; new ones are forwarded.
