@@ -2,10 +2,11 @@
 //! behaviour of one component; `tests/mutants.rs` runs a world with it and expects the
 //! invariant it breaks to be reported.
 //!
-//! Two live here, around the production components' inputs and outputs (a controller whose
-//! pod creates are repeated under a new name, an api whose get-or-create races); two are
-//! switches inside the sweeper and the sidecar behind their `sim-mutants` feature, which only
-//! this crate enables, set per thread (every host of a world runs on the thread stepping it).
+//! Most live here, around the production components' inputs and outputs (wrappers of their
+//! API server clients, a racy api, hosts deployed wrongly); the rest are switches inside the
+//! sweeper, the sidecar, the router and the WebSocket relay behind their `sim-mutants` feature,
+//! which only this crate enables, set per thread (every host of a world runs on the thread
+//! stepping it).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,6 +67,13 @@ pub enum Mutant {
     /// The controller's API server client sends a request answered 429 again at once,
     /// ignoring `Retry-After` (a hot loop), below the retry layer that would wait.
     ControllerRetriesThrottledAtOnce,
+    /// The WebSocket relays (sidecar and router) hear a client only when it sends bytes they
+    /// relay: the pongs an idle user answers their pings with do not count, and the user is
+    /// dropped as dead while its backend lives.
+    RelayIgnoresPongs,
+    /// The controller's API server client loses pod deletions from its watches (a cache that
+    /// misses deletions): a pod evicted under a backend still looks present to it.
+    ControllerMissesPodDeletions,
 }
 
 /// Switches the per-thread mutants of the production crates for the calling thread.
@@ -74,6 +82,7 @@ pub fn switch_on(mutant: Option<Mutant>) {
     spawner_sidecar::mutants::forget_abnormal_countdown(
         mutant == Some(Mutant::SidecarForgetsAbnormalEnds),
     );
+    spawner_proxy::mutants::only_relayed_bytes_heard(mutant == Some(Mutant::RelayIgnoresPongs));
     spawner_router::mutants::accept_tokens_for_any_backend(
         mutant == Some(Mutant::RouterAcceptsTokensForAnyBackend),
     );
@@ -238,7 +247,7 @@ where
     S: Service<Request, Response = http::Response<B>>,
     S::Future: Send + 'static,
 {
-    type Response = http::Response<WithoutExpiry<B>>;
+    type Response = http::Response<WithoutEvents<B>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -248,14 +257,59 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let call = self.0.call(request);
-        Box::pin(async move { Ok(call.await?.map(WithoutExpiry)) })
+        Box::pin(async move {
+            Ok(call.await?.map(|body| WithoutEvents {
+                body,
+                drops: is_expiry,
+            }))
+        })
     }
 }
 
-/// A response body without the data frames that carry a 410 watch error.
-pub struct WithoutExpiry<B>(B);
+/// Wraps a client's connection to the API server: a watch's `DELETED` events for pods are
+/// dropped from the stream.
+#[derive(Clone)]
+pub struct MissesPodDeletions<S>(pub S);
 
-impl<B> http_body::Body for WithoutExpiry<B>
+impl<S, B> Service<Request> for MissesPodDeletions<S>
+where
+    S: Service<Request, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<WithoutEvents<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let call = self.0.call(request);
+        Box::pin(async move {
+            Ok(call.await?.map(|body| WithoutEvents {
+                body,
+                drops: is_pod_deletion,
+            }))
+        })
+    }
+}
+
+fn is_pod_deletion(text: &str) -> bool {
+    text.contains("\"type\":\"DELETED\"") && text.contains("\"kind\":\"Pod\"")
+}
+
+fn is_expiry(text: &str) -> bool {
+    text.contains("\"type\":\"ERROR\"") && text.contains("\"code\":410")
+}
+
+/// A response body without the data frames `drops` picks (by their text): watch events.
+pub struct WithoutEvents<B> {
+    body: B,
+    drops: fn(&str) -> bool,
+}
+
+impl<B> http_body::Body for WithoutEvents<B>
 where
     B: http_body::Body<Data = bytes::Bytes> + Unpin,
 {
@@ -267,16 +321,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
         loop {
-            let frame = std::task::ready!(Pin::new(&mut self.0).poll_frame(cx));
-            let expired = frame
+            let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+            let drops = self.drops;
+            let dropped = frame
                 .as_ref()
                 .and_then(|f| f.as_ref().ok())
                 .and_then(|f| f.data_ref())
-                .is_some_and(|data| {
-                    let text = String::from_utf8_lossy(data);
-                    text.contains("\"type\":\"ERROR\"") && text.contains("\"code\":410")
-                });
-            if !expired {
+                .is_some_and(|data| drops(&String::from_utf8_lossy(data)));
+            if !dropped {
                 return Poll::Ready(frame);
             }
         }

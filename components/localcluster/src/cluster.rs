@@ -151,7 +151,7 @@ impl Cluster {
                 name,
                 &crate::store::DeleteOptions::default(),
                 &format_time(now),
-                &later,
+                later,
             );
             if deleted.is_ok() {
                 evicted.push(format!("{namespace}/{name}"));
