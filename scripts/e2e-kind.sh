@@ -62,6 +62,18 @@ for tool in cargo kubectl curl; do
     command -v "$tool" >/dev/null || missing "$tool is required"
 done
 
+# One run at a time per machine: two runs would share the cluster name (one deleting it under
+# the other) and the host ports 30080/30081 of kind-config.yaml. A second run waits.
+if [[ $dry_run -eq 0 ]] && command -v flock >/dev/null; then
+    lock_file="${XDG_CACHE_HOME:-$HOME/.cache}/spawner/kind/e2e.lock"
+    mkdir -p "$(dirname "$lock_file")"
+    exec 9>"$lock_file"
+    if ! flock -n 9; then
+        log "another e2e-kind run holds $lock_file: waiting for it to end"
+        flock 9
+    fi
+fi
+
 step "[1/6] docker engine"
 if [[ $dry_run -eq 1 ]]; then
     run scripts/docker-engine.sh start

@@ -31,4 +31,12 @@ spawner_e2e::scenario_tests!(run:
     slow_start_keeps_its_grace_period_after_ready,
     router_requires_a_connect_token,
     image_pull_failure_fails,
+    never_ready_fails_with_start_timeout,
+    // Disruptions (scenarios::disruption): each leaves the cluster whole again (workloads
+    // rolled out, a drained node uncordoned, a deleted node registered again), so the order does not matter.
+    controller_leader_deleted_mid_spawn,
+    api_pod_deleted_while_streaming,
+    sweeper_deleted_while_user_connected,
+    worker_drained_backends_fail,
+    worker_deleted_backends_fail,
 );

@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 use spawner_core::children::SIDECAR_CONTAINER_NAME;
-use spawner_core::phase::{Observation, Phase};
+use spawner_core::phase::{Observation, Phase, disruption_reason};
 use spawner_core::resource::{SessionLivedBackend, SessionLivedBackendStatus};
 use spawner_core::status::phase_time;
 
@@ -75,6 +75,29 @@ pub fn observe_pod(
         .and_then(|s| s.pod_ip.clone())
         .filter(|ip| !ip.is_empty());
 
+    // A pod being deleted while its backend is not finished was taken by someone else (the
+    // controller deletes pods only after writing a terminal phase): a drain's eviction, a lost
+    // node, `kubectl delete pod`. So was a pod Kubernetes marked Failed with a DisruptionTarget
+    // condition: pod garbage collection does that to the pods of a deleted Node before it
+    // force-deletes them (seen on kind). Reported before the containers' exits, which now are
+    // its consequence, so the backend fails with why its pod went.
+    let disruption = status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True");
+    if pod.metadata.deletion_timestamp.is_some() || (disruption.is_some() && pod_phase == "Failed")
+    {
+        let reason = disruption_reason(disruption.and_then(|c| c.reason.as_deref()));
+        let message = disruption
+            .and_then(|c| c.message.clone())
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| "the backend's pod was deleted".to_string());
+        report.observations.push(Observation::PodFailed {
+            reason: reason.to_string(),
+            message,
+        });
+    }
     let statuses = status
         .and_then(|s| s.container_statuses.as_deref())
         .unwrap_or_default();
@@ -433,6 +456,107 @@ mod tests {
             &report.observations[1],
             Observation::PodFailed { reason, .. } if reason == "PodSucceeded"
         ));
+    }
+
+    /// A running pod, deleted (`deletionTimestamp` set) with these pod conditions, whose
+    /// containers the kubelet has already stopped.
+    fn deleted_pod(conditions: serde_json::Value) -> Pod {
+        pod(json!({
+            "metadata": {"name": "b", "deletionTimestamp": "2024-01-01T00:00:05Z"},
+            "spec": {"nodeName": "worker", "containers": []},
+            "status": {
+                "phase": "Running",
+                "conditions": conditions,
+                "containerStatuses": [
+                    {"name": "app", "image": "app:1", "imageID": "", "ready": false,
+                     "restartCount": 0,
+                     "state": {"terminated": {"exitCode": 143, "reason": "Error"}}},
+                ],
+            },
+        }))
+    }
+
+    fn first_failure(report: &PodReport) -> Option<(String, String)> {
+        report.observations.iter().find_map(|o| match o {
+            Observation::PodFailed { reason, message } => Some((reason.clone(), message.clone())),
+            Observation::AppExited { reason, .. } => Some(("AppExited".into(), reason.clone())),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn an_evicted_pod_fails_its_backend_as_evicted_not_as_an_app_exit() {
+        let report = observe_pod(
+            &deleted_pod(json!([{
+                "type": "DisruptionTarget", "status": "True",
+                "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting",
+            }])),
+            "app",
+            ts("2024-01-01T00:00:06Z"),
+            TIMEOUT,
+        );
+        assert_eq!(
+            first_failure(&report),
+            Some(("Evicted".into(), "Eviction API: evicting".into()))
+        );
+        // Progress seen before it still counts (a Running pod was Running).
+        assert!(report.observations.contains(&Observation::PodRunning));
+    }
+
+    #[test]
+    fn a_pod_of_a_lost_node_or_deleted_by_hand_says_so() {
+        let gc = observe_pod(
+            &deleted_pod(json!([{
+                "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+            }])),
+            "app",
+            ts("2024-01-01T00:00:06Z"),
+            TIMEOUT,
+        );
+        assert_eq!(first_failure(&gc).map(|f| f.0), Some("NodeLost".into()));
+        let by_hand = observe_pod(
+            &deleted_pod(json!([])),
+            "app",
+            ts("2024-01-01T00:00:06Z"),
+            TIMEOUT,
+        );
+        assert_eq!(
+            first_failure(&by_hand),
+            Some(("PodDeleted".into(), "the backend's pod was deleted".into()))
+        );
+    }
+
+    #[test]
+    fn a_pod_failed_by_pod_garbage_collection_is_node_lost() {
+        // What kind showed after `kubectl delete node`: the pod Failed, no reason of its own,
+        // its containers still reported running, no deletionTimestamp (it is force-deleted next).
+        let mut p = deleted_pod(json!([{
+            "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+            "message": "PodGC: node no longer exists",
+        }]));
+        p.metadata.deletion_timestamp = None;
+        if let Some(status) = p.status.as_mut() {
+            status.phase = Some("Failed".into());
+            status.container_statuses = None;
+        }
+        let report = observe_pod(&p, "app", ts("2024-01-01T00:00:06Z"), TIMEOUT);
+        assert_eq!(
+            first_failure(&report),
+            Some(("NodeLost".into(), "PodGC: node no longer exists".into()))
+        );
+    }
+
+    #[test]
+    fn a_disruption_condition_without_deletion_is_not_a_failure() {
+        let mut p = deleted_pod(json!([{
+            "type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+        }]));
+        p.metadata.deletion_timestamp = None;
+        if let Some(status) = p.status.as_mut() {
+            status.container_statuses = None;
+        }
+        let report = observe_pod(&p, "app", ts("2024-01-01T00:00:06Z"), TIMEOUT);
+        assert_eq!(first_failure(&report), None);
     }
 
     fn backend(value: serde_json::Value) -> SessionLivedBackend {

@@ -89,6 +89,27 @@ impl std::fmt::Display for Phase {
 /// Reason of a backend that failed because it was not Ready within its start timeout.
 pub const START_TIMEOUT_REASON: &str = "StartTimeout";
 
+/// Reason of a backend whose pod was evicted (`kubectl drain`, the Eviction API, or the
+/// kubelet under node pressure).
+pub const EVICTED_REASON: &str = "Evicted";
+/// Reason of a backend whose pod was deleted because its node went away (the node lifecycle
+/// controller's taint manager, or pod garbage collection of a deleted node's pods).
+pub const NODE_LOST_REASON: &str = "NodeLost";
+/// Reason of a backend whose pod was deleted by someone else than the controller, for a reason
+/// Kubernetes did not record (for example `kubectl delete pod`).
+pub const POD_DELETED_REASON: &str = "PodDeleted";
+
+/// The backend's failure reason for a pod that is being deleted although the backend is not
+/// finished, from the reason of the pod's `DisruptionTarget` condition (set by Kubernetes
+/// before it deletes a pod on its own initiative), if it has one.
+pub fn disruption_reason(disruption_target_reason: Option<&str>) -> &'static str {
+    match disruption_target_reason {
+        Some("EvictionByEvictionAPI" | "TerminationByKubelet") => EVICTED_REASON,
+        Some("DeletionByTaintManager" | "DeletionByPodGC") => NODE_LOST_REASON,
+        _ => POD_DELETED_REASON,
+    }
+}
+
 /// Something a component saw that may move a backend to another phase.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Observation {
@@ -272,6 +293,22 @@ pub fn run(start: Phase, observations: &[Observation]) -> (Phase, Vec<Transition
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disruption_reasons_say_who_took_the_pod() {
+        assert_eq!(disruption_reason(Some("EvictionByEvictionAPI")), "Evicted");
+        assert_eq!(disruption_reason(Some("TerminationByKubelet")), "Evicted");
+        assert_eq!(
+            disruption_reason(Some("DeletionByTaintManager")),
+            "NodeLost"
+        );
+        assert_eq!(disruption_reason(Some("DeletionByPodGC")), "NodeLost");
+        assert_eq!(
+            disruption_reason(Some("PreemptionByScheduler")),
+            "PodDeleted"
+        );
+        assert_eq!(disruption_reason(None), "PodDeleted");
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -242,6 +242,167 @@ impl ApiClient {
     }
 }
 
+/// What an open status stream gave next.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// A `phase` event, with its SSE `id`.
+    Phase {
+        id: Option<String>,
+        event: PhaseEvent,
+    },
+    /// The backend disappeared without a terminal phase (event `deleted`).
+    Deleted,
+    /// The stream ended: the api closed it (it shuts down) or the connection broke.
+    Ended,
+}
+
+/// One open `GET /backend/{id}/status/stream`, read event by event (so a client can reconnect
+/// with `Last-Event-ID` when it ends, as a browser's `EventSource` does).
+pub struct StatusStream {
+    path: String,
+    body: hyper::body::Incoming,
+    parser: SseParser,
+    pending: std::collections::VecDeque<StreamItem>,
+}
+
+impl StatusStream {
+    /// The next phase or end. A stream silent past the heartbeat interval is an error: a stream
+    /// that broke without a word would otherwise hang the caller.
+    pub async fn next(&mut self) -> Result<StreamItem, Failure> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Ok(item);
+            }
+            let frame = tokio::time::timeout(STREAM_READ_TIMEOUT, self.body.frame())
+                .await
+                .map_err(|_| {
+                    Failure::new(format!("{}: silent for 30 s (no heartbeat)", self.path))
+                })?;
+            let data = match frame {
+                None | Some(Err(_)) => return Ok(StreamItem::Ended),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+            };
+            let messages = self
+                .parser
+                .push(&data)
+                .map_err(|e| Failure::new(format!("{}: {e:?}", self.path)))?;
+            for message in messages {
+                match message.event.as_str() {
+                    "phase" => {
+                        let event: PhaseEvent =
+                            serde_json::from_str(&message.data).map_err(|e| {
+                                Failure::new(format!(
+                                    "{}: bad phase event {}: {e}",
+                                    self.path, message.data
+                                ))
+                            })?;
+                        self.pending.push_back(StreamItem::Phase {
+                            id: message.id,
+                            event,
+                        });
+                    }
+                    "deleted" => self.pending.push_back(StreamItem::Deleted),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl ApiClient {
+    /// Opens `name`'s status stream, after the event `last_event_id` when given.
+    pub async fn open_stream(
+        &self,
+        name: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<StatusStream, Failure> {
+        let path = format!("/backend/{name}/status/stream");
+        let mut builder = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token));
+        if let Some(id) = last_event_id {
+            builder = builder.header("last-event-id", id);
+        }
+        let request = builder
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| Failure::new(format!("building GET {path}: {e}")))?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(request))
+            .await
+            .map_err(|_| Failure::new(format!("GET {path}: no answer within 30 s")))?
+            .map_err(|e| Failure::new(format!("GET {path}: {e:?}")))?;
+        if !response.status().is_success() {
+            return Err(Failure::new(format!("GET {path}: {}", response.status())));
+        }
+        Ok(StatusStream {
+            path,
+            body: response.into_body(),
+            parser: SseParser::new(),
+            pending: Default::default(),
+        })
+    }
+
+    /// Follows `name`'s status stream as a browser's `EventSource` does: when the stream ends
+    /// or cannot be opened (an api replica went away), it reconnects with `Last-Event-ID` (every
+    /// `retry`) until a phase for which `stop` is true, a terminal phase, or `timeout`. Returns
+    /// every phase event received, in order, and how many times it reconnected.
+    pub async fn follow_phases_resuming(
+        &self,
+        name: &str,
+        timeout: Duration,
+        stop: impl Fn(Phase) -> bool,
+    ) -> Result<(Vec<PhaseEvent>, usize), Failure> {
+        const RETRY: Duration = Duration::from_millis(500);
+        let mut seen: Vec<PhaseEvent> = Vec::new();
+        let mut last_id: Option<String> = None;
+        let mut reconnects = 0;
+        let outcome = tokio::time::timeout(timeout, async {
+            loop {
+                let mut stream = match self.open_stream(name, last_id.as_deref()).await {
+                    Ok(stream) => stream,
+                    Err(_) => {
+                        reconnects += 1;
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                };
+                loop {
+                    match stream.next().await {
+                        Ok(StreamItem::Phase { id, event }) => {
+                            let phase = event.phase;
+                            last_id = id.or(last_id.take());
+                            seen.push(event);
+                            if stop(phase) || phase.is_terminal() {
+                                return Ok(());
+                            }
+                        }
+                        Ok(StreamItem::Deleted) => {
+                            return Err(Failure::new(format!(
+                                "{name} was deleted after {:?}",
+                                phases(&seen)
+                            )));
+                        }
+                        Ok(StreamItem::Ended) | Err(_) => break,
+                    }
+                }
+                reconnects += 1;
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Ok(())) => Ok((seen, reconnects)),
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(Failure::new(format!(
+                "{name}: no phase to stop at within {timeout:?}; phases seen: {:?}",
+                phases(&seen)
+            ))),
+        }
+    }
+}
+
 /// The phases of `events`, for messages.
 pub fn phases(events: &[PhaseEvent]) -> Vec<Phase> {
     events.iter().map(|e| e.phase).collect()

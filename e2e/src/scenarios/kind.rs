@@ -42,7 +42,7 @@ pub async fn target() -> Result<Target, Failure> {
         },
         // Pods start from a loaded image; scheduling and the sidecar's readiness dominate.
         ready_timeout: Duration::from_secs(180),
-        // deploy/ keeps the controller's default.
-        start_timeout: Duration::from_secs(300),
+        // deploy/overlays/kind sets the controller's SPAWNER_START_TIMEOUT_SECONDS to 45.
+        start_timeout: Duration::from_secs(45),
     })
 }

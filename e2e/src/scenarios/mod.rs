@@ -9,6 +9,7 @@
 //! NodePort is mapped to loopback), and which commands the test applications are.
 
 pub mod client;
+pub mod disruption;
 pub mod kind;
 pub mod local;
 pub mod suite;
@@ -25,7 +26,13 @@ use spawner_core::Phase;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 
-pub use client::{ApiClient, BackendStatus, PhaseEvent};
+pub use client::{ApiClient, BackendStatus, PhaseEvent, StatusStream, StreamItem};
+// The disruption scenarios, beside the others for the suites' `scenario_tests!`.
+pub use disruption::{
+    api_pod_deleted_while_streaming, controller_leader_deleted_mid_spawn,
+    sweeper_deleted_while_user_connected, worker_deleted_backends_fail,
+    worker_drained_backends_fail,
+};
 
 /// Why a scenario failed, in words a person can act on.
 #[derive(Debug, thiserror::Error)]
