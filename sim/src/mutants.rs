@@ -72,7 +72,7 @@ pub enum Mutant {
     /// dropped as dead while its backend lives.
     RelayIgnoresPongs,
     /// The controller's API server client loses pod deletions from its watches (a cache that
-    /// misses deletions): a pod evicted under a backend still looks present to it.
+    /// misses deletions): a pod evicted under a backend still looks present and running to it.
     ControllerMissesPodDeletions,
 }
 
@@ -266,8 +266,8 @@ where
     }
 }
 
-/// Wraps a client's connection to the API server: a watch's `DELETED` events for pods are
-/// dropped from the stream.
+/// Wraps a client's connection to the API server: a watch's events of pods being deleted
+/// (the update that sets `deletionTimestamp`, and `DELETED`) are dropped from the stream.
 #[derive(Clone)]
 pub struct MissesPodDeletions<S>(pub S);
 
@@ -295,8 +295,11 @@ where
     }
 }
 
+/// A pod's deletion: its `DELETED` event, or the update that began it (graceful deletion sets
+/// `deletionTimestamp` first).
 fn is_pod_deletion(text: &str) -> bool {
-    text.contains("\"type\":\"DELETED\"") && text.contains("\"kind\":\"Pod\"")
+    text.contains("\"kind\":\"Pod\"")
+        && (text.contains("\"type\":\"DELETED\"") || text.contains("\"deletionTimestamp\""))
 }
 
 fn is_expiry(text: &str) -> bool {

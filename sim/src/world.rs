@@ -36,7 +36,9 @@ pub(crate) const LEASE_NAME: &str = "spawner-controller";
 /// The invariant a world's [`WorldConfig::allowed_user_failures`] holds it to.
 pub const USERS_CONNECT: &str = "users connect to their backends";
 
-pub use crate::user_checks::{NOT_LOST_WHILE_BACKEND_LIVES, ROUTED_BY_TOKEN, TERMINATED_ON_REQUEST};
+pub use crate::user_checks::{
+    NOT_LOST_WHILE_BACKEND_LIVES, ROUTED_BY_TOKEN, TERMINATED_ON_REQUEST,
+};
 
 /// What to build and run.
 #[derive(Clone, Debug)]

@@ -301,10 +301,8 @@ fn the_api_server_throttles() {
 #[test]
 fn a_nodes_pods_are_evicted() {
     // Every pod of node-0 is evicted twice while users come and go (a drain's evictions):
-    // their backends end Failed (PodMissing, once their pods are gone), their users get a new
-    // backend through get-or-create, and nothing is left behind. Users who connect while an
-    // evicted pod is still stopping can fail (3 of 61 connections here: the fault worlds'
-    // bound allows a quarter).
+    // their backends end Failed with reason Evicted, their users get a new backend through
+    // get-or-create, and nothing is left behind.
     let summary = with_faults(
         49,
         vec![
@@ -312,5 +310,11 @@ fn a_nodes_pods_are_evicted() {
             (35, 1, FaultKind::EvictNode { node: 0 }),
         ],
     );
-    assert!(summary.failed > 0, "{summary}");
+    let evicted = summary
+        .events
+        .iter()
+        .filter(|e| e.contains(" Failed Evicted"))
+        .count();
+    assert!(evicted > 0, "{summary}");
+    assert_eq!(evicted, summary.failed, "{summary}");
 }

@@ -118,9 +118,10 @@ impl Cluster {
     }
 
     /// Evicts every pod bound to `node` that has not finished, as `kubectl drain` does through
-    /// the Eviction API (there are no PodDisruptionBudgets here): each is deleted with its own
-    /// grace period, so the node's agent stops it and then removes it. Returns the evicted pods
-    /// as `namespace/name`.
+    /// the Eviction API (there are no PodDisruptionBudgets here): each gets the condition
+    /// `DisruptionTarget` (reason `EvictionByEvictionAPI`) and is deleted with its own grace
+    /// period, so the node's agent stops it and then removes it. Returns the evicted pods as
+    /// `namespace/name`.
     pub fn evict_pods_on(&self, node: &str) -> Vec<String> {
         let now = crate::clock::now(&*self.shared.clock);
         let later = |secs: i64| {
@@ -145,7 +146,27 @@ impl Cluster {
             if !on_node || finished || deleting {
                 continue;
             }
-            let deleted = self.store().delete(
+            // As the real Eviction API does, the pod is marked first, so that its owners can
+            // tell an eviction from other deletions.
+            let mut store = self.store();
+            let _ = store.patch(
+                resources::PODS,
+                namespace,
+                name,
+                crate::store::PatchKind::StrategicMerge,
+                &json!({"status": {"conditions": [{
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "EvictionByEvictionAPI",
+                    "message": "Eviction API: evicting",
+                    "lastTransitionTime": format_time(now),
+                }]}}),
+                crate::store::Target::Status,
+                &format_time(now),
+                false,
+                None,
+            );
+            let deleted = store.delete(
                 resources::PODS,
                 namespace,
                 name,

@@ -226,9 +226,8 @@ impl ClientFilter {
                 let len = payload_len(&self.held[..self.held_len]);
                 self.observe(len, on_frame);
                 let masked = self.held[1] & 0x80 != 0;
-                let may_be_ours = self.held[0] & 0x0f == OPCODE_PONG
-                    && masked
-                    && len == PING_LEN as u64;
+                let may_be_ours =
+                    self.held[0] & 0x0f == OPCODE_PONG && masked && len == PING_LEN as u64;
                 if may_be_ours {
                     self.held_target = self.held_len + PING_LEN;
                     continue;
