@@ -32,7 +32,7 @@ pub use clock::{Clock, SystemClock};
 pub use cluster::{Cluster, ServerConfig};
 pub use error::ApiError;
 pub use kubeconfig::{kubeconfig_yaml, write_kubeconfig};
-pub use server::{router, serve};
+pub use server::{router, serve, serve_on_loopback};
 pub use store::StoreConfig;
 pub use throttle::Throttle;
 pub use tls::{ServerCertificates, TlsListener};
