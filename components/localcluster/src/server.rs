@@ -93,6 +93,10 @@ async fn serve_request(cluster: Cluster, req: Request) -> Response {
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
+    // Priority and fairness comes after authentication, before anything is read or served.
+    if let Some(e) = cluster.shared.throttler.check(&who) {
+        return e.into_response();
+    }
     // The body is read only for an authenticated caller, and refused unread when its announced
     // length is over the limit.
     let limit = cluster.shared.config.max_request_bytes;
