@@ -13,19 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
 use http::Method;
-use serde_json::{Value, json};
+use serde_json::json;
+use spawner::spawn_steps::{step_millis, step_stats, steps_table};
 use spawner_core::phase::Phase;
-use spawner_core::trace::percentile;
 use spawner_e2e::scenarios::{self, Target};
-
-const STEPS: [&str; 6] = [
-    "request→Constructed",
-    "Constructed→Scheduled",
-    "Scheduled→Running",
-    "Running→Ready",
-    "Ready→client sees it",
-    "total",
-];
 
 fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -33,24 +24,6 @@ fn env_count(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
         .max(1)
-}
-
-fn condition_time(status: &Value, phase: &str) -> Option<SystemTime> {
-    let time = status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == phase)?["lastTransitionTime"]
-        .as_str()?;
-    let parsed = chrono::DateTime::parse_from_rfc3339(time).ok()?;
-    let nanos = u64::try_from(parsed.timestamp_nanos_opt()?).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos))
-}
-
-fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
-    match to.duration_since(from) {
-        Ok(d) => d.as_secs_f64() * 1e3,
-        Err(e) => -(e.duration().as_secs_f64() * 1e3),
-    }
 }
 
 /// One spawn followed to Ready: the milliseconds of each of `STEPS`, and the backend's name.
@@ -72,7 +45,6 @@ async fn spawn_to_ready(target: &Target) -> Result<(Vec<f64>, String), String> {
         .await
         .map_err(|e| e.to_string())?;
     let total = started.elapsed();
-    let seen_at = requested_at + total;
     if events.last().map(|e| e.phase) != Some(Phase::Ready) {
         return Err(format!("{} ended {:?}", spawned.name, events.last()));
     }
@@ -82,29 +54,12 @@ async fn spawn_to_ready(target: &Target) -> Result<(Vec<f64>, String), String> {
         .call(Method::GET, &path, None)
         .await
         .map_err(|e| e.to_string())?;
-    let times: Vec<SystemTime> = ["Constructed", "Scheduled", "Running", "Ready"]
-        .iter()
-        .map(|p| condition_time(&status, p).unwrap_or(requested_at))
+    // A step the clocks of two pods put below zero counts as 0.
+    let steps = step_millis(&status, requested_at, total)
+        .into_iter()
+        .map(|ms| ms.max(0.0))
         .collect();
-    let mut steps = vec![ms_between(requested_at, times[0])];
-    steps.extend(times.windows(2).map(|w| ms_between(w[0], w[1])));
-    steps.push(ms_between(times[3], seen_at));
-    steps.push(total.as_secs_f64() * 1e3);
     Ok((steps, spawned.name))
-}
-
-fn report(run: &str, samples: &[Vec<f64>]) {
-    println!("\n{run}: {} spawns", samples.len());
-    println!("| step | p50 ms | p99 ms |\n|---|---|---|");
-    for (i, step) in STEPS.iter().enumerate() {
-        // Whole milliseconds; a step the clocks of two pods put below zero counts as 0.
-        let values: Vec<u64> = samples
-            .iter()
-            .map(|s| s[i].max(0.0).round() as u64)
-            .collect();
-        let at = |q| percentile(&values, q).map_or("-".to_string(), |v| v.to_string());
-        println!("| {step} | {} | {} |", at(50), at(99));
-    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +75,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         target.api.terminate(&name).await?;
         samples.push(steps);
     }
-    report("sequential", &samples);
 
     let mut burst_samples = Vec::new();
     for _ in 0..bursts {
@@ -137,6 +91,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Let the terminated pods go before the next burst.
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
-    report(&format!("bursts of {burst}"), &burst_samples);
+    let bursts_name = format!("{bursts} bursts of {burst}");
+    println!(
+        "{} sequential spawns, {} in bursts; where the time goes (p50 / p99 / mean, ms):\n",
+        samples.len(),
+        burst_samples.len()
+    );
+    print!(
+        "{}",
+        steps_table(&[
+            ("sequential", &step_stats(&samples)),
+            (&bursts_name, &step_stats(&burst_samples)),
+        ])
+    );
     Ok(())
 }

@@ -36,7 +36,7 @@ use kube::{Client, Config};
 use tokio::time::Instant;
 
 pub use binaries::{etcd_version, kubernetes_version};
-pub use identity::{Identity, SYSTEM_NAMESPACE};
+pub use identity::{DEPLOY_RBAC, Identity, SYSTEM_NAMESPACE};
 
 use process::ManagedProcess;
 

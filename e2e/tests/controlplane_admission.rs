@@ -12,26 +12,10 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use spawner_core::Phase;
 use spawner_core::resource::SessionLivedBackend;
-use spawner_e2e::controlplane::{ControlPlane, Identity, SYSTEM_NAMESPACE};
+use spawner_e2e::controlplane::{ControlPlane, DEPLOY_RBAC, Identity, SYSTEM_NAMESPACE};
 use spawner_e2e::scenarios::unique;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-
-const RBAC: [(&str, &str); 4] = [
-    (
-        "serviceaccounts.yaml",
-        include_str!("../../deploy/rbac/serviceaccounts.yaml"),
-    ),
-    (
-        "controller.yaml",
-        include_str!("../../deploy/rbac/controller.yaml"),
-    ),
-    (
-        "sweeper.yaml",
-        include_str!("../../deploy/rbac/sweeper.yaml"),
-    ),
-    ("api.yaml", include_str!("../../deploy/rbac/api.yaml")),
-];
 
 const PATIENCE: Duration = Duration::from_secs(90);
 
@@ -103,7 +87,7 @@ async fn wait_backend(
 }
 
 async fn rbac_applied(cp: &ControlPlane, admin: &Client) {
-    for (file, yaml) in RBAC {
+    for (file, yaml) in DEPLOY_RBAC {
         cp.apply_yaml(admin, yaml, SYSTEM_NAMESPACE)
             .await
             .unwrap_or_else(|e| panic!("applying deploy/rbac/{file}: {e}"));

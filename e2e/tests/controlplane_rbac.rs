@@ -13,25 +13,8 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use spawner_core::resource::SessionLivedBackend;
-use spawner_e2e::controlplane::{ControlPlane, Identity, SYSTEM_NAMESPACE};
+use spawner_e2e::controlplane::{ControlPlane, DEPLOY_RBAC, Identity, SYSTEM_NAMESPACE};
 use tokio::sync::OnceCell;
-
-const RBAC: [(&str, &str); 5] = [
-    (
-        "serviceaccounts.yaml",
-        include_str!("../../deploy/rbac/serviceaccounts.yaml"),
-    ),
-    (
-        "controller.yaml",
-        include_str!("../../deploy/rbac/controller.yaml"),
-    ),
-    (
-        "sweeper.yaml",
-        include_str!("../../deploy/rbac/sweeper.yaml"),
-    ),
-    ("api.yaml", include_str!("../../deploy/rbac/api.yaml")),
-    ("router.yaml", include_str!("../../deploy/rbac/router.yaml")),
-];
 
 /// The sweeper's role with one verb missing: no `patch` on `sessionlivedbackends/status`.
 const WRONG_SWEEPER_ROLE: &str = r#"
@@ -55,7 +38,7 @@ async fn control_plane(test: &str) -> Option<&'static ControlPlane> {
     APPLIED
         .get_or_init(|| async {
             let admin = cp.admin_client().await.unwrap();
-            for (file, yaml) in RBAC {
+            for (file, yaml) in DEPLOY_RBAC {
                 cp.apply_yaml(&admin, yaml, SYSTEM_NAMESPACE)
                     .await
                     .unwrap_or_else(|e| panic!("applying deploy/rbac/{file}: {e}"));

@@ -30,10 +30,10 @@ use kube::api::Api;
 use serde_json::json;
 use spawner_core::Phase;
 use spawner_core::resource::SessionLivedBackend;
-use spawner_e2e::controlplane::{ControlPlane, Identity, SYSTEM_NAMESPACE};
+use spawner_e2e::controlplane::{ControlPlane, DEPLOY_RBAC, Identity, SYSTEM_NAMESPACE};
 use spawner_e2e::scenarios::{
-    self, ApiClient, App, Apps, Failure, Target, Timings, authority, client::phases,
-    local::DirectTcp, unique,
+    self, ApiClient, App, Apps, Failure, Target, Timings, authority, ensure, local::DirectTcp,
+    unique,
 };
 use spawner_node_agent::NodeAgentArgs;
 use tokio::net::{TcpListener, TcpStream};
@@ -41,23 +41,6 @@ use tokio::sync::{Mutex, OnceCell, oneshot};
 use tokio::task::JoinHandle;
 
 const SPAWNER: &str = env!("CARGO_BIN_EXE_spawner-e2e-cli");
-
-/// `deploy/rbac/`, applied exactly as deployed.
-const RBAC: [(&str, &str); 4] = [
-    (
-        "serviceaccounts.yaml",
-        include_str!("../../deploy/rbac/serviceaccounts.yaml"),
-    ),
-    (
-        "controller.yaml",
-        include_str!("../../deploy/rbac/controller.yaml"),
-    ),
-    (
-        "sweeper.yaml",
-        include_str!("../../deploy/rbac/sweeper.yaml"),
-    ),
-    ("api.yaml", include_str!("../../deploy/rbac/api.yaml")),
-];
 
 /// Grace period of the backends that are meant to be swept.
 const GRACE: Duration = Duration::from_secs(3);
@@ -79,7 +62,7 @@ async fn control_plane(test: &str) -> Option<&'static ControlPlane> {
     APPLIED
         .get_or_init(|| async {
             let admin = cp.admin_client().await.unwrap();
-            for (file, yaml) in RBAC {
+            for (file, yaml) in DEPLOY_RBAC {
                 cp.apply_yaml(&admin, yaml, SYSTEM_NAMESPACE)
                     .await
                     .unwrap_or_else(|e| panic!("applying deploy/rbac/{file}: {e}"));
@@ -386,18 +369,6 @@ where
     }
 }
 
-fn record(timings: &mut Timings, what: &'static str, since: Instant) {
-    timings.0.push((what, since.elapsed()));
-}
-
-fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failure> {
-    if condition {
-        Ok(())
-    } else {
-        Err(Failure::new(message()))
-    }
-}
-
 /// Polls `check` until it gives `Some`, for at most [`PATIENCE`].
 async fn eventually<T, Fut>(what: &str, mut check: impl FnMut() -> Fut) -> Result<T, Failure>
 where
@@ -480,15 +451,8 @@ async fn served_swept_and_cleaned_up(scene: Scene) -> Result<Timings, Failure> {
             }))
             .await?;
         let name = spawned.name;
-        let events = target
-            .api
-            .follow_phases(&name, PATIENCE, |p| p == Phase::Ready)
-            .await?;
-        ensure(
-            events.last().is_some_and(|e| e.phase == Phase::Ready),
-            || format!("{name} never became Ready: {:?}", phases(&events)),
-        )?;
-        record(&mut timings, "spawn→Ready", start);
+        scenarios::wait_ready(&target, &name).await?;
+        timings.record("spawn→Ready", start);
         ensure(processes_mentioning(&site).len() == 1, || {
             format!("{name}: Ready, but its process is not running")
         })?;
@@ -503,15 +467,16 @@ async fn served_swept_and_cleaned_up(scene: Scene) -> Result<Timings, Failure> {
         })?;
         let last_request = Instant::now();
 
-        let events = target
-            .api
-            .follow_phases(&name, GRACE + PATIENCE, |_| false)
-            .await?;
-        ensure(
-            events.last().is_some_and(|e| e.phase == Phase::Swept),
-            || format!("{name} after its last request: {:?}", phases(&events)),
-        )?;
-        record(&mut timings, "last request→Swept", last_request);
+        scenarios::ended(
+            &target,
+            &name,
+            GRACE + PATIENCE,
+            "after its last request",
+            Phase::Swept,
+            None,
+        )
+        .await?;
+        timings.record("last request→Swept", last_request);
 
         // The pod goes (and with it the process and the sidecar), then the backend.
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &namespace);
@@ -526,7 +491,7 @@ async fn served_swept_and_cleaned_up(scene: Scene) -> Result<Timings, Failure> {
             Ok((pod.is_none() && processes_mentioning(&site).is_empty()).then_some(()))
         })
         .await?;
-        record(&mut timings, "Swept→pod and process gone", swept);
+        timings.record("Swept→pod and process gone", swept);
         let address = authority(&url)?.to_string();
         ensure(TcpStream::connect(&address).await.is_err(), || {
             format!("{name}: its sidecar at {address} still accepts connections")
@@ -543,7 +508,7 @@ async fn served_swept_and_cleaned_up(scene: Scene) -> Result<Timings, Failure> {
             Ok((backend.is_none() && service.is_none()).then_some(()))
         })
         .await?;
-        record(&mut timings, "Swept→backend deleted", swept);
+        timings.record("Swept→backend deleted", swept);
         let (code, _) = target
             .api
             .call(http::Method::GET, &format!("/backend/{name}/status"), None)

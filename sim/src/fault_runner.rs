@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use spawner_localcluster::Cluster;
+use spawner_localcluster::{Cluster, Throttle};
 
 use crate::clock::HostClocks;
 use crate::faults::{Fault, FaultKind, host_matches};
@@ -29,6 +29,9 @@ fn stall_recovery() -> Duration {
         + sweeper.reconnect_max.mul_f64(1.25)
         + sweeper.heartbeat
 }
+
+/// The `Retry-After` of a throttled API server's answers (what a real one sends).
+pub(crate) const THROTTLE_RETRY_AFTER_SECONDS: u32 = 1;
 
 /// Applies a fault schedule as simulated time passes.
 pub(crate) struct FaultRunner {
@@ -94,7 +97,10 @@ impl FaultRunner {
                 host: host(h),
                 by_ms,
             },
-            other @ (FaultKind::CrashNode { .. } | FaultKind::Compact) => other,
+            other @ (FaultKind::CrashNode { .. }
+            | FaultKind::Compact
+            | FaultKind::Throttle { .. }
+            | FaultKind::EvictNode { .. }) => other,
         }
     }
 
@@ -103,9 +109,14 @@ impl FaultRunner {
     /// suspends nothing, because the sweeper counts idle time on monotonic time.
     fn recovery(&self, fault: &FaultKind) -> Option<Duration> {
         match fault {
-            // A client relists at once after 410 Expired: nothing is suspended.
-            FaultKind::ClockStep { .. } | FaultKind::Compact => None,
+            // A client relists at once after 410 Expired: nothing is suspended. Evicted
+            // backends fail, and failed backends owe no sweep.
+            FaultKind::ClockStep { .. } | FaultKind::Compact | FaultKind::EvictNode { .. } => None,
             FaultKind::Latency { max, .. } => Some(*max),
+            // A request refused throughout waits out its client's exponential backoff, whose
+            // last wait is about as long as all the earlier ones: a fault up to 15 s long
+            // leaves waits up to about as long, within the stall recovery.
+            FaultKind::Throttle { .. } => Some(self.stall_recovery),
             _ => Some(self.stall_recovery),
         }
     }
@@ -143,7 +154,9 @@ impl FaultRunner {
             | FaultKind::Hold { .. }
             | FaultKind::Latency { .. }
             | FaultKind::ClockStep { .. }
-            | FaultKind::Compact => Vec::new(),
+            | FaultKind::Compact
+            | FaultKind::Throttle { .. }
+            | FaultKind::EvictNode { .. } => Vec::new(),
         }
     }
 
@@ -172,6 +185,13 @@ impl FaultRunner {
                 FaultKind::Latency { a, b, min, max } => self.set_latency(sim, a, b, *min, *max),
                 FaultKind::ClockStep { host, by_ms } => self.clocks.step(host, *by_ms),
                 FaultKind::Compact => self.cluster.compact(),
+                FaultKind::EvictNode { node } => {
+                    self.cluster.evict_pods_on(&node_name(*node));
+                }
+                FaultKind::Throttle { per_mille } => self.cluster.throttle(Throttle {
+                    per_mille: *per_mille,
+                    retry_after_seconds: THROTTLE_RETRY_AFTER_SECONDS,
+                }),
                 kind => {
                     for host in Self::hosts(kind, config) {
                         sim.crash(host.as_str());
@@ -204,7 +224,8 @@ impl FaultRunner {
                 }
                 // Corrected: back by as much as it jumped.
                 FaultKind::ClockStep { host, by_ms } => self.clocks.step(host, -by_ms),
-                FaultKind::Compact => {}
+                FaultKind::Compact | FaultKind::EvictNode { .. } => {}
+                FaultKind::Throttle { .. } => self.cluster.stop_throttling(),
                 kind => {
                     for host in Self::hosts(kind, config) {
                         sim.bounce(host.as_str());

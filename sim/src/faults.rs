@@ -1,6 +1,6 @@
 //! Fault schedules: crashes and restarts of components, API server or whole nodes, network
-//! partitions between hosts, slow and jittery links, and clock steps, at chosen simulated
-//! times.
+//! partitions between hosts, slow and jittery links, clock steps, watch compaction and API
+//! server throttling, at chosen simulated times.
 
 use std::time::Duration;
 
@@ -39,6 +39,15 @@ pub enum FaultKind {
     /// matter): every watch that resumes from an older version gets 410 Expired and must list
     /// again, as after an etcd compaction.
     Compact,
+    /// The API server answers `per_mille` of the components' requests `429 Too Many
+    /// Requests` with `Retry-After: 1` (a real server's priority and fairness under load)
+    /// for the fault's duration.
+    Throttle { per_mille: u32 },
+    /// Every unfinished pod bound to the node is evicted when the fault starts (its duration
+    /// does not matter), as `kubectl drain` evicts them through the Eviction API: deleted with
+    /// their grace period, stopped by the node's agent. (Cordoning is not simulated: the node
+    /// agent's scheduler does not read its Node's `spec.unschedulable`.)
+    EvictNode { node: usize },
 }
 
 /// Whether host `name` matches `pattern`: the same name, or a prefix followed by `*`.

@@ -11,7 +11,8 @@ use spawner_localcluster::{Cluster, ServerConfig};
 use crate::clock::HostClocks;
 use crate::leadership::{RecordWrites, WriteLog};
 use crate::mutants::{
-    DuplicatePodCreates, EmptyBackendPatches, ListsWithoutStatus, Mutant, SwallowsExpiredWatches,
+    DuplicatePodCreates, EmptyBackendPatches, ListsWithoutStatus, MissesPodDeletions, Mutant,
+    RetriesThrottledAtOnce, SwallowsExpiredWatches,
 };
 use crate::net::{SimConnector, SimListener, kube_client, kube_client_over};
 use crate::pods::{APP_COMMAND, SidecarRegistry, SlotPool, SlotRuntime};
@@ -80,6 +81,18 @@ pub(crate) fn add_controllers(
                 let client = if mutant == Some(Mutant::ControllerCreatesPodTwice) {
                     kube_client_over(kube_url, CONTROLLER_TOKEN, NAMESPACE, |http| RecordWrites {
                         inner: DuplicatePodCreates(http),
+                        replica,
+                        log: writes,
+                    })
+                } else if mutant == Some(Mutant::ControllerMissesPodDeletions) {
+                    kube_client_over(kube_url, CONTROLLER_TOKEN, NAMESPACE, |http| RecordWrites {
+                        inner: MissesPodDeletions(http),
+                        replica,
+                        log: writes,
+                    })
+                } else if mutant == Some(Mutant::ControllerRetriesThrottledAtOnce) {
+                    kube_client_over(kube_url, CONTROLLER_TOKEN, NAMESPACE, |http| RecordWrites {
+                        inner: RetriesThrottledAtOnce(http),
                         replica,
                         log: writes,
                     })

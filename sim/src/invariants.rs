@@ -162,120 +162,14 @@ impl InvariantChecker {
                 backend,
                 key,
                 grace,
-            } => {
-                if let Some(key) = &key
-                    && let Some((other, _)) = self.backends.iter().find(|(_, b)| {
-                        b.key.as_ref() == Some(key)
-                            && !b.deleted
-                            && !b.ending
-                            && !b.phase.is_terminal()
-                    })
-                {
-                    return Err(Self::violation(
-                        at,
-                        "at most one live backend per key",
-                        format!("{backend} created for key {key:?} while {other} is live"),
-                    ));
-                }
-                if let Some(old) = self.backends.remove(&backend) {
-                    if !old.deleted {
-                        // Observed twice without a deletion in between: keep what we know.
-                        self.backends.insert(backend, old);
-                        return Ok(());
-                    }
-                    self.retired.push(old);
-                }
-                self.backends.insert(
-                    backend,
-                    Backend {
-                        key,
-                        grace,
-                        phase: Phase::Submitted,
-                        phases_seen: BTreeSet::from([Phase::Submitted]),
-                        live: 0,
-                        idle_since: at,
-                        live_since: None,
-                        stopped_at: None,
-                        lifetime_deadline_ms: None,
-                        stopped_on_request: false,
-                        ending: false,
-                        deleted: false,
-                    },
-                );
-                Ok(())
-            }
+            } => self.observe_created(at, backend, key, grace),
             Observation::Phase {
                 backend,
                 phase,
                 reason,
-            } => {
-                let Some(b) = self.backends.get_mut(&backend) else {
-                    return Ok(());
-                };
-                if phase < b.phase {
-                    return Err(Self::violation(
-                        at,
-                        "phases only move forward",
-                        format!("{backend} went from {} back to {phase}", b.phase),
-                    ));
-                }
-                if phase == b.phase {
-                    return Ok(());
-                }
-                let requested = reason
-                    .as_deref()
-                    .is_some_and(|r| REQUESTED_STOPS.contains(&r));
-                let stops = phase == Phase::Swept || (phase == Phase::Terminated && !requested);
-                if stops {
-                    b.stopped_at.get_or_insert(at);
-                }
-                if phase == Phase::Terminated && requested {
-                    b.stopped_on_request = true;
-                }
-                if phase == Phase::Terminated
-                    && reason.as_deref() == Some("MaxLifetimeExceeded")
-                    && let Some(deadline) = b.lifetime_deadline_ms
-                    && deadline > self.controller_clock_ms
-                {
-                    return Err(Self::violation(
-                        at,
-                        "lifetimes are never cut short (by the controller's clock)",
-                        format!(
-                            "{backend} ended for its lifetime {:.3}s before its deadline by any controller's clock",
-                            (deadline - self.controller_clock_ms) as f64 / 1000.0
-                        ),
-                    ));
-                }
-                if stops && b.live_before_stop() {
-                    return Err(Self::violation(
-                        at,
-                        "no backend is swept or terminated with a live connection",
-                        format!(
-                            "{backend} became {phase} while its sidecar reports {} live connection(s)",
-                            b.live
-                        ),
-                    ));
-                }
-                if phase == Phase::Ready && b.live == 0 {
-                    // The sidecar's idle countdown starts with the sidecar, not at creation.
-                    b.idle_since = b.idle_since.max(at);
-                }
-                b.phase = phase;
-                b.phases_seen.insert(phase);
-                Ok(())
-            }
+            } => self.observe_phase(at, &backend, phase, reason.as_deref()),
             Observation::Live { backend, live } => {
-                let Some(b) = self.backends.get_mut(&backend) else {
-                    return Ok(());
-                };
-                if live == 0 && b.live > 0 {
-                    b.idle_since = at;
-                    b.live_since = None;
-                }
-                if live > 0 && b.live == 0 {
-                    b.live_since = Some(at);
-                }
-                b.live = live;
+                self.observe_live(at, &backend, live);
                 Ok(())
             }
             Observation::Lifetime {
@@ -293,25 +187,152 @@ impl InvariantChecker {
                 }
                 Ok(())
             }
-            Observation::Deleted { backend } => {
-                let Some(b) = self.backends.get_mut(&backend) else {
-                    return Ok(());
-                };
-                b.stopped_at.get_or_insert(at);
-                if b.live_before_stop() {
-                    return Err(Self::violation(
-                        at,
-                        "no backend is deleted with a live connection",
-                        format!(
-                            "{backend} deleted while its sidecar reports {} live",
-                            b.live
-                        ),
-                    ));
-                }
-                b.deleted = true;
-                Ok(())
-            }
+            Observation::Deleted { backend } => self.observe_deleted(at, &backend),
         }
+    }
+
+    /// A new backend: at most one live backend per key.
+    fn observe_created(
+        &mut self,
+        at: Duration,
+        backend: String,
+        key: Option<String>,
+        grace: Duration,
+    ) -> Result<(), Violation> {
+        if let Some(key) = &key
+            && let Some((other, _)) = self.backends.iter().find(|(_, b)| {
+                b.key.as_ref() == Some(key) && !b.deleted && !b.ending && !b.phase.is_terminal()
+            })
+        {
+            return Err(Self::violation(
+                at,
+                "at most one live backend per key",
+                format!("{backend} created for key {key:?} while {other} is live"),
+            ));
+        }
+        if let Some(old) = self.backends.remove(&backend) {
+            if !old.deleted {
+                // Observed twice without a deletion in between: keep what we know.
+                self.backends.insert(backend, old);
+                return Ok(());
+            }
+            self.retired.push(old);
+        }
+        self.backends.insert(
+            backend,
+            Backend {
+                key,
+                grace,
+                phase: Phase::Submitted,
+                phases_seen: BTreeSet::from([Phase::Submitted]),
+                live: 0,
+                idle_since: at,
+                live_since: None,
+                stopped_at: None,
+                lifetime_deadline_ms: None,
+                stopped_on_request: false,
+                ending: false,
+                deleted: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// A phase change: forward only, lifetimes not cut short, no stop with a live connection.
+    fn observe_phase(
+        &mut self,
+        at: Duration,
+        backend: &str,
+        phase: Phase,
+        reason: Option<&str>,
+    ) -> Result<(), Violation> {
+        let Some(b) = self.backends.get_mut(backend) else {
+            return Ok(());
+        };
+        if phase < b.phase {
+            return Err(Self::violation(
+                at,
+                "phases only move forward",
+                format!("{backend} went from {} back to {phase}", b.phase),
+            ));
+        }
+        if phase == b.phase {
+            return Ok(());
+        }
+        let requested = reason.is_some_and(|r| REQUESTED_STOPS.contains(&r));
+        let stops = phase == Phase::Swept || (phase == Phase::Terminated && !requested);
+        if stops {
+            b.stopped_at.get_or_insert(at);
+        }
+        if phase == Phase::Terminated && requested {
+            b.stopped_on_request = true;
+        }
+        if phase == Phase::Terminated
+            && reason == Some("MaxLifetimeExceeded")
+            && let Some(deadline) = b.lifetime_deadline_ms
+            && deadline > self.controller_clock_ms
+        {
+            return Err(Self::violation(
+                at,
+                "lifetimes are never cut short (by the controller's clock)",
+                format!(
+                    "{backend} ended for its lifetime {:.3}s before its deadline by any controller's clock",
+                    (deadline - self.controller_clock_ms) as f64 / 1000.0
+                ),
+            ));
+        }
+        if stops && b.live_before_stop() {
+            return Err(Self::violation(
+                at,
+                "no backend is swept or terminated with a live connection",
+                format!(
+                    "{backend} became {phase} while its sidecar reports {} live connection(s)",
+                    b.live
+                ),
+            ));
+        }
+        if phase == Phase::Ready && b.live == 0 {
+            // The sidecar's idle countdown starts with the sidecar, not at creation.
+            b.idle_since = b.idle_since.max(at);
+        }
+        b.phase = phase;
+        b.phases_seen.insert(phase);
+        Ok(())
+    }
+
+    /// A sidecar's live count: when the backend became idle or busy.
+    fn observe_live(&mut self, at: Duration, backend: &str, live: u64) {
+        let Some(b) = self.backends.get_mut(backend) else {
+            return;
+        };
+        if live == 0 && b.live > 0 {
+            b.idle_since = at;
+            b.live_since = None;
+        }
+        if live > 0 && b.live == 0 {
+            b.live_since = Some(at);
+        }
+        b.live = live;
+    }
+
+    /// A deletion: never with a live connection.
+    fn observe_deleted(&mut self, at: Duration, backend: &str) -> Result<(), Violation> {
+        let Some(b) = self.backends.get_mut(backend) else {
+            return Ok(());
+        };
+        b.stopped_at.get_or_insert(at);
+        if b.live_before_stop() {
+            return Err(Self::violation(
+                at,
+                "no backend is deleted with a live connection",
+                format!(
+                    "{backend} deleted while its sidecar reports {} live",
+                    b.live
+                ),
+            ));
+        }
+        b.deleted = true;
+        Ok(())
     }
 
     /// Every backend idle past its grace period is swept within [`SWEEP_SLACK`]. Only checked

@@ -19,6 +19,7 @@ pub mod report;
 pub mod rng;
 pub mod router_hosts;
 pub mod scenario;
+pub mod throttling;
 pub mod user_checks;
 pub mod users;
 pub mod workload;

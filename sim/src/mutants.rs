@@ -2,10 +2,11 @@
 //! behaviour of one component; `tests/mutants.rs` runs a world with it and expects the
 //! invariant it breaks to be reported.
 //!
-//! Two live here, around the production components' inputs and outputs (a controller whose
-//! pod creates are repeated under a new name, an api whose get-or-create races); two are
-//! switches inside the sweeper and the sidecar behind their `sim-mutants` feature, which only
-//! this crate enables, set per thread (every host of a world runs on the thread stepping it).
+//! Most live here, around the production components' inputs and outputs (wrappers of their
+//! API server clients, a racy api, hosts deployed wrongly); the rest are switches inside the
+//! sweeper, the sidecar, the router and the WebSocket relay behind their `sim-mutants` feature,
+//! which only this crate enables, set per thread (every host of a world runs on the thread
+//! stepping it).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -63,6 +64,16 @@ pub enum Mutant {
     /// ends), so it resumes from the same expired version again and again and never lists:
     /// after a compaction it sees no change any more.
     ControllerSwallowsExpiredWatches,
+    /// The controller's API server client sends a request answered 429 again at once,
+    /// ignoring `Retry-After` (a hot loop), below the retry layer that would wait.
+    ControllerRetriesThrottledAtOnce,
+    /// The WebSocket relays (sidecar and router) hear a client only when it sends bytes they
+    /// relay: the pongs an idle user answers their pings with do not count, and the user is
+    /// dropped as dead while its backend lives.
+    RelayIgnoresPongs,
+    /// The controller's API server client loses pod deletions from its watches (a cache that
+    /// misses deletions): a pod evicted under a backend still looks present and running to it.
+    ControllerMissesPodDeletions,
 }
 
 /// Switches the per-thread mutants of the production crates for the calling thread.
@@ -71,6 +82,7 @@ pub fn switch_on(mutant: Option<Mutant>) {
     spawner_sidecar::mutants::forget_abnormal_countdown(
         mutant == Some(Mutant::SidecarForgetsAbnormalEnds),
     );
+    spawner_proxy::mutants::only_relayed_bytes_heard(mutant == Some(Mutant::RelayIgnoresPongs));
     spawner_router::mutants::accept_tokens_for_any_backend(
         mutant == Some(Mutant::RouterAcceptsTokensForAnyBackend),
     );
@@ -235,7 +247,7 @@ where
     S: Service<Request, Response = http::Response<B>>,
     S::Future: Send + 'static,
 {
-    type Response = http::Response<WithoutExpiry<B>>;
+    type Response = http::Response<WithoutEvents<B>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -245,14 +257,62 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let call = self.0.call(request);
-        Box::pin(async move { Ok(call.await?.map(WithoutExpiry)) })
+        Box::pin(async move {
+            Ok(call.await?.map(|body| WithoutEvents {
+                body,
+                drops: is_expiry,
+            }))
+        })
     }
 }
 
-/// A response body without the data frames that carry a 410 watch error.
-pub struct WithoutExpiry<B>(B);
+/// Wraps a client's connection to the API server: a watch's events of pods being deleted
+/// (the update that sets `deletionTimestamp`, and `DELETED`) are dropped from the stream.
+#[derive(Clone)]
+pub struct MissesPodDeletions<S>(pub S);
 
-impl<B> http_body::Body for WithoutExpiry<B>
+impl<S, B> Service<Request> for MissesPodDeletions<S>
+where
+    S: Service<Request, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<WithoutEvents<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let call = self.0.call(request);
+        Box::pin(async move {
+            Ok(call.await?.map(|body| WithoutEvents {
+                body,
+                drops: is_pod_deletion,
+            }))
+        })
+    }
+}
+
+/// A pod's deletion: its `DELETED` event, or the update that began it (graceful deletion sets
+/// `deletionTimestamp` first).
+fn is_pod_deletion(text: &str) -> bool {
+    text.contains("\"kind\":\"Pod\"")
+        && (text.contains("\"type\":\"DELETED\"") || text.contains("\"deletionTimestamp\""))
+}
+
+fn is_expiry(text: &str) -> bool {
+    text.contains("\"type\":\"ERROR\"") && text.contains("\"code\":410")
+}
+
+/// A response body without the data frames `drops` picks (by their text): watch events.
+pub struct WithoutEvents<B> {
+    body: B,
+    drops: fn(&str) -> bool,
+}
+
+impl<B> http_body::Body for WithoutEvents<B>
 where
     B: http_body::Body<Data = bytes::Bytes> + Unpin,
 {
@@ -264,19 +324,64 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
         loop {
-            let frame = std::task::ready!(Pin::new(&mut self.0).poll_frame(cx));
-            let expired = frame
+            let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+            let drops = self.drops;
+            let dropped = frame
                 .as_ref()
                 .and_then(|f| f.as_ref().ok())
                 .and_then(|f| f.data_ref())
-                .is_some_and(|data| {
-                    let text = String::from_utf8_lossy(data);
-                    text.contains("\"type\":\"ERROR\"") && text.contains("\"code\":410")
-                });
-            if !expired {
+                .is_some_and(|data| drops(&String::from_utf8_lossy(data)));
+            if !dropped {
                 return Poll::Ready(frame);
             }
         }
+    }
+}
+
+/// Wraps a client's connection to the API server: a request answered 429 is sent again at
+/// once, until it is answered otherwise.
+#[derive(Clone)]
+pub struct RetriesThrottledAtOnce<S>(pub S);
+
+impl<S, B> Service<Request> for RetriesThrottledAtOnce<S>
+where
+    S: Service<Request, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    B: Send,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let again = self.0.clone();
+        let mut first = std::mem::replace(&mut self.0, again.clone());
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let rebuild = || {
+                let mut builder = http::Request::builder()
+                    .method(parts.method.clone())
+                    .uri(parts.uri.clone());
+                for (name, value) in &parts.headers {
+                    builder = builder.header(name, value);
+                }
+                let Ok(request) = builder.body(kube::client::Body::from(bytes.clone())) else {
+                    unreachable!("the parts came from a valid request")
+                };
+                request
+            };
+            let mut response = first.call(rebuild()).await?;
+            while response.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                response = again.clone().ready_oneshot().await?.call(rebuild()).await?;
+            }
+            Ok(response)
+        })
     }
 }
 

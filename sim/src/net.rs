@@ -191,6 +191,7 @@ pub fn kube_client_over<S, B>(
 ) -> kube::Client
 where
     S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<B>>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -205,6 +206,12 @@ where
     let bearer = format!("Bearer {token}");
     let service = ServiceBuilder::new()
         .layer(kube::client::middleware::BaseUriLayer::new(base))
+        // What a production client built from a `kube::Config` does (its `default_retry`):
+        // a request answered 429, 503 or 504 is sent again after the server's `Retry-After`
+        // or an exponential backoff, up to 15 times.
+        .layer(tower::retry::RetryLayer::new(
+            kube::client::retry::RetryPolicy::server_retry(),
+        ))
         .map_request(move |mut request: http::Request<kube::client::Body>| {
             if let Ok(value) = http::HeaderValue::from_str(&bearer) {
                 request
@@ -213,6 +220,7 @@ where
             }
             request
         })
+        .map_err(Into::<tower::BoxError>::into)
         .service(http_client);
     kube::Client::new(service, namespace)
 }

@@ -12,6 +12,7 @@ use crate::clock::{HostClocks, sim_epoch_ms};
 use crate::invariants::{InvariantChecker, Observation, Violation};
 use crate::leadership::{WriteLog, lease_holder};
 use crate::pods::SidecarRegistry;
+use crate::throttling::ThrottleWatch;
 use crate::world::{LEASE_NAME, NAMESPACE, ONLY_THE_LEADER_WRITES, WorldConfig};
 
 /// The invariant the API server's objects are held to when the observer reads them.
@@ -34,6 +35,8 @@ pub(crate) struct Observer {
     slots_per_node: usize,
     /// The controllers' writes, checked against the lease holder when they are elected.
     writes: Option<WriteLog>,
+    /// The API server's 429 answers per identity, held to a rate.
+    pub(crate) throttles: ThrottleWatch,
 }
 
 impl Observer {
@@ -60,6 +63,7 @@ impl Observer {
             retention: config.retention,
             slots_per_node: config.slots_per_node,
             writes: (config.controllers > 1).then_some(writes),
+            throttles: ThrottleWatch::default(),
         }
     }
 
@@ -111,6 +115,11 @@ impl Observer {
         }
     }
 
+    /// How many requests the API server answered 429, in all.
+    pub(crate) fn throttled(&self) -> u64 {
+        self.cluster.throttled_requests().values().sum()
+    }
+
     /// Backend `name`'s phase as last read from the API server (`None`: not there).
     pub(crate) fn phase_of(&self, name: &str) -> Option<Phase> {
         self.known.get(name).map(|(phase, _)| *phase)
@@ -132,6 +141,8 @@ impl Observer {
     ) -> Result<(), Violation> {
         self.note_clocks(now);
         self.check_writers(now)?;
+        self.throttles
+            .observe(now, self.cluster.throttled_requests())?;
         // Sidecars first: a connection opened in this step counts before a sweep seen in it.
         self.observe_sidecars(now)?;
         let rv = self.cluster.resource_version();

@@ -197,6 +197,8 @@ mod tests {
             failed: 0,
             terminated: 0,
             retained: 0,
+            throttled: 0,
+            throttled_peak: 0,
             sim_time: std::time::Duration::from_secs(20),
             wall_time: std::time::Duration::ZERO,
             trace_hash: 0,

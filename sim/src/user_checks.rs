@@ -18,11 +18,21 @@ pub const TERMINATED_ON_REQUEST: &str = "a backend its user terminated ends";
 /// while a fault is active and until its recovery time has passed, like the sweep deadlines.
 pub const TERMINATE_BOUND: Duration = Duration::from_secs(10);
 
-/// The users' terminate requests not yet seen carried out.
+/// In a world without faults, a user's connection ends only when the user ends it or its
+/// backend ends (swept, terminated, failed: its app crashed, its pod was evicted).
+pub const NOT_LOST_WHILE_BACKEND_LIVES: &str = "no connection is lost while its backend lives";
+/// How long after a user lost a connection its backend must be seen ended: the controller
+/// fails a backend whose app exited on the next reconcile after the node reports it.
+pub const LOST_BOUND: Duration = Duration::from_secs(10);
+
+/// The users' terminate requests not yet seen carried out, and their lost connections not yet
+/// explained by their backend ending.
 #[derive(Default)]
 pub struct UserChecks {
     /// Backend and when the world first saw its request.
     pending: Vec<(String, Duration)>,
+    /// Backend of a lost connection and when the world first saw the loss.
+    lost: Vec<(String, Duration)>,
 }
 
 impl UserChecks {
@@ -36,10 +46,11 @@ impl UserChecks {
         deadlines_from: Option<Duration>,
         phase_of: impl Fn(&str) -> Option<Phase>,
     ) -> Result<(), Violation> {
-        let (misrouted, requested) = report.update(|r| {
+        let (misrouted, requested, lost) = report.update(|r| {
             (
                 r.misrouted.first().cloned(),
                 std::mem::take(&mut r.terminate_requests),
+                std::mem::take(&mut r.lost_connections),
             )
         });
         if let Some(detail) = misrouted {
@@ -49,6 +60,7 @@ impl UserChecks {
                 detail,
             });
         }
+        self.check_lost(lost, now, deadlines_from, &phase_of)?;
         self.pending
             .extend(requested.into_iter().map(|name| (name, now)));
         let owed_from = deadlines_from.unwrap_or(Duration::ZERO);
@@ -70,6 +82,45 @@ impl UserChecks {
             Some(detail) => Err(Violation {
                 at: now,
                 invariant: TERMINATED_ON_REQUEST,
+                detail,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Every connection lost in a world without faults belongs to a backend that ended
+    /// within [`LOST_BOUND`]. (With faults, a crashed router or a partition ends connections
+    /// of live backends by design.)
+    fn check_lost(
+        &mut self,
+        lost: Vec<String>,
+        now: Duration,
+        deadlines_from: Option<Duration>,
+        phase_of: &impl Fn(&str) -> Option<Phase>,
+    ) -> Result<(), Violation> {
+        if deadlines_from.is_some() {
+            self.lost.clear();
+            return Ok(());
+        }
+        self.lost.extend(lost.into_iter().map(|name| (name, now)));
+        let mut lost_while_live = None;
+        self.lost.retain(|(name, at)| match phase_of(name) {
+            None => false,
+            Some(phase) if phase.is_terminal() => false,
+            Some(phase) => {
+                if *at + LOST_BOUND < now && lost_while_live.is_none() {
+                    lost_while_live = Some(format!(
+                        "a user's connection to {name} ended at {:.3}s and its backend is still {phase}",
+                        at.as_secs_f64()
+                    ));
+                }
+                true
+            }
+        });
+        match lost_while_live {
+            Some(detail) => Err(Violation {
+                at: now,
+                invariant: NOT_LOST_WHILE_BACKEND_LIVES,
                 detail,
             }),
             None => Ok(()),

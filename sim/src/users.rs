@@ -88,6 +88,8 @@ pub struct UsersReport {
     /// Open connections that ended from the backend's side (its app crashed, it ended, or its
     /// sidecar took the user for dead); each was opened again.
     pub connections_lost: u64,
+    /// The backends of connections lost since the world's check last took them.
+    pub lost_connections: Vec<String>,
 }
 
 /// Shared, updated by every user task.
@@ -200,7 +202,9 @@ async fn session(
         asked: false,
     };
     for event in events {
-        tokio::time::sleep_until(start + Duration::from_millis(event.t_ms)).await;
+        session
+            .idle_until(start + Duration::from_millis(event.t_ms), &event.key)
+            .await;
         match event.kind {
             TraceEventKind::Spawn => {
                 session.asked = true;
@@ -327,19 +331,52 @@ impl Session<'_> {
         };
         match echoed {
             Some(true) => self.report.update(|r| r.messages_echoed += 1),
-            Some(false) => {
-                if let Some((_, name)) = self.sockets.remove(&conn) {
-                    self.report.update(|r| {
-                        r.connections_lost += 1;
-                        if let Some(n) = r.open_by_backend.get_mut(&name) {
-                            *n = n.saturating_sub(1);
-                        }
-                    });
-                }
-                self.connect(conn, key).await;
-            }
+            Some(false) => self.lost(conn, key).await,
             // No answer yet (a slow or partitioned path): the connection may still be alive.
             None => {}
+        }
+    }
+
+    /// Connection `conn` ended from the backend's side: it is reported lost and opened again,
+    /// as a web app reconnects.
+    async fn lost(&mut self, conn: String, key: &str) {
+        if let Some((_, name)) = self.sockets.remove(&conn) {
+            self.report.update(|r| {
+                r.connections_lost += 1;
+                r.lost_connections.push(name.clone());
+                if let Some(n) = r.open_by_backend.get_mut(&name) {
+                    *n = n.saturating_sub(1);
+                }
+            });
+        }
+        self.connect(conn, key).await;
+    }
+
+    /// Waits until `deadline`, reading every open socket meanwhile as a browser does: the
+    /// sidecar's pings are answered (the socket queues the pong and sends it as it reads), and
+    /// a connection the backend's side ends is noticed at once.
+    async fn idle_until(&mut self, deadline: Instant, key: &str) {
+        loop {
+            if self.sockets.is_empty() {
+                tokio::time::sleep_until(deadline).await;
+                return;
+            }
+            let ended = {
+                let reads = self.sockets.iter_mut().map(|(conn, (socket, _))| {
+                    Box::pin(async move { (conn.clone(), socket.next().await) })
+                });
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => return,
+                    ((conn, read), _, _) = futures::future::select_all(reads) => match read {
+                        Some(Ok(message)) if !message.is_close() => None,
+                        // Closed, reset or ended.
+                        _ => Some(conn),
+                    },
+                }
+            };
+            if let Some(conn) = ended {
+                self.lost(conn, key).await;
+            }
         }
     }
 

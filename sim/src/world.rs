@@ -36,7 +36,9 @@ pub(crate) const LEASE_NAME: &str = "spawner-controller";
 /// The invariant a world's [`WorldConfig::allowed_user_failures`] holds it to.
 pub const USERS_CONNECT: &str = "users connect to their backends";
 
-pub use crate::user_checks::{ROUTED_BY_TOKEN, TERMINATED_ON_REQUEST};
+pub use crate::user_checks::{
+    NOT_LOST_WHILE_BACKEND_LIVES, ROUTED_BY_TOKEN, TERMINATED_ON_REQUEST,
+};
 
 /// What to build and run.
 #[derive(Clone, Debug)]
@@ -132,6 +134,10 @@ pub struct Summary {
     /// Finished backends still kept at the end because their retention is not over by the
     /// controller's clock (a clock ahead stamped their terminal phase).
     pub retained: usize,
+    /// Requests the API server answered 429 (throttling faults), and the most one identity got
+    /// within a second.
+    pub throttled: u64,
+    pub throttled_peak: u64,
     pub sim_time: Duration,
     pub wall_time: Duration,
     /// Hash of the observable events (phase transitions and deletions with their times).
@@ -163,6 +169,13 @@ impl std::fmt::Display for Summary {
             self.wall_time.as_secs_f64(),
             self.trace_hash
         )?;
+        if self.throttled > 0 {
+            write!(
+                f,
+                "; {} requests answered 429 (at most {} to one identity within a second)",
+                self.throttled, self.throttled_peak
+            )?;
+        }
         if self.retained > 0 {
             write!(
                 f,
@@ -374,6 +387,8 @@ impl Running {
             failed: checker.reached(Phase::Failed),
             terminated: checker.reached(Phase::Terminated),
             retained,
+            throttled: self.observer.throttled(),
+            throttled_peak: self.observer.throttles.peak,
             sim_time: now,
             wall_time: wall.elapsed(),
             trace_hash: hasher.finish(),

@@ -281,3 +281,40 @@ fn watches_resume_after_the_api_server_compacts_its_history() {
         vec![(20, 1, crash("apiserver")), (22, 1, FaultKind::Compact)],
     );
 }
+
+#[test]
+fn the_api_server_throttles() {
+    // Half the components' requests are answered 429 with Retry-After: 1 for 15 s, then every
+    // one for 10 s: every component waits and retries (never faster than the API server
+    // allows, checked at every step), sweeps resume on time once it stops, and the users
+    // caught in it are bounded and reported.
+    let summary = with_faults(
+        48,
+        vec![
+            (8, 15, FaultKind::Throttle { per_mille: 500 }),
+            (30, 10, FaultKind::Throttle { per_mille: 1_000 }),
+        ],
+    );
+    assert!(summary.throttled > 100, "{summary}");
+}
+
+#[test]
+fn a_nodes_pods_are_evicted() {
+    // Every pod of node-0 is evicted twice while users come and go (a drain's evictions):
+    // their backends end Failed with reason Evicted, their users get a new backend through
+    // get-or-create, and nothing is left behind.
+    let summary = with_faults(
+        49,
+        vec![
+            (15, 1, FaultKind::EvictNode { node: 0 }),
+            (35, 1, FaultKind::EvictNode { node: 0 }),
+        ],
+    );
+    let evicted = summary
+        .events
+        .iter()
+        .filter(|e| e.contains(" Failed Evicted"))
+        .count();
+    assert!(evicted > 0, "{summary}");
+    assert_eq!(evicted, summary.failed, "{summary}");
+}

@@ -251,7 +251,7 @@ fn an_api_that_drops_terminate_requests_is_caught() {
 #[test]
 fn a_runtime_that_loses_an_apps_crash_is_caught_by_what_users_see() {
     // Half the rooms' apps crash 10 s after they start; the mutant never reports the crash, so
-    // the backend stays Ready with its app dead and its users cannot connect again.
+    // the backend stays Ready with its app dead, its users' connections lost under it.
     let params = WorkloadParams {
         users: 16,
         rooms: 4,
@@ -264,10 +264,12 @@ fn a_runtime_that_loses_an_apps_crash_is_caught_by_what_users_see() {
     config.apps_crash_every = 2;
     config.apps_crash_after = Duration::from_secs(10);
     config.allowed_user_failures = Some(0);
+    // The users lose their sockets with the app and their backend stays Ready: caught at once
+    // (then their reconnects would fail too).
     caught(
         config,
         Mutant::AppCrashesUnreported,
-        spawner_sim::world::USERS_CONNECT,
+        spawner_sim::world::NOT_LOST_WHILE_BACKEND_LIVES,
     );
 }
 
@@ -303,5 +305,79 @@ fn a_controller_that_swallows_expired_watches_is_caught() {
         config,
         Mutant::ControllerSwallowsExpiredWatches,
         "every spawn ends Ready or Failed",
+    );
+}
+
+#[test]
+fn a_controller_that_retries_throttled_requests_at_once_is_caught() {
+    // The API server answers every request 429 (Retry-After: 1) for 10 s while users come and
+    // go: the mutant sends each refused request again at once, a round trip (a few ms) later.
+    let params = WorkloadParams {
+        users: 24,
+        rooms: 6,
+        mean_interarrival_ms: 1_000.0,
+        session_cap_ms: 8_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(33, params);
+    config.faults = vec![Fault {
+        at: Duration::from_secs(5),
+        duration: Duration::from_secs(10),
+        kind: FaultKind::Throttle { per_mille: 1_000 },
+    }];
+    caught(
+        config,
+        Mutant::ControllerRetriesThrottledAtOnce,
+        spawner_sim::throttling::BACKS_OFF_WHEN_THROTTLED,
+    );
+}
+
+#[test]
+fn a_relay_that_ignores_pongs_is_caught_by_what_users_see() {
+    // Users stay connected for minutes and send a message only every minute or so, answering
+    // the relays' pings meanwhile. The mutant does not count those pongs as hearing from them
+    // and drops them as dead while their backends live.
+    let params = WorkloadParams {
+        users: 6,
+        rooms: 2,
+        mean_interarrival_ms: 1_000.0,
+        session_min_ms: 150_000.0,
+        session_cap_ms: 150_000.0,
+        mean_think_ms: 70_000.0,
+        vanish_probability: 0.0,
+        refresh_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    caught(
+        world(34, params),
+        Mutant::RelayIgnoresPongs,
+        spawner_sim::world::NOT_LOST_WHILE_BACKEND_LIVES,
+    );
+}
+
+#[test]
+fn a_controller_that_misses_pod_deletions_is_caught_after_an_eviction() {
+    // Every pod of the node is evicted while users are connected. The mutant's cache keeps
+    // the evicted pods, so their backends never fail: they stay Ready with no pod behind them.
+    let params = WorkloadParams {
+        users: 16,
+        rooms: 4,
+        mean_interarrival_ms: 500.0,
+        session_min_ms: 20_000.0,
+        session_cap_ms: 30_000.0,
+        vanish_probability: 0.0,
+        ..WorkloadParams::default()
+    };
+    let mut config = world(35, params);
+    config.faults = vec![Fault {
+        at: Duration::from_secs(12),
+        duration: Duration::from_secs(1),
+        kind: FaultKind::EvictNode { node: 0 },
+    }];
+    caught(
+        config,
+        Mutant::ControllerMissesPodDeletions,
+        "idle backends are swept within grace + 2 s",
     );
 }

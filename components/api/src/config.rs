@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spawner_core::connect_token::{DEFAULT_CONNECT_TTL_SECONDS, KeyError, KeyRing};
+use spawner_core::connect_token::{ConnectKeyArgs, DEFAULT_CONNECT_TTL_SECONDS, KeyError, KeyRing};
 use spawner_core::id::{DEFAULT_PREFIX, MAX_PREFIX_LEN};
 use spawner_core::validation::Limits;
 
@@ -88,15 +88,9 @@ pub struct ApiArgs {
     /// Most status streams open at once on this replica; past it a stream request gets 503.
     #[arg(long, env = "SPAWNER_API_MAX_STATUS_STREAMS", default_value_t = 1024)]
     pub max_status_streams: usize,
-    /// Keys that sign connect tokens, `<id>:<secret>` (shared with the router; the first signs,
-    /// so put a new key first to rotate). Without keys, `url` carries no token.
-    #[arg(
-        long = "connect-key",
-        env = "SPAWNER_CONNECT_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub connect_keys: Vec<String>,
+    /// The keys that sign connect tokens (`--connect-key`, shared with the router).
+    #[command(flatten)]
+    pub connect_keys: ConnectKeyArgs,
     /// How long a connect token may wait for its first use, in seconds.
     #[arg(
         long,
@@ -127,10 +121,7 @@ impl ApiArgs {
         config.max_status_streams = self.max_status_streams;
         if !self.connect_keys.is_empty() {
             // Short secrets only for local development (where the api runs unauthenticated).
-            config.connect_keys = Some(KeyRing::parse(
-                self.connect_keys.iter().map(String::as_str),
-                self.allow_unauthenticated,
-            )?);
+            config.connect_keys = Some(self.connect_keys.key_ring(self.allow_unauthenticated)?);
         }
         config.connect_token_ttl = Duration::from_secs(self.connect_token_ttl_seconds);
         config.check()?;

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{Api, Dev, DevOptions, SPAWNER};
 use serde_json::{Value, json};
+use spawner::spawn_steps::{STEPS, StepStats, step_millis, step_stats, steps_table};
 
 const SEQUENTIAL: usize = 200;
 const CONCURRENT: usize = 50;
@@ -53,39 +54,8 @@ fn bursts() -> usize {
 const WARM_UP: usize = 5;
 const TARGET_P99_MS: f64 = 150.0;
 
-/// The steps of a spawn, from the client's request to the client seeing Ready.
-const STEPS: [&str; 6] = [
-    "request→Constructed",
-    "Constructed→Scheduled",
-    "Scheduled→Running",
-    "Running→Ready",
-    "Ready→client sees it",
-    "total",
-];
-
-struct Sample {
-    total_ms: f64,
-    /// Milliseconds of each step of `STEPS` but the last.
-    steps_ms: Vec<f64>,
-}
-
-fn condition_time(status: &Value, phase: &str) -> Option<SystemTime> {
-    let time = status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == phase)?["lastTransitionTime"]
-        .as_str()?;
-    let parsed = chrono::DateTime::parse_from_rfc3339(time).ok()?;
-    let nanos = u64::try_from(parsed.timestamp_nanos_opt()?).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos))
-}
-
-fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
-    match to.duration_since(from) {
-        Ok(d) => d.as_secs_f64() * 1e3,
-        Err(e) => -(e.duration().as_secs_f64() * 1e3),
-    }
-}
+/// One spawn: the milliseconds of each of `STEPS` (the last is the total).
+type Sample = Vec<f64>;
 
 /// The backend to spawn: `SPAWNER_BENCH_BACKEND` (a command line, split on spaces) or
 /// `spawner demo-backend`.
@@ -116,7 +86,6 @@ async fn spawn_to_ready(api: &Api) -> (Sample, String) {
     let name = api.spawn(&body).await;
     let events = api.follow(&name, Duration::from_secs(30)).await;
     let total = started.elapsed();
-    let seen_at = requested_at + total;
     let last = common::phases(&events).pop().unwrap_or_default();
     let status = api.status(&name).await;
     assert_eq!(
@@ -125,18 +94,7 @@ async fn spawn_to_ready(api: &Api) -> (Sample, String) {
         "{name} ended {last}; status: {status}\n{}",
         backend_logs(&name)
     );
-    let times: Vec<SystemTime> = ["Constructed", "Scheduled", "Running", "Ready"]
-        .iter()
-        .map(|p| condition_time(&status, p).unwrap_or(requested_at))
-        .collect();
-    let mut steps_ms = vec![ms_between(requested_at, times[0])];
-    steps_ms.extend(times.windows(2).map(|w| ms_between(w[0], w[1])));
-    steps_ms.push(ms_between(times[3], seen_at));
-    let sample = Sample {
-        total_ms: total.as_secs_f64() * 1e3,
-        steps_ms,
-    };
-    (sample, name)
+    (step_millis(&status, requested_at, total), name)
 }
 
 /// Where `spawner dev` keeps the backends' output (set once it has started).
@@ -229,57 +187,27 @@ impl Cpu {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    // Nearest rank.
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 struct Summary {
     name: &'static str,
     count: usize,
     wall_s: f64,
-    /// Per step of `STEPS`: (p50, p99, mean).
-    steps: Vec<(f64, f64, f64)>,
+    /// Per step of `STEPS`.
+    steps: Vec<StepStats>,
 }
 
 impl Summary {
     fn of(name: &'static str, samples: &[Sample], wall: Duration) -> Summary {
-        let column = |i: usize| -> Vec<f64> {
-            let mut v: Vec<f64> = samples
-                .iter()
-                .map(|s| {
-                    if i < STEPS.len() - 1 {
-                        s.steps_ms[i]
-                    } else {
-                        s.total_ms
-                    }
-                })
-                .collect();
-            v.sort_by(f64::total_cmp);
-            v
-        };
-        let steps = (0..STEPS.len())
-            .map(|i| {
-                let v = column(i);
-                let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-                (percentile(&v, 50.0), percentile(&v, 99.0), mean)
-            })
-            .collect();
         Summary {
             name,
             count: samples.len(),
             wall_s: wall.as_secs_f64(),
-            steps,
+            steps: step_stats(samples),
         }
     }
 
     fn total(&self) -> (f64, f64) {
-        let (p50, p99, _) = self.steps[STEPS.len() - 1];
-        (p50, p99)
+        let total = self.steps[STEPS.len() - 1];
+        (total.p50, total.p99)
     }
 
     fn json(&self) -> Value {
@@ -287,10 +215,10 @@ impl Summary {
         let steps: BTreeMap<&str, Value> = STEPS
             .iter()
             .zip(&self.steps)
-            .map(|(name, (p50, p99, mean))| {
+            .map(|(name, step)| {
                 (
                     *name,
-                    json!({"p50_ms": round(*p50), "p99_ms": round(*p99), "mean_ms": round(*mean)}),
+                    json!({"p50_ms": round(step.p50), "p99_ms": round(step.p99), "mean_ms": round(step.mean)}),
                 )
             })
             .collect();
@@ -378,23 +306,10 @@ fn table(summaries: &[Summary]) -> String {
             s.count as f64 / s.wall_s
         ));
     }
-    out.push_str("\nWhere the time goes (p50 / p99 / mean, ms):\n\n| step |");
-    for s in summaries {
-        out.push_str(&format!(" {} |", s.name));
-    }
-    out.push_str("\n|---|");
-    for _ in summaries {
-        out.push_str("---:|");
-    }
-    out.push('\n');
-    for (i, step) in STEPS.iter().enumerate() {
-        out.push_str(&format!("| {step} |"));
-        for s in summaries {
-            let (p50, p99, mean) = s.steps[i];
-            out.push_str(&format!(" {p50:.1} / {p99:.1} / {mean:.1} |"));
-        }
-        out.push('\n');
-    }
+    out.push_str("\nWhere the time goes (p50 / p99 / mean, ms):\n\n");
+    let runs: Vec<(&str, &[StepStats])> =
+        summaries.iter().map(|s| (s.name, &s.steps[..])).collect();
+    out.push_str(&steps_table(&runs));
     out
 }
 

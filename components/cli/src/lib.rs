@@ -12,6 +12,7 @@ pub mod dev;
 pub mod launcher;
 pub mod probe;
 pub mod replay;
+pub mod spawn_steps;
 pub mod state;
 pub mod trace;
 

@@ -362,58 +362,7 @@ where
         if *stop.borrow() {
             break;
         }
-        tracing::info!(identity = %config.identity, "leading: starting to reconcile");
-        let (controller, caches) = build_controller(&client, &config);
-        if let Ok(mut slot) = store.lock() {
-            *slot = Some(controller.store());
-        }
-        if let Ok(mut slot) = ctx.children.lock() {
-            *slot = Some(caches);
-        }
-        let forgetting = tokio::spawn(forget_gone_periodically(ctx.clone(), controller.store()));
-        let mut lost = leading_rx.clone();
-        let mut stop_inner = stop_rx.clone();
-        let lease_enabled = config.lease.is_some();
-        // A reconcile in flight when leadership is lost is stopped at once: another replica
-        // may already lead, and two must never write at the same time.
-        let fence = leading_rx.clone();
-        let fenced = move |backend: Arc<SessionLivedBackend>, ctx: Arc<Context>| {
-            let mut fence = fence.clone();
-            async move {
-                if !lease_enabled {
-                    return reconcile(backend, ctx).await;
-                }
-                tokio::select! {
-                    biased;
-                    _ = fence.wait_for(|l| !*l) => Err(Error::LostLeadership),
-                    r = reconcile(backend, ctx) => r,
-                }
-            }
-        };
-        let stream = controller
-            .graceful_shutdown_on(async move {
-                tokio::select! {
-                    _ = lost.wait_for(|l| !*l), if lease_enabled => {}
-                    _ = stop_inner.wait_for(|s| *s) => {}
-                }
-            })
-            .run(fenced, error_policy, ctx.clone());
-        stream
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "controller stream item");
-                }
-            })
-            .await;
-        // Awaited, so that its clone of the context is dropped before the Events are flushed.
-        forgetting.abort();
-        let _ = forgetting.await;
-        if let Ok(mut slot) = store.lock() {
-            *slot = None;
-        }
-        if let Ok(mut slot) = ctx.children.lock() {
-            *slot = None;
-        }
+        lead_one_term(&client, &config, &ctx, &store, &leading_rx, &stop_rx).await;
         tracing::info!(identity = %config.identity, "stopped reconciling");
         if *stop.borrow() || config.lease.is_none() {
             break;
@@ -428,6 +377,72 @@ where
     }
     http.await
         .map_err(|e| Error::Serve(std::io::Error::other(e)))
+}
+
+/// One term of leadership (the whole run when leader election is off): builds the controller
+/// and its child caches, publishes them to `/metrics` and the reconcilers, reconciles — each
+/// reconcile fenced by leadership — until leadership is lost or the controller stops, then
+/// takes the caches back.
+async fn lead_one_term(
+    client: &Client,
+    config: &ControllerConfig,
+    ctx: &Arc<Context>,
+    store: &Mutex<Option<Store<SessionLivedBackend>>>,
+    leading_rx: &watch::Receiver<bool>,
+    stop_rx: &watch::Receiver<bool>,
+) {
+    tracing::info!(identity = %config.identity, "leading: starting to reconcile");
+    let (controller, caches) = build_controller(client, config);
+    if let Ok(mut slot) = store.lock() {
+        *slot = Some(controller.store());
+    }
+    if let Ok(mut slot) = ctx.children.lock() {
+        *slot = Some(caches);
+    }
+    let forgetting = tokio::spawn(forget_gone_periodically(ctx.clone(), controller.store()));
+    let mut lost = leading_rx.clone();
+    let mut stop_inner = stop_rx.clone();
+    let lease_enabled = config.lease.is_some();
+    // A reconcile in flight when leadership is lost is stopped at once: another replica
+    // may already lead, and two must never write at the same time.
+    let fence = leading_rx.clone();
+    let fenced = move |backend: Arc<SessionLivedBackend>, ctx: Arc<Context>| {
+        let mut fence = fence.clone();
+        async move {
+            if !lease_enabled {
+                return reconcile(backend, ctx).await;
+            }
+            tokio::select! {
+                biased;
+                _ = fence.wait_for(|l| !*l) => Err(Error::LostLeadership),
+                r = reconcile(backend, ctx) => r,
+            }
+        }
+    };
+    let stream = controller
+        .graceful_shutdown_on(async move {
+            tokio::select! {
+                _ = lost.wait_for(|l| !*l), if lease_enabled => {}
+                _ = stop_inner.wait_for(|s| *s) => {}
+            }
+        })
+        .run(fenced, error_policy, ctx.clone());
+    stream
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller stream item");
+            }
+        })
+        .await;
+    // Awaited, so that its clone of the context is dropped before the Events are flushed.
+    forgetting.abort();
+    let _ = forgetting.await;
+    if let Ok(mut slot) = store.lock() {
+        *slot = None;
+    }
+    if let Ok(mut slot) = ctx.children.lock() {
+        *slot = None;
+    }
 }
 
 /// Every [`FORGET_GONE_EVERY`], drops the per-backend entries of backends no longer in

@@ -23,6 +23,10 @@
 //!
 //! Parsing and checking are pure functions (no clock, no I/O) so they can be fuzzed.
 
+mod args;
+
+pub use args::ConnectKeyArgs;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};

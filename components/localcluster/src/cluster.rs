@@ -44,11 +44,24 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// For tests and examples on one machine: anyone is admin, and a watch gets a bookmark
+    /// every second, so a client's short read timeout never fires on a healthy watch.
+    pub fn for_tests() -> Self {
+        Self {
+            bookmark_interval: Duration::from_secs(1),
+            auth: Auth::anyone_is_admin(),
+            ..Self::default()
+        }
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) store: Mutex<Store>,
     pub(crate) types: Arc<Vec<ResourceType>>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: ServerConfig,
+    pub(crate) throttler: crate::throttle::Throttler,
 }
 
 /// A localcluster API server's state; cheap to clone, shared by every connection.
@@ -80,6 +93,7 @@ impl Cluster {
                 types,
                 clock,
                 config,
+                throttler: Default::default(),
             }),
         }
     }
@@ -97,6 +111,86 @@ impl Cluster {
     /// Drops every type's retained watch history, as etcd compaction does.
     pub fn compact(&self) {
         self.store().compact();
+    }
+
+    /// Answers `429 Too Many Requests` to `throttle.per_mille` of the requests (every caller
+    /// but the administrators, health checks aside) until [`Cluster::stop_throttling`], as a
+    /// real API server's priority and fairness does under load.
+    pub fn throttle(&self, throttle: crate::throttle::Throttle) {
+        self.shared.throttler.set(Some(throttle));
+    }
+
+    pub fn stop_throttling(&self) {
+        self.shared.throttler.set(None);
+    }
+
+    /// How many requests each user was answered 429, since the cluster started.
+    pub fn throttled_requests(&self) -> std::collections::BTreeMap<String, u64> {
+        self.shared.throttler.throttled()
+    }
+
+    /// Evicts every pod bound to `node` that has not finished, as `kubectl drain` does through
+    /// the Eviction API (there are no PodDisruptionBudgets here): each gets the condition
+    /// `DisruptionTarget` (reason `EvictionByEvictionAPI`) and is deleted with its own grace
+    /// period, so the node's agent stops it and then removes it. Returns the evicted pods as
+    /// `namespace/name`.
+    pub fn evict_pods_on(&self, node: &str) -> Vec<String> {
+        let now = crate::clock::now(&*self.shared.clock);
+        let later = |secs: i64| {
+            chrono::TimeDelta::try_seconds(secs.clamp(0, crate::decode::MAX_GRACE_SECONDS))
+                .and_then(|d| now.checked_add_signed(d))
+                .map_or_else(|| format_time(now), format_time)
+        };
+        let mut evicted = Vec::new();
+        for pod in self.snapshot("", "pods") {
+            let on_node = pod["spec"]["nodeName"].as_str() == Some(node);
+            let finished = matches!(
+                pod["status"]["phase"].as_str(),
+                Some("Succeeded" | "Failed")
+            );
+            let deleting = pod["metadata"].get("deletionTimestamp").is_some();
+            let (Some(namespace), Some(name)) = (
+                pod["metadata"]["namespace"].as_str(),
+                pod["metadata"]["name"].as_str(),
+            ) else {
+                continue;
+            };
+            if !on_node || finished || deleting {
+                continue;
+            }
+            // As the real Eviction API does, the pod is marked first, so that its owners can
+            // tell an eviction from other deletions.
+            let mut store = self.store();
+            let _ = store.patch(
+                resources::PODS,
+                namespace,
+                name,
+                crate::store::PatchKind::StrategicMerge,
+                &json!({"status": {"conditions": [{
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "EvictionByEvictionAPI",
+                    "message": "Eviction API: evicting",
+                    "lastTransitionTime": format_time(now),
+                }]}}),
+                crate::store::Target::Status,
+                &format_time(now),
+                false,
+                None,
+            );
+            let deleted = store.delete(
+                resources::PODS,
+                namespace,
+                name,
+                &crate::store::DeleteOptions::default(),
+                &format_time(now),
+                later,
+            );
+            if deleted.is_ok() {
+                evicted.push(format!("{namespace}/{name}"));
+            }
+        }
+        evicted
     }
 
     /// The current global resourceVersion.

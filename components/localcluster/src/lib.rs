@@ -23,6 +23,7 @@ pub mod selector;
 pub mod server;
 pub mod store;
 pub mod table;
+pub mod throttle;
 pub mod tls;
 
 pub use audit::{Audit, AuditEntry};
@@ -31,6 +32,7 @@ pub use clock::{Clock, SystemClock};
 pub use cluster::{Cluster, ServerConfig};
 pub use error::ApiError;
 pub use kubeconfig::{kubeconfig_yaml, write_kubeconfig};
-pub use server::{router, serve};
+pub use server::{router, serve, serve_on_loopback};
 pub use store::StoreConfig;
+pub use throttle::Throttle;
 pub use tls::{ServerCertificates, TlsListener};

@@ -39,6 +39,19 @@ where
     Ok(())
 }
 
+/// Serves `cluster` on a fresh loopback port in a task of its own, for tests and examples on
+/// one machine: its address, and the task (aborting it stops the server).
+pub async fn serve_on_loopback(
+    cluster: Cluster,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = serve(listener, cluster).await;
+    });
+    Ok((addr, task))
+}
+
 /// Logs every request at debug level (`RUST_LOG=spawner_localcluster::server=debug`), like the
 /// real server's audit log at level Metadata: who asked what, and the answer.
 async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
@@ -80,6 +93,10 @@ async fn serve_request(cluster: Cluster, req: Request) -> Response {
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
+    // Priority and fairness comes after authentication, before anything is read or served.
+    if let Some(e) = cluster.shared.throttler.check(&who) {
+        return e.into_response();
+    }
     // The body is read only for an authenticated caller, and refused unread when its announced
     // length is over the limit.
     let limit = cluster.shared.config.max_request_bytes;

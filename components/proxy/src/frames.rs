@@ -10,8 +10,10 @@
 //! Payloads are never decoded, unmasked or copied aside; only headers (≤ 14 bytes) and the
 //! sidecar's own pong (≤ 14 + 8 bytes) are held between reads.
 
-/// Payload of the sidecar's pings; a client's pong echoes it.
-pub(crate) const PING_PAYLOAD: [u8; 8] = *b"spawner1";
+/// Length of a relay's ping payload; a client's pong echoes it.
+pub(crate) const PING_LEN: usize = 8;
+/// The payload a [`ClientFilter`] starts with (the sidecar's).
+pub(crate) const PING_PAYLOAD: [u8; PING_LEN] = *b"spawner1";
 
 const OPCODE_CONTINUATION: u8 = 0x0;
 const OPCODE_TEXT: u8 = 0x1;
@@ -31,14 +33,14 @@ pub enum ClientFrame {
 const MAX_HEADER: usize = 14;
 
 /// Bytes that must be free in front of the data handed to [`ClientFilter::filter`].
-pub(crate) const FILTER_HEADROOM: usize = MAX_HEADER + PING_PAYLOAD.len();
+pub(crate) const FILTER_HEADROOM: usize = MAX_HEADER + PING_LEN;
 
-/// The sidecar's ping frame, server → client (unmasked).
-pub(crate) fn ping_frame() -> [u8; 2 + PING_PAYLOAD.len()] {
-    let mut frame = [0u8; 2 + PING_PAYLOAD.len()];
+/// A relay's ping frame with `payload`, server → client (unmasked).
+pub(crate) fn ping_frame(payload: &[u8; PING_LEN]) -> [u8; 2 + PING_LEN] {
+    let mut frame = [0u8; 2 + PING_LEN];
     frame[0] = 0x80 | 0x9;
-    frame[1] = PING_PAYLOAD.len() as u8;
-    frame[2..].copy_from_slice(&PING_PAYLOAD);
+    frame[1] = PING_LEN as u8;
+    frame[2..].copy_from_slice(payload);
     frame
 }
 
@@ -121,9 +123,13 @@ impl FrameCursor {
     }
 }
 
-/// Follows the client → application stream and drops the pongs answering the sidecar's pings.
-#[derive(Debug, Default)]
+/// Follows the client → application stream and drops the pongs answering the relay's own
+/// pings (those with its payload: a relay in front of another, the router in front of a
+/// sidecar, pings with another payload, and passes the pongs answering the other's on).
+#[derive(Debug)]
 pub(crate) struct ClientFilter {
+    /// The payload of this relay's pings.
+    payload: [u8; PING_LEN],
     /// The frame being read: its header, plus the payload when it may be our pong.
     held: [u8; FILTER_HEADROOM],
     held_len: usize,
@@ -135,7 +141,25 @@ pub(crate) struct ClientFilter {
     message_bytes: u64,
 }
 
+impl Default for ClientFilter {
+    fn default() -> Self {
+        Self {
+            payload: PING_PAYLOAD,
+            held: [0; FILTER_HEADROOM],
+            held_len: 0,
+            held_target: 0,
+            payload_left: 0,
+            message_bytes: 0,
+        }
+    }
+}
+
 impl ClientFilter {
+    /// Pongs with `payload` are this relay's from now on.
+    pub fn set_payload(&mut self, payload: [u8; PING_LEN]) {
+        self.payload = payload;
+    }
+
     /// Between two frames.
     pub fn at_boundary(&self) -> bool {
         self.held_len == 0 && self.payload_left == 0
@@ -202,11 +226,10 @@ impl ClientFilter {
                 let len = payload_len(&self.held[..self.held_len]);
                 self.observe(len, on_frame);
                 let masked = self.held[1] & 0x80 != 0;
-                let may_be_ours = self.held[0] & 0x0f == OPCODE_PONG
-                    && masked
-                    && len == PING_PAYLOAD.len() as u64;
+                let may_be_ours =
+                    self.held[0] & 0x0f == OPCODE_PONG && masked && len == PING_LEN as u64;
                 if may_be_ours {
-                    self.held_target = self.held_len + PING_PAYLOAD.len();
+                    self.held_target = self.held_len + PING_LEN;
                     continue;
                 }
                 // Not ours: pass the header on, then the payload.
@@ -218,7 +241,7 @@ impl ClientFilter {
                 continue;
             }
             // A complete candidate pong: header (with mask) and payload.
-            let header = self.held_len - PING_PAYLOAD.len();
+            let header = self.held_len - PING_LEN;
             let mask = [
                 self.held[header - 4],
                 self.held[header - 3],
@@ -228,7 +251,7 @@ impl ClientFilter {
             let ours = self.held[header..self.held_len]
                 .iter()
                 .enumerate()
-                .all(|(i, b)| b ^ mask[i % 4] == PING_PAYLOAD[i]);
+                .all(|(i, b)| b ^ mask[i % 4] == self.payload[i]);
             if !ours {
                 buf[w..w + self.held_len].copy_from_slice(&self.held[..self.held_len]);
                 w += self.held_len;
@@ -307,6 +330,19 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_in_front_of_another_passes_the_pongs_to_the_other_on() {
+        // The router relays to a sidecar: the client's pongs to the sidecar's pings must reach
+        // the sidecar (once the router ate them, and the sidecar dropped idle users as dead).
+        let routers = *b"spawnerR";
+        let to_router = client_frame(OPCODE_PONG, &routers, [9, 8, 7, 6]);
+        let to_sidecar = client_frame(OPCODE_PONG, &PING_PAYLOAD, [4, 3, 2, 1]);
+        let wire: Vec<u8> = [&to_router[..], &to_sidecar, &to_router].concat();
+        let mut filter = ClientFilter::default();
+        filter.set_payload(routers);
+        assert_eq!(filter_in_pieces(&mut filter, &wire, &[5]), to_sidecar);
+    }
+
+    #[test]
     fn whole_messages_and_closes_are_reported_with_their_sizes() {
         let wire: Vec<u8> = [
             client_frame(OPCODE_TEXT, b"hello", [1, 2, 3, 4]),
@@ -377,7 +413,7 @@ mod tests {
 
     #[test]
     fn control_frames_are_well_formed() {
-        assert_eq!(ping_frame()[..2], [0x89, 8]);
+        assert_eq!(ping_frame(&PING_PAYLOAD)[..2], [0x89, 8]);
         let close = going_away_frame();
         let mask = &close[2..6];
         assert_eq!(

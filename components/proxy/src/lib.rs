@@ -16,6 +16,7 @@ pub mod bodyless;
 pub mod connect;
 mod frames;
 pub mod headers;
+pub mod mutants;
 pub mod upstream;
 pub mod websocket;
 

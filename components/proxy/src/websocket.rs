@@ -75,7 +75,16 @@ pub struct RelaySettings {
     pub max_missed_pongs: u32,
     /// After one side closed its connection, how long the other gets to close too.
     pub close_linger: Duration,
+    /// The payload of this relay's pings, by which it tells the pongs answering them from
+    /// those answering the pings of a relay behind it (which it passes on). Relays in a chain
+    /// need different payloads: [`SIDECAR_PING_PAYLOAD`], [`ROUTER_PING_PAYLOAD`].
+    pub ping_payload: [u8; 8],
 }
+
+/// The sidecar's ping payload.
+pub const SIDECAR_PING_PAYLOAD: [u8; 8] = *b"spawner1";
+/// The router's ping payload (it relays to a sidecar, which pings through it).
+pub const ROUTER_PING_PAYLOAD: [u8; 8] = *b"spawnerR";
 
 /// The upstream's answer to a forwarded handshake.
 pub enum Handshake {
@@ -320,6 +329,7 @@ pub struct Relay<A, B> {
     client_seen: bool,
     /// A ping should go to the client at the next frame boundary.
     ping_due: bool,
+    ping_payload: [u8; 8],
     observer: Option<ClientObserver>,
 }
 
@@ -353,6 +363,7 @@ where
             cursor: FrameCursor::default(),
             client_seen: false,
             ping_due: false,
+            ping_payload: SIDECAR_PING_PAYLOAD,
             observer,
         };
         // Frames that arrived together with the handshakes go first, through the same tracking.
@@ -385,6 +396,8 @@ where
         mut count: impl FnMut(u64, u64),
         abort: impl Future<Output = ()>,
     ) -> RelayEnd {
+        self.ping_payload = settings.ping_payload;
+        self.filter.set_payload(settings.ping_payload);
         let period = settings.ping_interval;
         let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -474,6 +487,7 @@ where
             let upstream = &mut self.upstream;
             let filter = &mut self.filter;
             let observer = &mut self.observer;
+            let mut relayed = 0;
             let n = with_scratch(|buf| -> Poll<io::Result<usize>> {
                 let mut read = ReadBuf::new(&mut buf[FILTER_HEADROOM..]);
                 ready!(Pin::new(&mut *client).poll_read(cx, &mut read))?;
@@ -484,6 +498,7 @@ where
                     FILTER_HEADROOM + n,
                     &mut tell(observer),
                 );
+                relayed = b - a;
                 pump.write_through(cx, upstream, &buf[a..b])?;
                 Poll::Ready(Ok(n))
             });
@@ -492,7 +507,9 @@ where
                 pump.eof = true;
                 continue;
             }
-            self.client_seen = true;
+            if crate::mutants::hears_client(relayed) {
+                self.client_seen = true;
+            }
             pump.bytes += n as u64;
         }
     }
@@ -509,7 +526,7 @@ where
             }
             if self.ping_due && self.cursor.at_boundary() {
                 self.ping_due = false;
-                pump.write_through(cx, &mut self.client, &ping_frame())?;
+                pump.write_through(cx, &mut self.client, &ping_frame(&self.ping_payload))?;
                 continue;
             }
             let client = &mut self.client;

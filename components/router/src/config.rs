@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spawner_core::connect_token::{DEFAULT_SESSION_TTL_SECONDS, KeyError, KeyRing};
+use spawner_core::connect_token::{ConnectKeyArgs, DEFAULT_SESSION_TTL_SECONDS, KeyError, KeyRing};
 
 use crate::route::Mode;
 use crate::trust::{CidrError, TrustedProxies};
@@ -32,15 +32,10 @@ pub struct RouterArgs {
     /// Path mode: backends are `/<prefix>/<name>/...` on any host.
     #[arg(long, env = "SPAWNER_ROUTER_PATH_PREFIX")]
     pub path_prefix: Option<String>,
-    /// Keys that verify connect tokens, `<id>:<secret>` (the same as the api's; the first
-    /// also signs the router's session cookies).
-    #[arg(
-        long = "connect-key",
-        env = "SPAWNER_CONNECT_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub connect_keys: Vec<String>,
+    /// The keys that verify connect tokens (`--connect-key`, the same as the api's); the first
+    /// also signs the router's session cookies.
+    #[command(flatten)]
+    pub connect_keys: ConnectKeyArgs,
     /// Accept connect keys shorter than 16 bytes (only for local development).
     #[arg(long, env = "SPAWNER_ROUTER_ALLOW_WEAK_KEYS")]
     pub allow_weak_keys: bool,
@@ -98,10 +93,7 @@ impl RouterArgs {
             },
             _ => return Err(ConfigError::Mode),
         };
-        let keys = KeyRing::parse(
-            self.connect_keys.iter().map(String::as_str),
-            self.allow_weak_keys,
-        )?;
+        let keys = self.connect_keys.key_ring(self.allow_weak_keys)?;
         let mut config = RouterConfig::new(&self.namespace, mode, keys);
         config.wait_ready = Duration::from_secs(self.wait_ready_seconds);
         config.session_ttl = Duration::from_secs(self.session_ttl_seconds);

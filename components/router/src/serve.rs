@@ -92,6 +92,9 @@ impl<C: Connect> Router<C> {
                     ping_interval: Duration::from_secs(30),
                     max_missed_pongs: 2,
                     close_linger: Duration::from_secs(5),
+                    // Not the sidecar's: the router must pass on the pongs answering the
+                    // sidecar's pings, which reach the client through it.
+                    ping_payload: spawner_proxy::websocket::ROUTER_PING_PAYLOAD,
                 },
                 connections,
                 trace_prefix: spawner_core::id::new_backend_id("ws-").unwrap_or_default(),

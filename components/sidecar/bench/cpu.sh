@@ -22,23 +22,13 @@ BASE=${BENCH_PORT_BASE:-28480}
 APP_PORT=$BASE
 SIDECAR_PORT=$((BASE + 10))
 CALLGRIND=${CALLGRIND:-1}
-command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)" >&2; exit 1; }
+# shellcheck source=scripts/bench/proxy.sh
+. "$ROOT/scripts/bench/proxy.sh"
+need_tools bench/cpu.sh wrk
 
-cargo build --release -q -p spawner --bin spawner
-cargo build --release -q -p spawner-sidecar --example bench_app
+build_release
 BINS=("$@")
 [ ${#BINS[@]} -gt 0 ] || BINS=(target/release/spawner)
-# shellcheck source=components/sidecar/bench/common.sh
-. "$ROOT/components/sidecar/bench/common.sh"
-
-# Starts the sidecar (optionally under a wrapper), sets SIDECAR_PID.
-start_sidecar() {
-    SPAWNER_SERVE_ADDRESS=127.0.0.1 SPAWNER_SERVE_PORT=$SIDECAR_PORT \
-        SPAWNER_UPSTREAM_PORT=$APP_PORT RUST_LOG=warn "$@" &
-    SIDECAR_PID=$!
-    PIDS+=("$SIDECAR_PID")
-    wait_port "$SIDECAR_PORT"
-}
 
 stop_sidecar() {
     kill "$SIDECAR_PID" 2>/dev/null || true
@@ -47,14 +37,12 @@ stop_sidecar() {
 
 requests() { awk '/requests in/ {print $1}'; }
 
-target/release/examples/bench_app "$APP_PORT" &
-PIDS+=("$!")
-wait_port "$APP_PORT"
+start_app "$APP_PORT"
 TICK=$(getconf CLK_TCK)
 URL="http://127.0.0.1:$SIDECAR_PORT/"
 
 for bin in "${BINS[@]}"; do
-    start_sidecar "$bin" sidecar
+    start_sidecar "$SIDECAR_PORT" "$APP_PORT" "$bin" sidecar
     wrk -t2 -c64 -d2s "$URL" >/dev/null
     for round in $(seq 1 "$ROUNDS"); do
         read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$SIDECAR_PID/stat")
@@ -66,7 +54,7 @@ for bin in "${BINS[@]}"; do
     done
     stop_sidecar
     if [ "$CALLGRIND" = 1 ] && command -v valgrind >/dev/null; then
-        start_sidecar valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$bin" sidecar
+        start_sidecar "$SIDECAR_PORT" "$APP_PORT" valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$bin" sidecar
         wrk -t1 -c8 -d2s "$URL" >/dev/null
         callgrind_control -z "$SIDECAR_PID" >/dev/null 2>&1
         n=$(wrk -t1 -c8 -d5s "$URL" | requests)

@@ -67,6 +67,7 @@ async fn relay<L: Listener, C: Connect>(
         ping_interval: config.ws_ping_interval,
         max_missed_pongs: config.ws_max_missed_pongs,
         close_linger: config.ws_close_linger,
+        ping_payload: spawner_proxy::websocket::SIDECAR_PING_PAYLOAD,
     };
     let count = |from_client: u64, to_client: u64| {
         if from_client > 0 {

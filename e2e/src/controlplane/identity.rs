@@ -3,6 +3,29 @@
 /// The namespace Spawner's components run in; their ServiceAccounts live here.
 pub const SYSTEM_NAMESPACE: &str = "spawner-system";
 
+/// `deploy/rbac/` as `kubectl apply -k deploy/rbac` applies it (file name, manifest): the
+/// ServiceAccounts and the roles bound to them, applied as deployed by the suites that run
+/// Spawner's components as those identities.
+pub const DEPLOY_RBAC: [(&str, &str); 5] = [
+    (
+        "serviceaccounts.yaml",
+        include_str!("../../../deploy/rbac/serviceaccounts.yaml"),
+    ),
+    (
+        "controller.yaml",
+        include_str!("../../../deploy/rbac/controller.yaml"),
+    ),
+    (
+        "sweeper.yaml",
+        include_str!("../../../deploy/rbac/sweeper.yaml"),
+    ),
+    ("api.yaml", include_str!("../../../deploy/rbac/api.yaml")),
+    (
+        "router.yaml",
+        include_str!("../../../deploy/rbac/router.yaml"),
+    ),
+];
+
 /// Who a client talks to the API server as. Component identities use the usernames and groups
 /// the API server gives real ServiceAccount tokens, so RBAC bindings written for ServiceAccounts
 /// (`kind: ServiceAccount` subjects in `deploy/rbac/`) apply to them unchanged.

@@ -18,7 +18,9 @@ use tokio::process::Command;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::client::{self, StreamItem};
-use super::{Failure, Target, Timings, ensure, next_room_state, open_room, wait_terminal};
+use super::phases::ended;
+use super::room::{next_room_state, open_room};
+use super::{Failure, Target, Timings, ensure};
 
 /// Where Spawner runs (deploy/base).
 const SYSTEM_NAMESPACE: &str = "spawner-system";
@@ -557,10 +559,15 @@ pub async fn sweeper_deleted_while_user_connected(target: &Target) -> Result<Tim
     let _ = ws.send(Message::Close(None)).await;
     drop(ws);
     let closed = Instant::now();
-    let events = wait_terminal(target, &name, GRACE + Duration::from_secs(60)).await?;
-    ensure(events.last().map(|e| e.phase) == Some(Phase::Swept), || {
-        format!("{name} after its user left: {:?}", client::phases(&events))
-    })?;
+    ended(
+        target,
+        &name,
+        GRACE + Duration::from_secs(60),
+        "after its user left",
+        Phase::Swept,
+        None,
+    )
+    .await?;
     // Never before its grace period (a second of slack for the two clocks' reading points).
     ensure(closed.elapsed() + Duration::from_secs(1) >= GRACE, || {
         format!(
@@ -712,6 +719,10 @@ async fn lose_a_worker(target: &Target, loss: WorkerLoss) -> Result<Timings, Fai
             )?;
         }
         timings.record("node lost→backends Failed", lost);
+        for name in &on_node {
+            let status = target.api.status(name).await?;
+            eprintln!("{name} on {node} ({loss:?}): Failed {:?}: {:?}", status.reason, status.message);
+        }
         for name in &elsewhere {
             let status = target.api.status(name).await?;
             ensure(status.phase == Phase::Ready, || {

@@ -12,6 +12,8 @@ pub mod client;
 pub mod disruption;
 pub mod kind;
 pub mod local;
+pub mod phases;
+pub mod room;
 pub mod suite;
 
 use std::fmt;
@@ -33,6 +35,10 @@ pub use disruption::{
     sweeper_deleted_while_user_connected, worker_deleted_backends_fail,
     worker_drained_backends_fail,
 };
+pub use phases::{ended, wait_ready};
+
+use phases::{end, never_ready, terminate};
+use room::{next_room_state, open_room};
 
 /// Why a scenario failed, in words a person can act on.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +51,8 @@ impl Failure {
     }
 }
 
-fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failure> {
+/// `Ok` if `condition` holds, else a Failure saying `message`.
+pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failure> {
     if condition {
         Ok(())
     } else {
@@ -142,7 +149,8 @@ pub struct Target {
 pub struct Timings(pub Vec<(&'static str, Duration)>);
 
 impl Timings {
-    fn record(&mut self, what: &'static str, since: Instant) {
+    /// Records `what` took from `since` until now.
+    pub fn record(&mut self, what: &'static str, since: Instant) {
         self.0.push((what, since.elapsed()));
     }
 }
@@ -183,81 +191,6 @@ pub fn authority(url: &str) -> Result<&str, Failure> {
     let end = rest.find('/').unwrap_or(rest.len());
     ensure(end > 0, || format!("backend url {url:?} has no host"))?;
     Ok(&rest[..end])
-}
-
-/// Waits for `name` to be Ready; a Failure names the phases seen and the reason.
-async fn wait_ready(target: &Target, name: &str) -> Result<(), Failure> {
-    let events = target
-        .api
-        .follow_phases(name, target.ready_timeout, |p| p == Phase::Ready)
-        .await?;
-    let last = events.last();
-    ensure(last.is_some_and(|e| e.phase == Phase::Ready), || {
-        format!(
-            "{name} never became Ready: phases {:?}, last reason {:?}: {:?}",
-            client::phases(&events),
-            last.and_then(|e| e.reason.clone()),
-            last.and_then(|e| e.message.clone()),
-        )
-    })
-}
-
-/// Waits for a terminal phase and returns the phase events.
-async fn wait_terminal(
-    target: &Target,
-    name: &str,
-    timeout: Duration,
-) -> Result<Vec<PhaseEvent>, Failure> {
-    target.api.follow_phases(name, timeout, |_| false).await
-}
-
-type WebSocket = tokio_tungstenite::WebSocketStream<BoxedStream>;
-
-/// The demo room's state as the backend sends it.
-#[derive(Debug, serde::Deserialize)]
-struct RoomState {
-    count: u64,
-    peers: u64,
-}
-
-async fn next_room_state(ws: &mut WebSocket) -> Result<RoomState, Failure> {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .map_err(|_| Failure::new("the demo backend sent nothing for 30 s"))?
-            .ok_or_else(|| Failure::new("the WebSocket closed"))?
-            .map_err(|e| Failure::new(format!("WebSocket: {e}")))?;
-        if let Message::Text(text) = message {
-            return serde_json::from_str(text.as_str())
-                .map_err(|e| Failure::new(format!("demo state {text:?}: {e}")));
-        }
-    }
-}
-
-/// Opens the demo room's WebSocket on `backend` through its sidecar (through the router when
-/// `status.url` is the router's), with the connect token of `spawned_url` if it carries one.
-async fn open_room(
-    target: &Target,
-    backend: &BackendStatus,
-    spawned_url: Option<&str>,
-) -> Result<WebSocket, Failure> {
-    let url = backend
-        .url
-        .as_deref()
-        .ok_or_else(|| Failure::new(format!("{} is Ready without a url", backend.name)))?;
-    let host = authority(url)?;
-    let query = spawned_url
-        .and_then(|u| u.split_once('?'))
-        .map_or(String::new(), |(_, q)| format!("?{q}"));
-    let stream = target.connector.connect(backend).await?;
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio_tungstenite::client_async(format!("ws://{host}/ws{query}"), stream),
-    )
-    .await
-    .map_err(|_| Failure::new("WebSocket handshake through the sidecar: no answer in 30 s"))?
-    .map_err(|e| Failure::new(format!("WebSocket handshake through the sidecar: {e}")))?;
-    Ok(ws)
 }
 
 /// Spawn → Ready (seen on the status stream) → a WebSocket through the sidecar that works and
@@ -320,14 +253,15 @@ pub async fn spawn_connect_disconnect_swept(target: &Target) -> Result<Timings, 
     let _ = ws.close(None).await;
     drop(ws);
     let closed = Instant::now();
-    let events = wait_terminal(target, &name, GRACE + Duration::from_secs(60)).await?;
-    let last = events.last().map(|e| e.phase);
-    ensure(last == Some(Phase::Swept), || {
-        format!(
-            "{name} ended {last:?} after its WebSocket closed (phases {:?})",
-            client::phases(&events)
-        )
-    })?;
+    ended(
+        target,
+        &name,
+        GRACE + Duration::from_secs(60),
+        "after its WebSocket closed",
+        Phase::Swept,
+        None,
+    )
+    .await?;
     timings.record("disconnect→Swept", closed);
     Ok(timings)
 }
@@ -373,13 +307,15 @@ pub async fn slow_start_keeps_its_grace_period_after_ready(
     })?;
     let _ = ws.close(None).await;
     drop(ws);
-    let events = wait_terminal(target, &name, GRACE + Duration::from_secs(60)).await?;
-    ensure(events.last().map(|e| e.phase) == Some(Phase::Swept), || {
-        format!(
-            "{name} after its WebSocket closed: {:?}",
-            client::phases(&events)
-        )
-    })?;
+    ended(
+        target,
+        &name,
+        GRACE + Duration::from_secs(60),
+        "after its WebSocket closed",
+        Phase::Swept,
+        None,
+    )
+    .await?;
     timings.record("spawn→Swept", start);
     Ok(timings)
 }
@@ -436,12 +372,7 @@ pub async fn router_requires_a_connect_token(target: &Target) -> Result<Timings,
     timings.record("connect→WebSocket", start);
     let _ = ws.close(None).await;
     drop(ws);
-    target.api.terminate(&name).await?;
-    let events = wait_terminal(target, &name, Duration::from_secs(60)).await?;
-    ensure(
-        events.last().map(|e| e.phase) == Some(Phase::Terminated),
-        || format!("{name} after terminate: {:?}", client::phases(&events)),
-    )?;
+    terminate(target, &name).await?;
     Ok(timings)
 }
 
@@ -460,35 +391,22 @@ pub async fn image_pull_failure_fails(target: &Target) -> Result<Timings, Failur
         .spawn(&app.request(json!({ "gracePeriodSeconds": 30 })))
         .await?;
     let name = spawned.name;
-    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    let events = ended(
+        target,
+        &name,
+        target.ready_timeout,
+        "with an image that cannot be pulled",
+        Phase::Failed,
+        Some("ImagePullTimeout"),
+    )
+    .await?;
     timings.record("spawn→Failed", start);
-    let last = events
-        .last()
-        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
+    let message = &end(&events).message;
     ensure(
-        last.phase == Phase::Failed && last.reason.as_deref() == Some("ImagePullTimeout"),
-        || {
-            format!(
-                "{name} with an image that cannot be pulled ended {:?} ({:?}: {:?}), phases {:?}",
-                last.phase,
-                last.reason,
-                last.message,
-                client::phases(&events)
-            )
-        },
+        message.as_deref().is_some_and(|m| m.contains(IMAGE)),
+        || format!("{name}: the Failed message {message:?} does not name the image"),
     )?;
-    ensure(
-        last.message.as_deref().is_some_and(|m| m.contains(IMAGE)),
-        || {
-            format!(
-                "{name}: the Failed message {:?} does not name the image",
-                last.message
-            )
-        },
-    )?;
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} was Ready: {:?}", client::phases(&events))
-    })?;
+    never_ready(&name, &events)?;
     Ok(timings)
 }
 
@@ -536,12 +454,7 @@ pub async fn get_or_create_concurrently(target: &Target) -> Result<Timings, Fail
             again.name, again.spawned
         )
     })?;
-    target.api.terminate(&name).await?;
-    let events = wait_terminal(target, &name, Duration::from_secs(60)).await?;
-    ensure(
-        events.last().map(|e| e.phase) == Some(Phase::Terminated),
-        || format!("{name} after terminate: {:?}", client::phases(&events)),
-    )?;
+    terminate(target, &name).await?;
     Ok(timings)
 }
 
@@ -560,18 +473,17 @@ pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
         )
         .await?;
     let name = spawned.name;
-    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    let events = ended(
+        target,
+        &name,
+        target.ready_timeout,
+        &format!("(an app exiting {CRASH_EXIT_CODE})"),
+        Phase::Failed,
+        None,
+    )
+    .await?;
     timings.record("spawn→Failed", start);
-    let last = events
-        .last()
-        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
-    ensure(last.phase == Phase::Failed, || {
-        format!(
-            "{name}: an app exiting {CRASH_EXIT_CODE} ended {:?} (phases {:?})",
-            last.phase,
-            client::phases(&events)
-        )
-    })?;
+    let last = end(&events);
     ensure(last.exit_code == Some(CRASH_EXIT_CODE), || {
         format!(
             "{name}: Failed event has exit code {:?} ({:?}: {:?})",
@@ -588,9 +500,7 @@ pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
             )
         },
     )?;
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} was Ready: {:?}", client::phases(&events))
-    })?;
+    never_ready(&name, &events)?;
     Ok(timings)
 }
 
@@ -610,24 +520,17 @@ pub async fn never_ready_fails_with_start_timeout(target: &Target) -> Result<Tim
         )
         .await?;
     let name = spawned.name;
-    let events = wait_terminal(target, &name, target.ready_timeout + target.start_timeout).await?;
+    let events = ended(
+        target,
+        &name,
+        target.ready_timeout + target.start_timeout,
+        "(never listening)",
+        Phase::Failed,
+        Some("StartTimeout"),
+    )
+    .await?;
     timings.record("spawn→Failed", start);
-    let last = events
-        .last()
-        .ok_or_else(|| Failure::new(format!("{name}: no phase events")))?;
-    ensure(
-        last.phase == Phase::Failed && last.reason.as_deref() == Some("StartTimeout"),
-        || {
-            format!(
-                "{name}, never listening, ended {:?} ({:?}: {:?}), phases {:?}",
-                last.phase,
-                last.reason,
-                last.message,
-                client::phases(&events)
-            )
-        },
-    )?;
-    let message = last.message.clone().unwrap_or_default();
+    let message = end(&events).message.clone().unwrap_or_default();
     ensure(
         message.contains("never accepted") && message.contains("port"),
         || format!("{name}: StartTimeout message {message:?} does not say what never happened"),
@@ -638,9 +541,7 @@ pub async fn never_ready_fails_with_start_timeout(target: &Target) -> Result<Tim
             client::phases(&events)
         )
     })?;
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} was Ready: {:?}", client::phases(&events))
-    })?;
+    never_ready(&name, &events)?;
     Ok(timings)
 }
 
@@ -663,18 +564,17 @@ pub async fn terminate_while_starting(target: &Target) -> Result<Timings, Failur
         format!("{name} is {:?} right after its spawn", spawned.phase)
     })?;
     target.api.terminate(&name).await?;
-    let events = wait_terminal(target, &name, target.ready_timeout).await?;
+    let events = ended(
+        target,
+        &name,
+        target.ready_timeout,
+        "(terminated while starting)",
+        Phase::Terminated,
+        None,
+    )
+    .await?;
     timings.record("spawn→Terminated", start);
-    let last = events.last().map(|e| e.phase);
-    ensure(last == Some(Phase::Terminated), || {
-        format!(
-            "{name} terminated while starting ended {last:?} (phases {:?})",
-            client::phases(&events)
-        )
-    })?;
-    ensure(events.iter().all(|e| e.phase != Phase::Ready), || {
-        format!("{name} became Ready: {:?}", client::phases(&events))
-    })?;
+    never_ready(&name, &events)?;
     Ok(timings)
 }
 

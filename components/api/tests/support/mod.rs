@@ -50,7 +50,7 @@ pub struct Harness {
     http: HttpClient<HttpConnector, Full<Bytes>>,
     shutdown: Option<oneshot::Sender<()>>,
     pub api_task: Option<JoinHandle<Result<(), spawner_api::RunError>>>,
-    cluster_task: JoinHandle<std::io::Result<()>>,
+    cluster_task: JoinHandle<()>,
 }
 
 /// A kube client for the server at `url`.
@@ -71,19 +71,14 @@ impl Harness {
 
     /// Starts localcluster and the api; `configure` adjusts the api's config.
     pub async fn start_with(configure: impl FnOnce(&mut ApiConfig)) -> Self {
-        let server_config = spawner_localcluster::ServerConfig {
-            bookmark_interval: Duration::from_secs(1),
-            auth: spawner_localcluster::Auth::anyone_is_admin(),
-            ..Default::default()
-        };
         let cluster = spawner_localcluster::Cluster::new(
-            server_config,
+            spawner_localcluster::ServerConfig::for_tests(),
             Arc::new(spawner_localcluster::SystemClock),
         );
-        let k8s_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let k8s_url = format!("http://{}", k8s_listener.local_addr().expect("addr"));
-        let cluster_task = tokio::spawn(spawner_localcluster::serve(k8s_listener, cluster));
-        let client = kube_client(&k8s_url);
+        let (k8s_addr, cluster_task) = spawner_localcluster::serve_on_loopback(cluster)
+            .await
+            .expect("serve localcluster");
+        let client = kube_client(&format!("http://{k8s_addr}"));
         Self::start_api(client, cluster_task, configure).await
     }
 
@@ -99,9 +94,9 @@ impl Harness {
             server_config,
             Arc::new(spawner_localcluster::SystemClock),
         );
-        let k8s_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let k8s_addr = k8s_listener.local_addr().expect("addr");
-        let cluster_task = tokio::spawn(spawner_localcluster::serve(k8s_listener, cluster));
+        let (k8s_addr, cluster_task) = spawner_localcluster::serve_on_loopback(cluster)
+            .await
+            .expect("serve localcluster");
         let proxy = Proxy::start(k8s_addr).await;
         let mut config = kube::Config::new(format!("http://{}", proxy.addr).parse().expect("url"));
         config.default_namespace = NAMESPACE.to_string();
@@ -116,13 +111,13 @@ impl Harness {
         let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", closed.local_addr().expect("addr"));
         drop(closed);
-        let idle = tokio::spawn(async { Ok(()) });
+        let idle = tokio::spawn(async {});
         Self::start_api(kube_client(&url), idle, |_| {}).await
     }
 
     async fn start_api(
         client: kube::Client,
-        cluster_task: JoinHandle<std::io::Result<()>>,
+        cluster_task: JoinHandle<()>,
         configure: impl FnOnce(&mut ApiConfig),
     ) -> Self {
         let mut config = ApiConfig::new(NAMESPACE);

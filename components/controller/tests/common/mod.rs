@@ -26,15 +26,13 @@ pub const SECRET: &[u8] = b"test-events-secret";
 
 /// A localcluster API server on a loopback port; returns its address.
 pub async fn cluster() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = ServerConfig {
-        bookmark_interval: Duration::from_secs(1),
-        auth: spawner_localcluster::Auth::anyone_is_admin(),
-        ..ServerConfig::default()
-    };
-    let cluster = Cluster::new(config, Arc::new(spawner_localcluster::SystemClock));
-    tokio::spawn(spawner_localcluster::serve(listener, cluster));
+    let cluster = Cluster::new(
+        ServerConfig::for_tests(),
+        Arc::new(spawner_localcluster::SystemClock),
+    );
+    let (addr, _task) = spawner_localcluster::serve_on_loopback(cluster)
+        .await
+        .expect("serve localcluster");
     addr
 }
 

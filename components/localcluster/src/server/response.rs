@@ -37,7 +37,19 @@ impl IntoResponse for ApiError {
             );
             return r;
         }
-        value_response(self.code, &self.to_status())
+        let mut response = value_response(self.code, &self.to_status());
+        // A 429 says when to come back, in the header clients read and in the Status.
+        if let Some(seconds) = self
+            .details
+            .as_ref()
+            .and_then(|d| d.get("retryAfterSeconds"))
+            .and_then(|s| s.as_u64())
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

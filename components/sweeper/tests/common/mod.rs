@@ -30,15 +30,10 @@ pub const SECRET: &[u8] = b"test-events-secret";
 
 /// A localcluster API server on a loopback port, and a client of it.
 pub async fn cluster() -> Client {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = ServerConfig {
-        bookmark_interval: Duration::from_secs(1),
-        auth: spawner_localcluster::Auth::anyone_is_admin(),
-        ..ServerConfig::default()
-    };
-    let cluster = Cluster::new(config, Arc::new(SystemClock));
-    tokio::spawn(spawner_localcluster::serve(listener, cluster));
+    let cluster = Cluster::new(ServerConfig::for_tests(), Arc::new(SystemClock));
+    let (addr, _task) = spawner_localcluster::serve_on_loopback(cluster)
+        .await
+        .expect("serve localcluster");
     client_for(addr)
 }
 
