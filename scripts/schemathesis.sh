@@ -98,6 +98,8 @@ TOML
 
 started=$(date +%s)
 status=0
+# From the scratch directory: hypothesis keeps caches in the working directory.
+cd "$work"
 SCHEMATHESIS_HOOKS=hooks PYTHONPATH="$repo/scripts/schemathesis" \
     "$venv/bin/schemathesis" --config-file "$config" --no-color run "$api/openapi.json" \
     --header "Authorization: Bearer $token" --max-examples "$examples" --seed 18 \
