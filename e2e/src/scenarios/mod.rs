@@ -37,7 +37,7 @@ pub use disruption::{
 };
 pub use phases::{ended, wait_ready};
 
-use phases::{end, never_ready, terminate};
+use phases::{end, never_ready, spawn_until_ended, terminate};
 use room::{next_room_state, open_room};
 
 /// Why a scenario failed, in words a person can act on.
@@ -386,14 +386,10 @@ pub async fn image_pull_failure_fails(target: &Target) -> Result<Timings, Failur
         image: Some(IMAGE.into()),
         command: target.apps.demo.command.clone(),
     };
-    let spawned = target
-        .api
-        .spawn(&app.request(json!({ "gracePeriodSeconds": 30 })))
-        .await?;
-    let name = spawned.name;
-    let events = ended(
+    let (name, events) = spawn_until_ended(
         target,
-        &name,
+        &app,
+        30,
         target.ready_timeout,
         "with an image that cannot be pulled",
         Phase::Failed,
@@ -463,19 +459,10 @@ pub async fn get_or_create_concurrently(target: &Target) -> Result<Timings, Fail
 pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
     let mut timings = Timings::default();
     let start = Instant::now();
-    let spawned = target
-        .api
-        .spawn(
-            &target
-                .apps
-                .crash
-                .request(json!({ "gracePeriodSeconds": 30 })),
-        )
-        .await?;
-    let name = spawned.name;
-    let events = ended(
+    let (name, events) = spawn_until_ended(
         target,
-        &name,
+        &target.apps.crash,
+        30,
         target.ready_timeout,
         &format!("(an app exiting {CRASH_EXIT_CODE})"),
         Phase::Failed,
@@ -510,19 +497,10 @@ pub async fn crashing_app_fails(target: &Target) -> Result<Timings, Failure> {
 pub async fn never_ready_fails_with_start_timeout(target: &Target) -> Result<Timings, Failure> {
     let mut timings = Timings::default();
     let start = Instant::now();
-    let spawned = target
-        .api
-        .spawn(
-            &target
-                .apps
-                .never_ready
-                .request(json!({ "gracePeriodSeconds": 5 })),
-        )
-        .await?;
-    let name = spawned.name;
-    let events = ended(
+    let (name, events) = spawn_until_ended(
         target,
-        &name,
+        &target.apps.never_ready,
+        5,
         target.ready_timeout + target.start_timeout,
         "(never listening)",
         Phase::Failed,

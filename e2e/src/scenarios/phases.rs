@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use spawner_core::Phase;
 
-use super::{Failure, PhaseEvent, Target, client, ensure};
+use serde_json::json;
+
+use super::{App, Failure, PhaseEvent, Target, client, ensure};
 
 /// Waits for `name` to be Ready; a Failure names the phases seen and the reason.
 pub async fn wait_ready(target: &Target, name: &str) -> Result<(), Failure> {
@@ -79,4 +81,23 @@ pub async fn terminate(target: &Target, name: &str) -> Result<Vec<PhaseEvent>, F
         None,
     )
     .await
+}
+
+/// Spawns `app` with `gracePeriodSeconds: grace_seconds` and follows it to its end as
+/// [`ended`] checks it; the backend's name and its phase events.
+pub async fn spawn_until_ended(
+    target: &Target,
+    app: &App,
+    grace_seconds: u64,
+    timeout: Duration,
+    what: &str,
+    phase: Phase,
+    reason: Option<&str>,
+) -> Result<(String, Vec<PhaseEvent>), Failure> {
+    let spawned = target
+        .api
+        .spawn(&app.request(json!({ "gracePeriodSeconds": grace_seconds })))
+        .await?;
+    let events = ended(target, &spawned.name, timeout, what, phase, reason).await?;
+    Ok((spawned.name, events))
 }
