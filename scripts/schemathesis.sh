@@ -6,15 +6,19 @@
 # accepted request that disagrees with the document fails the run. docs/api.md.
 #
 # Usage: scripts/schemathesis.sh [max examples per operation, default 25]
-# Needs python3 with venv (schemathesis is installed into ~/.cache/spawner/schemathesis/<version>
-# on first use) and curl; builds the debug `spawner` (SPAWNER_BIN to use another binary).
+# Needs python3 with venv (schemathesis and its dependencies, pinned in
+# scripts/schemathesis/requirements.txt, are installed into
+# ~/.cache/spawner/schemathesis/<version>-<hash of the pins> on first use) and curl; builds the debug `spawner` (SPAWNER_BIN to use another binary).
 # Where python3/venv is missing the run is skipped, unless SPAWNER_REQUIRE_SCHEMATHESIS=1 (CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 examples="${1:-25}"
 version=4.32.5
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/spawner/schemathesis/$version"
+requirements="$repo/scripts/schemathesis/requirements.txt"
+# Keyed by the version and the exact pins (requirements.txt), so a change of either makes a new venv.
+pins="$(sha256sum "$requirements" | cut -c1-12)"
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/spawner/schemathesis/$version-$pins"
 
 skip() {
     if [ -n "${SPAWNER_REQUIRE_SCHEMATHESIS:-}" ]; then
@@ -30,7 +34,8 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
     python3 -c 'import venv, ensurepip' 2>/dev/null || skip "python3's venv module is missing (apt-get install python3-venv)"
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$version"
+    grep -qx "schemathesis==$version" "$requirements"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
 fi
 
 if [ -n "${SPAWNER_BIN:-}" ]; then

@@ -5,23 +5,26 @@
 # it stays as arguments, which `true` ignores), so a run starts nothing but processes that
 # exit at once: the api sees exactly the request schemathesis built, apart from the program.
 import schemathesis
-from hypothesis.internal import lambda_sources
+
+try:
+    from hypothesis.internal import lambda_sources
+except ImportError:  # a hypothesis without it has no such description to guard
+    lambda_sources = None
 
 # CPython before 3.11.8/3.12.2 can raise "SystemError: AST constructor recursion depth mismatch"
 # from ast.parse deep in a stack (python/cpython#106905). Hypothesis parses a lambda's source
 # only to describe a strategy in a message, and schemathesis then reports a flaky "runtime
 # error". The description is cosmetic: on that error, describe the lambda as unknown.
-_describe_lambda = lambda_sources._lambda_description
+if lambda_sources is not None and hasattr(lambda_sources, "_lambda_description"):
+    _describe_lambda = lambda_sources._lambda_description
 
+    def _lambda_description(f):
+        try:
+            return _describe_lambda(f)
+        except SystemError:
+            return "lambda: <unknown>"
 
-def _lambda_description(f):
-    try:
-        return _describe_lambda(f)
-    except SystemError:
-        return "lambda: <unknown>"
-
-
-lambda_sources._lambda_description = _lambda_description
+    lambda_sources._lambda_description = _lambda_description
 
 SAFE_PROGRAM = "true"
 

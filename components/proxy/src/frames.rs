@@ -263,6 +263,65 @@ impl ClientFilter {
     }
 }
 
+/// The fuzz target `ws_frames` (fuzz/, feature `fuzzing`): `data` is a chunking plan and a
+/// client → application byte stream. The stream is filtered whole and in the planned chunks
+/// (as reads would split it); both must forward the same bytes and report the same frames,
+/// never panic, and the filter must end at a frame boundary exactly when a [`FrameCursor`]
+/// over the same stream does.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_client_stream(data: &[u8]) {
+    let Some((&plan_len, rest)) = data.split_first() else {
+        return;
+    };
+    let plan_len = usize::from(plan_len % 8).min(rest.len());
+    let (plan, wire) = rest.split_at(plan_len);
+
+    let run = |chunks: &mut dyn Iterator<Item = usize>| {
+        let mut filter = ClientFilter::default();
+        let mut frames = Vec::new();
+        let mut forwarded = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            let n = chunks
+                .next()
+                .unwrap_or(wire.len())
+                .clamp(1, wire.len() - at);
+            let mut buf = vec![0u8; FILTER_HEADROOM + n];
+            buf[FILTER_HEADROOM..].copy_from_slice(&wire[at..at + n]);
+            let (from, to) =
+                filter.filter(&mut buf, FILTER_HEADROOM, FILTER_HEADROOM + n, &mut |f| {
+                    frames.push(f)
+                });
+            assert!(from <= to && to <= buf.len());
+            forwarded.extend_from_slice(&buf[from..to]);
+            at += n;
+        }
+        (forwarded, frames, filter.at_boundary())
+    };
+    let whole = run(&mut std::iter::empty());
+    let mut planned = plan.iter().map(|&b| usize::from(b)).cycle();
+    let chunked = run(&mut planned);
+    assert_eq!(
+        whole, chunked,
+        "the split changed what was forwarded or reported"
+    );
+
+    let mut cursor = FrameCursor::default();
+    cursor.advance(wire);
+    assert_eq!(
+        whole.2,
+        cursor.at_boundary(),
+        "filter and cursor disagree on the boundary"
+    );
+    // Only whole pongs of ours are taken out: the forwarded stream keeps the boundaries.
+    let mut forwarded_cursor = FrameCursor::default();
+    forwarded_cursor.advance(&whole.0);
+    if cursor.at_boundary() {
+        assert!(forwarded_cursor.at_boundary(), "a frame was cut");
+    }
+    assert!(whole.0.len() <= wire.len());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

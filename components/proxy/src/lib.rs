@@ -14,7 +14,11 @@
 
 pub mod bodyless;
 pub mod connect;
+#[cfg(not(feature = "fuzzing"))]
 mod frames;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod frames;
 pub mod headers;
 pub mod mutants;
 pub mod upstream;
