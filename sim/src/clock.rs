@@ -18,6 +18,15 @@ pub fn sim_epoch() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000)
 }
 
+/// Simulated time since the world's start (what the world's `sim.elapsed()` reads), inside a
+/// host; zero outside one.
+pub fn sim_elapsed() -> Duration {
+    let epoch = sim_epoch().duration_since(UNIX_EPOCH).unwrap_or_default();
+    turmoil::since_epoch()
+        .and_then(|since| since.checked_sub(epoch))
+        .unwrap_or_default()
+}
+
 /// Milliseconds from the UNIX epoch to the simulated epoch.
 pub fn sim_epoch_ms() -> i64 {
     sim_epoch()

@@ -25,6 +25,9 @@ pub(crate) struct Observer {
     pub(crate) checker: InvariantChecker,
     last_rv: u64,
     known: BTreeMap<String, (Phase, Option<String>)>,
+    /// When the world first saw each known backend: a name comes back once its backend is
+    /// deleted (a key's generation restarts), and this tells the incarnations apart.
+    first_seen: BTreeMap<String, Duration>,
     live: BTreeMap<String, u64>,
     /// Backends seen ending (terminate requested or deletion begun).
     ending: BTreeSet<String>,
@@ -53,6 +56,7 @@ impl Observer {
             checker: InvariantChecker::new(),
             last_rv: 0,
             known: BTreeMap::new(),
+            first_seen: BTreeMap::new(),
             live: BTreeMap::new(),
             ending: BTreeSet::new(),
             events: Vec::new(),
@@ -125,6 +129,11 @@ impl Observer {
         self.known.get(name).map(|(phase, _)| *phase)
     }
 
+    /// When the world first saw the backend now named `name`.
+    pub(crate) fn first_seen(&self, name: &str) -> Option<Duration> {
+        self.first_seen.get(name).copied()
+    }
+
     fn record(&mut self, now: Duration, line: String) {
         self.events
             .push(format!("{:>9.3} {line}", now.as_secs_f64()));
@@ -193,6 +202,7 @@ impl Observer {
             .collect();
         for name in gone {
             self.known.remove(&name);
+            self.first_seen.remove(&name);
             self.ending.remove(&name);
             self.live.remove(&name);
             self.sidecars.remove(&format!("{NAMESPACE}/{name}"));
@@ -247,6 +257,7 @@ impl Observer {
                 }
                 self.known
                     .insert(name.to_string(), (Phase::Submitted, None));
+                self.first_seen.insert(name.to_string(), now);
                 self.note_ending(now, name, ending)?;
             }
             Some((known, _)) if *known == phase => return Ok(()),

@@ -31,21 +31,24 @@ pub const LOST_BOUND: Duration = Duration::from_secs(10);
 pub struct UserChecks {
     /// Backend and when the world first saw its request.
     pending: Vec<(String, Duration)>,
-    /// Backend of a lost connection and when the world first saw the loss.
-    lost: Vec<(String, Duration)>,
+    /// Backend of a lost connection, when that connection was opened, and when the world
+    /// first saw the loss.
+    lost: Vec<(String, Duration, Duration)>,
 }
 
 impl UserChecks {
-    /// Checks the users' report at `now`. `phase_of` is a backend's phase in the API server
-    /// (`None` once deleted); `deadlines_from` is when deadlines are owed again after faults
-    /// (`None` when there never was one, `now` while one is active).
+    /// Checks the users' report at `now`. `backend_of` is the phase in the API server of the
+    /// backend named so (`None` once deleted) and when the world first saw it (a name comes
+    /// back once its backend is deleted); `deadlines_from` is when deadlines are owed again
+    /// after faults (`None` when there never was one, `now` while one is active).
     pub fn check(
         &mut self,
         report: &SharedReport,
         now: Duration,
         deadlines_from: Option<Duration>,
-        phase_of: impl Fn(&str) -> Option<Phase>,
+        backend_of: impl Fn(&str) -> (Option<Phase>, Option<Duration>),
     ) -> Result<(), Violation> {
+        let phase_of = |name: &str| backend_of(name).0;
         let (misrouted, requested, lost) = report.update(|r| {
             (
                 r.misrouted.first().cloned(),
@@ -60,7 +63,7 @@ impl UserChecks {
                 detail,
             });
         }
-        self.check_lost(lost, now, deadlines_from, &phase_of)?;
+        self.check_lost(lost, now, deadlines_from, &backend_of)?;
         self.pending
             .extend(requested.into_iter().map(|name| (name, now)));
         let owed_from = deadlines_from.unwrap_or(Duration::ZERO);
@@ -93,24 +96,29 @@ impl UserChecks {
     /// of live backends by design.)
     fn check_lost(
         &mut self,
-        lost: Vec<String>,
+        lost: Vec<(String, Duration)>,
         now: Duration,
         deadlines_from: Option<Duration>,
-        phase_of: &impl Fn(&str) -> Option<Phase>,
+        backend_of: &impl Fn(&str) -> (Option<Phase>, Option<Duration>),
     ) -> Result<(), Violation> {
         if deadlines_from.is_some() {
             self.lost.clear();
             return Ok(());
         }
-        self.lost.extend(lost.into_iter().map(|name| (name, now)));
+        self.lost
+            .extend(lost.into_iter().map(|(name, opened)| (name, opened, now)));
         let mut lost_while_live = None;
-        self.lost.retain(|(name, at)| match phase_of(name) {
-            None => false,
-            Some(phase) if phase.is_terminal() => false,
-            Some(phase) => {
+        self.lost.retain(|(name, opened, at)| match backend_of(name) {
+            (None, _) => false,
+            (Some(phase), _) if phase.is_terminal() => false,
+            // A later backend of the same name: the connection's own backend ended (a user
+            // may notice the loss late, after waiting on its next backend).
+            (Some(_), Some(first_seen)) if first_seen > *opened => false,
+            (Some(phase), _) => {
                 if *at + LOST_BOUND < now && lost_while_live.is_none() {
                     lost_while_live = Some(format!(
-                        "a user's connection to {name} ended at {:.3}s and its backend is still {phase}",
+                        "a user's connection to {name} (opened at {:.3}s) ended at {:.3}s and its backend is still {phase}",
+                        opened.as_secs_f64(),
                         at.as_secs_f64()
                     ));
                 }
@@ -125,5 +133,43 @@ impl UserChecks {
             }),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// One connection to `b`, opened at 10 s, lost at 20 s; checked at 40 s (past the bound)
+    /// with `b`'s phase and when the world first saw the backend named `b`.
+    fn check_one_loss(phase: Option<Phase>, first_seen: Duration) -> Result<(), Violation> {
+        let report = SharedReport::default();
+        let mut checks = UserChecks::default();
+        report.update(|r| r.lost_connections.push(("b".into(), secs(10))));
+        checks.check(&report, secs(20), None, |_| (phase, Some(first_seen)))?;
+        checks.check(&report, secs(40), None, |_| (phase, Some(first_seen)))
+    }
+
+    #[test]
+    fn a_connection_lost_while_its_backend_lives_is_a_violation() {
+        let violation = check_one_loss(Some(Phase::Ready), secs(5)).expect_err("violation");
+        assert_eq!(violation.invariant, NOT_LOST_WHILE_BACKEND_LIVES);
+    }
+
+    #[test]
+    fn a_connection_whose_backend_ended_is_explained() {
+        assert!(check_one_loss(Some(Phase::Swept), secs(5)).is_ok());
+        assert!(check_one_loss(None, secs(5)).is_ok());
+    }
+
+    #[test]
+    fn a_later_backend_of_the_same_name_does_not_make_a_loss_a_violation() {
+        // The connection's backend was deleted and the key's next one got its name back
+        // after the connection was opened (seen at 15 s): the loss is the old one's end.
+        assert!(check_one_loss(Some(Phase::Ready), secs(15)).is_ok());
     }
 }

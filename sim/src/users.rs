@@ -88,8 +88,9 @@ pub struct UsersReport {
     /// Open connections that ended from the backend's side (its app crashed, it ended, or its
     /// sidecar took the user for dead); each was opened again.
     pub connections_lost: u64,
-    /// The backends of connections lost since the world's check last took them.
-    pub lost_connections: Vec<String>,
+    /// The backends of connections lost since the world's check last took them, each with
+    /// the simulated time (since the world's start) its connection was opened.
+    pub lost_connections: Vec<(String, Duration)>,
 }
 
 /// Shared, updated by every user task.
@@ -235,7 +236,9 @@ struct Session<'a> {
     vanished: bool,
     backend: Option<Backend>,
     /// Each connection with the backend it was opened to.
-    sockets: HashMap<String, (Socket, String)>,
+    /// Open connections: the socket, its backend, and when it was opened (simulated time
+    /// since the world's start).
+    sockets: HashMap<String, (Socket, String, Duration)>,
     found_gone: bool,
     /// The session asked the api for its backend (a `spawn`) at least once.
     asked: bool,
@@ -292,7 +295,8 @@ impl Session<'_> {
                     r.connected += 1;
                     *r.open_by_backend.entry(name.clone()).or_default() += 1;
                 });
-                self.sockets.insert(conn, (socket, name));
+                self.sockets
+                    .insert(conn, (socket, name, crate::clock::sim_elapsed()));
             }
             Err(error) => report.update(|r| {
                 r.connect_failures += 1;
@@ -307,7 +311,7 @@ impl Session<'_> {
     /// ended (its app crashed, its backend ended) is reported lost and opened again, as a web
     /// app reconnects.
     async fn message(&mut self, conn: String, key: &str, bytes: u64) {
-        let Some((socket, _)) = self.sockets.get_mut(&conn) else {
+        let Some((socket, _, _)) = self.sockets.get_mut(&conn) else {
             return;
         };
         let text = "x".repeat(bytes.clamp(1, 4096) as usize);
@@ -340,10 +344,10 @@ impl Session<'_> {
     /// Connection `conn` ended from the backend's side: it is reported lost and opened again,
     /// as a web app reconnects.
     async fn lost(&mut self, conn: String, key: &str) {
-        if let Some((_, name)) = self.sockets.remove(&conn) {
+        if let Some((_, name, opened)) = self.sockets.remove(&conn) {
             self.report.update(|r| {
                 r.connections_lost += 1;
-                r.lost_connections.push(name.clone());
+                r.lost_connections.push((name.clone(), opened));
                 if let Some(n) = r.open_by_backend.get_mut(&name) {
                     *n = n.saturating_sub(1);
                 }
@@ -362,7 +366,7 @@ impl Session<'_> {
                 return;
             }
             let ended = {
-                let reads = self.sockets.iter_mut().map(|(conn, (socket, _))| {
+                let reads = self.sockets.iter_mut().map(|(conn, (socket, _, _))| {
                     Box::pin(async move { (conn.clone(), socket.next().await) })
                 });
                 tokio::select! {
@@ -381,7 +385,7 @@ impl Session<'_> {
     }
 
     async fn disconnect(&mut self, conn: &str, clean: bool) {
-        let Some((mut socket, name)) = self.sockets.remove(conn) else {
+        let Some((mut socket, name, _)) = self.sockets.remove(conn) else {
             return;
         };
         self.report.update(|r| {

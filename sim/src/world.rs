@@ -342,7 +342,7 @@ impl Running {
             let checked = observer.observe(now, deadlines_from).and_then(|()| {
                 self.user_checks
                     .check(&self.report, now, deadlines_from, |name| {
-                        observer.phase_of(name)
+                        (observer.phase_of(name), observer.first_seen(name))
                     })
             });
             checked.map_err(|violation| self.fail(violation))?;
